@@ -1,0 +1,286 @@
+//! Types shared by the kernel programs (`agent-ebpf`) and the user-space
+//! agent: the layout of ring-buffer records, map keys and values, and the
+//! configuration user space writes before the programs attach.
+//!
+//! Everything here is `#[repr(C)]` plain data; both sides read the same bytes.
+#![no_std]
+
+/// Most bytes of one message (one syscall) that are copied: enough for a
+/// 16 KiB request head to reach user space whole. A power of two, because
+/// the kernel side masks offsets with it to satisfy the verifier.
+pub const MAX_MESSAGE_BYTES: u32 = 16 * 1024;
+
+/// iovec entries of one readv/writev/sendmsg/recvmsg that are copied; bytes
+/// in later entries are counted as truncated.
+pub const MAX_IOVECS: u32 = 8;
+
+/// How many messages of a connection may fail to look like the start of an
+/// HTTP/1.x message before the kernel stops copying that connection.
+pub const CLASSIFY_ATTEMPTS: u8 = 4;
+
+/// Which kind of record a ring-buffer entry is.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// Payload bytes of one syscall.
+    Data = 1,
+    /// A TCP connection was established by connect() or accept().
+    Open = 2,
+    /// A tracked TCP connection's file descriptor was closed.
+    Close = 3,
+}
+
+/// Which way bytes moved, seen from the traced process.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// The process wrote or sent.
+    Egress = 0,
+    /// The process read or received.
+    Ingress = 1,
+}
+
+/// Who opened the connection, when the kernel saw it happen.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Existed before the agent started, or was inherited.
+    Unknown = 0,
+    /// The process called connect().
+    Client = 1,
+    /// The process got it from accept().
+    Server = 2,
+}
+
+/// Which syscall produced a record (diagnostics and tests).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Syscall {
+    /// Not a data syscall (open and close records).
+    None = 0,
+    Read = 1,
+    Write = 2,
+    Readv = 3,
+    Writev = 4,
+    Recvfrom = 5,
+    Sendto = 6,
+    Recvmsg = 7,
+    Sendmsg = 8,
+    /// sendfile: bytes are counted, never copied (they come from a file).
+    Sendfile = 9,
+}
+
+/// `flags` bit: the syscall moved more bytes than were copied.
+pub const FLAG_TRUNCATED: u8 = 1;
+/// `flags` bit: the payload is not copied at all (sendfile).
+pub const FLAG_NO_PAYLOAD: u8 = 2;
+
+/// `AF_INET`, as stored in [`ConnTuple::family`].
+pub const AF_INET: u16 = 2;
+/// `AF_INET6`, as stored in [`ConnTuple::family`].
+pub const AF_INET6: u16 = 10;
+
+/// A TCP connection's addresses as the traced process sees them.
+///
+/// IPv4 addresses sit in the first four bytes of `local_addr`/`remote_addr`.
+/// Ports are in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnTuple {
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    /// Local port.
+    pub local_port: u16,
+    /// Remote port.
+    pub remote_port: u16,
+    pub _pad: u16,
+    /// Local address in network byte order.
+    pub local_addr: [u8; 16],
+    /// Remote address in network byte order.
+    pub remote_addr: [u8; 16],
+}
+
+/// The fixed part of every ring-buffer record. Data records are followed by
+/// `captured_len` payload bytes: the first bytes of the message.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct EventHeader {
+    /// Kernel monotonic time (`bpf_ktime_get_ns`) when the syscall returned.
+    pub timestamp_ns: u64,
+    /// Unique for the life of the loaded programs; changes when an fd number
+    /// is reused for a new connection.
+    pub conn_id: u64,
+    /// Process id (thread group id).
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// File descriptor in `pid`.
+    pub fd: i32,
+    /// Bytes the syscall moved (its return value); 0 for open/close.
+    pub message_len: u32,
+    /// Payload bytes after this header.
+    pub captured_len: u32,
+    /// [`EventKind`] as u8.
+    pub kind: u8,
+    /// [`Direction`] as u8.
+    pub direction: u8,
+    /// [`Role`] as u8.
+    pub role: u8,
+    /// [`Syscall`] as u8.
+    pub syscall: u8,
+    /// `FLAG_*` bits.
+    pub flags: u8,
+    pub _pad: [u8; 3],
+    /// The connection's addresses.
+    pub tuple: ConnTuple,
+}
+
+/// Size of [`EventHeader`] in bytes.
+pub const EVENT_HEADER_SIZE: usize = core::mem::size_of::<EventHeader>();
+
+/// A data record as the kernel builds it in a per-CPU scratch slot before
+/// sending only `EVENT_HEADER_SIZE + captured_len` bytes of it.
+#[repr(C)]
+pub struct DataEvent {
+    /// Fixed part.
+    pub header: EventHeader,
+    /// Payload; only `header.captured_len` bytes are meaningful. Twice the
+    /// copy limit so that "offset < limit" plus "length <= limit" provably
+    /// stays inside, which is what the verifier can check.
+    pub data: [u8; 2 * MAX_MESSAGE_BYTES as usize],
+}
+
+/// Key of the connection table: one entry per (process, fd).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    /// Process id (thread group id).
+    pub pid: u32,
+    /// File descriptor.
+    pub fd: i32,
+}
+
+/// What the kernel learned about a file descriptor.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FdKind {
+    /// A file, pipe, unix socket, UDP socket...: never copied.
+    Other = 0,
+    /// An IPv4 or IPv6 TCP socket.
+    Tcp = 1,
+}
+
+/// What the kernel believes a TCP connection carries.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// No message has looked like HTTP/1.x yet (nor failed often enough).
+    Unknown = 0,
+    /// A message started like an HTTP/1.x request or response.
+    Http = 1,
+    /// [`CLASSIFY_ATTEMPTS`] messages did not: payload is no longer copied.
+    NotHttp = 2,
+}
+
+/// Value of the connection table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ConnInfo {
+    /// See [`EventHeader::conn_id`].
+    pub conn_id: u64,
+    /// Addresses (zero unless `kind` is Tcp).
+    pub tuple: ConnTuple,
+    /// [`FdKind`] as u8.
+    pub kind: u8,
+    /// [`Protocol`] as u8.
+    pub protocol: u8,
+    /// [`Role`] as u8.
+    pub role: u8,
+    /// Messages that did not look like HTTP while `protocol` was Unknown.
+    pub failed_classifications: u8,
+    pub _pad: [u8; 4],
+}
+
+/// Byte offsets of the kernel struct fields the programs follow from a file
+/// descriptor to its socket. rustc emits no CO-RE relocations, so user space
+/// reads them from the running kernel's BTF and writes them here.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub task_struct_files: u32,
+    pub files_struct_fdt: u32,
+    pub fdtable_max_fds: u32,
+    pub fdtable_fd: u32,
+    pub file_f_inode: u32,
+    pub file_private_data: u32,
+    pub inode_i_mode: u32,
+    pub socket_sk: u32,
+    pub sock_family: u32,
+    pub sock_num: u32,
+    pub sock_dport: u32,
+    pub sock_rcv_saddr: u32,
+    pub sock_daddr: u32,
+    pub sock_v6_rcv_saddr: u32,
+    pub sock_v6_daddr: u32,
+    pub sock_protocol: u32,
+    pub sock_type: u32,
+}
+
+/// Settings user space writes into the `CONFIG` map before attaching.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CaptureConfig {
+    /// The agent's own pid: its syscalls are never traced, or its own logging
+    /// would feed the ring buffer.
+    pub agent_pid: u32,
+    /// Bytes copied per message, at most [`MAX_MESSAGE_BYTES`].
+    pub max_message_bytes: u32,
+    /// Field offsets from BTF.
+    pub offsets: KernelOffsets,
+}
+
+/// Indices of the per-CPU `COUNTERS` map. The `DROP_*` ones count places
+/// where data is lost; the rest describe normal operation.
+pub mod counter {
+    /// A record did not fit in the ring buffer.
+    pub const DROP_RINGBUF_FULL: u32 = 0;
+    /// Copying payload from user memory failed (the message is dropped).
+    pub const DROP_READ_USER_FAILED: u32 = 1;
+    /// Messages longer than the capture limit (their tail is not copied).
+    pub const DROP_TRUNCATED_MESSAGES: u32 = 2;
+    /// Messages whose bytes spread over more than `MAX_IOVECS` iovecs.
+    pub const DROP_IOVEC_OVERFLOW: u32 = 3;
+    /// The connection table was full.
+    pub const DROP_CONN_TABLE_FULL: u32 = 4;
+    /// The in-flight syscall table was full.
+    pub const DROP_INFLIGHT_TABLE_FULL: u32 = 5;
+    /// Reading a kernel struct on the fd-to-socket path failed.
+    pub const DROP_KERNEL_READ_FAILED: u32 = 6;
+    /// Records written to the ring buffer.
+    pub const RECORDS_SENT: u32 = 7;
+    /// Messages on TCP connections not copied because they are not HTTP.
+    pub const MESSAGES_NOT_HTTP: u32 = 8;
+    /// Number of counters.
+    pub const COUNT: u32 = 9;
+
+    /// Names, by index, as user space exposes them.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "drop_ringbuf_full",
+        "drop_read_user_failed",
+        "drop_truncated_messages",
+        "drop_iovec_overflow",
+        "drop_conn_table_full",
+        "drop_inflight_table_full",
+        "drop_kernel_read_failed",
+        "records_sent",
+        "messages_not_http",
+    ];
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C) plain data with explicit padding.
+    unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::ConnInfo {}
+    unsafe impl aya::Pod for super::CaptureConfig {}
+}

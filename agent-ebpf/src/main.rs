@@ -1,0 +1,843 @@
+//! Kernel side of the capture: syscall tracepoints that copy the payload of
+//! HTTP/1.x traffic on TCP sockets into a ring buffer.
+//!
+//! Data syscalls are traced at enter (to remember the buffer) and at exit (to
+//! copy exactly the bytes the syscall moved: a non-blocking write may send
+//! fewer bytes than asked). A file descriptor is resolved to its socket once,
+//! by following task -> files -> fdtable -> file -> socket -> sock with field
+//! offsets user space took from BTF, and the result is cached per (pid, fd).
+#![no_std]
+#![no_main]
+
+use agent_common::{
+    AF_INET, AF_INET6, CLASSIFY_ATTEMPTS, CaptureConfig, ConnInfo, ConnKey, ConnTuple, DataEvent,
+    Direction, EVENT_HEADER_SIZE, EventHeader, EventKind, FLAG_NO_PAYLOAD, FLAG_TRUNCATED, FdKind,
+    KernelOffsets, MAX_IOVECS, MAX_MESSAGE_BYTES, Protocol, Role, Syscall, counter,
+};
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_probe_read_kernel, bpf_probe_read_user,
+        generated::bpf_probe_read_user as raw_probe_read_user,
+    },
+    macros::{map, tracepoint},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+};
+use aya_log_ebpf::warn;
+
+/// Written once by user space before the programs attach.
+#[map]
+static CONFIG: Array<CaptureConfig> = Array::with_max_entries(1, 0);
+
+/// Records to user space. User space may resize it at load time.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
+
+/// Per-CPU counters, indexed by `agent_common::counter`.
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// TCP connections, by (pid, fd).
+#[map]
+static CONNS: LruHashMap<ConnKey, ConnInfo> = LruHashMap::with_max_entries(65536, 0);
+
+/// File descriptors known not to be TCP sockets. Kept apart from `CONNS` so
+/// that a node full of open files cannot evict live connections from it.
+#[map]
+static OTHER_FDS: LruHashMap<ConnKey, u8> = LruHashMap::with_max_entries(65536, 0);
+
+/// Syscalls between enter and exit, by thread.
+#[map]
+static INFLIGHT: HashMap<u64, InflightCall> = HashMap::with_max_entries(16384, 0);
+
+/// One record being built, per CPU (too large for the 512-byte BPF stack,
+/// and for a per-CPU map's 32 KiB value limit): indexed by CPU number, and
+/// sized by user space to the number of possible CPUs.
+#[map]
+static SCRATCH: Array<DataEvent> = Array::with_max_entries(256, 0);
+
+/// Per-CPU sequence for connection ids.
+#[map]
+static CONN_SEQUENCE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// How a syscall's buffer argument is shaped.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum BufferShape {
+    /// `(buf, len)`.
+    Plain = 0,
+    /// `(struct iovec *, count)`.
+    Iovec = 1,
+    /// `struct msghdr *`.
+    Msghdr = 2,
+    /// No buffer: connect/accept remember the fd only; sendfile moves file
+    /// bytes the process never sees.
+    None = 3,
+}
+
+/// What an enter probe leaves for its exit probe.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct InflightCall {
+    /// Buffer, iovec array or msghdr pointer.
+    buffer: u64,
+    /// Number of iovecs for `Iovec`.
+    iov_count: u64,
+    fd: i32,
+    syscall: u8,
+    shape: u8,
+    _pad: [u8; 2],
+}
+
+// Syscall tracepoint layout: 8 bytes of common fields, the syscall number,
+// then each argument in an 8-byte slot; on exit the return value.
+const ARG0: usize = 16;
+const ARG1: usize = 24;
+const ARG2: usize = 32;
+const ARG3: usize = 40;
+const RET: usize = 16;
+
+const MSG_PEEK: u64 = 2;
+/// For `on_data_enter`: the syscall has no flags argument.
+const NO_PEEK_FLAGS: usize = 0;
+const EINPROGRESS: i64 = 115;
+const S_IFMT: u16 = 0o170000;
+const S_IFSOCK: u16 = 0o140000;
+const SOCK_STREAM: u16 = 1;
+const IPPROTO_TCP: u16 = 6;
+
+// struct msghdr (64-bit): msg_iov at 16, msg_iovlen at 24.
+const MSGHDR_IOV: u64 = 16;
+const MSGHDR_IOVLEN: u64 = 24;
+
+#[inline(always)]
+fn count(index: u32, n: u64) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot; programs on one CPU do not run concurrently.
+        unsafe { *slot += n };
+    }
+}
+
+#[inline(always)]
+fn config() -> Option<&'static CaptureConfig> {
+    CONFIG.get(0)
+}
+
+/// Reads a kernel value at `base + offset`.
+#[inline(always)]
+fn kread<T>(base: u64, offset: u32) -> Option<T> {
+    // SAFETY: bpf_probe_read_kernel checks the address; failure is an Err.
+    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T).ok() }
+}
+
+/// Follows the current task's fd table to the socket behind `fd`.
+/// Returns None for anything that is not an IPv4/IPv6 TCP socket.
+#[inline(always)]
+fn resolve_tcp_socket(fd: i32, off: &KernelOffsets) -> Result<Option<ConnTuple>, ()> {
+    if fd < 0 {
+        return Ok(None);
+    }
+    // SAFETY: helper call with no arguments.
+    let task = unsafe { bpf_get_current_task() };
+    let files: u64 = kread(task, off.task_struct_files).ok_or(())?;
+    let fdt: u64 = kread(files, off.files_struct_fdt).ok_or(())?;
+    let max_fds: u32 = kread(fdt, off.fdtable_max_fds).ok_or(())?;
+    if fd as u32 >= max_fds {
+        return Ok(None);
+    }
+    let fd_array: u64 = kread(fdt, off.fdtable_fd).ok_or(())?;
+    let file: u64 = kread(fd_array + fd as u64 * 8, 0).ok_or(())?;
+    if file == 0 {
+        return Ok(None);
+    }
+    let inode: u64 = kread(file, off.file_f_inode).ok_or(())?;
+    let mode: u16 = kread(inode, off.inode_i_mode).ok_or(())?;
+    if mode & S_IFMT != S_IFSOCK {
+        return Ok(None);
+    }
+    let socket: u64 = kread(file, off.file_private_data).ok_or(())?;
+    let sk: u64 = kread(socket, off.socket_sk).ok_or(())?;
+    if sk == 0 {
+        return Ok(None);
+    }
+    let family: u16 = kread(sk, off.sock_family).ok_or(())?;
+    let sk_type: u16 = kread(sk, off.sock_type).ok_or(())?;
+    let protocol: u16 = kread(sk, off.sock_protocol).ok_or(())?;
+    if sk_type != SOCK_STREAM || protocol != IPPROTO_TCP {
+        return Ok(None);
+    }
+    let mut tuple = ConnTuple {
+        family,
+        local_port: kread(sk, off.sock_num).ok_or(())?,
+        remote_port: u16::from_be(kread(sk, off.sock_dport).ok_or(())?),
+        ..ConnTuple::default()
+    };
+    if family == AF_INET {
+        let local: [u8; 4] = kread(sk, off.sock_rcv_saddr).ok_or(())?;
+        let remote: [u8; 4] = kread(sk, off.sock_daddr).ok_or(())?;
+        tuple.local_addr[..4].copy_from_slice(&local);
+        tuple.remote_addr[..4].copy_from_slice(&remote);
+    } else if family == AF_INET6 {
+        tuple.local_addr = kread(sk, off.sock_v6_rcv_saddr).ok_or(())?;
+        tuple.remote_addr = kread(sk, off.sock_v6_daddr).ok_or(())?;
+    } else {
+        return Ok(None);
+    }
+    Ok(Some(tuple))
+}
+
+#[inline(always)]
+fn next_conn_id() -> u64 {
+    // SAFETY: helper call with no arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() } as u64;
+    let seq = match CONN_SEQUENCE.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot.
+        Some(slot) => unsafe {
+            *slot += 1;
+            *slot
+        },
+        None => 0,
+    };
+    (cpu << 48) | (seq & 0xffff_ffff_ffff)
+}
+
+/// Resolves `key.fd` and records the result in `CONNS` or `OTHER_FDS`.
+/// Returns the connection when it is TCP.
+#[inline(always)]
+fn track_fd<C: EbpfContext>(
+    ctx: &C,
+    key: &ConnKey,
+    cfg: &CaptureConfig,
+    role: Role,
+) -> Option<*mut ConnInfo> {
+    let tuple = match resolve_tcp_socket(key.fd, &cfg.offsets) {
+        Ok(Some(tuple)) => tuple,
+        Ok(None) => {
+            let _ = OTHER_FDS.insert(key, &0, 0);
+            return None;
+        }
+        Err(()) => {
+            count(counter::DROP_KERNEL_READ_FAILED, 1);
+            return None;
+        }
+    };
+    let info = ConnInfo {
+        conn_id: next_conn_id(),
+        tuple,
+        kind: FdKind::Tcp as u8,
+        protocol: Protocol::Unknown as u8,
+        role: role as u8,
+        failed_classifications: 0,
+        _pad: [0; 4],
+    };
+    if CONNS.insert(key, &info, 0).is_err() {
+        count(counter::DROP_CONN_TABLE_FULL, 1);
+        warn!(
+            ctx,
+            "connection table insert failed for pid {} fd {}", key.pid, key.fd
+        );
+        return None;
+    }
+    CONNS.get_ptr_mut(key)
+}
+
+/// The TCP connection behind `key`, resolving it the first time it is seen.
+#[inline(always)]
+fn lookup_conn<C: EbpfContext>(
+    ctx: &C,
+    key: &ConnKey,
+    cfg: &CaptureConfig,
+) -> Option<*mut ConnInfo> {
+    if let Some(conn) = CONNS.get_ptr_mut(key) {
+        return Some(conn);
+    }
+    // SAFETY: the value is a plain u8 and only its presence matters.
+    if unsafe { OTHER_FDS.get(key) }.is_some() {
+        return None;
+    }
+    track_fd(ctx, key, cfg, Role::Unknown)
+}
+
+/// The pid of the caller, or None for the agent itself.
+#[inline(always)]
+fn traced_pid(cfg: &CaptureConfig) -> Option<(u64, u32)> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid = (pid_tgid >> 32) as u32;
+    if pid == cfg.agent_pid {
+        return None;
+    }
+    Some((pid_tgid, pid))
+}
+
+#[inline(always)]
+fn on_data_enter(
+    ctx: &TracePointContext,
+    syscall: Syscall,
+    shape: BufferShape,
+    peek_flags_at: usize,
+) {
+    let Some(cfg) = config() else { return };
+    let Some((pid_tgid, pid)) = traced_pid(cfg) else {
+        return;
+    };
+    // SAFETY: offsets are the stable syscall tracepoint layout.
+    let Ok(fd) = (unsafe { ctx.read_at::<i64>(ARG0) }) else {
+        return;
+    };
+    let key = ConnKey { pid, fd: fd as i32 };
+    let Some(conn) = lookup_conn(ctx, &key, cfg) else {
+        return;
+    };
+    // SAFETY: map value pointer valid for this program run.
+    if unsafe { (*conn).protocol } == Protocol::NotHttp as u8 {
+        count(counter::MESSAGES_NOT_HTTP, 1);
+        return;
+    }
+    if peek_flags_at != NO_PEEK_FLAGS {
+        let at = peek_flags_at;
+        // A peek is read again later; copying it would duplicate bytes.
+        // SAFETY: stable layout.
+        if let Ok(flags) = unsafe { ctx.read_at::<u64>(at) }
+            && flags & MSG_PEEK != 0
+        {
+            return;
+        }
+    }
+    // SAFETY: stable layout.
+    let buffer = unsafe { ctx.read_at::<u64>(ARG1) }.unwrap_or(0);
+    let iov_count = if shape == BufferShape::Iovec {
+        // SAFETY: stable layout.
+        unsafe { ctx.read_at::<u64>(ARG2) }.unwrap_or(0)
+    } else {
+        0
+    };
+    let call = InflightCall {
+        buffer,
+        iov_count,
+        fd: fd as i32,
+        syscall: syscall as u8,
+        shape: shape as u8,
+        _pad: [0; 2],
+    };
+    if INFLIGHT.insert(&pid_tgid, &call, 0).is_err() {
+        count(counter::DROP_INFLIGHT_TABLE_FULL, 1);
+    }
+}
+
+/// Takes what the enter probe left for this thread.
+#[inline(always)]
+fn take_inflight(pid_tgid: u64) -> Option<InflightCall> {
+    // SAFETY: copied out before removal.
+    let call = unsafe { INFLIGHT.get(&pid_tgid) }.copied();
+    if call.is_some() {
+        let _ = INFLIGHT.remove(&pid_tgid);
+    }
+    call
+}
+
+/// Does this look like the first bytes of an HTTP/1.x request or response?
+#[inline(always)]
+fn starts_like_http(b: &[u8; 8]) -> bool {
+    let word = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    const fn w(s: &[u8; 4]) -> u32 {
+        u32::from_le_bytes(*s)
+    }
+    match word {
+        x if x == w(b"HTTP") => b[4] == b'/' && b[5] == b'1' && b[6] == b'.',
+        x if x == w(b"GET ") || x == w(b"PUT ") => true,
+        x if x == w(b"POST") || x == w(b"HEAD") => b[4] == b' ',
+        x if x == w(b"DELE") || x == w(b"OPTI") || x == w(b"PATC") => true,
+        x if x == w(b"CONN") || x == w(b"TRAC") => true,
+        _ => false,
+    }
+}
+
+/// The first segment (pointer, length) of a message.
+#[inline(always)]
+fn first_segment(call: &InflightCall, shape: BufferShape) -> Option<(u64, u64)> {
+    match shape {
+        BufferShape::Plain => Some((call.buffer, u64::MAX)),
+        _ => {
+            let (iov, count) = iovec_array(call, shape)?;
+            if count == 0 {
+                return None;
+            }
+            // SAFETY: user pointer read through the checked helper.
+            let base: u64 = unsafe { bpf_probe_read_user(iov as *const u64) }.ok()?;
+            let len: u64 = unsafe { bpf_probe_read_user((iov + 8) as *const u64) }.ok()?;
+            Some((base, len))
+        }
+    }
+}
+
+/// The iovec array and its length for iovec- and msghdr-shaped calls.
+#[inline(always)]
+fn iovec_array(call: &InflightCall, shape: BufferShape) -> Option<(u64, u64)> {
+    if shape == BufferShape::Iovec {
+        return Some((call.buffer, call.iov_count));
+    }
+    // SAFETY: user pointers read through the checked helper.
+    let iov: u64 = unsafe { bpf_probe_read_user((call.buffer + MSGHDR_IOV) as *const u64) }.ok()?;
+    let count: u64 =
+        unsafe { bpf_probe_read_user((call.buffer + MSGHDR_IOVLEN) as *const u64) }.ok()?;
+    Some((iov, count))
+}
+
+/// Decides, on a connection whose protocol is still unknown, whether this
+/// message starts an HTTP/1.x exchange. Returns whether to copy it.
+#[inline(always)]
+fn classify(conn: *mut ConnInfo, call: &InflightCall, shape: BufferShape, moved: u64) -> bool {
+    // SAFETY: map value pointer valid for this program run.
+    let info = unsafe { &mut *conn };
+    if info.protocol == Protocol::Http as u8 {
+        return true;
+    }
+    let looks_http = moved >= 8
+        && match first_segment(call, shape) {
+            Some((ptr, len)) if len >= 8 => {
+                // SAFETY: user pointer read through the checked helper.
+                match unsafe { bpf_probe_read_user(ptr as *const [u8; 8]) } {
+                    Ok(head) => starts_like_http(&head),
+                    Err(_) => false,
+                }
+            }
+            _ => false,
+        };
+    if looks_http {
+        info.protocol = Protocol::Http as u8;
+        return true;
+    }
+    info.failed_classifications = info.failed_classifications.saturating_add(1);
+    if info.failed_classifications >= CLASSIFY_ATTEMPTS {
+        info.protocol = Protocol::NotHttp as u8;
+    }
+    count(counter::MESSAGES_NOT_HTTP, 1);
+    false
+}
+
+/// Clamps a length to the copy limit in a way the verifier can follow.
+#[inline(always)]
+fn clamp_len(len: u64) -> u32 {
+    if len > MAX_MESSAGE_BYTES as u64 {
+        MAX_MESSAGE_BYTES
+    } else {
+        len as u32
+    }
+}
+
+/// Copies `len` bytes at user address `src` to `at` in the scratch payload.
+#[inline(always)]
+fn copy_user(event: *mut DataEvent, at: u32, src: u64, len: u32) -> bool {
+    // `at` is below the limit and `len` at most the limit, so the copy ends
+    // inside the payload, which is twice the limit long.
+    let at = at & (MAX_MESSAGE_BYTES - 1);
+    let len = clamp_len(len as u64);
+    // SAFETY: `event` is a scratch map value; the bounds are shown above.
+    let rc = unsafe {
+        let dst = (*event).data.as_mut_ptr().add(at as usize);
+        raw_probe_read_user(dst.cast(), len, src as *const _)
+    };
+    rc == 0
+}
+
+/// Gathers up to `captured` bytes from an iovec array into the scratch
+/// payload. Returns how many were copied.
+#[inline(always)]
+fn copy_iovecs(event: *mut DataEvent, iov: u64, iov_count: u64, captured: u32) -> Option<u32> {
+    let mut copied = 0u32;
+    let mut index = 0u64;
+    for _ in 0..MAX_IOVECS {
+        if copied >= captured || index >= iov_count {
+            break;
+        }
+        let entry = iov + index * 16;
+        // SAFETY: user pointers read through the checked helper.
+        let base: u64 = unsafe { bpf_probe_read_user(entry as *const u64) }.ok()?;
+        let len: u64 = unsafe { bpf_probe_read_user((entry + 8) as *const u64) }.ok()?;
+        let remaining = (captured - copied) as u64;
+        let take = clamp_len(if len > remaining { remaining } else { len });
+        if take > 0 && !copy_user(event, copied, base, take) {
+            return None;
+        }
+        copied += take;
+        index += 1;
+    }
+    if copied < captured {
+        count(counter::DROP_IOVEC_OVERFLOW, 1);
+    }
+    Some(copied)
+}
+
+/// Sends the first `len` bytes of the scratch record.
+#[inline(always)]
+fn send_record(event: *mut DataEvent, payload_len: u32) {
+    let payload_len = clamp_len(payload_len as u64);
+    // SAFETY: the scratch value is EVENT_HEADER_SIZE + 2 * limit bytes long.
+    let record = unsafe {
+        core::slice::from_raw_parts(event as *const u8, EVENT_HEADER_SIZE + payload_len as usize)
+    };
+    if EVENTS.output(record, 0).is_err() {
+        count(counter::DROP_RINGBUF_FULL, 1);
+    } else {
+        count(counter::RECORDS_SENT, 1);
+    }
+}
+
+/// This CPU's scratch record.
+#[inline(always)]
+fn scratch() -> Option<*mut DataEvent> {
+    // SAFETY: helper call with no arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    SCRATCH.get_ptr_mut(cpu)
+}
+
+/// Fills the common header fields of a record.
+#[inline(always)]
+fn fill_header(
+    header: &mut EventHeader,
+    kind: EventKind,
+    key: &ConnKey,
+    conn: &ConnInfo,
+    direction: Direction,
+    syscall: u8,
+) {
+    // SAFETY: helper calls with no arguments.
+    header.timestamp_ns = unsafe { bpf_ktime_get_ns() };
+    header.conn_id = conn.conn_id;
+    header.pid = key.pid;
+    header.tid = bpf_get_current_pid_tgid() as u32;
+    header.fd = key.fd;
+    header.kind = kind as u8;
+    header.direction = direction as u8;
+    header.role = conn.role;
+    header.syscall = syscall;
+    header.flags = 0;
+    header._pad = [0; 3];
+    header.tuple = conn.tuple;
+    header.message_len = 0;
+    header.captured_len = 0;
+}
+
+#[inline(always)]
+fn on_data_exit(ctx: &TracePointContext, direction: Direction, shape: BufferShape) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(call) = take_inflight(pid_tgid) else {
+        return;
+    };
+    // SAFETY: stable layout.
+    let Ok(ret) = (unsafe { ctx.read_at::<i64>(RET) }) else {
+        return;
+    };
+    if ret <= 0 {
+        return;
+    }
+    let Some(cfg) = config() else { return };
+    let key = ConnKey {
+        pid: (pid_tgid >> 32) as u32,
+        fd: call.fd,
+    };
+    let Some(conn) = CONNS.get_ptr_mut(&key) else {
+        return;
+    };
+    let moved = ret as u64;
+    if shape == BufferShape::None {
+        // Counted bytes only make sense on a connection already seen as HTTP.
+        // SAFETY: map value pointer valid for this program run.
+        if unsafe { (*conn).protocol } != Protocol::Http as u8 {
+            return;
+        }
+    } else if !classify(conn, &call, shape, moved) {
+        return;
+    }
+    let Some(event) = scratch() else { return };
+
+    let mut limit = cfg.max_message_bytes;
+    if limit > MAX_MESSAGE_BYTES {
+        limit = MAX_MESSAGE_BYTES;
+    }
+    let message_len = if moved > u32::MAX as u64 {
+        u32::MAX
+    } else {
+        moved as u32
+    };
+    let captured = if shape == BufferShape::None {
+        0
+    } else if message_len > limit {
+        limit
+    } else {
+        message_len
+    };
+    // SAFETY: scratch value and map value pointers valid for this run.
+    unsafe {
+        let header = &mut (*event).header;
+        fill_header(
+            header,
+            EventKind::Data,
+            &key,
+            &*conn,
+            direction,
+            call.syscall,
+        );
+        header.message_len = message_len;
+        header.captured_len = captured;
+        if shape == BufferShape::None {
+            header.flags = FLAG_NO_PAYLOAD;
+        } else if captured < message_len {
+            header.flags = FLAG_TRUNCATED;
+            count(counter::DROP_TRUNCATED_MESSAGES, 1);
+        }
+    }
+
+    let copied = match shape {
+        BufferShape::None => Some(0),
+        BufferShape::Plain => copy_user(event, 0, call.buffer, captured).then_some(captured),
+        _ => match iovec_array(&call, shape) {
+            Some((iov, iov_count)) => copy_iovecs(event, iov, iov_count, captured),
+            None => None,
+        },
+    };
+    let Some(copied) = copied else {
+        count(counter::DROP_READ_USER_FAILED, 1);
+        return;
+    };
+    // SAFETY: scratch value pointer valid for this run.
+    unsafe { (*event).header.captured_len = copied };
+    send_record(event, copied);
+}
+
+/// Sends an open or close record for a tracked connection.
+#[inline(always)]
+fn send_lifecycle(kind: EventKind, key: &ConnKey, conn: &ConnInfo) {
+    let Some(event) = scratch() else { return };
+    // SAFETY: scratch value pointer valid for this run.
+    unsafe {
+        fill_header(
+            &mut (*event).header,
+            kind,
+            key,
+            conn,
+            Direction::Egress,
+            Syscall::None as u8,
+        )
+    };
+    send_record(event, 0);
+}
+
+/// connect() and accept() remember the fd at enter (accept: none needed) and
+/// resolve the connection at exit, when its addresses are set.
+#[inline(always)]
+fn on_connect_enter(ctx: &TracePointContext) {
+    let Some(cfg) = config() else { return };
+    let Some((pid_tgid, _)) = traced_pid(cfg) else {
+        return;
+    };
+    // SAFETY: stable layout.
+    let Ok(fd) = (unsafe { ctx.read_at::<i64>(ARG0) }) else {
+        return;
+    };
+    let call = InflightCall {
+        buffer: 0,
+        iov_count: 0,
+        fd: fd as i32,
+        syscall: Syscall::None as u8,
+        shape: BufferShape::None as u8,
+        _pad: [0; 2],
+    };
+    if INFLIGHT.insert(&pid_tgid, &call, 0).is_err() {
+        count(counter::DROP_INFLIGHT_TABLE_FULL, 1);
+    }
+}
+
+#[inline(always)]
+fn on_connection_established(ctx: &TracePointContext, fd: i32, role: Role) {
+    let Some(cfg) = config() else { return };
+    let Some((_, pid)) = traced_pid(cfg) else {
+        return;
+    };
+    let key = ConnKey { pid, fd };
+    let _ = OTHER_FDS.remove(&key);
+    if let Some(conn) = track_fd(ctx, &key, cfg, role) {
+        // SAFETY: map value pointer valid for this run.
+        send_lifecycle(EventKind::Open, &key, unsafe { &*conn });
+    }
+}
+
+#[inline(always)]
+fn on_connect_exit(ctx: &TracePointContext) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(call) = take_inflight(pid_tgid) else {
+        return;
+    };
+    // SAFETY: stable layout.
+    let Ok(ret) = (unsafe { ctx.read_at::<i64>(RET) }) else {
+        return;
+    };
+    if ret == 0 || ret == -EINPROGRESS {
+        on_connection_established(ctx, call.fd, Role::Client);
+    }
+}
+
+#[inline(always)]
+fn on_accept_exit(ctx: &TracePointContext) {
+    // SAFETY: stable layout.
+    let Ok(ret) = (unsafe { ctx.read_at::<i64>(RET) }) else {
+        return;
+    };
+    if ret >= 0 {
+        on_connection_established(ctx, ret as i32, Role::Server);
+    }
+}
+
+#[inline(always)]
+fn on_close_enter(ctx: &TracePointContext) {
+    let Some(cfg) = config() else { return };
+    let Some((_, pid)) = traced_pid(cfg) else {
+        return;
+    };
+    // SAFETY: stable layout.
+    let Ok(fd) = (unsafe { ctx.read_at::<i64>(ARG0) }) else {
+        return;
+    };
+    let key = ConnKey { pid, fd: fd as i32 };
+    if let Some(conn) = CONNS.get_ptr(&key) {
+        // SAFETY: map value pointer valid for this run.
+        let info = unsafe { *conn };
+        if info.protocol != Protocol::NotHttp as u8 {
+            send_lifecycle(EventKind::Close, &key, &info);
+        }
+        let _ = CONNS.remove(&key);
+    } else {
+        let _ = OTHER_FDS.remove(&key);
+    }
+}
+
+macro_rules! data_probes {
+    ($enter:ident, $exit:ident, $syscall:expr, $shape:expr, $peek:expr, $direction:expr) => {
+        #[tracepoint]
+        pub fn $enter(ctx: TracePointContext) -> u32 {
+            on_data_enter(&ctx, $syscall, $shape, $peek);
+            0
+        }
+
+        #[tracepoint]
+        pub fn $exit(ctx: TracePointContext) -> u32 {
+            on_data_exit(&ctx, $direction, $shape);
+            0
+        }
+    };
+}
+
+data_probes!(
+    sys_enter_write,
+    sys_exit_write,
+    Syscall::Write,
+    BufferShape::Plain,
+    NO_PEEK_FLAGS,
+    Direction::Egress
+);
+data_probes!(
+    sys_enter_writev,
+    sys_exit_writev,
+    Syscall::Writev,
+    BufferShape::Iovec,
+    NO_PEEK_FLAGS,
+    Direction::Egress
+);
+data_probes!(
+    sys_enter_sendto,
+    sys_exit_sendto,
+    Syscall::Sendto,
+    BufferShape::Plain,
+    NO_PEEK_FLAGS,
+    Direction::Egress
+);
+data_probes!(
+    sys_enter_sendmsg,
+    sys_exit_sendmsg,
+    Syscall::Sendmsg,
+    BufferShape::Msghdr,
+    NO_PEEK_FLAGS,
+    Direction::Egress
+);
+data_probes!(
+    sys_enter_read,
+    sys_exit_read,
+    Syscall::Read,
+    BufferShape::Plain,
+    NO_PEEK_FLAGS,
+    Direction::Ingress
+);
+data_probes!(
+    sys_enter_readv,
+    sys_exit_readv,
+    Syscall::Readv,
+    BufferShape::Iovec,
+    NO_PEEK_FLAGS,
+    Direction::Ingress
+);
+data_probes!(
+    sys_enter_recvfrom,
+    sys_exit_recvfrom,
+    Syscall::Recvfrom,
+    BufferShape::Plain,
+    ARG3,
+    Direction::Ingress
+);
+data_probes!(
+    sys_enter_recvmsg,
+    sys_exit_recvmsg,
+    Syscall::Recvmsg,
+    BufferShape::Msghdr,
+    ARG2,
+    Direction::Ingress
+);
+data_probes!(
+    sys_enter_sendfile64,
+    sys_exit_sendfile64,
+    Syscall::Sendfile,
+    BufferShape::None,
+    NO_PEEK_FLAGS,
+    Direction::Egress
+);
+
+#[tracepoint]
+pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
+    on_connect_enter(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+    on_connect_exit(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    on_accept_exit(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
+    on_accept_exit(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
+    on_close_enter(&ctx);
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,367 @@
+//! Decoding ring-buffer records into [`CaptureEvent`]s. Plain data in, plain
+//! data out: no kernel needed to test.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use agent_common::{AF_INET, AF_INET6, ConnTuple, EVENT_HEADER_SIZE, EventHeader, FLAG_TRUNCATED};
+use bytes::{Bytes, BytesMut};
+
+pub use agent_common::{Direction, Role, Syscall};
+
+/// Identifies one TCP connection for the life of the loaded probes (the
+/// kernel gives a new one when a file descriptor number is reused).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnectionId(pub u64);
+
+/// A TCP connection as one traced process sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Connection {
+    /// See [`ConnectionId`].
+    pub id: ConnectionId,
+    /// Process id (thread group id) owning the file descriptor.
+    pub pid: u32,
+    /// The file descriptor.
+    pub fd: i32,
+    /// Who opened it, when the kernel saw that happen.
+    pub role: Role,
+    /// This process's end.
+    pub local: SocketAddr,
+    /// The peer's end.
+    pub remote: SocketAddr,
+}
+
+/// The bytes one send or receive syscall moved on a connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    /// The connection.
+    pub connection: Connection,
+    /// Thread that made the syscall.
+    pub tid: u32,
+    /// Sent or received.
+    pub direction: Direction,
+    /// Which syscall.
+    pub syscall: Syscall,
+    /// Kernel monotonic clock when the syscall returned.
+    pub timestamp_ns: u64,
+    /// Bytes the syscall moved.
+    pub len: u32,
+    /// The first bytes of the message, as copied. Shorter than `len` when the
+    /// message exceeded the copy limit (`truncated`), came from sendfile (no
+    /// bytes at all), or was spread over more iovecs than are copied.
+    pub bytes: Bytes,
+    /// The kernel stopped copying at its limit.
+    pub truncated: bool,
+}
+
+/// What the capture reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CaptureEvent {
+    /// connect() or accept() produced a TCP connection.
+    Opened(Connection),
+    /// Bytes moved.
+    Data(Message),
+    /// The process closed a connection that carried HTTP (or was not yet
+    /// classified).
+    Closed(Connection),
+}
+
+impl CaptureEvent {
+    /// The connection the event is about.
+    pub fn connection(&self) -> &Connection {
+        match self {
+            Self::Opened(c) | Self::Closed(c) => c,
+            Self::Data(m) => &m.connection,
+        }
+    }
+}
+
+/// Why a record could not be decoded.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Shorter than its header says.
+    Short {
+        /// The record's length.
+        len: usize,
+    },
+    /// An unknown kind, direction or family.
+    Invalid(&'static str),
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Short { len } => {
+                write!(f, "record of {len} bytes is shorter than its header says")
+            }
+            Self::Invalid(what) => write!(f, "record has an invalid {what}"),
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+/// Turns records into events, copying payloads into one growing buffer that
+/// is split per message, so most messages reuse spare capacity instead of
+/// allocating.
+#[derive(Default)]
+pub struct RecordDecoder {
+    buffer: BytesMut,
+}
+
+/// Capacity reserved at once for message bytes.
+const BUFFER_BLOCK: usize = 256 * 1024;
+
+impl RecordDecoder {
+    /// A decoder with an empty buffer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Decodes one ring-buffer record.
+    pub fn decode(&mut self, record: &[u8]) -> Result<CaptureEvent, DecodeError> {
+        if record.len() < EVENT_HEADER_SIZE {
+            return Err(DecodeError::Short { len: record.len() });
+        }
+        // SAFETY: EventHeader is repr(C) plain data of EVENT_HEADER_SIZE
+        // bytes, and read_unaligned accepts any alignment.
+        let header = unsafe { std::ptr::read_unaligned(record.as_ptr().cast::<EventHeader>()) };
+        let end = EVENT_HEADER_SIZE + header.captured_len as usize;
+        let payload = record
+            .get(EVENT_HEADER_SIZE..end)
+            .ok_or(DecodeError::Short { len: record.len() })?;
+        let connection = connection(&header)?;
+        match header.kind {
+            1 => {}
+            2 => return Ok(CaptureEvent::Opened(connection)),
+            3 => return Ok(CaptureEvent::Closed(connection)),
+            _ => return Err(DecodeError::Invalid("kind")),
+        }
+        let direction = match header.direction {
+            0 => Direction::Egress,
+            1 => Direction::Ingress,
+            _ => return Err(DecodeError::Invalid("direction")),
+        };
+        Ok(CaptureEvent::Data(Message {
+            connection,
+            tid: header.tid,
+            direction,
+            syscall: syscall(header.syscall),
+            timestamp_ns: header.timestamp_ns,
+            len: header.message_len,
+            bytes: self.take_bytes(payload),
+            truncated: header.flags & FLAG_TRUNCATED != 0,
+        }))
+    }
+
+    fn take_bytes(&mut self, payload: &[u8]) -> Bytes {
+        if self.buffer.capacity() - self.buffer.len() < payload.len() {
+            self.buffer.reserve(BUFFER_BLOCK.max(payload.len()));
+        }
+        self.buffer.extend_from_slice(payload);
+        self.buffer.split().freeze()
+    }
+}
+
+fn socket_addr(family: u16, addr: &[u8; 16], port: u16) -> Result<SocketAddr, DecodeError> {
+    let ip = match family {
+        AF_INET => IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3])),
+        // IPv4-mapped addresses of dual-stack sockets read as plain IPv4.
+        AF_INET6 => Ipv6Addr::from(*addr).to_canonical(),
+        _ => return Err(DecodeError::Invalid("address family")),
+    };
+    Ok(SocketAddr::new(ip, port))
+}
+
+fn connection(header: &EventHeader) -> Result<Connection, DecodeError> {
+    let ConnTuple {
+        family,
+        local_port,
+        remote_port,
+        local_addr,
+        remote_addr,
+        ..
+    } = header.tuple;
+    Ok(Connection {
+        id: ConnectionId(header.conn_id),
+        pid: header.pid,
+        fd: header.fd,
+        role: match header.role {
+            1 => Role::Client,
+            2 => Role::Server,
+            _ => Role::Unknown,
+        },
+        local: socket_addr(family, &local_addr, local_port)?,
+        remote: socket_addr(family, &remote_addr, remote_port)?,
+    })
+}
+
+fn syscall(value: u8) -> Syscall {
+    match value {
+        1 => Syscall::Read,
+        2 => Syscall::Write,
+        3 => Syscall::Readv,
+        4 => Syscall::Writev,
+        5 => Syscall::Recvfrom,
+        6 => Syscall::Sendto,
+        7 => Syscall::Recvmsg,
+        8 => Syscall::Sendmsg,
+        9 => Syscall::Sendfile,
+        _ => Syscall::None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agent_common::EventKind;
+
+    /// Builds a record the way the kernel lays it out.
+    fn record(kind: EventKind, message: &[u8], captured: usize) -> Vec<u8> {
+        let mut tuple = ConnTuple {
+            family: AF_INET,
+            local_port: 8080,
+            remote_port: 40000,
+            ..ConnTuple::default()
+        };
+        tuple.local_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        tuple.remote_addr[..4].copy_from_slice(&[127, 0, 0, 2]);
+        let header = EventHeader {
+            timestamp_ns: 42,
+            conn_id: 5,
+            pid: 7,
+            tid: 9,
+            fd: 3,
+            message_len: message.len() as u32,
+            captured_len: captured as u32,
+            kind: kind as u8,
+            direction: Direction::Ingress as u8,
+            role: Role::Server as u8,
+            syscall: Syscall::Read as u8,
+            flags: if captured < message.len() {
+                FLAG_TRUNCATED
+            } else {
+                0
+            },
+            _pad: [0; 3],
+            tuple,
+        };
+        // SAFETY: repr(C) plain data viewed as bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&header as *const EventHeader).cast::<u8>(),
+                EVENT_HEADER_SIZE,
+            )
+        };
+        let mut out = bytes.to_vec();
+        out.extend_from_slice(&message[..captured]);
+        out
+    }
+
+    fn data(event: CaptureEvent) -> Message {
+        match event {
+            CaptureEvent::Data(m) => m,
+            other => panic!("expected data, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn data_record_decodes_addresses_ids_and_bytes() {
+        let msg = b"GET / HTTP/1.1\r\n\r\n";
+        let m = data(
+            RecordDecoder::new()
+                .decode(&record(EventKind::Data, msg, msg.len()))
+                .unwrap(),
+        );
+        assert_eq!(&m.bytes[..], msg);
+        assert!(!m.truncated);
+        assert_eq!(m.connection.local, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(m.connection.remote, "127.0.0.2:40000".parse().unwrap());
+        assert_eq!((m.connection.pid, m.tid, m.connection.fd), (7, 9, 3));
+        assert_eq!(m.connection.id, ConnectionId(5));
+        assert_eq!(m.direction, Direction::Ingress);
+        assert_eq!(m.connection.role, Role::Server);
+        assert_eq!(m.syscall, Syscall::Read);
+    }
+
+    #[test]
+    fn truncated_record_keeps_full_length_and_copied_prefix() {
+        let big = vec![b'x'; 20_000];
+        let m = data(
+            RecordDecoder::new()
+                .decode(&record(EventKind::Data, &big, 16_384))
+                .unwrap(),
+        );
+        assert_eq!(m.len, 20_000);
+        assert_eq!(m.bytes.len(), 16_384);
+        assert!(m.truncated);
+    }
+
+    #[test]
+    fn consecutive_messages_do_not_share_bytes() {
+        let mut decoder = RecordDecoder::new();
+        let a = data(
+            decoder
+                .decode(&record(EventKind::Data, b"first", 5))
+                .unwrap(),
+        );
+        let b = data(
+            decoder
+                .decode(&record(EventKind::Data, b"second", 6))
+                .unwrap(),
+        );
+        assert_eq!(
+            (&a.bytes[..], &b.bytes[..]),
+            (&b"first"[..], &b"second"[..])
+        );
+    }
+
+    #[test]
+    fn open_and_close_records_carry_the_connection() {
+        let mut decoder = RecordDecoder::new();
+        let opened = decoder.decode(&record(EventKind::Open, b"", 0)).unwrap();
+        assert!(matches!(opened, CaptureEvent::Opened(c) if c.id == ConnectionId(5)));
+        let closed = decoder.decode(&record(EventKind::Close, b"", 0)).unwrap();
+        assert_eq!(
+            closed.connection().remote,
+            "127.0.0.2:40000".parse().unwrap()
+        );
+    }
+
+    #[test]
+    fn short_and_invalid_records_are_errors_not_panics() {
+        let mut decoder = RecordDecoder::new();
+        assert_eq!(
+            decoder.decode(&[0u8; 10]),
+            Err(DecodeError::Short { len: 10 })
+        );
+        let mut r = record(EventKind::Data, b"abc", 3);
+        r.truncate(r.len() - 1);
+        assert!(matches!(decoder.decode(&r), Err(DecodeError::Short { .. })));
+        let mut r = record(EventKind::Data, b"abc", 3);
+        r[std::mem::offset_of!(EventHeader, kind)] = 99;
+        assert_eq!(decoder.decode(&r), Err(DecodeError::Invalid("kind")));
+        let mut r = record(EventKind::Data, b"abc", 3);
+        r[std::mem::offset_of!(EventHeader, tuple)] = 1; // family AF_UNIX
+        assert_eq!(
+            decoder.decode(&r),
+            Err(DecodeError::Invalid("address family"))
+        );
+    }
+
+    #[test]
+    fn ipv4_mapped_ipv6_reads_as_ipv4() {
+        let mut addr = [0u8; 16];
+        addr[10] = 0xff;
+        addr[11] = 0xff;
+        addr[12..].copy_from_slice(&[10, 1, 2, 3]);
+        assert_eq!(
+            socket_addr(AF_INET6, &addr, 80).unwrap(),
+            "10.1.2.3:80".parse().unwrap()
+        );
+        let loopback6 = Ipv6Addr::LOCALHOST.octets();
+        assert_eq!(
+            socket_addr(AF_INET6, &loopback6, 80).unwrap(),
+            "[::1]:80".parse().unwrap()
+        );
+    }
+}

@@ -1,0 +1,285 @@
+//! Loading the kernel programs, configuring them, and attaching them to the
+//! syscall tracepoints. The only part of the capture that needs a kernel.
+
+use std::path::Path;
+
+use agent_common::{CaptureConfig, MAX_MESSAGE_BYTES, counter};
+use anyhow::{Context, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+
+use super::kernel_offsets;
+
+/// The kernel programs, built by agent/build.rs.
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
+
+/// Every tracepoint the capture attaches to, all in the `syscalls` category;
+/// each program is named after its tracepoint.
+pub const TRACEPOINTS: &[&str] = &[
+    "sys_enter_write",
+    "sys_exit_write",
+    "sys_enter_writev",
+    "sys_exit_writev",
+    "sys_enter_sendto",
+    "sys_exit_sendto",
+    "sys_enter_sendmsg",
+    "sys_exit_sendmsg",
+    "sys_enter_read",
+    "sys_exit_read",
+    "sys_enter_readv",
+    "sys_exit_readv",
+    "sys_enter_recvfrom",
+    "sys_exit_recvfrom",
+    "sys_enter_recvmsg",
+    "sys_exit_recvmsg",
+    "sys_enter_sendfile64",
+    "sys_exit_sendfile64",
+    "sys_enter_connect",
+    "sys_exit_connect",
+    "sys_exit_accept",
+    "sys_exit_accept4",
+    "sys_enter_close",
+];
+
+const TRACEFS: &str = "/sys/kernel/tracing";
+const DEBUGFS_TRACING: &str = "/sys/kernel/debug/tracing";
+
+/// Settings of the kernel side.
+#[derive(Clone, Copy, Debug)]
+pub struct ProbeSettings {
+    /// Bytes copied per message (up to 16 KiB).
+    pub max_message_bytes: u32,
+    /// Ring buffer size in bytes: a power of two, multiple of the page size.
+    pub ring_buffer_bytes: u32,
+}
+
+impl Default for ProbeSettings {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: MAX_MESSAGE_BYTES,
+            ring_buffer_bytes: 8 << 20,
+        }
+    }
+}
+
+impl ProbeSettings {
+    /// Rejects values the kernel side cannot honour.
+    pub fn validate(&self) -> Result<()> {
+        if self.max_message_bytes == 0 || self.max_message_bytes > MAX_MESSAGE_BYTES {
+            bail!(
+                "max_message_bytes must be between 1 and {MAX_MESSAGE_BYTES}, got {}",
+                self.max_message_bytes
+            );
+        }
+        let rb = self.ring_buffer_bytes;
+        if !rb.is_power_of_two() || rb < 4096 {
+            bail!("ring_buffer_bytes must be a power of two of at least 4096, got {rb}");
+        }
+        Ok(())
+    }
+}
+
+/// Loaded and attached programs. Dropping this detaches them.
+pub struct Probes {
+    ebpf: Ebpf,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+/// Where tracefs is mounted, mounting it first if it is not (as on this
+/// project's build machines, where nothing mounts it at boot).
+pub fn ensure_tracefs() -> Result<&'static str> {
+    for dir in [TRACEFS, DEBUGFS_TRACING] {
+        if Path::new(dir).join("events").is_dir() {
+            return Ok(dir);
+        }
+    }
+    let target = std::ffi::CString::new(TRACEFS).expect("no NUL");
+    let fstype = c"tracefs";
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            c"nodev".as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        bail!("tracefs is not mounted and mounting it at {TRACEFS} failed: {err}");
+    }
+    Ok(TRACEFS)
+}
+
+/// Fails with the list of tracepoints this kernel lacks.
+fn check_tracepoints(tracefs: &str) -> Result<()> {
+    let missing: Vec<&str> = TRACEPOINTS
+        .iter()
+        .copied()
+        .filter(|tp| !Path::new(tracefs).join("events/syscalls").join(tp).is_dir())
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "this kernel lacks the syscall tracepoints {} (needs CONFIG_FTRACE_SYSCALLS)",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Whether the process has the privileges to load BPF programs.
+pub fn ensure_privileged() -> Result<()> {
+    // SAFETY: no arguments.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "the agent must run as root (it loads eBPF programs and attaches to syscall tracepoints)"
+        );
+    }
+    Ok(())
+}
+
+impl Probes {
+    /// Loads, configures and attaches every program. Returns the probes and
+    /// the ring buffer their records arrive in.
+    pub fn attach(settings: ProbeSettings) -> Result<(Self, RingBuf<MapData>)> {
+        settings.validate()?;
+        ensure_privileged()?;
+        let tracefs = ensure_tracefs()?;
+        check_tracepoints(tracefs)?;
+        let offsets = kernel_offsets::from_running_kernel()?;
+        raise_memlock_limit();
+
+        // One scratch record per possible CPU (the programs index it by CPU).
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries("EVENTS", settings.ring_buffer_bytes)
+            .map_max_entries("SCRATCH", cpus.get())
+            .load(PROGRAMS)
+            .context(
+                "loading the eBPF programs failed (is BPF enabled, and are we allowed to use it?)",
+            )?;
+
+        match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => spawn_kernel_log_reader(logger),
+            Err(e) => log::debug!("kernel-side logging unavailable: {e}"),
+        }
+
+        let config = CaptureConfig {
+            agent_pid: std::process::id(),
+            max_message_bytes: settings.max_message_bytes,
+            offsets,
+        };
+        let mut config_map: Array<_, CaptureConfig> =
+            Array::try_from(ebpf.map_mut("CONFIG").context("CONFIG map missing")?)?;
+        config_map
+            .set(0, &config, 0)
+            .context("writing the CONFIG map")?;
+
+        for name in TRACEPOINTS {
+            let program: &mut TracePoint = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()?;
+            program
+                .load()
+                .with_context(|| format!("the kernel verifier rejected {name}"))?;
+            program
+                .attach("syscalls", name)
+                .with_context(|| format!("attaching to tracepoint syscalls/{name}"))?;
+        }
+
+        let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map missing")?)?;
+        let counters =
+            PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("COUNTERS map missing")?)?;
+        Ok((Self { ebpf, counters }, events))
+    }
+
+    /// The kernel counters, summed over CPUs, by name.
+    pub fn counters(&self) -> Result<Vec<(&'static str, u64)>> {
+        let mut out = Vec::with_capacity(counter::COUNT as usize);
+        for (index, name) in counter::NAMES.iter().enumerate() {
+            let per_cpu = self.counters.get(&(index as u32), 0)?;
+            out.push((*name, per_cpu.iter().sum()));
+        }
+        Ok(out)
+    }
+
+    /// Number of attached programs.
+    pub fn program_count(&self) -> usize {
+        self.ebpf.programs().count()
+    }
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones to the
+/// cgroup, where raising the limit fails harmlessly.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: valid pointer to a local struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        log::debug!(
+            "could not raise RLIMIT_MEMLOCK: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Kernel-side diagnostics are rare (cold paths only): a plain thread polls
+/// them so they never compete with the capture for the runtime.
+fn spawn_kernel_log_reader(mut logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    std::thread::Builder::new()
+        .name("ebpf-log".into())
+        .spawn(move || {
+            loop {
+                logger.flush();
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+        })
+        .ok();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_out_of_range_are_rejected_with_the_limit() {
+        let too_big = ProbeSettings {
+            max_message_bytes: MAX_MESSAGE_BYTES + 1,
+            ..Default::default()
+        };
+        assert!(
+            too_big
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("16384")
+        );
+        let odd_ring = ProbeSettings {
+            ring_buffer_bytes: 5000,
+            ..Default::default()
+        };
+        assert!(
+            odd_ring
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("power of two")
+        );
+        assert!(ProbeSettings::default().validate().is_ok());
+    }
+
+    #[test]
+    fn every_tracepoint_has_a_program_in_the_object() {
+        let object = aya_obj::Object::parse(PROGRAMS).unwrap();
+        for tp in TRACEPOINTS {
+            assert!(object.programs.contains_key(*tp), "no program {tp}");
+        }
+    }
+}

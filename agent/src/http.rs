@@ -1,0 +1,124 @@
+//! HTTP stage: recognising HTTP/1.x message heads in captured bytes.
+//!
+//! For now it only reads the start line of a message; the span pipeline
+//! builds full request/response parsing on top of it.
+
+/// The start line of an HTTP/1.x message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StartLine {
+    /// `METHOD target HTTP/1.x`.
+    Request {
+        /// Request method.
+        method: String,
+        /// Request target as sent (path and query).
+        target: String,
+        /// Minor version: 0 or 1.
+        version: u8,
+    },
+    /// `HTTP/1.x code reason`.
+    Response {
+        /// Minor version: 0 or 1.
+        version: u8,
+        /// Status code.
+        status: u16,
+        /// Reason phrase.
+        reason: String,
+    },
+}
+
+/// Headers the start-line reader looks at; more are not needed to find it.
+const MAX_HEADERS: usize = 64;
+
+/// Reads the start line at the beginning of `bytes`, if they begin an
+/// HTTP/1.x request or response. Works on a prefix: the head need not be
+/// complete, only the start line.
+pub fn start_line(bytes: &[u8]) -> Option<StartLine> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    if bytes.starts_with(b"HTTP/") {
+        let mut response = httparse::Response::new(&mut headers);
+        match response.parse(bytes) {
+            Ok(_) | Err(httparse::Error::TooManyHeaders) => {}
+            Err(_) => return None,
+        }
+        return Some(StartLine::Response {
+            version: response.version?,
+            status: response.code?,
+            reason: response.reason.unwrap_or_default().to_string(),
+        });
+    }
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(bytes) {
+        Ok(_) | Err(httparse::Error::TooManyHeaders) => {}
+        Err(_) => return None,
+    }
+    Some(StartLine::Request {
+        method: request.method?.to_string(),
+        target: request.path?.to_string(),
+        version: request.version?,
+    })
+}
+
+impl std::fmt::Display for StartLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Request {
+                method,
+                target,
+                version,
+            } => write!(f, "{method} {target} HTTP/1.{version}"),
+            Self::Response {
+                version,
+                status,
+                reason,
+            } => write!(f, "HTTP/1.{version} {status} {reason}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_line_is_read_from_a_complete_head() {
+        let line = start_line(b"GET /a?b=1 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        assert_eq!(
+            line,
+            StartLine::Request {
+                method: "GET".into(),
+                target: "/a?b=1".into(),
+                version: 1
+            }
+        );
+        assert_eq!(line.to_string(), "GET /a?b=1 HTTP/1.1");
+    }
+
+    #[test]
+    fn request_line_is_read_from_a_partial_head() {
+        let line = start_line(b"POST /upload HTTP/1.0\r\nContent-Len").unwrap();
+        assert!(
+            matches!(line, StartLine::Request { ref method, version: 0, .. } if method == "POST")
+        );
+    }
+
+    #[test]
+    fn status_line_is_read() {
+        let line = start_line(b"HTTP/1.1 404 Not Found\r\n\r\n").unwrap();
+        assert_eq!(
+            line,
+            StartLine::Response {
+                version: 1,
+                status: 404,
+                reason: "Not Found".into()
+            }
+        );
+    }
+
+    #[test]
+    fn body_bytes_and_binary_are_not_start_lines() {
+        assert_eq!(start_line(b"{\"json\": true}"), None);
+        assert_eq!(start_line(&[0x16, 0x03, 0x01, 0x00, 0xa5]), None);
+        assert_eq!(start_line(b""), None);
+        assert_eq!(start_line(b"GET"), None);
+    }
+}
