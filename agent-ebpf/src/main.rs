@@ -427,17 +427,30 @@ fn clamp_len(len: u64) -> u32 {
     }
 }
 
+/// Returns `value` unchanged, but hides it from the optimiser, so that a
+/// bounds check after it stays in the program: LLVM otherwise drops checks it
+/// can prove redundant, and older verifiers (6.1) cannot re-derive the bound
+/// from the earlier comparisons LLVM relied on.
+#[inline(always)]
+fn opaque(value: u64) -> u64 {
+    // SAFETY: reads a local through a valid pointer.
+    unsafe { core::ptr::read_volatile(&value) }
+}
+
 /// Copies `len` bytes at user address `src` to `at` in the scratch payload.
 #[inline(always)]
 fn copy_user(event: *mut DataEvent, at: u32, src: u64, len: u32) -> bool {
-    // `at` is below the limit and `len` at most the limit, so the copy ends
-    // inside the payload, which is twice the limit long.
-    let at = at & (MAX_MESSAGE_BYTES - 1);
-    let len = clamp_len(len as u64);
+    // `at` below the limit and `len` at most the limit keep the copy inside
+    // the payload, which is twice the limit long.
+    let at = opaque(at as u64) & (MAX_MESSAGE_BYTES as u64 - 1);
+    let mut len = opaque(len as u64);
+    if len > MAX_MESSAGE_BYTES as u64 {
+        len = MAX_MESSAGE_BYTES as u64;
+    }
     // SAFETY: `event` is a scratch map value; the bounds are shown above.
     let rc = unsafe {
         let dst = (*event).data.as_mut_ptr().add(at as usize);
-        raw_probe_read_user(dst.cast(), len, src as *const _)
+        raw_probe_read_user(dst.cast(), len as u32, src as *const _)
     };
     rc == 0
 }
@@ -470,10 +483,11 @@ fn copy_iovecs(event: *mut DataEvent, iov: u64, iov_count: u64, captured: u32) -
     Some(copied)
 }
 
-/// Sends the first `len` bytes of the scratch record.
+/// Sends the header and the first `payload_len` payload bytes of the
+/// scratch record.
 #[inline(always)]
 fn send_record(event: *mut DataEvent, payload_len: u32) {
-    let payload_len = clamp_len(payload_len as u64);
+    let payload_len = clamp_len(opaque(payload_len as u64));
     // SAFETY: the scratch value is EVENT_HEADER_SIZE + 2 * limit bytes long.
     let record = unsafe {
         core::slice::from_raw_parts(event as *const u8, EVENT_HEADER_SIZE + payload_len as usize)

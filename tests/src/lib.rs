@@ -1,1 +1,404 @@
+//! Harness for the privileged integration tests: one capture shared by all
+//! tests of a test binary, real servers and clients started as child
+//! processes, and helpers to pick one connection's events out of everything
+//! the node does.
+//!
+//! The test process is the agent here (the capture excludes its own pid), so
+//! every server and client a test drives is a separate process.
 
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use agent::capture::{Capture, CaptureEvent, Connection, Direction, Message, ProbeSettings};
+
+pub use agent::capture;
+
+/// Fixture scripts, embedded so the test binaries carry them into the VM.
+pub mod fixtures {
+    /// A raw HTTP/1.1 server that records the exact bytes it receives and sends.
+    pub const RECORDING_SERVER: &str = include_str!("../fixtures/recording_server.py");
+    /// A binary (non-HTTP) echo server and client.
+    pub const BINARY_ECHO: &str = include_str!("../fixtures/binary_echo.py");
+    /// A client that keeps one connection open across a signal.
+    pub const SLOW_CLIENT: &str = include_str!("../fixtures/slow_client.py");
+}
+
+/// Whether privileged tests can run here. Outside CI a non-root run skips
+/// with a message; under `CI=true` it is a failure, so CI can never pass
+/// with the privileged tests silently skipped.
+pub fn privileged() -> bool {
+    // SAFETY: no arguments.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("privileged test cannot run: not root, and CI=true forbids skipping");
+    }
+    eprintln!("SKIPPED: privileged test needs root");
+    false
+}
+
+/// Events seen so far by the shared capture, with a condition variable to
+/// wait for more.
+struct EventLog {
+    events: Mutex<Vec<CaptureEvent>>,
+    changed: Condvar,
+}
+
+/// Events kept at most; the oldest half goes when full (a busy node must
+/// not make a test binary grow without bound).
+const MAX_KEPT_EVENTS: usize = 200_000;
+
+/// The capture shared by every test in this binary. Started on first use,
+/// on its own thread and runtime, and kept until the process exits.
+pub struct SharedCapture {
+    log: Arc<EventLog>,
+}
+
+static SHARED: OnceLock<SharedCapture> = OnceLock::new();
+
+/// Starts (once) and returns the shared capture.
+pub fn capture() -> &'static SharedCapture {
+    SHARED.get_or_init(|| {
+        let log = Arc::new(EventLog {
+            events: Mutex::new(Vec::new()),
+            changed: Condvar::new(),
+        });
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread_log = log.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let (capture, mut rx) = match Capture::start(ProbeSettings::default(), 65_536) {
+                    Ok(started) => started,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(format!("{e:#}")));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                while let Some(event) = rx.recv().await {
+                    let mut events = thread_log.events.lock().unwrap();
+                    if events.len() >= MAX_KEPT_EVENTS {
+                        events.drain(..MAX_KEPT_EVENTS / 2);
+                    }
+                    events.push(event);
+                    thread_log.changed.notify_all();
+                }
+                drop(capture);
+            });
+        });
+        match ready_rx.recv() {
+            Ok(Ok(())) => SharedCapture { log },
+            Ok(Err(e)) => panic!("the capture did not start: {e}"),
+            Err(_) => panic!("the capture thread died while starting"),
+        }
+    })
+}
+
+impl SharedCapture {
+    /// Waits until `done` holds for the events touching `port` (as local or
+    /// remote port), or the timeout passes. Returns those events either way.
+    pub fn wait_for_port(
+        &self,
+        port: u16,
+        timeout: Duration,
+        done: impl Fn(&[CaptureEvent]) -> bool,
+    ) -> Vec<CaptureEvent> {
+        let deadline = Instant::now() + timeout;
+        let mut events = self.log.events.lock().unwrap();
+        loop {
+            let matching: Vec<CaptureEvent> = events
+                .iter()
+                .filter(|e| touches_port(e.connection(), port))
+                .cloned()
+                .collect();
+            let now = Instant::now();
+            if done(&matching) || now >= deadline {
+                return matching;
+            }
+            events = self
+                .log
+                .changed
+                .wait_timeout(events, deadline - now)
+                .unwrap()
+                .0;
+        }
+    }
+
+    /// The events touching `port` once no new one has arrived for `quiet`
+    /// (at most `timeout` in all): for asserting that something did *not*
+    /// happen, or that nothing more came.
+    pub fn settle_port(&self, port: u16, quiet: Duration, timeout: Duration) -> Vec<CaptureEvent> {
+        let deadline = Instant::now() + timeout;
+        let mut last = usize::MAX;
+        loop {
+            let now = self.wait_for_port(port, Duration::ZERO, |_| true);
+            if now.len() == last || Instant::now() >= deadline {
+                return now;
+            }
+            last = now.len();
+            std::thread::sleep(quiet);
+        }
+    }
+}
+
+fn touches_port(c: &Connection, port: u16) -> bool {
+    c.local.port() == port || c.remote.port() == port
+}
+
+/// The data messages among `events`, in capture order.
+pub fn messages(events: &[CaptureEvent]) -> Vec<&Message> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            CaptureEvent::Data(m) => Some(m),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Checks that the messages a process moved in one direction are exactly
+/// `expected`: their lengths add up to it, and each message's copied bytes
+/// (a prefix when the kernel truncated it) match `expected` at that offset.
+/// Returns a description of the first difference.
+pub fn stream_mismatch(
+    events: &[CaptureEvent],
+    pid: u32,
+    direction: Direction,
+    expected: &[u8],
+) -> Option<String> {
+    let mut offset = 0usize;
+    for m in messages(events)
+        .into_iter()
+        .filter(|m| m.connection.pid == pid && m.direction == direction)
+    {
+        let end = offset + m.bytes.len();
+        match expected.get(offset..end) {
+            Some(want) if want == &m.bytes[..] => {}
+            Some(want) => {
+                let at = want
+                    .iter()
+                    .zip(m.bytes.iter())
+                    .position(|(a, b)| a != b)
+                    .unwrap_or(0);
+                return Some(format!(
+                    "pid {pid} {direction:?}: message at stream offset {offset} differs at byte {at}: {:?} vs expected {:?}",
+                    preview(&m.bytes[at..]),
+                    preview(&want[at..])
+                ));
+            }
+            None => {
+                return Some(format!(
+                    "pid {pid} {direction:?}: {} bytes captured past the {} expected",
+                    end - expected.len().min(end),
+                    expected.len()
+                ));
+            }
+        }
+        offset += m.len as usize;
+    }
+    (offset != expected.len()).then(|| {
+        format!(
+            "pid {pid} {direction:?}: {offset} bytes moved, {} expected",
+            expected.len()
+        )
+    })
+}
+
+/// The first bytes of `b`, readable.
+pub fn preview(b: &[u8]) -> String {
+    String::from_utf8_lossy(&b[..b.len().min(64)]).into_owned()
+}
+
+/// The concatenated bytes a process with `pid` moved in `direction`.
+pub fn bytes_of(events: &[CaptureEvent], pid: u32, direction: Direction) -> Vec<u8> {
+    messages(events)
+        .into_iter()
+        .filter(|m| m.connection.pid == pid && m.direction == direction)
+        .flat_map(|m| m.bytes.iter().copied())
+        .collect()
+}
+
+/// Total bytes (copied or not) a process with `pid` moved in `direction`.
+pub fn moved_len(events: &[CaptureEvent], pid: u32, direction: Direction) -> u64 {
+    messages(events)
+        .into_iter()
+        .filter(|m| m.connection.pid == pid && m.direction == direction)
+        .map(|m| m.len as u64)
+        .sum()
+}
+
+/// A free TCP port on loopback (the listener is closed again at once).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process that is killed when dropped, so a failing test leaves
+/// no server behind.
+pub struct ChildGuard(pub Child);
+
+impl ChildGuard {
+    /// The child's pid.
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Waits (at most `timeout`) for the child to exit and returns its stdout.
+    pub fn wait_stdout(mut self, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        while self.0.try_wait().unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "child {} still running after {timeout:?}",
+                self.pid()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut out = String::new();
+        if let Some(mut stdout) = self.0.stdout.take() {
+            std::io::Read::read_to_string(&mut stdout, &mut out).unwrap();
+        }
+        out
+    }
+
+    /// Reads one line of the child's stdout (blocking until it comes).
+    pub fn read_line(&mut self) -> String {
+        let stdout = self.0.stdout.as_mut().expect("stdout is piped");
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while std::io::Read::read(stdout, &mut byte).unwrap() == 1 && byte[0] != b'\n' {
+            line.push(byte[0]);
+        }
+        String::from_utf8_lossy(&line).into_owned()
+    }
+
+    /// Writes one line to the child's stdin.
+    pub fn write_line(&mut self, line: &str) {
+        let stdin = self.0.stdin.as_mut().expect("stdin is piped");
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+    }
+}
+
+impl Drop for ChildGuard {
+    /// SIGTERM first, so servers with workers (nginx) take them down too;
+    /// SIGKILL after a bounded wait.
+    fn drop(&mut self) {
+        // SAFETY: plain syscall on our own child's pid.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits (bounded) until something accepts connections at `addr`. The
+/// probe connection comes from the test process, which the capture ignores.
+pub fn wait_listening(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("nothing listens at {addr} after 20 s");
+}
+
+/// A fresh scratch directory, removed when dropped.
+pub struct ScratchDir(pub PathBuf);
+
+impl ScratchDir {
+    /// Creates `/tmp/agent-test-<name>-<pid>-<n>`.
+    pub fn new(name: &str) -> Self {
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("agent-test-{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    /// Writes `contents` to `name` inside the directory and returns its path.
+    pub fn write(&self, name: &str, contents: &[u8]) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::File::create(&path)
+            .and_then(|mut f| f.write_all(contents))
+            .unwrap();
+        path
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Starts a Python fixture script with arguments.
+pub fn start_python(
+    dir: &ScratchDir,
+    script_name: &str,
+    script: &str,
+    args: &[&str],
+) -> ChildGuard {
+    let path = dir.write(script_name, script.as_bytes());
+    let child = Command::new("python3")
+        .arg(path)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("python3 must be installed (cargo xtask setup)");
+    ChildGuard(child)
+}
+
+/// Runs curl to completion and returns its pid and stdout. Fails the test
+/// if curl fails.
+pub fn curl(args: &[&str]) -> (u32, Vec<u8>) {
+    let child = Command::new("curl")
+        .args(["--silent", "--show-error", "--max-time", "20"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("curl must be installed (cargo xtask setup)");
+    let pid = child.id();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "curl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (pid, output.stdout)
+}
+
+/// Index of the first occurrence of `needle` in `haystack`.
+pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}

@@ -1,9 +1,249 @@
+//! `cargo xtask`: the project's developer commands.
+//!
+//! - `setup`: install what the project needs (idempotent, fast when done);
+//! - `build`: build the agent (its build script builds the kernel programs);
+//! - `run`: build and run the agent (as root);
+//! - `lint`: rustfmt and clippy on host and kernel crates;
+//! - `test`: lint, unit tests, privileged host tests, VM tests;
+//! - `vm-test`: the privileged tests inside VMs with other kernels.
+
+mod libtest;
+mod setup;
 mod vm;
-fn main() -> anyhow::Result<()> {
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+use libtest::TestCounts;
+
+#[derive(Parser)]
+#[command(about = "Developer commands for the tracing agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install apt packages and bpf-linker (the toolchain comes from rust-toolchain.toml).
+    Setup,
+    /// Build the agent and its kernel programs in release mode.
+    Build,
+    /// Build and run the agent; arguments after `--` go to `agent run`.
+    Run {
+        /// Arguments for `agent run`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// rustfmt and clippy (warnings are errors).
+    Lint,
+    /// Lint, unit tests, privileged host tests, then the VM tests.
+    Test {
+        /// Skip the VM tests.
+        #[arg(long)]
+        no_vm: bool,
+        /// Skip rustfmt and clippy.
+        #[arg(long)]
+        no_lint: bool,
+        /// Kernel series for the VM tests (repeatable); default: all.
+        #[arg(long = "kernel")]
+        kernels: Vec<String>,
+    },
+    /// Run the privileged integration tests inside VMs with other kernels.
+    VmTest {
+        /// Kernel series to boot (repeatable): 6.1, 6.12. Default: all.
+        #[arg(long = "kernel")]
+        kernels: Vec<String>,
+    },
+}
+
+/// Kernels the VM tests boot besides the host's own.
+const VM_KERNELS: &[&str] = &["6.1", "6.12"];
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = dispatch(cli.command) {
+        eprintln!("xtask: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn dispatch(task: Task) -> Result<()> {
+    std::env::set_current_dir(workspace_root())?;
+    match task {
+        Task::Setup => setup::setup(),
+        Task::Build => {
+            setup::setup()?;
+            build_agent()
+        }
+        Task::Run { args } => {
+            setup::setup()?;
+            build_agent()?;
+            let status = Command::new("target/release/agent")
+                .arg("run")
+                .args(args)
+                .status()?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
+        Task::Lint => {
+            setup::setup()?;
+            lint()
+        }
+        Task::Test {
+            no_vm,
+            no_lint,
+            kernels,
+        } => {
+            setup::setup()?;
+            if !no_lint {
+                lint()?;
+            }
+            let host = host_tests()?;
+            println!("host tests (kernel {}): {}", host_kernel(), host.summary());
+            let mut total = host;
+            if !no_vm {
+                let vm = vm_tests(kernels)?;
+                total.add(&vm);
+            }
+            println!("total: {} passed, {} failed", total.passed, total.failed);
+            if total.failed > 0 {
+                bail!("{} tests failed", total.failed);
+            }
+            Ok(())
+        }
+        Task::VmTest { kernels } => {
+            setup::setup()?;
+            vm_tests(kernels).map(|_| ())
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits in the workspace")
+        .to_path_buf()
+}
+
+fn host_kernel() -> String {
+    command_output(Command::new("uname").arg("-r"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+fn build_agent() -> Result<()> {
+    run(Command::new("cargo").args(["build", "--release", "--package", "agent"]))
+}
+
+fn lint() -> Result<()> {
+    run(Command::new("cargo").args(["fmt", "--all", "--check"]))?;
+    run(Command::new("cargo").args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The kernel crate builds only for the BPF target.
+    run(Command::new("cargo")
+        .args([
+            "clippy",
+            "--package",
+            "agent-ebpf",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+        ])
+        .args(["-Z", "build-std=core", "--", "-D", "warnings"])
+        .env("RUSTC_BOOTSTRAP", "1")
+        .env("CARGO_TARGET_DIR", "target/ebpf-lint"))
+}
+
+/// Unit tests and the privileged integration tests on this machine's kernel.
+fn host_tests() -> Result<TestCounts> {
+    let mut cmd = Command::new("cargo");
+    cmd.args(["test", "--workspace", "--no-fail-fast"]);
+    let (counts, ok) = libtest::run_and_count(&mut cmd)?;
+    if !ok && counts.failed == 0 {
+        bail!("cargo test failed before running its tests");
+    }
+    Ok(counts)
+}
+
+/// Builds the integration test binaries and runs them in each VM kernel.
+fn vm_tests(kernels: Vec<String>) -> Result<TestCounts> {
+    let kernels = if kernels.is_empty() {
+        VM_KERNELS.iter().map(|k| k.to_string()).collect()
+    } else {
+        kernels
+    };
+    let binaries = integration_test_binaries()?;
     let opts = vm::VmTestOptions {
-        kernels: std::env::args().skip(1).collect(),
-        test_binaries: vec![],
+        kernels,
+        test_binaries: binaries,
         work_dir: "target/vm".into(),
     };
     vm::vm_test(&opts)
+}
+
+/// Paths of the `tests` package's integration test executables.
+fn integration_test_binaries() -> Result<Vec<PathBuf>> {
+    let output = Command::new("cargo")
+        .args([
+            "test",
+            "--package",
+            "tests",
+            "--tests",
+            "--no-run",
+            "--message-format=json",
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo test --no-run")?;
+    if !output.status.success() {
+        bail!("building the integration tests failed");
+    }
+    let mut binaries = Vec::new();
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let is_test = message["profile"]["test"].as_bool() == Some(true);
+        let is_integration = message["target"]["kind"]
+            .as_array()
+            .is_some_and(|k| k.iter().any(|k| k == "test"));
+        if let (true, true, Some(path)) = (is_test, is_integration, message["executable"].as_str())
+        {
+            binaries.push(PathBuf::from(path));
+        }
+    }
+    if binaries.is_empty() {
+        bail!("no integration test binaries were built");
+    }
+    Ok(binaries)
+}
+
+/// Runs a command with inherited output; fails on a non-zero exit.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Runs a command and returns its stdout, or None if it could not run or failed.
+pub fn command_output(cmd: &mut Command) -> Option<String> {
+    let output = cmd.stderr(Stdio::null()).output().ok()?;
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
 }

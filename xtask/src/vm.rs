@@ -13,6 +13,8 @@
 //! - `kernels/<release>/`: kernel image and modules archive (cached);
 //! - `base/`: archive of the stable userland (cached);
 //! - `run/`: the tests archive and the per-kernel initrd (rebuilt each run).
+//!
+//! Each boot is killed after 20 minutes, or `VM_TEST_TIMEOUT_SECS` seconds.
 
 mod console;
 mod cpio;
@@ -28,6 +30,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::libtest::TestCounts;
 use anyhow::{Context, Result, bail};
 
 use console::ConsoleReport;
@@ -57,7 +60,7 @@ const TIMEOUT_VAR: &str = "VM_TEST_TIMEOUT_SECS";
 /// `vm-test total: N passed, M failed`. The result is an error when a test
 /// binary exits non-zero, a binary never reports its exit (the guest crashed
 /// or hit the time limit), or no test ran under some kernel.
-pub fn vm_test(opts: &VmTestOptions) -> Result<()> {
+pub fn vm_test(opts: &VmTestOptions) -> Result<TestCounts> {
     validate_series(&opts.kernels)?;
     let binaries = guest_names(&opts.test_binaries)?;
     let timeout = timeout_from_env()?;
@@ -79,7 +82,7 @@ pub fn vm_test(opts: &VmTestOptions) -> Result<()> {
     let tests = initramfs::tests_archive(&run_dir, &binaries, &base)?;
 
     let names: Vec<&str> = binaries.iter().map(|(name, _)| name.as_str()).collect();
-    let (mut passed, mut failed) = (0, 0);
+    let (mut passed, mut failed, mut ignored) = (0, 0, 0);
     let mut problems = Vec::new();
     for (series, kernel) in opts.kernels.iter().zip(&kernels) {
         let initrd = run_dir.join(format!("initrd-{}.img", kernel.release));
@@ -100,6 +103,7 @@ pub fn vm_test(opts: &VmTestOptions) -> Result<()> {
         );
         passed += report.passed;
         failed += report.failed;
+        ignored += report.ignored;
         let qemu_ok = outcome.status.success() || outcome.timed_out;
         let mut found = boot_problems(report, &names, outcome.timed_out, timeout);
         if !qemu_ok {
@@ -114,7 +118,11 @@ pub fn vm_test(opts: &VmTestOptions) -> Result<()> {
     if !problems.is_empty() {
         bail!("vm-test failed:\n  {}", problems.join("\n  "));
     }
-    Ok(())
+    Ok(TestCounts {
+        passed,
+        failed,
+        ignored,
+    })
 }
 
 /// What went wrong in one boot, judged from its console: `expected` lists

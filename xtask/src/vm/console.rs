@@ -25,7 +25,7 @@ impl ConsoleReport {
     /// start: the serial console is shared with the kernel's printk, so a
     /// kernel message or a test's unterminated output can precede them.
     pub fn feed(&mut self, line: &str) {
-        if let Some(counts) = parse_test_result(line) {
+        if let Some(counts) = crate::libtest::parse_result_line(line) {
             self.passed += counts.passed;
             self.failed += counts.failed;
             self.ignored += counts.ignored;
@@ -41,42 +41,6 @@ impl ConsoleReport {
         text.lines().for_each(|line| report.feed(line));
         report
     }
-}
-
-/// The counts of one libtest summary line.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-struct TestCounts {
-    passed: u64,
-    failed: u64,
-    ignored: u64,
-}
-
-/// Parses `test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; ...`.
-fn parse_test_result(line: &str) -> Option<TestCounts> {
-    const PREFIX: &str = "test result: ";
-    let rest = &line[line.find(PREFIX)? + PREFIX.len()..];
-    // The status word (`ok`, `FAILED`) ends with the first ". ".
-    let (_status, counts) = rest.split_once(". ")?;
-    let mut out = TestCounts::default();
-    let mut recognised = false;
-    for part in counts.split(';') {
-        let mut words = part.split_whitespace();
-        let (Some(number), Some(kind)) = (words.next(), words.next()) else {
-            continue;
-        };
-        let Ok(number) = number.parse::<u64>() else {
-            continue;
-        };
-        let slot = match kind {
-            "passed" => &mut out.passed,
-            "failed" => &mut out.failed,
-            "ignored" => &mut out.ignored,
-            _ => continue,
-        };
-        *slot = number;
-        recognised = true;
-    }
-    recognised.then_some(out)
 }
 
 /// Parses `@@VMTEST-EXIT <binary-name> <exit-code>`.

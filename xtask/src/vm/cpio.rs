@@ -1,6 +1,10 @@
-//! Packing a directory into a gzip'd newc cpio archive, the format the
-//! kernel unpacks as initramfs. Such archives can be concatenated: the
-//! kernel unpacks them in order, later files overwriting earlier ones.
+//! Packing a directory into a newc cpio archive, the format the kernel
+//! unpacks as initramfs. Such archives can be concatenated: the kernel
+//! unpacks them in order, later files overwriting earlier ones.
+//!
+//! The archives are left uncompressed: under TCG the guest takes 1-2 s
+//! longer to boot from gzip'd ones (~25 MB instead of ~75 MB), which costs
+//! more than the extra disk space.
 
 use std::fs::File;
 use std::path::Path;
@@ -25,22 +29,9 @@ pub fn write_archive(root: &Path, out: &Path) -> Result<()> {
             .args(["--create", "--format=newc", "--owner=0:0", "--quiet"])
             .current_dir(root)
             .stdin(find_out)
-            .stdout(Stdio::piped()),
-    )?;
-    let cpio_out = cpio.stdout.take().context("cpio has no stdout")?;
-    // Fast compression: the archive is rebuilt on every run, and level 1
-    // costs little in size over the default here.
-    let mut gzip = spawn(
-        Command::new("gzip")
-            .args(["-1", "-n"])
-            .stdin(cpio_out)
             .stdout(file),
     )?;
-    for (name, child) in [
-        ("find", &mut find),
-        ("cpio", &mut cpio),
-        ("gzip", &mut gzip),
-    ] {
+    for (name, child) in [("find", &mut find), ("cpio", &mut cpio)] {
         let status = child
             .wait()
             .with_context(|| format!("waiting for {name}"))?;

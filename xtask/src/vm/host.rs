@@ -13,7 +13,6 @@ use super::run;
 const REQUIREMENTS: &[(&[&str], &str)] = &[
     (&["/usr/bin/qemu-system-x86_64"], "qemu-system-x86"),
     (&["/usr/bin/cpio", "/bin/cpio"], "cpio"),
-    (&["/usr/bin/gzip", "/bin/gzip"], "gzip"),
     (&["/usr/bin/xz", "/bin/xz"], "xz-utils"),
     (&["/usr/sbin/depmod", "/sbin/depmod"], "kmod"),
     (&["/usr/bin/dpkg-deb"], "dpkg"),

@@ -37,7 +37,7 @@ const MERGED_USR: &[&str] = &["bin", "sbin", "lib", "lib64"];
 /// skip libraries the base already has.
 pub fn base_archive(dir: &Path) -> Result<Base> {
     let base = Base {
-        archive: dir.join("base.cpio.gz"),
+        archive: dir.join("base.cpio"),
         root: dir.join("root"),
     };
     let key = base_cache_key()?;
@@ -58,7 +58,7 @@ pub fn base_archive(dir: &Path) -> Result<Base> {
 
 /// The cached base part of the initramfs.
 pub struct Base {
-    /// The gzip'd cpio archive.
+    /// The cpio archive.
     pub archive: PathBuf,
     /// The tree it was made from.
     pub root: PathBuf,
@@ -96,7 +96,7 @@ pub fn tests_archive(dir: &Path, binaries: &[(String, PathBuf)], base: &Base) ->
         order.push('\n');
     }
     stage.add_text("/tests/order", &order, 0o644)?;
-    let archive = dir.join("tests.cpio.gz");
+    let archive = dir.join("tests.cpio");
     cpio::write_archive(&root, &archive)?;
     Ok(archive)
 }

@@ -13,7 +13,7 @@ use super::{cpio, output, run};
 
 /// Bump when the cached layout or the module selection changes, so that
 /// existing caches are rebuilt.
-const CACHE_VERSION: &str = "vm-kernel-cache 1";
+const CACHE_VERSION: &str = "vm-kernel-cache 3";
 
 /// Name of the file that marks a cache directory as complete.
 const STAMP: &str = "complete";
@@ -47,22 +47,40 @@ pub fn fetch(series: &str, cache_dir: &Path) -> Result<Kernel> {
             if let Some(kernel) = newest_cached(series, cache_dir)? {
                 return Ok(kernel);
             }
-            println!(
-                "vm-test: no linux-image-{series} package known to apt; running apt-get update"
-            );
-            run(Command::new("apt-get").arg("update"))?;
-            find_package(series)?.with_context(|| {
-                format!("apt knows no amd64 kernel image package of series {series}")
-            })?
+            println!("vm-test: apt knows no {series} kernel package; running apt-get update");
+            update_package_lists()?;
+            find_package_or_fail(series)?
         }
     };
+    match ensure_cached(&package, cache_dir) {
+        Ok(kernel) => Ok(kernel),
+        Err(err) => {
+            // The mirror drops superseded kernels before old package lists
+            // forget them: a failed download usually means stale lists.
+            println!("vm-test: {err:#}; running apt-get update and retrying");
+            update_package_lists()?;
+            ensure_cached(&find_package_or_fail(series)?, cache_dir)
+        }
+    }
+}
+
+fn ensure_cached(package: &KernelPackage, cache_dir: &Path) -> Result<Kernel> {
     let dir = cache_dir.join(&package.release);
     if !is_complete(&dir) {
         println!("vm-test: fetching {} into {}", package.name, dir.display());
-        build_cache(&package, &dir)
+        build_cache(package, &dir)
             .with_context(|| format!("preparing kernel package {}", package.name))?;
     }
     Ok(cached_kernel(&dir, &package.release))
+}
+
+fn update_package_lists() -> Result<()> {
+    run(Command::new("apt-get").arg("update"))
+}
+
+fn find_package_or_fail(series: &str) -> Result<KernelPackage> {
+    find_package(series)?
+        .with_context(|| format!("apt knows no amd64 kernel image package of series {series}"))
 }
 
 fn find_package(series: &str) -> Result<Option<KernelPackage>> {
@@ -76,9 +94,9 @@ fn find_package(series: &str) -> Result<Option<KernelPackage>> {
 
 /// Picks the package to use among Debian kernel image package `names`: the
 /// newest generic (`-amd64`) build of `series`, else the newest cloud build.
-/// Debug-symbol, real-time and meta packages never qualify. Given the same
-/// kernel signed and `-unsigned`, the signed one wins (they are identical
-/// for qemu, but only the signed one is installed on most systems).
+/// Debug-symbol, real-time and meta packages never qualify. Between the
+/// signed and `-unsigned` packages of one kernel (the same kernel for qemu)
+/// the signed one wins, as the one Debian installs.
 pub fn pick_package<'a>(
     series: &str,
     names: impl IntoIterator<Item = &'a str>,
@@ -192,7 +210,7 @@ fn cached_kernel(dir: &Path, release: &str) -> Kernel {
     Kernel {
         release: release.to_owned(),
         vmlinuz: dir.join("vmlinuz"),
-        modules_archive: dir.join("modules.cpio.gz"),
+        modules_archive: dir.join("modules.cpio"),
     }
 }
 
@@ -217,7 +235,7 @@ fn build_cache(package: &KernelPackage, dir: &Path) -> Result<()> {
 
     let modules_root = dir.join("modules-root");
     stage_modules(&extracted, &package.release, &modules_root)?;
-    cpio::write_archive(&modules_root, &dir.join("modules.cpio.gz"))?;
+    cpio::write_archive(&modules_root, &dir.join("modules.cpio"))?;
 
     for scratch in [&download, &extracted, &modules_root] {
         fs::remove_dir_all(scratch).with_context(|| format!("removing {}", scratch.display()))?;
@@ -263,9 +281,7 @@ fn stage_modules(extracted: &Path, release: &str, out: &Path) -> Result<()> {
     // Packages leave modules.dep to their postinst; generate it to learn the
     // dependencies of the wanted modules.
     run(Command::new("depmod").arg("-b").arg(&base).arg(release))?;
-    let dep_text = fs::read_to_string(tree.join("modules.dep"))
-        .with_context(|| format!("reading {}", tree.join("modules.dep").display()))?;
-    let modules = module_closure(&dep_text, |path| wanted_module(strip_compression(path)));
+    let modules = ModuleIndex::read(&tree)?.closure(|path| wanted_module(strip_compression(path)));
 
     let out_base = out.join("usr");
     let out_tree = out_base.join("lib/modules").join(release);
@@ -313,22 +329,95 @@ fn decompress_module(src: &Path, dest: &Path) -> Result<()> {
     run(Command::new(tool).arg("-dc").arg(src).stdout(file))
 }
 
-/// The modules (paths as written in modules.dep) that `wanted` selects, plus
-/// everything they depend on.
-fn module_closure(dep_text: &str, wanted: impl Fn(&str) -> bool) -> BTreeSet<String> {
-    let deps: HashMap<&str, Vec<&str>> = dep_text
-        .lines()
-        .filter_map(|line| line.split_once(':'))
-        .map(|(module, deps)| (module.trim(), deps.split_whitespace().collect()))
-        .collect();
-    let mut todo: Vec<&str> = deps.keys().copied().filter(|m| wanted(m)).collect();
-    let mut out = BTreeSet::new();
-    while let Some(module) = todo.pop() {
-        if out.insert(module.to_owned()) {
-            todo.extend(deps.get(module).into_iter().flatten().copied());
-        }
+/// depmod's index files, as text.
+struct ModuleIndex {
+    /// modules.dep: `path: dependency-path ...`.
+    dep: String,
+    /// modules.softdep: `softdep name pre: name-or-alias ... post: ...`.
+    softdep: String,
+    /// modules.alias: `alias alias-name module-name`.
+    alias: String,
+}
+
+impl ModuleIndex {
+    fn read(tree: &Path) -> Result<Self> {
+        let read = |name: &str| {
+            let path = tree.join(name);
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+        };
+        Ok(Self {
+            dep: read("modules.dep")?,
+            softdep: read("modules.softdep")?,
+            alias: read("modules.alias")?,
+        })
     }
-    out
+
+    /// The modules (paths as written in modules.dep) that `wanted` selects,
+    /// plus everything they depend on. Soft dependencies count too: e.g.
+    /// libcrc32c (needed by nf_tables) fails to load without a crc32c
+    /// implementation, which it only names as a softdep.
+    fn closure(&self, wanted: impl Fn(&str) -> bool) -> BTreeSet<String> {
+        let deps: HashMap<&str, Vec<&str>> = self
+            .dep
+            .lines()
+            .filter_map(|line| line.split_once(':'))
+            .map(|(module, deps)| (module.trim(), deps.split_whitespace().collect()))
+            .collect();
+        let by_name: HashMap<String, &str> =
+            deps.keys().map(|path| (module_name(path), *path)).collect();
+        let mut aliases: HashMap<&str, Vec<&str>> = HashMap::new();
+        for line in self.alias.lines() {
+            if let ["alias", alias, module] = line.split_whitespace().collect::<Vec<_>>()[..] {
+                aliases.entry(alias).or_default().push(module);
+            }
+        }
+        let mut softdeps: HashMap<String, Vec<&str>> = HashMap::new();
+        for line in self.softdep.lines() {
+            let mut words = line.split_whitespace();
+            if let (Some("softdep"), Some(module)) = (words.next(), words.next()) {
+                let targets = words.filter(|word| !word.ends_with(':'));
+                softdeps
+                    .entry(normalise(module))
+                    .or_default()
+                    .extend(targets);
+            }
+        }
+        let resolve = |name: &str| -> Vec<&str> {
+            match by_name.get(&normalise(name)) {
+                Some(path) => vec![*path],
+                None => aliases
+                    .get(name)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|module| by_name.get(&normalise(module)).copied())
+                    .collect(),
+            }
+        };
+
+        let mut todo: Vec<&str> = deps.keys().copied().filter(|m| wanted(m)).collect();
+        let mut out = BTreeSet::new();
+        while let Some(module) = todo.pop() {
+            if !out.insert(module.to_owned()) {
+                continue;
+            }
+            todo.extend(deps.get(module).into_iter().flatten().copied());
+            for soft in softdeps.get(&module_name(module)).into_iter().flatten() {
+                todo.extend(resolve(soft));
+            }
+        }
+        out
+    }
+}
+
+/// `kernel/net/netfilter/nf_conntrack-foo.ko.xz` -> `nf_conntrack_foo`: the
+/// kernel treats '-' and '_' in module names alike.
+fn module_name(path: &str) -> String {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    normalise(file.split(".ko").next().unwrap_or(file))
+}
+
+fn normalise(name: &str) -> String {
+    name.replace('-', "_")
 }
 
 #[cfg(test)]
@@ -390,16 +479,24 @@ mod tests {
     }
 
     #[test]
-    fn closure_follows_dependencies() {
-        let dep = "\
+    fn closure_follows_dependencies_and_softdeps() {
+        let index = ModuleIndex {
+            dep: "\
 kernel/net/netfilter/nf_tables.ko.xz: kernel/net/netfilter/nfnetlink.ko.xz kernel/lib/libcrc32c.ko.xz
 kernel/net/netfilter/nfnetlink.ko.xz:
-kernel/lib/libcrc32c.ko.xz: kernel/crypto/crc32c_generic.ko.xz
+kernel/lib/libcrc32c.ko.xz:
 kernel/crypto/crc32c_generic.ko.xz:
-kernel/fs/ext4/ext4.ko.xz: kernel/lib/libcrc32c.ko.xz
-";
-        let got = module_closure(dep, |m| wanted_module(strip_compression(m)));
+kernel/arch/x86/crypto/crc32c-intel.ko.xz:
+kernel/fs/ext4/ext4.ko.xz: kernel/fs/jbd2/jbd2.ko.xz
+kernel/fs/jbd2/jbd2.ko.xz:
+"
+            .into(),
+            softdep: "softdep libcrc32c pre: crc32c\nsoftdep ext4 pre: crypto-crc32c\n".into(),
+            alias: "alias crc32c crc32c_intel\nalias crc32c crc32c_generic\n".into(),
+        };
+        let got = index.closure(|m| wanted_module(strip_compression(m)));
         let want: BTreeSet<String> = [
+            "kernel/arch/x86/crypto/crc32c-intel.ko.xz",
             "kernel/crypto/crc32c_generic.ko.xz",
             "kernel/lib/libcrc32c.ko.xz",
             "kernel/net/netfilter/nf_tables.ko.xz",

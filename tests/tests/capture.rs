@@ -1,0 +1,391 @@
+//! Privileged: the kernel capture against real servers and clients.
+//!
+//! Each test drives its own server on its own port and asserts on the events
+//! of that port only, so the tests can share one capture and run in parallel.
+
+use std::time::Duration;
+
+use agent::capture::{CaptureEvent, Direction, Role, Syscall};
+use tests::{
+    ChildGuard, ScratchDir, bytes_of, capture, curl, find, fixtures, free_port, messages,
+    moved_len, privileged, start_python, stream_mismatch, wait_listening,
+};
+
+/// Generous: the same tests run under qemu without acceleration.
+const WAIT: Duration = Duration::from_secs(20);
+
+fn recording_server(dir: &ScratchDir, port: u16, bind: &str) -> ChildGuard {
+    let port_arg = port.to_string();
+    let out = dir.path().to_str().unwrap().to_string();
+    let server = start_python(
+        dir,
+        "recording_server.py",
+        fixtures::RECORDING_SERVER,
+        &[&port_arg, &out, bind],
+    );
+    let addr = if bind.contains(':') {
+        format!("[{bind}]:{port}")
+    } else {
+        format!("{bind}:{port}")
+    };
+    wait_listening(addr.parse().unwrap());
+    server
+}
+
+/// (received, sent) by the recording server on each connection that carried
+/// data, in connection order.
+fn recorded(dir: &ScratchDir) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut out = Vec::new();
+    for n in 0.. {
+        let Ok(received) = std::fs::read(dir.path().join(format!("in-{n}.bin"))) else {
+            break;
+        };
+        let sent = std::fs::read(dir.path().join(format!("out-{n}.bin"))).unwrap_or_default();
+        if !received.is_empty() {
+            out.push((received, sent));
+        }
+    }
+    out
+}
+
+/// The first difference between what both ends of one exchange moved and
+/// what the server recorded: the client sent what the server received, and
+/// received what the server sent.
+fn both_ends_mismatch(
+    events: &[CaptureEvent],
+    client_pid: u32,
+    server_pid: u32,
+    received: &[u8],
+    sent: &[u8],
+) -> Option<String> {
+    stream_mismatch(events, server_pid, Direction::Ingress, received)
+        .or_else(|| stream_mismatch(events, client_pid, Direction::Egress, received))
+        .or_else(|| stream_mismatch(events, server_pid, Direction::Egress, sent))
+        .or_else(|| stream_mismatch(events, client_pid, Direction::Ingress, sent))
+}
+
+fn assert_exact_both_ends(
+    events: &[CaptureEvent],
+    client_pid: u32,
+    server_pid: u32,
+    received: &[u8],
+    sent: &[u8],
+) {
+    if let Some(difference) = both_ends_mismatch(events, client_pid, server_pid, received, sent) {
+        panic!("captured bytes differ from the recorded exchange: {difference}");
+    }
+}
+
+fn complete(
+    events: &[CaptureEvent],
+    client_pid: u32,
+    server_pid: u32,
+    received: &[u8],
+    sent: &[u8],
+) -> bool {
+    both_ends_mismatch(events, client_pid, server_pid, received, sent).is_none()
+}
+
+#[test]
+fn curl_to_python_server_is_captured_exactly_with_pids_ports_and_directions() {
+    if !privileged() {
+        return;
+    }
+    let capture = capture();
+    let dir = ScratchDir::new("exact");
+    let port = free_port();
+    let server = recording_server(&dir, port, "127.0.0.1");
+    let (curl_pid, body) = curl(&[&format!("http://127.0.0.1:{port}/exact?x=1")]);
+    assert_eq!(body, b"you asked for /exact?x=1\n");
+
+    let exchanges = recorded(&dir);
+    assert_eq!(exchanges.len(), 1, "one connection carried data");
+    let (received, sent) = &exchanges[0];
+    let events = capture.wait_for_port(port, WAIT, |e| {
+        complete(e, curl_pid, server.pid(), received, sent)
+    });
+    assert_exact_both_ends(&events, curl_pid, server.pid(), received, sent);
+    assert!(
+        received.starts_with(
+            format!("GET /exact?x=1 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n").as_bytes()
+        )
+    );
+
+    for m in messages(&events) {
+        let c = &m.connection;
+        if c.pid == server.pid() {
+            assert_eq!(c.local.port(), port, "server's local port");
+            assert_eq!(c.role, Role::Server);
+            assert_eq!(c.local.ip().to_string(), "127.0.0.1");
+        } else {
+            assert_eq!(
+                c.pid, curl_pid,
+                "only curl and the server talk on this port"
+            );
+            assert_eq!(c.remote.port(), port, "client's remote port");
+            assert_eq!(c.role, Role::Client);
+        }
+        assert!(!m.truncated);
+        assert_eq!(m.bytes.len(), m.len as usize);
+    }
+    // Both ends name the same connection.
+    let client_port = messages(&events)
+        .iter()
+        .find(|m| m.connection.pid == curl_pid)
+        .unwrap()
+        .connection
+        .local
+        .port();
+    assert!(
+        messages(&events)
+            .iter()
+            .filter(|m| m.connection.pid == server.pid())
+            .all(|m| m.connection.remote.port() == client_port)
+    );
+    // connect() and accept() were seen as they happened.
+    assert!(events.iter().any(
+        |e| matches!(e, CaptureEvent::Opened(c) if c.pid == curl_pid && c.role == Role::Client)
+    ));
+    assert!(events.iter().any(
+        |e| matches!(e, CaptureEvent::Opened(c) if c.pid == server.pid() && c.role == Role::Server)
+    ));
+}
+
+#[test]
+fn keep_alive_connection_with_several_requests_is_captured_in_order() {
+    if !privileged() {
+        return;
+    }
+    let capture = capture();
+    let dir = ScratchDir::new("keepalive");
+    let port = free_port();
+    let server = recording_server(&dir, port, "127.0.0.1");
+    let urls: Vec<String> = (1..=3)
+        .map(|i| format!("http://127.0.0.1:{port}/ka/{i}"))
+        .collect();
+    let args: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let (curl_pid, body) = curl(&args);
+    assert_eq!(
+        body,
+        b"you asked for /ka/1\nyou asked for /ka/2\nyou asked for /ka/3\n"
+    );
+
+    let exchanges = recorded(&dir);
+    assert_eq!(
+        exchanges.len(),
+        1,
+        "curl reused one connection for three requests"
+    );
+    let (received, sent) = &exchanges[0];
+    let events = capture.wait_for_port(port, WAIT, |e| {
+        complete(e, curl_pid, server.pid(), received, sent)
+    });
+    assert_exact_both_ends(&events, curl_pid, server.pid(), received, sent);
+
+    let requests: Vec<_> = messages(&events)
+        .into_iter()
+        .filter(|m| m.connection.pid == curl_pid && m.direction == Direction::Egress)
+        .collect();
+    assert_eq!(requests.len(), 3);
+    for (i, m) in requests.iter().enumerate() {
+        assert!(
+            m.bytes
+                .starts_with(format!("GET /ka/{} HTTP/1.1\r\n", i + 1).as_bytes())
+        );
+        assert_eq!(
+            m.connection.id, requests[0].connection.id,
+            "one connection id"
+        );
+    }
+}
+
+#[test]
+fn twelve_kib_request_head_arrives_complete() {
+    if !privileged() {
+        return;
+    }
+    let capture = capture();
+    let dir = ScratchDir::new("bighead");
+    let port = free_port();
+    let server = recording_server(&dir, port, "127.0.0.1");
+    let big_value = "v".repeat(12 * 1024);
+    let header = format!("X-Big: {big_value}");
+    let (curl_pid, _) = curl(&["-H", &header, &format!("http://127.0.0.1:{port}/big")]);
+
+    let exchanges = recorded(&dir);
+    let (received, sent) = &exchanges[0];
+    assert!(received.len() > 12 * 1024);
+    let events = capture.wait_for_port(port, WAIT, |e| {
+        complete(e, curl_pid, server.pid(), received, sent)
+    });
+    assert_exact_both_ends(&events, curl_pid, server.pid(), received, sent);
+
+    // The head left curl in one message and reached user space whole.
+    let head = messages(&events)
+        .into_iter()
+        .find(|m| m.connection.pid == curl_pid && m.direction == Direction::Egress)
+        .unwrap();
+    assert!(
+        !head.truncated,
+        "a {} byte head must not be truncated",
+        head.len
+    );
+    let end = find(&head.bytes, b"\r\n\r\n").expect("the whole head is in the first message");
+    assert!(end > 12 * 1024);
+    assert!(find(&head.bytes, big_value.as_bytes()).is_some());
+}
+
+#[test]
+fn binary_protocol_yields_no_data_records() {
+    if !privileged() {
+        return;
+    }
+    let capture = capture();
+    let dir = ScratchDir::new("binary");
+    let port = free_port();
+    let port_arg = port.to_string();
+    let _server = start_python(
+        &dir,
+        "binary_echo.py",
+        fixtures::BINARY_ECHO,
+        &["server", &port_arg],
+    );
+    wait_listening(format!("127.0.0.1:{port}").parse().unwrap());
+    let client = start_python(
+        &dir,
+        "binary_echo.py",
+        fixtures::BINARY_ECHO,
+        &["client", &port_arg, "20"],
+    );
+    let output = client.wait_stdout(WAIT);
+    assert_eq!(output.trim(), "done", "the echo exchange completed");
+
+    let events = capture.settle_port(port, Duration::from_millis(500), WAIT);
+    let data = messages(&events);
+    assert!(
+        data.is_empty(),
+        "non-HTTP payload must not be copied, got {} messages: {:?}",
+        data.len(),
+        data.first()
+    );
+}
+
+#[test]
+fn ipv6_loopback_is_captured() {
+    if !privileged() {
+        return;
+    }
+    let capture = capture();
+    let dir = ScratchDir::new("ipv6");
+    let port = free_port();
+    let server = recording_server(&dir, port, "::1");
+    let (curl_pid, body) = curl(&["-g", &format!("http://[::1]:{port}/six")]);
+    assert_eq!(body, b"you asked for /six\n");
+
+    let exchanges = recorded(&dir);
+    let (received, sent) = &exchanges[0];
+    let events = capture.wait_for_port(port, WAIT, |e| {
+        complete(e, curl_pid, server.pid(), received, sent)
+    });
+    assert_exact_both_ends(&events, curl_pid, server.pid(), received, sent);
+    for m in messages(&events) {
+        assert_eq!(m.connection.local.ip().to_string(), "::1");
+        assert_eq!(m.connection.remote.ip().to_string(), "::1");
+    }
+}
+
+#[test]
+fn nginx_static_file_head_is_copied_and_sendfile_body_is_counted() {
+    if !privileged() {
+        return;
+    }
+    let capture = capture();
+    let dir = ScratchDir::new("nginx");
+    let port = free_port();
+    std::fs::create_dir_all(dir.path().join("www")).unwrap();
+    let content: Vec<u8> = (0..50_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    dir.write("www/file.txt", &content);
+    let root = dir.path().display();
+    let conf = dir.write(
+        "nginx.conf",
+        format!(
+            "daemon off;\nworker_processes 1;\npid {root}/nginx.pid;\nerror_log {root}/error.log;\n\
+             events {{ worker_connections 64; }}\n\
+             http {{\n  access_log {root}/access.log;\n  client_body_temp_path {root}/body;\n\
+             proxy_temp_path {root}/proxy;\n  fastcgi_temp_path {root}/fastcgi;\n  uwsgi_temp_path {root}/uwsgi;\n\
+             scgi_temp_path {root}/scgi;\n  default_type text/plain;\n  sendfile on;\n\
+             server {{ listen 127.0.0.1:{port}; root {root}/www; }}\n}}\n"
+        )
+        .as_bytes(),
+    );
+    let nginx = ChildGuard(
+        std::process::Command::new("nginx")
+            .args([
+                "-c",
+                conf.to_str().unwrap(),
+                "-p",
+                dir.path().to_str().unwrap(),
+            ])
+            .spawn()
+            .expect("nginx must be installed (cargo xtask setup)"),
+    );
+    wait_listening(format!("127.0.0.1:{port}").parse().unwrap());
+    let (curl_pid, body) = curl(&[&format!("http://127.0.0.1:{port}/file.txt")]);
+    assert_eq!(body, content);
+
+    let events = capture.wait_for_port(port, WAIT, |e| {
+        let sendfile = messages(e).iter().any(|m| m.syscall == Syscall::Sendfile);
+        sendfile && moved_len(e, curl_pid, Direction::Ingress) >= content.len() as u64
+    });
+    let worker = messages(&events)
+        .into_iter()
+        .find(|m| m.connection.local.port() == port)
+        .expect("nginx's side was captured");
+    let worker_pid = worker.connection.pid;
+    assert_ne!(worker_pid, nginx.pid(), "a worker, not the master, serves");
+    let stat = std::fs::read_to_string(format!("/proc/{worker_pid}/stat")).unwrap();
+    let ppid: u32 = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        ppid,
+        nginx.pid(),
+        "the serving process is the nginx master's child"
+    );
+
+    let request = bytes_of(&events, worker_pid, Direction::Ingress);
+    assert!(stream_mismatch(&events, curl_pid, Direction::Egress, &request).is_none());
+    assert!(request.starts_with(b"GET /file.txt HTTP/1.1\r\n"));
+
+    // nginx copies its head with writev and the body with sendfile; curl
+    // reads both. Rebuild the response from nginx's head and the file.
+    let worker_head = bytes_of(&events, worker_pid, Direction::Egress);
+    assert!(worker_head.starts_with(b"HTTP/1.1 200 OK\r\n") && worker_head.ends_with(b"\r\n\r\n"));
+    let response = [&worker_head[..], &content[..]].concat();
+    if let Some(difference) = stream_mismatch(&events, curl_pid, Direction::Ingress, &response) {
+        panic!("curl's received bytes: {difference}");
+    }
+    let sendfile = messages(&events)
+        .into_iter()
+        .find(|m| m.syscall == Syscall::Sendfile)
+        .unwrap();
+    assert_eq!(sendfile.connection.pid, worker_pid);
+    assert!(
+        sendfile.bytes.is_empty(),
+        "sendfile bytes come from a file and are not copied"
+    );
+    assert_eq!(
+        moved_len(&events, worker_pid, Direction::Egress),
+        response.len() as u64
+    );
+    assert_eq!(
+        moved_len(&events, curl_pid, Direction::Ingress),
+        response.len() as u64
+    );
+}
