@@ -138,6 +138,9 @@ pub struct EventHeader {
 /// Size of [`EventHeader`] in bytes.
 pub const EVENT_HEADER_SIZE: usize = core::mem::size_of::<EventHeader>();
 
+// The layout is part of the kernel/user contract (and of docs/architecture.md).
+const _: () = assert!(EVENT_HEADER_SIZE == 88);
+
 /// A data record as the kernel builds it in a per-CPU scratch slot before
 /// sending only `EVENT_HEADER_SIZE + captured_len` bytes of it.
 #[repr(C)]

@@ -460,8 +460,7 @@ fn copy_user(event: *mut DataEvent, at: u32, src: u64, len: u32) -> bool {
 #[inline(always)]
 fn copy_iovecs(event: *mut DataEvent, iov: u64, iov_count: u64, captured: u32) -> Option<u32> {
     let mut copied = 0u32;
-    let mut index = 0u64;
-    for _ in 0..MAX_IOVECS {
+    for index in 0..MAX_IOVECS as u64 {
         if copied >= captured || index >= iov_count {
             break;
         }
@@ -475,7 +474,6 @@ fn copy_iovecs(event: *mut DataEvent, iov: u64, iov_count: u64, captured: u32) -
             return None;
         }
         copied += take;
-        index += 1;
     }
     if copied < captured {
         count(counter::DROP_IOVEC_OVERFLOW, 1);

@@ -27,6 +27,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
     "cpio",
+    "xz-utils",
     "kmod",
 ];
 

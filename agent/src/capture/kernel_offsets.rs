@@ -65,7 +65,7 @@ pub fn field_offset(btf: &Btf, path: &str) -> Result<u32> {
                 .ok_or_else(|| anyhow!("{name} is not a struct or union"))?;
         }
     }
-    if bits % 8 != 0 {
+    if !bits.is_multiple_of(8) {
         bail!("{path} is not byte aligned");
     }
     Ok(bits / 8)

@@ -20,8 +20,8 @@ try mount -t devpts devpts /dev/pts
 try mount -t tmpfs tmpfs /dev/shm
 try mount -t tmpfs tmpfs /tmp
 try mount -t tmpfs tmpfs /run
-try mount -t debugfs nodev /sys/kernel/debug
-try mount -t tracefs nodev /sys/kernel/tracing
+# tracefs (and debugfs, which would automount it) are left unmounted on purpose: the agent mounts it itself, as it
+# must on hosts that do not mount it at boot, and the tests exercise that.
 try mount -t bpf bpf /sys/fs/bpf
 try mount -t cgroup2 cgroup2 /sys/fs/cgroup
 try ip link set lo up

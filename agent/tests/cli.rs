@@ -1,0 +1,196 @@
+//! The `agent` binary as a user runs it.
+
+use std::io::{BufRead, BufReader};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_agent");
+
+fn is_root() -> bool {
+    // SAFETY: no arguments.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Privileged tests skip without root, except under CI=true, where a skip
+/// would hide that they never ran.
+fn privileged() -> bool {
+    if is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "privileged test cannot run: not root under CI=true"
+    );
+    eprintln!("SKIPPED: needs root");
+    false
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Lines of a child's pipe, read on a thread so the test can wait with a deadline.
+fn lines(pipe: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+fn wait_line(
+    rx: &mpsc::Receiver<String>,
+    deadline: Instant,
+    want: impl Fn(&str) -> bool,
+) -> Option<String> {
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(line) if want(&line) => return Some(line),
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+#[test]
+fn run_prints_request_and_response_lines_and_stops_cleanly_on_sigterm() {
+    if !privileged() {
+        return;
+    }
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = KillOnDrop(
+        Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "python http.server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let mut agent = KillOnDrop(
+        Command::new(AGENT)
+            .args(["run"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let out = lines(agent.0.stdout.take().unwrap());
+    let err = lines(agent.0.stderr.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    wait_line(&err, deadline, |l| l.contains("capturing"))
+        .expect("the agent reports it is capturing");
+
+    let status = Command::new("curl")
+        .args(["-s", "-o", "/dev/null"])
+        .arg(format!("http://127.0.0.1:{port}/cli-view"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let server_pid = server.0.id().to_string();
+    let request = format!("GET /cli-view HTTP/1.1");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let client_line = wait_line(&out, deadline, |l| {
+        l.contains("(curl) client") && l.contains(&request)
+    })
+    .expect("curl's request line is printed");
+    assert!(
+        client_line.contains(&format!("-> 127.0.0.1:{port}")),
+        "{client_line}"
+    );
+    let server_line = wait_line(&out, deadline, |l| {
+        l.contains(&format!("pid {server_pid} ")) && l.contains("HTTP/1.0 404")
+    })
+    .expect("the server's status line is printed with its pid");
+    assert!(
+        server_line.contains(&format!("server 127.0.0.1:{port} ->")),
+        "{server_line}"
+    );
+
+    // SAFETY: signal to our own child.
+    unsafe { libc::kill(agent.0.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let counters = wait_line(&err, deadline, |l| l.contains("counters"))
+        .expect("counters are printed at exit");
+    assert!(
+        counters.contains("drop_ringbuf_full=") && counters.contains("records_sent="),
+        "{counters}"
+    );
+    let status = loop {
+        if let Some(status) = agent.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "clean exit after SIGTERM: {status}");
+}
+
+#[test]
+fn run_without_root_is_a_clear_error_not_a_panic() {
+    if !privileged() {
+        return;
+    }
+    // Drop to nobody for this one process.
+    let output = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            AGENT,
+            "run",
+        ])
+        .output()
+        .expect("setpriv (util-linux) is installed");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("must run as root"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn out_of_range_option_names_the_limit() {
+    let output = Command::new(AGENT)
+        .args(["run", "--max-message-bytes", "99999"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("max_message_bytes must be between 1 and 16384"),
+        "{stderr}"
+    );
+}
