@@ -4,8 +4,16 @@
 //! One module per pipeline stage, each taking plain data in and giving plain
 //! data out:
 //! - [`capture`]: kernel records -> per-connection messages;
-//! - [`http`]: message bytes -> HTTP/1.x start lines;
-//! - [`span`]: the span model the later stages share.
+//! - [`http`]: message bytes -> HTTP/1.x requests and responses;
+//! - [`tracecontext`]: W3C traceparent / tracestate;
+//! - [`sampling`]: which traces are kept;
+//! - [`span`]: the span model the later stages share;
+//! - [`export`]: spans -> OTLP, OTLP/JSON file, terminal;
+//! - [`config`]: the YAML file and command-line overrides.
 pub mod capture;
+pub mod config;
+pub mod export;
 pub mod http;
+pub mod sampling;
 pub mod span;
+pub mod tracecontext;

@@ -1,0 +1,1 @@
+//! Agent configuration: YAML file and command-line overrides.

@@ -1,0 +1,1 @@
+//! Span export: OTLP, OTLP/JSON file, terminal view.

@@ -1,0 +1,1 @@
+//! Percentage sampling decided from the trace id.
