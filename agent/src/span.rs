@@ -40,10 +40,12 @@ impl SpanId {
 
 fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 impl fmt::Debug for TraceId {
@@ -105,12 +107,18 @@ pub struct Attribute {
 impl Attribute {
     /// A string attribute.
     pub fn string(key: impl Into<String>, value: impl Into<String>) -> Self {
-        Self { key: key.into(), value: AttributeValue::String(value.into()) }
+        Self {
+            key: key.into(),
+            value: AttributeValue::String(value.into()),
+        }
     }
 
     /// An integer attribute.
     pub fn int(key: impl Into<String>, value: i64) -> Self {
-        Self { key: key.into(), value: AttributeValue::Int(value) }
+        Self {
+            key: key.into(),
+            value: AttributeValue::Int(value),
+        }
     }
 }
 
@@ -161,10 +169,13 @@ impl Span {
 
     /// The value of a string or integer attribute, as text.
     pub fn attribute(&self, key: &str) -> Option<String> {
-        self.attributes.iter().find(|a| a.key == key).map(|a| match &a.value {
-            AttributeValue::String(s) => s.clone(),
-            AttributeValue::Int(i) => i.to_string(),
-        })
+        self.attributes
+            .iter()
+            .find(|a| a.key == key)
+            .map(|a| match &a.value {
+                AttributeValue::String(s) => s.clone(),
+                AttributeValue::Int(i) => i.to_string(),
+            })
     }
 }
 
@@ -176,7 +187,10 @@ mod tests {
     fn ids_print_as_lower_case_hex() {
         let t = TraceId([0xab; 16]);
         assert_eq!(t.to_hex(), "ab".repeat(16));
-        assert_eq!(format!("{:?}", SpanId([0, 1, 2, 3, 4, 5, 6, 0xff])), "00010203040506ff");
+        assert_eq!(
+            format!("{:?}", SpanId([0, 1, 2, 3, 4, 5, 6, 0xff])),
+            "00010203040506ff"
+        );
         assert!(!TraceId::default().is_valid() && !SpanId::default().is_valid());
     }
 }

@@ -118,7 +118,7 @@ fn run_prints_request_and_response_lines_and_stops_cleanly_on_sigterm() {
         .unwrap();
     assert!(status.success());
     let server_pid = server.0.id().to_string();
-    let request = format!("GET /cli-view HTTP/1.1");
+    let request = "GET /cli-view HTTP/1.1".to_string();
     let deadline = Instant::now() + Duration::from_secs(10);
     let client_line = wait_line(&out, deadline, |l| {
         l.contains("(curl) client") && l.contains(&request)

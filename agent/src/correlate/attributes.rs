@@ -1,0 +1,263 @@
+//! What a span says about an HTTP exchange: its name and the OpenTelemetry
+//! HTTP semantic-convention attributes. Pure functions of the exchange.
+
+use std::net::SocketAddr;
+
+use crate::http::{Exchange, RequestHead};
+use crate::span::{Attribute, SpanKind, SpanStatus};
+
+/// Choices about what spans record, from the configuration.
+#[derive(Clone, Debug)]
+pub struct SpanSettings {
+    /// Request headers recorded as `http.request.header.<name>` (lower-case).
+    pub request_headers: Vec<String>,
+    /// Response headers recorded as `http.response.header.<name>` (lower-case).
+    pub response_headers: Vec<String>,
+    /// Query parameters whose values are replaced by `REDACTED`.
+    pub redact_query_parameters: Vec<String>,
+    /// Collapse id-like path segments into `{id}` for span names.
+    pub route_heuristic: bool,
+}
+
+impl Default for SpanSettings {
+    fn default() -> Self {
+        Self {
+            request_headers: Vec::new(),
+            response_headers: Vec::new(),
+            redact_query_parameters: ["token", "access_token", "password", "secret", "api_key", "key", "sig", "signature", "auth"]
+                .map(String::from)
+                .to_vec(),
+            route_heuristic: true,
+        }
+    }
+}
+
+/// Headers whose values never leave the agent, whatever the configuration.
+pub const SENSITIVE_HEADERS: &[&str] = &["authorization", "cookie", "set-cookie", "proxy-authorization"];
+
+/// Methods the semantic conventions know; others are reported as `_OTHER`.
+const KNOWN_METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY"];
+
+/// The route the heuristic derives from a path: segments that look like
+/// ids (all digits, a UUID, or 16+ hex digits) become `{id}`, so span names
+/// stay low-cardinality.
+pub fn heuristic_route(path: &str) -> String {
+    let mut route = String::with_capacity(path.len());
+    for (i, segment) in path.split('/').enumerate() {
+        if i > 0 {
+            route.push('/');
+        }
+        if looks_like_id(segment) {
+            route.push_str("{id}");
+        } else {
+            route.push_str(segment);
+        }
+    }
+    route
+}
+
+fn looks_like_id(segment: &str) -> bool {
+    if segment.is_empty() {
+        return false;
+    }
+    let all_digits = segment.bytes().all(|b| b.is_ascii_digit());
+    let uuid = segment.len() == 36
+        && segment.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        });
+    let long_hex = segment.len() >= 16 && segment.bytes().all(|b| b.is_ascii_hexdigit());
+    all_digits || uuid || long_hex
+}
+
+/// `url.query` with the values of sensitive parameters replaced.
+pub fn redact_query(query: &str, sensitive: &[String]) -> String {
+    query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, _)) if sensitive.iter().any(|s| s.eq_ignore_ascii_case(name)) => format!("{name}=REDACTED"),
+            _ => pair.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// The span name: `{method} {route}` when a route is known, else `{method}`.
+pub fn span_name(request: &RequestHead, settings: &SpanSettings) -> String {
+    let method = normalized_method(&request.method);
+    if settings.route_heuristic {
+        let (path, _) = split_target(&request.target);
+        if path.starts_with('/') {
+            return format!("{method} {}", heuristic_route(path));
+        }
+    }
+    method.to_string()
+}
+
+fn normalized_method(method: &str) -> &str {
+    if KNOWN_METHODS.contains(&method) { method } else { "_OTHER" }
+}
+
+/// Path and query of a request target; absolute-form targets (proxies) give
+/// their path.
+fn split_target(target: &str) -> (&str, Option<&str>) {
+    let without_authority = match target.find("://") {
+        Some(scheme_end) => {
+            let rest = &target[scheme_end + 3..];
+            rest.find('/').map_or("/", |i| &rest[i..])
+        }
+        None => target,
+    };
+    match without_authority.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (without_authority, None),
+    }
+}
+
+/// Host and port from a Host header value.
+fn host_and_port(host: &str) -> (String, Option<u16>) {
+    if let Some(rest) = host.strip_prefix('[') {
+        // [v6]:port
+        if let Some((addr, after)) = rest.split_once(']') {
+            return (addr.to_string(), after.strip_prefix(':').and_then(|p| p.parse().ok()));
+        }
+    }
+    match host.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) && !p.is_empty() => (h.to_string(), p.parse().ok()),
+        _ => (host.to_string(), None),
+    }
+}
+
+/// The socket's view of the exchange: this process's end and the peer's.
+#[derive(Clone, Copy, Debug)]
+pub struct Endpoints {
+    /// This process's end.
+    pub local: SocketAddr,
+    /// The peer's end.
+    pub remote: SocketAddr,
+}
+
+/// The semantic-convention attributes of one exchange.
+pub fn attributes(exchange: &Exchange, kind: SpanKind, ends: Endpoints, settings: &SpanSettings) -> Vec<Attribute> {
+    let request = &exchange.request;
+    let mut out = Vec::with_capacity(16);
+    let method = normalized_method(&request.method);
+    out.push(Attribute::string("http.request.method", method));
+    if method == "_OTHER" {
+        out.push(Attribute::string("http.request.method_original", request.method.clone()));
+    }
+    let (path, query) = split_target(&request.target);
+    out.push(Attribute::string("url.path", path));
+    if let Some(query) = query {
+        out.push(Attribute::string("url.query", redact_query(query, &settings.redact_query_parameters)));
+    }
+    out.push(Attribute::string("url.scheme", "http"));
+    if settings.route_heuristic && path.starts_with('/') {
+        out.push(Attribute::string("http.route", heuristic_route(path)));
+    }
+    if let Some(response) = &exchange.response {
+        out.push(Attribute::int("http.response.status_code", response.status as i64));
+    }
+    out.push(Attribute::string("network.protocol.version", format!("1.{}", request.minor_version)));
+
+    // server.* names the server as the client addressed it (Host), falling
+    // back to the socket; client.* and network.peer.* come from the socket.
+    let host = request.header("host").map(|h| String::from_utf8_lossy(h).trim().to_string());
+    let server_socket = if kind == SpanKind::Server { ends.local } else { ends.remote };
+    let (server_address, server_port) = match host {
+        Some(h) if !h.is_empty() => {
+            let (name, port) = host_and_port(&h);
+            (name, port.unwrap_or(server_socket.port()))
+        }
+        _ => (server_socket.ip().to_string(), server_socket.port()),
+    };
+    out.push(Attribute::string("server.address", server_address));
+    out.push(Attribute::int("server.port", server_port as i64));
+    if kind == SpanKind::Server {
+        out.push(Attribute::string("client.address", ends.remote.ip().to_string()));
+        out.push(Attribute::int("client.port", ends.remote.port() as i64));
+    }
+    out.push(Attribute::string("network.peer.address", ends.remote.ip().to_string()));
+    out.push(Attribute::int("network.peer.port", ends.remote.port() as i64));
+    if let Some(agent) = request.header("user-agent") {
+        out.push(Attribute::string("user_agent.original", String::from_utf8_lossy(agent)));
+    }
+    for name in &settings.request_headers {
+        if SENSITIVE_HEADERS.contains(&name.as_str()) {
+            continue;
+        }
+        let values: Vec<String> = request.headers_named(name).map(|v| String::from_utf8_lossy(v).into_owned()).collect();
+        if !values.is_empty() {
+            out.push(Attribute::string(format!("http.request.header.{name}"), values.join(",")));
+        }
+    }
+    if let Some(response) = &exchange.response {
+        for name in &settings.response_headers {
+            if SENSITIVE_HEADERS.contains(&name.as_str()) {
+                continue;
+            }
+            let values: Vec<String> =
+                response.headers_named(name).map(|v| String::from_utf8_lossy(v).into_owned()).collect();
+            if !values.is_empty() {
+                out.push(Attribute::string(format!("http.response.header.{name}"), values.join(",")));
+            }
+        }
+    }
+    out
+}
+
+/// Error for 5xx on servers and 4xx/5xx on clients; a request that never
+/// got a response is an error on both sides.
+pub fn status(exchange: &Exchange, kind: SpanKind) -> SpanStatus {
+    match &exchange.response {
+        None => SpanStatus::Error("no response".to_string()),
+        Some(r) if r.status >= 500 => SpanStatus::Error(format!("HTTP {}", r.status)),
+        Some(r) if r.status >= 400 && kind == SpanKind::Client => SpanStatus::Error(format!("HTTP {}", r.status)),
+        Some(_) => SpanStatus::Unset,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_heuristic_collapses_numeric_uuid_and_long_hex_segments() {
+        assert_eq!(heuristic_route("/users/42/orders"), "/users/{id}/orders");
+        assert_eq!(heuristic_route("/o/123e4567-e89b-12d3-a456-426614174000"), "/o/{id}");
+        assert_eq!(heuristic_route("/blob/0123456789abcdef0123"), "/blob/{id}");
+        assert_eq!(heuristic_route("/v1/items"), "/v1/items");
+        assert_eq!(heuristic_route("/"), "/");
+        assert_eq!(heuristic_route("/cafe"), "/cafe", "short hex words are not ids");
+    }
+
+    #[test]
+    fn sensitive_query_values_are_redacted_and_others_kept() {
+        let sensitive = vec!["token".to_string(), "password".to_string()];
+        assert_eq!(redact_query("a=1&token=abc&Password=x&b", &sensitive), "a=1&token=REDACTED&Password=REDACTED&b");
+        assert_eq!(redact_query("", &sensitive), "");
+    }
+
+    #[test]
+    fn targets_split_into_path_and_query() {
+        assert_eq!(split_target("/a/b?x=1"), ("/a/b", Some("x=1")));
+        assert_eq!(split_target("/a"), ("/a", None));
+        assert_eq!(split_target("http://example.com/p?q"), ("/p", Some("q")));
+        assert_eq!(split_target("http://example.com"), ("/", None));
+        assert_eq!(split_target("*"), ("*", None));
+    }
+
+    #[test]
+    fn host_header_forms() {
+        assert_eq!(host_and_port("example.com:8080"), ("example.com".to_string(), Some(8080)));
+        assert_eq!(host_and_port("example.com"), ("example.com".to_string(), None));
+        assert_eq!(host_and_port("[::1]:80"), ("::1".to_string(), Some(80)));
+    }
+
+    #[test]
+    fn sensitive_headers_are_the_four_the_guide_names() {
+        for h in ["authorization", "cookie", "set-cookie", "proxy-authorization"] {
+            assert!(SENSITIVE_HEADERS.contains(&h));
+        }
+    }
+}

@@ -1,0 +1,364 @@
+//! Correlate stage: captured messages in, finished spans out.
+//!
+//! Per connection, the [`http`](crate::http) parser turns messages into
+//! request/response exchanges (paired first-in first-out, so keep-alive and
+//! pipelining work). Each request gets its trace context the moment its head
+//! is parsed, not when its response ends, because that is when the thread
+//! serving an inbound request makes its outbound calls:
+//!
+//! - inbound request (SERVER span) with a valid `traceparent`: continue that
+//!   trace, the parent is the traceparent's parent-id; without one: a new
+//!   random trace. The thread that read the request is remembered as serving
+//!   it until its response is sent.
+//! - outbound request (CLIENT span) carrying a `traceparent` on the wire: the
+//!   span takes that trace-id and its span-id is exactly the wire parent-id,
+//!   so the downstream SERVER span links to it. Without one, sent by a thread
+//!   that is serving an inbound request: a child of that SERVER span.
+//!   Otherwise: a new trace.
+
+pub mod attributes;
+pub mod process;
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::capture::{CaptureEvent, Connection, ConnectionId, Direction, Message, Role};
+use crate::http::{self, HttpConnection, RequestHead, StreamDirection};
+use crate::sampling::Sampler;
+use crate::span::{Span, SpanId, SpanKind, TraceId, flags};
+use crate::tracecontext::{self, IdGenerator};
+
+pub use attributes::SpanSettings;
+pub use process::{ProcessFilter, ProcessTable};
+
+/// The trace context a request got when its head was parsed.
+#[derive(Clone, Debug)]
+struct RequestContext {
+    kind: SpanKind,
+    trace_id: TraceId,
+    span_id: SpanId,
+    parent_span_id: Option<SpanId>,
+    flags: u8,
+    trace_state: String,
+    /// Thread that read (server) or wrote (client) the request head.
+    tid: u32,
+}
+
+/// One TCP connection being followed.
+struct ConnectionState {
+    connection: Connection,
+    http: HttpConnection,
+    /// Which direction carries requests, once known.
+    request_direction: Option<Direction>,
+    /// Contexts of requests whose exchange has not completed, in order.
+    requests: VecDeque<RequestContext>,
+    /// Request heads the parser had produced before the last message.
+    heads_seen: u64,
+    last_activity_ns: u64,
+}
+
+/// Counters of the correlate stage.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CorrelateCounters {
+    /// Spans produced (sampled in).
+    pub spans: u64,
+    /// Exchanges not exported because their trace was sampled out.
+    pub sampled_out: u64,
+    /// Exchanges of processes the filter excludes.
+    pub filtered_out: u64,
+    /// Connections dropped because they stopped looking like HTTP/1.x.
+    pub broken_connections: u64,
+    /// Connections forgotten because the table was full of idle ones.
+    pub evicted_connections: u64,
+}
+
+/// Connections followed at most before idle ones are evicted.
+const MAX_CONNECTIONS: usize = 100_000;
+/// Idle time after which a connection may be evicted when the table is full.
+const IDLE_EVICTION_NS: u64 = 120 * 1_000_000_000;
+
+/// The correlate stage's state: connections, the threads serving inbound
+/// requests, id generation, sampling and process resources.
+pub struct Correlator {
+    connections: HashMap<ConnectionId, ConnectionState>,
+    /// (pid, tid) -> context of the inbound request that thread serves.
+    serving: HashMap<(u32, u32), RequestContext>,
+    ids: IdGenerator,
+    sampler: Sampler,
+    processes: ProcessTable,
+    settings: SpanSettings,
+    /// Unix time minus kernel monotonic time, in ns.
+    monotonic_to_unix_ns: i128,
+    counters: CorrelateCounters,
+    exchanges: Vec<http::Exchange>,
+}
+
+impl Correlator {
+    /// A correlator with the given sampling, span settings and process table.
+    pub fn new(sampler: Sampler, settings: SpanSettings, processes: ProcessTable) -> Self {
+        Self {
+            connections: HashMap::new(),
+            serving: HashMap::new(),
+            ids: IdGenerator::new(),
+            sampler,
+            processes,
+            settings,
+            monotonic_to_unix_ns: monotonic_to_unix_offset(),
+            counters: CorrelateCounters::default(),
+            exchanges: Vec::new(),
+        }
+    }
+
+    /// The stage's counters.
+    pub fn counters(&self) -> CorrelateCounters {
+        self.counters
+    }
+
+    /// Connections currently followed.
+    pub fn connection_count(&self) -> usize {
+        self.connections.len()
+    }
+
+    /// Feeds one capture event; finished spans are pushed to `out`.
+    pub fn handle(&mut self, event: &CaptureEvent, out: &mut Vec<Span>) {
+        match event {
+            CaptureEvent::Opened(connection) => {
+                // A reused id cannot happen (ids are unique); a stale entry
+                // for the same fd is keyed by another id and ages out.
+                self.connections.insert(connection.id, ConnectionState::new(*connection, 0));
+            }
+            CaptureEvent::Data(message) => self.on_message(message, out),
+            CaptureEvent::Closed(connection) => {
+                if let Some(mut state) = self.connections.remove(&connection.id) {
+                    let now = state.last_activity_ns;
+                    state.http.close(now, &mut self.exchanges);
+                    self.finish_exchanges(&mut state, out);
+                }
+            }
+        }
+    }
+
+    fn on_message(&mut self, message: &Message, out: &mut Vec<Span>) {
+        let id = message.connection.id;
+        if !self.connections.contains_key(&id) {
+            self.make_room(message.timestamp_ns);
+        }
+        let mut state = self
+            .connections
+            .remove(&id)
+            .unwrap_or_else(|| ConnectionState::new(message.connection, message.timestamp_ns));
+        state.last_activity_ns = message.timestamp_ns;
+
+        let Some(request_direction) = state.request_direction_for(message) else {
+            // Not yet known which side asks: wait for a message that starts
+            // with a request line.
+            self.connections.insert(id, state);
+            return;
+        };
+        let stream = if message.direction == request_direction {
+            StreamDirection::Requests
+        } else {
+            StreamDirection::Responses
+        };
+        state.http.feed(stream, &message.bytes, message.len as usize, message.timestamp_ns, &mut self.exchanges);
+        if stream == StreamDirection::Requests {
+            self.start_new_requests(&mut state, message);
+        }
+        self.finish_exchanges(&mut state, out);
+
+        if state.http.is_broken() {
+            self.counters.broken_connections += 1;
+            return; // forgotten: nothing more to learn from it
+        }
+        self.connections.insert(id, state);
+    }
+
+    /// Gives every request head parsed from the last message its context.
+    fn start_new_requests(&mut self, state: &mut ConnectionState, message: &Message) {
+        let parsed = state.http.requests_parsed();
+        let new = (parsed - state.heads_seen) as usize;
+        state.heads_seen = parsed;
+        if new == 0 {
+            return;
+        }
+        let kind = if message.direction == Direction::Ingress { SpanKind::Server } else { SpanKind::Client };
+        let pid = message.connection.pid;
+        let heads: Vec<RequestHead> = state.http.pending_requests().rev().take(new).cloned().collect();
+        for head in heads.iter().rev() {
+            let context = match kind {
+                SpanKind::Server => self.server_context(head, message.tid),
+                SpanKind::Client => self.client_context(head, pid, message.tid),
+            };
+            if kind == SpanKind::Server {
+                self.serving.insert((pid, message.tid), context.clone());
+            }
+            state.requests.push_back(context);
+        }
+    }
+
+    fn server_context(&mut self, head: &RequestHead, tid: u32) -> RequestContext {
+        let span_id = self.ids.span_id();
+        match tracecontext::extract(head.headers.iter().map(|h| (h.name.as_str(), h.value.as_slice()))) {
+            Some(parent) => {
+                let sampled = self.sampler.should_sample(parent.traceparent.trace_id, Some(parent.traceparent.is_sampled()));
+                RequestContext {
+                    kind: SpanKind::Server,
+                    trace_id: parent.traceparent.trace_id,
+                    span_id,
+                    parent_span_id: Some(parent.traceparent.parent_id),
+                    flags: tracecontext::child_flags(parent.traceparent.flags, sampled),
+                    trace_state: if parent.tracestate.is_empty() { String::new() } else { parent.tracestate.to_header_value() },
+                    tid,
+                }
+            }
+            None => self.root_context(SpanKind::Server, span_id, tid),
+        }
+    }
+
+    fn client_context(&mut self, head: &RequestHead, pid: u32, tid: u32) -> RequestContext {
+        let serving = self.serving.get(&(pid, tid)).cloned();
+        if let Some(wire) = tracecontext::extract(head.headers.iter().map(|h| (h.name.as_str(), h.value.as_slice()))) {
+            // Someone (the application or our proxy) already chose this
+            // call's id: the downstream server's parent is the wire parent-id.
+            let parent = serving.filter(|s| s.trace_id == wire.traceparent.trace_id).map(|s| s.span_id);
+            return RequestContext {
+                kind: SpanKind::Client,
+                trace_id: wire.traceparent.trace_id,
+                span_id: wire.traceparent.parent_id,
+                parent_span_id: parent,
+                flags: wire.traceparent.flags,
+                trace_state: if wire.tracestate.is_empty() { String::new() } else { wire.tracestate.to_header_value() },
+                tid,
+            };
+        }
+        let span_id = self.ids.span_id();
+        match serving {
+            Some(server) => RequestContext {
+                kind: SpanKind::Client,
+                trace_id: server.trace_id,
+                span_id,
+                parent_span_id: Some(server.span_id),
+                flags: server.flags,
+                trace_state: server.trace_state,
+                tid,
+            },
+            None => self.root_context(SpanKind::Client, span_id, tid),
+        }
+    }
+
+    fn root_context(&mut self, kind: SpanKind, span_id: SpanId, tid: u32) -> RequestContext {
+        let trace_id = self.ids.trace_id();
+        let sampled = self.sampler.should_sample(trace_id, None);
+        RequestContext {
+            kind,
+            trace_id,
+            span_id,
+            parent_span_id: None,
+            flags: tracecontext::root_flags(sampled),
+            trace_state: String::new(),
+            tid,
+        }
+    }
+
+    /// Turns the exchanges the parser completed into spans.
+    fn finish_exchanges(&mut self, state: &mut ConnectionState, out: &mut Vec<Span>) {
+        for exchange in self.exchanges.drain(..) {
+            // Exchanges complete in request order, as contexts were queued.
+            let Some(context) = state.requests.pop_front() else { continue };
+            let pid = state.connection.pid;
+            if context.kind == SpanKind::Server
+                && self.serving.get(&(pid, context.tid)).is_some_and(|s| s.span_id == context.span_id)
+            {
+                self.serving.remove(&(pid, context.tid));
+            }
+            if context.flags & flags::SAMPLED == 0 {
+                self.counters.sampled_out += 1;
+                continue;
+            }
+            let Some(resource) = self.processes.resource(pid) else {
+                self.counters.filtered_out += 1;
+                continue;
+            };
+            let ends = attributes::Endpoints { local: state.connection.local, remote: state.connection.remote };
+            let end_ns = exchange.response_end_ns.unwrap_or(exchange.request_end_ns);
+            out.push(Span {
+                trace_id: context.trace_id,
+                span_id: context.span_id,
+                parent_span_id: context.parent_span_id,
+                trace_state: context.trace_state,
+                flags: context.flags,
+                name: attributes::span_name(&exchange.request, &self.settings),
+                kind: context.kind,
+                start_unix_nano: self.to_unix(exchange.request_start_ns),
+                end_unix_nano: self.to_unix(end_ns),
+                attributes: attributes::attributes(&exchange, context.kind, ends, &self.settings),
+                status: attributes::status(&exchange, context.kind),
+                resource,
+            });
+            self.counters.spans += 1;
+        }
+    }
+
+    fn to_unix(&self, monotonic_ns: u64) -> u64 {
+        (monotonic_ns as i128 + self.monotonic_to_unix_ns).max(0) as u64
+    }
+
+    /// Evicts idle connections when the table is full.
+    fn make_room(&mut self, now_ns: u64) {
+        if self.connections.len() < MAX_CONNECTIONS {
+            return;
+        }
+        let before = self.connections.len();
+        self.connections.retain(|_, s| now_ns.saturating_sub(s.last_activity_ns) < IDLE_EVICTION_NS);
+        if self.connections.len() >= MAX_CONNECTIONS {
+            // Everything is busy: forget the oldest half.
+            let mut ages: Vec<u64> = self.connections.values().map(|s| s.last_activity_ns).collect();
+            ages.sort_unstable();
+            let cut = ages[ages.len() / 2];
+            self.connections.retain(|_, s| s.last_activity_ns > cut);
+        }
+        self.counters.evicted_connections += (before - self.connections.len()) as u64;
+    }
+}
+
+impl ConnectionState {
+    fn new(connection: Connection, now_ns: u64) -> Self {
+        let request_direction = match connection.role {
+            Role::Server => Some(Direction::Ingress),
+            Role::Client => Some(Direction::Egress),
+            Role::Unknown => None,
+        };
+        Self {
+            connection,
+            http: HttpConnection::new(),
+            request_direction,
+            requests: VecDeque::new(),
+            heads_seen: 0,
+            last_activity_ns: now_ns,
+        }
+    }
+
+    /// The request direction, learning it from the first request line seen
+    /// when connect/accept happened before the agent started.
+    fn request_direction_for(&mut self, message: &Message) -> Option<Direction> {
+        if self.request_direction.is_none()
+            && matches!(http::start_line(&message.bytes), Some(http::StartLine::Request { .. }))
+        {
+            self.request_direction = Some(message.direction);
+        }
+        self.request_direction
+    }
+}
+
+/// CLOCK_REALTIME minus CLOCK_MONOTONIC (what bpf_ktime_get_ns reads).
+fn monotonic_to_unix_offset() -> i128 {
+    fn now(clock: libc::clockid_t) -> i128 {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: valid pointer to a local timespec.
+        unsafe { libc::clock_gettime(clock, &mut ts) };
+        ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+    }
+    now(libc::CLOCK_REALTIME) - now(libc::CLOCK_MONOTONIC)
+}
+
+#[cfg(test)]
+mod tests;

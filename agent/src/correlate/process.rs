@@ -1,0 +1,197 @@
+//! The OpenTelemetry resource of a traced process, read from /proc once per
+//! process and cached.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::span::{Attribute, Resource};
+
+/// Which processes produce spans, and what their resource may reveal.
+#[derive(Clone, Debug, Default)]
+pub struct ProcessFilter {
+    /// Executable names to trace; empty means all.
+    pub include: Vec<String>,
+    /// Executable names never traced.
+    pub exclude: Vec<String>,
+    /// Leave `process.command_line` out (it may hold secrets).
+    pub redact_command_line: bool,
+}
+
+/// What /proc says about one process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessInfo {
+    /// Executable file name (`/proc/PID/exe`, else `comm`).
+    pub executable_name: String,
+    /// Arguments joined by spaces.
+    pub command_line: String,
+    /// `OTEL_SERVICE_NAME` from the process's own environment.
+    pub otel_service_name: Option<String>,
+}
+
+impl ProcessInfo {
+    /// Reads a process from a proc filesystem root (normally `/proc`).
+    /// Fields that cannot be read (the process exited, permissions) are
+    /// left empty rather than failing: a span is still worth exporting.
+    pub fn read(proc_root: &Path, pid: u32) -> ProcessInfo {
+        let dir = proc_root.join(pid.to_string());
+        let executable_name = std::fs::read_link(dir.join("exe"))
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().trim_end_matches(" (deleted)").to_string()))
+            .or_else(|| std::fs::read_to_string(dir.join("comm")).ok().map(|s| s.trim_end().to_string()))
+            .unwrap_or_else(|| format!("pid-{pid}"));
+        let command_line = std::fs::read(dir.join("cmdline"))
+            .map(|raw| {
+                raw.split(|b| *b == 0).filter(|a| !a.is_empty()).map(String::from_utf8_lossy).collect::<Vec<_>>().join(" ")
+            })
+            .unwrap_or_default();
+        let otel_service_name = std::fs::read(dir.join("environ")).ok().and_then(|raw| {
+            raw.split(|b| *b == 0).find_map(|entry| {
+                entry
+                    .strip_prefix(b"OTEL_SERVICE_NAME=")
+                    .filter(|v| !v.is_empty())
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            })
+        });
+        ProcessInfo { executable_name, command_line, otel_service_name }
+    }
+}
+
+/// Resources by pid. Bounded: when full, it starts over (entries are cheap
+/// to rebuild, and a pid may have been reused anyway).
+pub struct ProcessTable {
+    proc_root: PathBuf,
+    host_name: String,
+    filter: ProcessFilter,
+    resources: HashMap<u32, Option<Arc<Resource>>>,
+}
+
+const MAX_PROCESSES: usize = 65_536;
+
+impl ProcessTable {
+    /// A table reading `proc_root`.
+    pub fn new(proc_root: impl Into<PathBuf>, filter: ProcessFilter) -> Self {
+        let proc_root = proc_root.into();
+        let host_name = std::fs::read_to_string(proc_root.join("sys/kernel/hostname"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        Self { proc_root, host_name, filter, resources: HashMap::new() }
+    }
+
+    /// The resource of `pid`, or None when the filter excludes it.
+    pub fn resource(&mut self, pid: u32) -> Option<Arc<Resource>> {
+        if let Some(known) = self.resources.get(&pid) {
+            return known.clone();
+        }
+        if self.resources.len() >= MAX_PROCESSES {
+            self.resources.clear();
+        }
+        let info = ProcessInfo::read(&self.proc_root, pid);
+        let resource = self.traced(&info).then(|| Arc::new(self.build(pid, info)));
+        self.resources.insert(pid, resource.clone());
+        resource
+    }
+
+    /// Forgets a process (its pid may be reused).
+    pub fn forget(&mut self, pid: u32) {
+        self.resources.remove(&pid);
+    }
+
+    fn traced(&self, info: &ProcessInfo) -> bool {
+        let name = info.executable_name.as_str();
+        (self.filter.include.is_empty() || self.filter.include.iter().any(|n| n == name))
+            && !self.filter.exclude.iter().any(|n| n == name)
+    }
+
+    fn build(&self, pid: u32, info: ProcessInfo) -> Resource {
+        let mut attributes = vec![
+            Attribute::int("process.pid", pid as i64),
+            Attribute::string("process.executable.name", info.executable_name.clone()),
+        ];
+        if !self.filter.redact_command_line && !info.command_line.is_empty() {
+            attributes.push(Attribute::string("process.command_line", info.command_line));
+        }
+        if !self.host_name.is_empty() {
+            attributes.push(Attribute::string("host.name", self.host_name.clone()));
+        }
+        Resource { service_name: info.otel_service_name.unwrap_or(info.executable_name), attributes }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake_proc(pid: u32, exe: &str, cmdline: &[u8], environ: &[u8]) -> tempdir::Dir {
+        let root = tempdir::Dir::new();
+        let dir = root.path().join(pid.to_string());
+        std::fs::create_dir_all(&dir).unwrap();
+        std::os::unix::fs::symlink(format!("/usr/bin/{exe}"), dir.join("exe")).unwrap();
+        std::fs::write(dir.join("cmdline"), cmdline).unwrap();
+        std::fs::write(dir.join("environ"), environ).unwrap();
+        std::fs::create_dir_all(root.path().join("sys/kernel")).unwrap();
+        std::fs::write(root.path().join("sys/kernel/hostname"), "node-1\n").unwrap();
+        root
+    }
+
+    /// A scratch directory removed on drop (std only).
+    mod tempdir {
+        pub struct Dir(std::path::PathBuf);
+        impl Dir {
+            pub fn new() -> Self {
+                static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let p = std::env::temp_dir().join(format!("agent-proc-{}-{n}", std::process::id()));
+                let _ = std::fs::remove_dir_all(&p);
+                std::fs::create_dir_all(&p).unwrap();
+                Self(p)
+            }
+            pub fn path(&self) -> &std::path::Path {
+                &self.0
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn service_name_comes_from_the_process_environment_when_set() {
+        let root = fake_proc(10, "python3.11", b"python3\0app.py\0", b"HOME=/\0OTEL_SERVICE_NAME=orders\0");
+        let mut table = ProcessTable::new(root.path(), ProcessFilter::default());
+        let r = table.resource(10).unwrap();
+        assert_eq!(r.service_name, "orders");
+        assert!(r.attributes.contains(&Attribute::string("process.command_line", "python3 app.py")));
+        assert!(r.attributes.contains(&Attribute::string("process.executable.name", "python3.11")));
+        assert!(r.attributes.contains(&Attribute::string("host.name", "node-1")));
+        assert!(r.attributes.contains(&Attribute::int("process.pid", 10)));
+    }
+
+    #[test]
+    fn service_name_falls_back_to_the_executable_and_command_line_can_be_redacted() {
+        let root = fake_proc(11, "nginx", b"nginx: worker process\0", b"PATH=/bin\0");
+        let filter = ProcessFilter { redact_command_line: true, ..Default::default() };
+        let r = ProcessTable::new(root.path(), filter).resource(11).unwrap();
+        assert_eq!(r.service_name, "nginx");
+        assert!(!r.attributes.iter().any(|a| a.key == "process.command_line"));
+    }
+
+    #[test]
+    fn include_and_exclude_filter_by_executable_name() {
+        let root = fake_proc(12, "curl", b"curl\0", b"");
+        let only_nginx = ProcessFilter { include: vec!["nginx".into()], ..Default::default() };
+        assert!(ProcessTable::new(root.path(), only_nginx).resource(12).is_none());
+        let not_curl = ProcessFilter { exclude: vec!["curl".into()], ..Default::default() };
+        assert!(ProcessTable::new(root.path(), not_curl).resource(12).is_none());
+        assert!(ProcessTable::new(root.path(), ProcessFilter::default()).resource(12).is_some());
+    }
+
+    #[test]
+    fn a_vanished_process_still_gets_a_resource() {
+        let root = tempdir::Dir::new();
+        let r = ProcessTable::new(root.path(), ProcessFilter::default()).resource(999).unwrap();
+        assert_eq!(r.service_name, "pid-999");
+    }
+}

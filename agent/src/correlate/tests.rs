@@ -1,0 +1,251 @@
+//! The correlate stage on synthetic capture events: no kernel needed.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+
+use super::*;
+use crate::capture::Syscall;
+use crate::span::{SpanStatus, flags};
+
+const SERVER_PID: u32 = 100;
+const CLIENT_PID: u32 = 200;
+
+fn correlator(percentage: f64) -> Correlator {
+    let processes = ProcessTable::new("/nonexistent-proc", ProcessFilter::default());
+    Correlator::new(Sampler::new(percentage, true).unwrap(), SpanSettings::default(), processes)
+}
+
+fn connection(id: u64, pid: u32, role: Role, local: &str, remote: &str) -> Connection {
+    Connection {
+        id: ConnectionId(id),
+        pid,
+        fd: 5,
+        role,
+        local: local.parse::<SocketAddr>().unwrap(),
+        remote: remote.parse::<SocketAddr>().unwrap(),
+    }
+}
+
+fn message(connection: Connection, tid: u32, direction: Direction, ts: u64, bytes: &[u8]) -> CaptureEvent {
+    CaptureEvent::Data(Message {
+        connection,
+        tid,
+        direction,
+        syscall: Syscall::Read,
+        timestamp_ns: ts,
+        len: bytes.len() as u32,
+        bytes: Bytes::copy_from_slice(bytes),
+        truncated: false,
+    })
+}
+
+fn run(c: &mut Correlator, events: &[CaptureEvent]) -> Vec<Span> {
+    let mut spans = Vec::new();
+    for e in events {
+        c.handle(e, &mut spans);
+    }
+    spans
+}
+
+fn server_conn() -> Connection {
+    connection(1, SERVER_PID, Role::Server, "10.0.0.1:8080", "10.0.0.9:40000")
+}
+
+fn upstream_conn() -> Connection {
+    connection(2, SERVER_PID, Role::Client, "10.0.0.1:50000", "10.0.0.2:9090")
+}
+
+const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+
+#[test]
+fn inbound_request_without_traceparent_starts_a_new_random_sampled_trace() {
+    let s = server_conn();
+    let spans = run(
+        &mut correlator(100.0),
+        &[
+            message(s, 11, Direction::Ingress, 1_000, b"GET /users/42?token=abc HTTP/1.1\r\nHost: shop:8080\r\nUser-Agent: t/1\r\n\r\n"),
+            message(s, 11, Direction::Egress, 5_000, OK),
+        ],
+    );
+    assert_eq!(spans.len(), 1);
+    let span = &spans[0];
+    assert_eq!(span.kind, SpanKind::Server);
+    assert!(span.trace_id.is_valid() && span.span_id.is_valid());
+    assert_eq!(span.parent_span_id, None);
+    assert_eq!(span.flags, flags::SAMPLED | flags::RANDOM);
+    assert_eq!(span.name, "GET /users/{id}");
+    assert_eq!(span.end_unix_nano - span.start_unix_nano, 4_000);
+    assert_eq!(span.status, SpanStatus::Unset);
+    assert_eq!(span.attribute("http.response.status_code").as_deref(), Some("200"));
+    assert_eq!(span.attribute("url.path").as_deref(), Some("/users/42"));
+    assert_eq!(span.attribute("url.query").as_deref(), Some("token=REDACTED"));
+    assert_eq!(span.attribute("server.address").as_deref(), Some("shop"));
+    assert_eq!(span.attribute("server.port").as_deref(), Some("8080"));
+    assert_eq!(span.attribute("client.address").as_deref(), Some("10.0.0.9"));
+    assert_eq!(span.attribute("client.port").as_deref(), Some("40000"));
+    assert_eq!(span.attribute("user_agent.original").as_deref(), Some("t/1"));
+    assert_eq!(span.attribute("network.protocol.version").as_deref(), Some("1.1"));
+    assert_eq!(span.resource.service_name, format!("pid-{SERVER_PID}"));
+}
+
+#[test]
+fn inbound_valid_traceparent_is_continued() {
+    let s = server_conn();
+    let spans = run(
+        &mut correlator(100.0),
+        &[
+            message(
+                s,
+                11,
+                Direction::Ingress,
+                1,
+                b"GET / HTTP/1.1\r\ntraceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\ntracestate: a=1\r\n\r\n",
+            ),
+            message(s, 11, Direction::Egress, 2, OK),
+        ],
+    );
+    let span = &spans[0];
+    assert_eq!(span.trace_id.to_hex(), "0af7651916cd43dd8448eb211c80319c");
+    assert_eq!(span.parent_span_id.unwrap().to_hex(), "b7ad6b7169203331");
+    assert_ne!(span.span_id.to_hex(), "b7ad6b7169203331");
+    assert_eq!(span.flags, flags::SAMPLED, "the random flag is copied exactly (here: unset)");
+    assert_eq!(span.trace_state, "a=1");
+}
+
+#[test]
+fn inbound_invalid_traceparent_restarts_the_trace_and_drops_tracestate() {
+    let s = server_conn();
+    let spans = run(
+        &mut correlator(100.0),
+        &[
+            message(
+                s,
+                11,
+                Direction::Ingress,
+                1,
+                b"GET / HTTP/1.1\r\ntraceparent: ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\ntracestate: a=1\r\n\r\n",
+            ),
+            message(s, 11, Direction::Egress, 2, OK),
+        ],
+    );
+    let span = &spans[0];
+    assert_ne!(span.trace_id.to_hex(), "0af7651916cd43dd8448eb211c80319c");
+    assert_eq!(span.parent_span_id, None);
+    assert_eq!(span.trace_state, "");
+    assert_eq!(span.flags & flags::RANDOM, flags::RANDOM);
+}
+
+#[test]
+fn outbound_call_from_the_serving_thread_is_a_child_of_the_server_span() {
+    let (s, u) = (server_conn(), upstream_conn());
+    let spans = run(
+        &mut correlator(100.0),
+        &[
+            message(s, 11, Direction::Ingress, 1, b"GET /front HTTP/1.1\r\n\r\n"),
+            message(u, 11, Direction::Egress, 2, b"GET /back HTTP/1.1\r\nHost: backend\r\n\r\n"),
+            message(u, 11, Direction::Ingress, 3, OK),
+            message(s, 11, Direction::Egress, 4, OK),
+        ],
+    );
+    assert_eq!(spans.len(), 2);
+    let (client, server) = (&spans[0], &spans[1]);
+    assert_eq!((client.kind, server.kind), (SpanKind::Client, SpanKind::Server));
+    assert_eq!(client.trace_id, server.trace_id);
+    assert_eq!(client.parent_span_id, Some(server.span_id));
+    assert_eq!(client.attribute("server.address").as_deref(), Some("backend"));
+    assert_eq!(client.attribute("network.peer.port").as_deref(), Some("9090"));
+}
+
+#[test]
+fn outbound_call_from_another_thread_starts_its_own_trace() {
+    let (s, u) = (server_conn(), upstream_conn());
+    let spans = run(
+        &mut correlator(100.0),
+        &[
+            message(s, 11, Direction::Ingress, 1, b"GET /front HTTP/1.1\r\n\r\n"),
+            message(u, 12, Direction::Egress, 2, b"GET /back HTTP/1.1\r\n\r\n"),
+            message(u, 12, Direction::Ingress, 3, OK),
+            message(s, 11, Direction::Egress, 4, OK),
+        ],
+    );
+    assert_ne!(spans[0].trace_id, spans[1].trace_id);
+    assert_eq!(spans[0].parent_span_id, None);
+}
+
+#[test]
+fn outbound_traceparent_on_the_wire_fixes_the_client_span_id() {
+    let u = connection(3, CLIENT_PID, Role::Client, "10.0.0.1:50000", "10.0.0.2:9090");
+    let spans = run(
+        &mut correlator(100.0),
+        &[
+            message(
+                u,
+                7,
+                Direction::Egress,
+                1,
+                b"GET / HTTP/1.1\r\ntraceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\r\n",
+            ),
+            message(u, 7, Direction::Ingress, 2, b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"),
+        ],
+    );
+    let span = &spans[0];
+    assert_eq!(span.kind, SpanKind::Client);
+    assert_eq!(span.trace_id.to_hex(), "0af7651916cd43dd8448eb211c80319c");
+    assert_eq!(span.span_id.to_hex(), "b7ad6b7169203331");
+    assert_eq!(span.status, SpanStatus::Error("HTTP 404".into()), "4xx is an error on clients");
+}
+
+#[test]
+fn pipelined_requests_pair_first_in_first_out() {
+    let s = server_conn();
+    let spans = run(
+        &mut correlator(100.0),
+        &[
+            message(s, 11, Direction::Ingress, 1, b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\nGET /3 HTTP/1.1\r\n\r\n"),
+            message(
+                s,
+                11,
+                Direction::Egress,
+                2,
+                b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\nHTTP/1.1 404 NF\r\nContent-Length: 0\r\n\r\nHTTP/1.1 503 U\r\nContent-Length: 0\r\n\r\n",
+            ),
+        ],
+    );
+    let got: Vec<(String, String)> =
+        spans.iter().map(|s| (s.attribute("url.path").unwrap(), s.attribute("http.response.status_code").unwrap())).collect();
+    assert_eq!(got, [("/1", "200"), ("/2", "404"), ("/3", "503")].map(|(a, b)| (a.to_string(), b.to_string())));
+    assert_eq!(spans[1].status, SpanStatus::Unset, "4xx is not an error on servers");
+    assert_eq!(spans[2].status, SpanStatus::Error("HTTP 503".into()));
+}
+
+#[test]
+fn zero_percent_sampling_exports_nothing_and_counts_it() {
+    let s = server_conn();
+    let mut c = correlator(0.0);
+    let spans = run(&mut c, &[message(s, 11, Direction::Ingress, 1, b"GET / HTTP/1.1\r\n\r\n"), message(s, 11, Direction::Egress, 2, OK)]);
+    assert!(spans.is_empty());
+    assert_eq!(c.counters().sampled_out, 1);
+}
+
+#[test]
+fn unknown_role_learns_the_request_direction_from_the_first_request_line() {
+    let c0 = connection(9, SERVER_PID, Role::Unknown, "10.0.0.1:8080", "10.0.0.9:40000");
+    let spans = run(
+        &mut correlator(100.0),
+        &[message(c0, 11, Direction::Ingress, 1, b"GET /x HTTP/1.1\r\n\r\n"), message(c0, 11, Direction::Egress, 2, OK)],
+    );
+    assert_eq!(spans.len(), 1);
+    assert_eq!(spans[0].kind, SpanKind::Server);
+}
+
+#[test]
+fn close_without_response_is_an_error_span() {
+    let s = server_conn();
+    let spans = run(
+        &mut correlator(100.0),
+        &[message(s, 11, Direction::Ingress, 1, b"GET /hang HTTP/1.1\r\n\r\n"), CaptureEvent::Closed(s)],
+    );
+    assert_eq!(spans.len(), 1);
+    assert_eq!(spans[0].status, SpanStatus::Error("no response".into()));
+}
