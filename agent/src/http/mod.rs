@@ -1,7 +1,22 @@
-//! HTTP stage: recognising HTTP/1.x message heads in captured bytes.
+//! HTTP stage: captured message bytes in, HTTP/1.x exchanges out.
 //!
-//! For now it only reads the start line of a message; the span pipeline
-//! builds full request/response parsing on top of it.
+//! [`HttpConnection`] parses both directions of one TCP connection
+//! incrementally (heads split across messages, bodies walked over by their
+//! framing without being copied, pipelining, interim responses, protocol
+//! switches, messages the capture cut short) and pairs requests with
+//! responses into [`Exchange`]s. [`start_line`] only reads the first line
+//! of a message, for views that need no more.
+//!
+//! - `head`: heads via httparse, framing fields;
+//! - `body`: Content-Length, chunked and close-delimited bodies;
+//! - `connection`: the per-direction state machines and the pairing.
+
+mod body;
+mod connection;
+mod head;
+
+pub use connection::{Exchange, HttpConnection, StreamDirection};
+pub use head::{Header, RequestHead, ResponseHead};
 
 /// The start line of an HTTP/1.x message.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,0 +1,480 @@
+//! Message heads: httparse turns bytes into owned [`RequestHead`]s and
+//! [`ResponseHead`]s, and the framing fields are read back out of them.
+
+/// One header field, as received.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// Field name, with the case the peer sent.
+    pub name: String,
+    /// Field value; not necessarily UTF-8, so kept as bytes.
+    pub value: Vec<u8>,
+}
+
+/// A parsed request head: request line and header fields.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestHead {
+    /// Request method, e.g. `GET`.
+    pub method: String,
+    /// Request target as sent (usually path and query).
+    pub target: String,
+    /// Minor version: 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub minor_version: u8,
+    /// Header fields in the order received, repeats kept.
+    pub headers: Vec<Header>,
+}
+
+/// A parsed response head: status line and header fields.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResponseHead {
+    /// Status code.
+    pub status: u16,
+    /// Reason phrase; empty when absent or not plain ASCII.
+    pub reason: String,
+    /// Minor version: 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub minor_version: u8,
+    /// Header fields in the order received, repeats kept.
+    pub headers: Vec<Header>,
+}
+
+impl RequestHead {
+    /// The value of the first field called `name` (compared ignoring ASCII
+    /// case), if any.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        first_named(&self.headers, name)
+    }
+
+    /// The values of every field called `name` (compared ignoring ASCII
+    /// case), in the order received.
+    pub fn headers_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> {
+        named(&self.headers, name)
+    }
+}
+
+impl ResponseHead {
+    /// The value of the first field called `name` (compared ignoring ASCII
+    /// case), if any.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        first_named(&self.headers, name)
+    }
+
+    /// The values of every field called `name` (compared ignoring ASCII
+    /// case), in the order received.
+    pub fn headers_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> {
+        named(&self.headers, name)
+    }
+}
+
+fn first_named<'a>(headers: &'a [Header], name: &str) -> Option<&'a [u8]> {
+    headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| h.value.as_slice())
+}
+
+fn named<'a>(headers: &'a [Header], name: &'a str) -> impl Iterator<Item = &'a [u8]> {
+    headers
+        .iter()
+        .filter(move |h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| h.value.as_slice())
+}
+
+/// A head of either kind.
+#[derive(Debug)]
+pub(crate) enum Head {
+    Request(RequestHead),
+    Response(ResponseHead),
+}
+
+/// What parsing the bytes at a head position gave.
+#[derive(Debug)]
+pub(crate) enum Parse {
+    /// A whole head, `len` bytes long (leading blank lines included).
+    Complete { head: Head, len: usize },
+    /// Valid so far, more bytes needed.
+    Partial,
+    /// Not an HTTP/1.x head. `other_version`: the start line names another
+    /// HTTP version (HTTP/2 preface, `HTTP/2.0`), which is proof that the
+    /// connection is not HTTP/1.x rather than a sign of lost bytes.
+    Invalid { other_version: bool },
+}
+
+/// Header slots tried first; on the stack, enough for nearly every head.
+const STACK_HEADERS: usize = 128;
+
+/// Parses the head at the start of `buf`: a request head when `request`,
+/// else a response head.
+pub(crate) fn parse(request: bool, buf: &[u8]) -> Parse {
+    let mut headers = [httparse::EMPTY_HEADER; STACK_HEADERS];
+    let result = parse_with(request, buf, &mut headers);
+    let result = match result {
+        Err(httparse::Error::TooManyHeaders) => {
+            // Rare, so a heap allocation is fine here. A field line takes at
+            // least 3 bytes ("a:\n"), which bounds how many there can be.
+            let mut headers = vec![httparse::EMPTY_HEADER; buf.len() / 3 + 1];
+            parse_with(request, buf, &mut headers)
+        }
+        other => other,
+    };
+    match result {
+        Ok(Some((head, len))) => Parse::Complete { head, len },
+        Ok(None) => Parse::Partial,
+        Err(_) => Parse::Invalid {
+            other_version: names_other_version(buf),
+        },
+    }
+}
+
+fn parse_with<'b>(
+    request: bool,
+    buf: &'b [u8],
+    headers: &mut [httparse::Header<'b>],
+) -> Result<Option<(Head, usize)>, httparse::Error> {
+    // Lenient where real peers are sloppy: this is an observer, the two ends
+    // already agreed on these bytes, and rejecting them would lose the trace.
+    let mut config = httparse::ParserConfig::default();
+    if request {
+        config
+            .allow_multiple_spaces_in_request_line_delimiters(true)
+            .ignore_invalid_headers_in_requests(true);
+        let mut req = httparse::Request::new(headers);
+        let httparse::Status::Complete(len) = config.parse_request(&mut req, buf)? else {
+            return Ok(None);
+        };
+        let (Some(method), Some(target), Some(minor_version)) = (req.method, req.path, req.version)
+        else {
+            return Err(httparse::Error::Token);
+        };
+        let head = RequestHead {
+            method: method.to_owned(),
+            target: target.to_owned(),
+            minor_version,
+            headers: owned_headers(req.headers),
+        };
+        Ok(Some((Head::Request(head), len)))
+    } else {
+        config
+            .allow_multiple_spaces_in_response_status_delimiters(true)
+            .allow_spaces_after_header_name_in_responses(true)
+            .allow_obsolete_multiline_headers_in_responses(true)
+            .ignore_invalid_headers_in_responses(true);
+        let mut resp = httparse::Response::new(headers);
+        let httparse::Status::Complete(len) = config.parse_response(&mut resp, buf)? else {
+            return Ok(None);
+        };
+        let (Some(status), Some(minor_version)) = (resp.code, resp.version) else {
+            return Err(httparse::Error::Status);
+        };
+        let head = ResponseHead {
+            status,
+            reason: resp.reason.unwrap_or_default().to_owned(),
+            minor_version,
+            headers: owned_headers(resp.headers),
+        };
+        Ok(Some((Head::Response(head), len)))
+    }
+}
+
+fn owned_headers(headers: &[httparse::Header<'_>]) -> Vec<Header> {
+    headers
+        .iter()
+        .map(|h| Header {
+            name: h.name.to_owned(),
+            value: h.value.to_vec(),
+        })
+        .collect()
+}
+
+/// Whether the first line of `buf` names an HTTP version other than 1.0 and
+/// 1.1 where a start line has it (`PRI * HTTP/2.0`, `HTTP/2 200`). Only
+/// called once httparse refused the bytes, to tell "another protocol" from
+/// "not a head at all" (say, body text that mentions HTTP/2).
+fn names_other_version(buf: &[u8]) -> bool {
+    let line = buf.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let version = if line.starts_with(b"HTTP/") {
+        line.split(|&b| b == b' ').next()
+    } else {
+        line.rsplit(|&b| b == b' ').next()
+    };
+    version.is_some_and(|v| {
+        v.strip_prefix(b"HTTP/").is_some_and(|n| {
+            n.first().is_some_and(u8::is_ascii_digit) && n != b"1.0" && n != b"1.1"
+        })
+    })
+}
+
+/// Whether `bytes` begin with a complete, plausible start line: a request
+/// line when `request`, else an `HTTP/1.x` status line. This is how a
+/// direction that lost track of the framing finds its feet again, so it is
+/// stricter than parsing: body bytes must not pass for a start line.
+pub(crate) fn begins_with_start_line(request: bool, bytes: &[u8]) -> bool {
+    let start = bytes
+        .iter()
+        .position(|b| !matches!(b, b'\r' | b'\n'))
+        .unwrap_or(bytes.len());
+    let bytes = &bytes[start..];
+    let Some(end) = bytes.iter().position(|&b| b == b'\n') else {
+        return false;
+    };
+    let line = &bytes[..=end];
+    let mut no_headers = [];
+    if request {
+        let mut req = httparse::Request::new(&mut no_headers);
+        let parsed = httparse::ParserConfig::default()
+            .allow_multiple_spaces_in_request_line_delimiters(true)
+            .parse_request(&mut req, line);
+        // Any token is a valid method, but real methods are upper case; this
+        // keeps a line of text in a body from passing for a request line.
+        parsed.is_ok()
+            && req.version.is_some()
+            && req.method.is_some_and(|m| {
+                m.bytes()
+                    .all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_')
+            })
+    } else {
+        let mut resp = httparse::Response::new(&mut no_headers);
+        let parsed = httparse::ParserConfig::default()
+            .allow_multiple_spaces_in_response_status_delimiters(true)
+            .parse_response(&mut resp, line);
+        line.starts_with(b"HTTP/1.") && parsed.is_ok() && resp.code.is_some()
+    }
+}
+
+/// How the framing fields say a body is delimited (RFC 9112 section 6),
+/// before the status code and request method are taken into account.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Framing {
+    /// `Transfer-Encoding` ending in `chunked`.
+    Chunked,
+    /// `Transfer-Encoding` present but not ending in `chunked`: a response
+    /// then runs until the connection closes; a request cannot be framed.
+    OtherEncoding,
+    /// A valid `Content-Length` and no `Transfer-Encoding`.
+    Length(u64),
+    /// Neither field.
+    Unspecified,
+    /// `Content-Length` values that are not a number or disagree.
+    Invalid,
+}
+
+/// Reads the framing fields of a head.
+pub(crate) fn framing(headers: &[Header]) -> Framing {
+    let mut encoding = None;
+    for value in named(headers, "transfer-encoding") {
+        for coding in value.split(|&b| b == b',') {
+            let coding = coding.trim_ascii();
+            if !coding.is_empty() {
+                encoding = Some(coding);
+            }
+        }
+        // A field with no codings still says the body is not length-framed.
+        encoding.get_or_insert(b"");
+    }
+    if let Some(last) = encoding {
+        // Transfer-Encoding overrides Content-Length (RFC 9112 section 6.3).
+        return if last.eq_ignore_ascii_case(b"chunked") {
+            Framing::Chunked
+        } else {
+            Framing::OtherEncoding
+        };
+    }
+    let mut length = None;
+    for value in named(headers, "content-length") {
+        // A list of identical values is allowed (section 6.3, item 5).
+        for item in value.split(|&b| b == b',') {
+            let Some(n) = parse_decimal(item.trim_ascii()) else {
+                return Framing::Invalid;
+            };
+            if length.is_some_and(|l| l != n) {
+                return Framing::Invalid;
+            }
+            length = Some(n);
+        }
+    }
+    length.map_or(Framing::Unspecified, Framing::Length)
+}
+
+fn parse_decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(bytes: &[u8]) -> RequestHead {
+        match parse(true, bytes) {
+            Parse::Complete {
+                head: Head::Request(h),
+                ..
+            } => h,
+            other => panic!("not a complete request: {other:?}"),
+        }
+    }
+
+    fn headers(fields: &[(&str, &str)]) -> Vec<Header> {
+        fields
+            .iter()
+            .map(|(n, v)| Header {
+                name: (*n).into(),
+                value: v.as_bytes().to_vec(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn request_head_is_owned_with_fields_in_order() {
+        let head = request(b"GET /x HTTP/1.1\r\nHost: a\r\nX-A: 1\r\nx-a: 2\r\n\r\nbody");
+        assert_eq!(head.method, "GET");
+        assert_eq!(head.target, "/x");
+        assert_eq!(head.minor_version, 1);
+        assert_eq!(head.header("HOST"), Some(&b"a"[..]));
+        assert_eq!(head.headers_named("X-a").collect::<Vec<_>>(), [b"1", b"2"]);
+        assert_eq!(head.header("missing"), None);
+    }
+
+    #[test]
+    fn complete_length_excludes_the_body() {
+        let Parse::Complete { len, .. } = parse(true, b"GET / HTTP/1.1\r\n\r\nxyz") else {
+            panic!()
+        };
+        assert_eq!(len, 18);
+    }
+
+    #[test]
+    fn heads_with_many_fields_fall_back_to_the_heap() {
+        let mut bytes = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for i in 0..500 {
+            bytes.extend_from_slice(format!("f{i}: v\r\n").as_bytes());
+        }
+        bytes.extend_from_slice(b"\r\n");
+        let Parse::Complete {
+            head: Head::Response(head),
+            len,
+        } = parse(false, &bytes)
+        else {
+            panic!()
+        };
+        assert_eq!(len, bytes.len());
+        assert_eq!(head.headers.len(), 500);
+        assert_eq!(head.header("F499"), Some(&b"v"[..]));
+    }
+
+    #[test]
+    fn partial_and_invalid_heads() {
+        assert!(matches!(
+            parse(true, b"GET / HTTP/1.1\r\nHo"),
+            Parse::Partial
+        ));
+        assert!(matches!(parse(false, b"HTTP/1.1 20"), Parse::Partial));
+        assert!(matches!(
+            parse(true, b"\x16\x03\x01\x02\x00"),
+            Parse::Invalid {
+                other_version: false
+            }
+        ));
+        assert!(matches!(
+            parse(true, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+            Parse::Invalid {
+                other_version: true
+            }
+        ));
+        assert!(matches!(
+            parse(false, b"HTTP/2 200\r\n\r\n"),
+            Parse::Invalid {
+                other_version: true
+            }
+        ));
+        assert!(matches!(
+            parse(true, b"GET / HTTP/1.2\r\n"),
+            Parse::Invalid {
+                other_version: true
+            }
+        ));
+        // Text is not another HTTP version, even when it mentions one.
+        assert!(matches!(
+            parse(true, b"some words here\r\n"),
+            Parse::Invalid {
+                other_version: false
+            }
+        ));
+        assert!(matches!(
+            parse(true, b"{\"proto\": \"HTTP/2.0\", \"x\": 1}"),
+            Parse::Invalid {
+                other_version: false
+            }
+        ));
+    }
+
+    #[test]
+    fn start_lines_for_resynchronisation() {
+        assert!(begins_with_start_line(true, b"GET / HTTP/1.1\r\n"));
+        assert!(begins_with_start_line(
+            true,
+            b"\r\nM-SEARCH * HTTP/1.1\r\nx"
+        ));
+        assert!(!begins_with_start_line(true, b"GET / HTTP/1.1"));
+        assert!(!begins_with_start_line(true, b"get / HTTP/1.1\r\n"));
+        assert!(!begins_with_start_line(true, b"some words here\r\n"));
+        assert!(!begins_with_start_line(true, b"HTTP/1.1 200 OK\r\n"));
+        assert!(begins_with_start_line(false, b"HTTP/1.1 200 OK\r\n"));
+        assert!(begins_with_start_line(false, b"HTTP/1.0 404\r\n"));
+        assert!(!begins_with_start_line(false, b"HTTP/1.1 200 OK"));
+        assert!(!begins_with_start_line(false, b"GET / HTTP/1.1\r\n"));
+        assert!(!begins_with_start_line(false, b""));
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        assert_eq!(framing(&headers(&[])), Framing::Unspecified);
+        assert_eq!(
+            framing(&headers(&[("Content-Length", " 42 ")])),
+            Framing::Length(42)
+        );
+        assert_eq!(
+            framing(&headers(&[
+                ("content-length", "5, 5"),
+                ("Content-Length", "5")
+            ])),
+            Framing::Length(5)
+        );
+        assert_eq!(
+            framing(&headers(&[
+                ("Content-Length", "5"),
+                ("Content-Length", "6")
+            ])),
+            Framing::Invalid
+        );
+        assert_eq!(
+            framing(&headers(&[("Content-Length", "-1")])),
+            Framing::Invalid
+        );
+        assert_eq!(
+            framing(&headers(&[("Content-Length", "99999999999999999999999")])),
+            Framing::Invalid
+        );
+        assert_eq!(
+            framing(&headers(&[
+                ("Content-Length", "10"),
+                ("Transfer-Encoding", "gzip, Chunked")
+            ])),
+            Framing::Chunked
+        );
+        assert_eq!(
+            framing(&headers(&[
+                ("Transfer-Encoding", "chunked"),
+                ("Transfer-Encoding", "gzip")
+            ])),
+            Framing::OtherEncoding
+        );
+        assert_eq!(
+            framing(&headers(&[("Transfer-Encoding", "")])),
+            Framing::OtherEncoding
+        );
+    }
+}
