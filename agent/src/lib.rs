@@ -6,12 +6,14 @@
 //! - [`capture`]: kernel records -> per-connection messages;
 //! - [`http`]: message bytes -> HTTP/1.x requests and responses;
 //! - [`tracecontext`]: W3C traceparent / tracestate;
+//! - [`correlate`]: messages -> SERVER and CLIENT spans with trace context;
 //! - [`sampling`]: which traces are kept;
 //! - [`span`]: the span model the later stages share;
 //! - [`export`]: spans -> OTLP, OTLP/JSON file, terminal;
 //! - [`config`]: the YAML file and command-line overrides.
 pub mod capture;
 pub mod config;
+pub mod correlate;
 pub mod export;
 pub mod http;
 pub mod sampling;

@@ -24,19 +24,36 @@ impl Default for SpanSettings {
         Self {
             request_headers: Vec::new(),
             response_headers: Vec::new(),
-            redact_query_parameters: ["token", "access_token", "password", "secret", "api_key", "key", "sig", "signature", "auth"]
-                .map(String::from)
-                .to_vec(),
+            redact_query_parameters: [
+                "token",
+                "access_token",
+                "password",
+                "secret",
+                "api_key",
+                "key",
+                "sig",
+                "signature",
+                "auth",
+            ]
+            .map(String::from)
+            .to_vec(),
             route_heuristic: true,
         }
     }
 }
 
 /// Headers whose values never leave the agent, whatever the configuration.
-pub const SENSITIVE_HEADERS: &[&str] = &["authorization", "cookie", "set-cookie", "proxy-authorization"];
+pub const SENSITIVE_HEADERS: &[&str] = &[
+    "authorization",
+    "cookie",
+    "set-cookie",
+    "proxy-authorization",
+];
 
 /// Methods the semantic conventions know; others are reported as `_OTHER`.
-const KNOWN_METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY"];
+const KNOWN_METHODS: &[&str] = &[
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY",
+];
 
 /// The route the heuristic derives from a path: segments that look like
 /// ids (all digits, a UUID, or 16+ hex digits) become `{id}`, so span names
@@ -75,7 +92,9 @@ pub fn redact_query(query: &str, sensitive: &[String]) -> String {
     query
         .split('&')
         .map(|pair| match pair.split_once('=') {
-            Some((name, _)) if sensitive.iter().any(|s| s.eq_ignore_ascii_case(name)) => format!("{name}=REDACTED"),
+            Some((name, _)) if sensitive.iter().any(|s| s.eq_ignore_ascii_case(name)) => {
+                format!("{name}=REDACTED")
+            }
             _ => pair.to_string(),
         })
         .collect::<Vec<_>>()
@@ -95,7 +114,11 @@ pub fn span_name(request: &RequestHead, settings: &SpanSettings) -> String {
 }
 
 fn normalized_method(method: &str) -> &str {
-    if KNOWN_METHODS.contains(&method) { method } else { "_OTHER" }
+    if KNOWN_METHODS.contains(&method) {
+        method
+    } else {
+        "_OTHER"
+    }
 }
 
 /// Path and query of a request target; absolute-form targets (proxies) give
@@ -119,11 +142,16 @@ fn host_and_port(host: &str) -> (String, Option<u16>) {
     if let Some(rest) = host.strip_prefix('[') {
         // [v6]:port
         if let Some((addr, after)) = rest.split_once(']') {
-            return (addr.to_string(), after.strip_prefix(':').and_then(|p| p.parse().ok()));
+            return (
+                addr.to_string(),
+                after.strip_prefix(':').and_then(|p| p.parse().ok()),
+            );
         }
     }
     match host.rsplit_once(':') {
-        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) && !p.is_empty() => (h.to_string(), p.parse().ok()),
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) && !p.is_empty() => {
+            (h.to_string(), p.parse().ok())
+        }
         _ => (host.to_string(), None),
     }
 }
@@ -138,32 +166,55 @@ pub struct Endpoints {
 }
 
 /// The semantic-convention attributes of one exchange.
-pub fn attributes(exchange: &Exchange, kind: SpanKind, ends: Endpoints, settings: &SpanSettings) -> Vec<Attribute> {
+pub fn attributes(
+    exchange: &Exchange,
+    kind: SpanKind,
+    ends: Endpoints,
+    settings: &SpanSettings,
+) -> Vec<Attribute> {
     let request = &exchange.request;
     let mut out = Vec::with_capacity(16);
     let method = normalized_method(&request.method);
     out.push(Attribute::string("http.request.method", method));
     if method == "_OTHER" {
-        out.push(Attribute::string("http.request.method_original", request.method.clone()));
+        out.push(Attribute::string(
+            "http.request.method_original",
+            request.method.clone(),
+        ));
     }
     let (path, query) = split_target(&request.target);
     out.push(Attribute::string("url.path", path));
     if let Some(query) = query {
-        out.push(Attribute::string("url.query", redact_query(query, &settings.redact_query_parameters)));
+        out.push(Attribute::string(
+            "url.query",
+            redact_query(query, &settings.redact_query_parameters),
+        ));
     }
     out.push(Attribute::string("url.scheme", "http"));
     if settings.route_heuristic && path.starts_with('/') {
         out.push(Attribute::string("http.route", heuristic_route(path)));
     }
     if let Some(response) = &exchange.response {
-        out.push(Attribute::int("http.response.status_code", response.status as i64));
+        out.push(Attribute::int(
+            "http.response.status_code",
+            response.status as i64,
+        ));
     }
-    out.push(Attribute::string("network.protocol.version", format!("1.{}", request.minor_version)));
+    out.push(Attribute::string(
+        "network.protocol.version",
+        format!("1.{}", request.minor_version),
+    ));
 
     // server.* names the server as the client addressed it (Host), falling
     // back to the socket; client.* and network.peer.* come from the socket.
-    let host = request.header("host").map(|h| String::from_utf8_lossy(h).trim().to_string());
-    let server_socket = if kind == SpanKind::Server { ends.local } else { ends.remote };
+    let host = request
+        .header("host")
+        .map(|h| String::from_utf8_lossy(h).trim().to_string());
+    let server_socket = if kind == SpanKind::Server {
+        ends.local
+    } else {
+        ends.remote
+    };
     let (server_address, server_port) = match host {
         Some(h) if !h.is_empty() => {
             let (name, port) = host_and_port(&h);
@@ -174,21 +225,39 @@ pub fn attributes(exchange: &Exchange, kind: SpanKind, ends: Endpoints, settings
     out.push(Attribute::string("server.address", server_address));
     out.push(Attribute::int("server.port", server_port as i64));
     if kind == SpanKind::Server {
-        out.push(Attribute::string("client.address", ends.remote.ip().to_string()));
+        out.push(Attribute::string(
+            "client.address",
+            ends.remote.ip().to_string(),
+        ));
         out.push(Attribute::int("client.port", ends.remote.port() as i64));
     }
-    out.push(Attribute::string("network.peer.address", ends.remote.ip().to_string()));
-    out.push(Attribute::int("network.peer.port", ends.remote.port() as i64));
+    out.push(Attribute::string(
+        "network.peer.address",
+        ends.remote.ip().to_string(),
+    ));
+    out.push(Attribute::int(
+        "network.peer.port",
+        ends.remote.port() as i64,
+    ));
     if let Some(agent) = request.header("user-agent") {
-        out.push(Attribute::string("user_agent.original", String::from_utf8_lossy(agent)));
+        out.push(Attribute::string(
+            "user_agent.original",
+            String::from_utf8_lossy(agent),
+        ));
     }
     for name in &settings.request_headers {
         if SENSITIVE_HEADERS.contains(&name.as_str()) {
             continue;
         }
-        let values: Vec<String> = request.headers_named(name).map(|v| String::from_utf8_lossy(v).into_owned()).collect();
+        let values: Vec<String> = request
+            .headers_named(name)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .collect();
         if !values.is_empty() {
-            out.push(Attribute::string(format!("http.request.header.{name}"), values.join(",")));
+            out.push(Attribute::string(
+                format!("http.request.header.{name}"),
+                values.join(","),
+            ));
         }
     }
     if let Some(response) = &exchange.response {
@@ -196,10 +265,15 @@ pub fn attributes(exchange: &Exchange, kind: SpanKind, ends: Endpoints, settings
             if SENSITIVE_HEADERS.contains(&name.as_str()) {
                 continue;
             }
-            let values: Vec<String> =
-                response.headers_named(name).map(|v| String::from_utf8_lossy(v).into_owned()).collect();
+            let values: Vec<String> = response
+                .headers_named(name)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .collect();
             if !values.is_empty() {
-                out.push(Attribute::string(format!("http.response.header.{name}"), values.join(",")));
+                out.push(Attribute::string(
+                    format!("http.response.header.{name}"),
+                    values.join(","),
+                ));
             }
         }
     }
@@ -212,7 +286,9 @@ pub fn status(exchange: &Exchange, kind: SpanKind) -> SpanStatus {
     match &exchange.response {
         None => SpanStatus::Error("no response".to_string()),
         Some(r) if r.status >= 500 => SpanStatus::Error(format!("HTTP {}", r.status)),
-        Some(r) if r.status >= 400 && kind == SpanKind::Client => SpanStatus::Error(format!("HTTP {}", r.status)),
+        Some(r) if r.status >= 400 && kind == SpanKind::Client => {
+            SpanStatus::Error(format!("HTTP {}", r.status))
+        }
         Some(_) => SpanStatus::Unset,
     }
 }
@@ -224,17 +300,27 @@ mod tests {
     #[test]
     fn route_heuristic_collapses_numeric_uuid_and_long_hex_segments() {
         assert_eq!(heuristic_route("/users/42/orders"), "/users/{id}/orders");
-        assert_eq!(heuristic_route("/o/123e4567-e89b-12d3-a456-426614174000"), "/o/{id}");
+        assert_eq!(
+            heuristic_route("/o/123e4567-e89b-12d3-a456-426614174000"),
+            "/o/{id}"
+        );
         assert_eq!(heuristic_route("/blob/0123456789abcdef0123"), "/blob/{id}");
         assert_eq!(heuristic_route("/v1/items"), "/v1/items");
         assert_eq!(heuristic_route("/"), "/");
-        assert_eq!(heuristic_route("/cafe"), "/cafe", "short hex words are not ids");
+        assert_eq!(
+            heuristic_route("/cafe"),
+            "/cafe",
+            "short hex words are not ids"
+        );
     }
 
     #[test]
     fn sensitive_query_values_are_redacted_and_others_kept() {
         let sensitive = vec!["token".to_string(), "password".to_string()];
-        assert_eq!(redact_query("a=1&token=abc&Password=x&b", &sensitive), "a=1&token=REDACTED&Password=REDACTED&b");
+        assert_eq!(
+            redact_query("a=1&token=abc&Password=x&b", &sensitive),
+            "a=1&token=REDACTED&Password=REDACTED&b"
+        );
         assert_eq!(redact_query("", &sensitive), "");
     }
 
@@ -249,14 +335,25 @@ mod tests {
 
     #[test]
     fn host_header_forms() {
-        assert_eq!(host_and_port("example.com:8080"), ("example.com".to_string(), Some(8080)));
-        assert_eq!(host_and_port("example.com"), ("example.com".to_string(), None));
+        assert_eq!(
+            host_and_port("example.com:8080"),
+            ("example.com".to_string(), Some(8080))
+        );
+        assert_eq!(
+            host_and_port("example.com"),
+            ("example.com".to_string(), None)
+        );
         assert_eq!(host_and_port("[::1]:80"), ("::1".to_string(), Some(80)));
     }
 
     #[test]
     fn sensitive_headers_are_the_four_the_guide_names() {
-        for h in ["authorization", "cookie", "set-cookie", "proxy-authorization"] {
+        for h in [
+            "authorization",
+            "cookie",
+            "set-cookie",
+            "proxy-authorization",
+        ] {
             assert!(SENSITIVE_HEADERS.contains(&h));
         }
     }

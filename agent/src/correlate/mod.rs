@@ -33,6 +33,8 @@ pub use process::{ProcessFilter, ProcessTable};
 /// The trace context a request got when its head was parsed.
 #[derive(Clone, Debug)]
 struct RequestContext {
+    /// The request's [`http::Exchange::sequence`].
+    sequence: u64,
     kind: SpanKind,
     trace_id: TraceId,
     span_id: SpanId,
@@ -49,7 +51,7 @@ struct ConnectionState {
     http: HttpConnection,
     /// Which direction carries requests, once known.
     request_direction: Option<Direction>,
-    /// Contexts of requests whose exchange has not completed, in order.
+    /// Contexts of requests whose exchange has not completed, by sequence.
     requests: VecDeque<RequestContext>,
     /// Request heads the parser had produced before the last message.
     heads_seen: u64,
@@ -124,7 +126,8 @@ impl Correlator {
             CaptureEvent::Opened(connection) => {
                 // A reused id cannot happen (ids are unique); a stale entry
                 // for the same fd is keyed by another id and ages out.
-                self.connections.insert(connection.id, ConnectionState::new(*connection, 0));
+                self.connections
+                    .insert(connection.id, ConnectionState::new(*connection, 0));
             }
             CaptureEvent::Data(message) => self.on_message(message, out),
             CaptureEvent::Closed(connection) => {
@@ -159,7 +162,13 @@ impl Correlator {
         } else {
             StreamDirection::Responses
         };
-        state.http.feed(stream, &message.bytes, message.len as usize, message.timestamp_ns, &mut self.exchanges);
+        state.http.feed(
+            stream,
+            &message.bytes,
+            message.len as usize,
+            message.timestamp_ns,
+            &mut self.exchanges,
+        );
         if stream == StreamDirection::Requests {
             self.start_new_requests(&mut state, message);
         }
@@ -175,38 +184,54 @@ impl Correlator {
     /// Gives every request head parsed from the last message its context.
     fn start_new_requests(&mut self, state: &mut ConnectionState, message: &Message) {
         let parsed = state.http.requests_parsed();
-        let new = (parsed - state.heads_seen) as usize;
-        state.heads_seen = parsed;
-        if new == 0 {
-            return;
-        }
-        let kind = if message.direction == Direction::Ingress { SpanKind::Server } else { SpanKind::Client };
+        let kind = if message.direction == Direction::Ingress {
+            SpanKind::Server
+        } else {
+            SpanKind::Client
+        };
         let pid = message.connection.pid;
-        let heads: Vec<RequestHead> = state.http.pending_requests().rev().take(new).cloned().collect();
-        for head in heads.iter().rev() {
-            let context = match kind {
+        for sequence in state.heads_seen..parsed {
+            // A request the parser already gave up (bounded queue) has no head.
+            let Some(head) = state.http.request_head(sequence) else {
+                continue;
+            };
+            let mut context = match kind {
                 SpanKind::Server => self.server_context(head, message.tid),
                 SpanKind::Client => self.client_context(head, pid, message.tid),
             };
+            context.sequence = sequence;
             if kind == SpanKind::Server {
                 self.serving.insert((pid, message.tid), context.clone());
             }
             state.requests.push_back(context);
         }
+        state.heads_seen = parsed;
     }
 
     fn server_context(&mut self, head: &RequestHead, tid: u32) -> RequestContext {
         let span_id = self.ids.span_id();
-        match tracecontext::extract(head.headers.iter().map(|h| (h.name.as_str(), h.value.as_slice()))) {
+        match tracecontext::extract(
+            head.headers
+                .iter()
+                .map(|h| (h.name.as_str(), h.value.as_slice())),
+        ) {
             Some(parent) => {
-                let sampled = self.sampler.should_sample(parent.traceparent.trace_id, Some(parent.traceparent.is_sampled()));
+                let sampled = self.sampler.should_sample(
+                    parent.traceparent.trace_id,
+                    Some(parent.traceparent.is_sampled()),
+                );
                 RequestContext {
+                    sequence: 0,
                     kind: SpanKind::Server,
                     trace_id: parent.traceparent.trace_id,
                     span_id,
                     parent_span_id: Some(parent.traceparent.parent_id),
                     flags: tracecontext::child_flags(parent.traceparent.flags, sampled),
-                    trace_state: if parent.tracestate.is_empty() { String::new() } else { parent.tracestate.to_header_value() },
+                    trace_state: if parent.tracestate.is_empty() {
+                        String::new()
+                    } else {
+                        parent.tracestate.to_header_value()
+                    },
                     tid,
                 }
             }
@@ -216,23 +241,35 @@ impl Correlator {
 
     fn client_context(&mut self, head: &RequestHead, pid: u32, tid: u32) -> RequestContext {
         let serving = self.serving.get(&(pid, tid)).cloned();
-        if let Some(wire) = tracecontext::extract(head.headers.iter().map(|h| (h.name.as_str(), h.value.as_slice()))) {
+        if let Some(wire) = tracecontext::extract(
+            head.headers
+                .iter()
+                .map(|h| (h.name.as_str(), h.value.as_slice())),
+        ) {
             // Someone (the application or our proxy) already chose this
             // call's id: the downstream server's parent is the wire parent-id.
-            let parent = serving.filter(|s| s.trace_id == wire.traceparent.trace_id).map(|s| s.span_id);
+            let parent = serving
+                .filter(|s| s.trace_id == wire.traceparent.trace_id)
+                .map(|s| s.span_id);
             return RequestContext {
+                sequence: 0,
                 kind: SpanKind::Client,
                 trace_id: wire.traceparent.trace_id,
                 span_id: wire.traceparent.parent_id,
                 parent_span_id: parent,
                 flags: wire.traceparent.flags,
-                trace_state: if wire.tracestate.is_empty() { String::new() } else { wire.tracestate.to_header_value() },
+                trace_state: if wire.tracestate.is_empty() {
+                    String::new()
+                } else {
+                    wire.tracestate.to_header_value()
+                },
                 tid,
             };
         }
         let span_id = self.ids.span_id();
         match serving {
             Some(server) => RequestContext {
+                sequence: 0,
                 kind: SpanKind::Client,
                 trace_id: server.trace_id,
                 span_id,
@@ -249,6 +286,7 @@ impl Correlator {
         let trace_id = self.ids.trace_id();
         let sampled = self.sampler.should_sample(trace_id, None);
         RequestContext {
+            sequence: 0,
             kind,
             trace_id,
             span_id,
@@ -261,12 +299,34 @@ impl Correlator {
 
     /// Turns the exchanges the parser completed into spans.
     fn finish_exchanges(&mut self, state: &mut ConnectionState, out: &mut Vec<Span>) {
-        for exchange in self.exchanges.drain(..) {
-            // Exchanges complete in request order, as contexts were queued.
-            let Some(context) = state.requests.pop_front() else { continue };
+        // Taken out and put back so its allocation is reused.
+        let mut exchanges = std::mem::take(&mut self.exchanges);
+        for exchange in exchanges.drain(..) {
+            // Exchanges complete in request order, as contexts were queued;
+            // contexts of requests the parser gave up are skipped.
+            while state
+                .requests
+                .front()
+                .is_some_and(|c| c.sequence < exchange.sequence)
+            {
+                state.requests.pop_front();
+            }
+            if state
+                .requests
+                .front()
+                .is_none_or(|c| c.sequence != exchange.sequence)
+            {
+                continue;
+            }
+            let Some(context) = state.requests.pop_front() else {
+                continue;
+            };
             let pid = state.connection.pid;
             if context.kind == SpanKind::Server
-                && self.serving.get(&(pid, context.tid)).is_some_and(|s| s.span_id == context.span_id)
+                && self
+                    .serving
+                    .get(&(pid, context.tid))
+                    .is_some_and(|s| s.span_id == context.span_id)
             {
                 self.serving.remove(&(pid, context.tid));
             }
@@ -278,7 +338,10 @@ impl Correlator {
                 self.counters.filtered_out += 1;
                 continue;
             };
-            let ends = attributes::Endpoints { local: state.connection.local, remote: state.connection.remote };
+            let ends = attributes::Endpoints {
+                local: state.connection.local,
+                remote: state.connection.remote,
+            };
             let end_ns = exchange.response_end_ns.unwrap_or(exchange.request_end_ns);
             out.push(Span {
                 trace_id: context.trace_id,
@@ -296,6 +359,7 @@ impl Correlator {
             });
             self.counters.spans += 1;
         }
+        self.exchanges = exchanges;
     }
 
     fn to_unix(&self, monotonic_ns: u64) -> u64 {
@@ -308,10 +372,15 @@ impl Correlator {
             return;
         }
         let before = self.connections.len();
-        self.connections.retain(|_, s| now_ns.saturating_sub(s.last_activity_ns) < IDLE_EVICTION_NS);
+        self.connections
+            .retain(|_, s| now_ns.saturating_sub(s.last_activity_ns) < IDLE_EVICTION_NS);
         if self.connections.len() >= MAX_CONNECTIONS {
             // Everything is busy: forget the oldest half.
-            let mut ages: Vec<u64> = self.connections.values().map(|s| s.last_activity_ns).collect();
+            let mut ages: Vec<u64> = self
+                .connections
+                .values()
+                .map(|s| s.last_activity_ns)
+                .collect();
             ages.sort_unstable();
             let cut = ages[ages.len() / 2];
             self.connections.retain(|_, s| s.last_activity_ns > cut);
@@ -341,7 +410,10 @@ impl ConnectionState {
     /// when connect/accept happened before the agent started.
     fn request_direction_for(&mut self, message: &Message) -> Option<Direction> {
         if self.request_direction.is_none()
-            && matches!(http::start_line(&message.bytes), Some(http::StartLine::Request { .. }))
+            && matches!(
+                http::start_line(&message.bytes),
+                Some(http::StartLine::Request { .. })
+            )
         {
             self.request_direction = Some(message.direction);
         }
@@ -352,7 +424,10 @@ impl ConnectionState {
 /// CLOCK_REALTIME minus CLOCK_MONOTONIC (what bpf_ktime_get_ns reads).
 fn monotonic_to_unix_offset() -> i128 {
     fn now(clock: libc::clockid_t) -> i128 {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
         // SAFETY: valid pointer to a local timespec.
         unsafe { libc::clock_gettime(clock, &mut ts) };
         ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128

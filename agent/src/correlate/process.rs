@@ -37,12 +37,26 @@ impl ProcessInfo {
         let dir = proc_root.join(pid.to_string());
         let executable_name = std::fs::read_link(dir.join("exe"))
             .ok()
-            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().trim_end_matches(" (deleted)").to_string()))
-            .or_else(|| std::fs::read_to_string(dir.join("comm")).ok().map(|s| s.trim_end().to_string()))
+            .and_then(|p| {
+                p.file_name().map(|n| {
+                    n.to_string_lossy()
+                        .trim_end_matches(" (deleted)")
+                        .to_string()
+                })
+            })
+            .or_else(|| {
+                std::fs::read_to_string(dir.join("comm"))
+                    .ok()
+                    .map(|s| s.trim_end().to_string())
+            })
             .unwrap_or_else(|| format!("pid-{pid}"));
         let command_line = std::fs::read(dir.join("cmdline"))
             .map(|raw| {
-                raw.split(|b| *b == 0).filter(|a| !a.is_empty()).map(String::from_utf8_lossy).collect::<Vec<_>>().join(" ")
+                raw.split(|b| *b == 0)
+                    .filter(|a| !a.is_empty())
+                    .map(String::from_utf8_lossy)
+                    .collect::<Vec<_>>()
+                    .join(" ")
             })
             .unwrap_or_default();
         let otel_service_name = std::fs::read(dir.join("environ")).ok().and_then(|raw| {
@@ -53,7 +67,11 @@ impl ProcessInfo {
                     .map(|v| String::from_utf8_lossy(v).into_owned())
             })
         });
-        ProcessInfo { executable_name, command_line, otel_service_name }
+        ProcessInfo {
+            executable_name,
+            command_line,
+            otel_service_name,
+        }
     }
 }
 
@@ -75,7 +93,12 @@ impl ProcessTable {
         let host_name = std::fs::read_to_string(proc_root.join("sys/kernel/hostname"))
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
-        Self { proc_root, host_name, filter, resources: HashMap::new() }
+        Self {
+            proc_root,
+            host_name,
+            filter,
+            resources: HashMap::new(),
+        }
     }
 
     /// The resource of `pid`, or None when the filter excludes it.
@@ -114,7 +137,10 @@ impl ProcessTable {
         if !self.host_name.is_empty() {
             attributes.push(Attribute::string("host.name", self.host_name.clone()));
         }
-        Resource { service_name: info.otel_service_name.unwrap_or(info.executable_name), attributes }
+        Resource {
+            service_name: info.otel_service_name.unwrap_or(info.executable_name),
+            attributes,
+        }
     }
 }
 
@@ -159,20 +185,37 @@ mod tests {
 
     #[test]
     fn service_name_comes_from_the_process_environment_when_set() {
-        let root = fake_proc(10, "python3.11", b"python3\0app.py\0", b"HOME=/\0OTEL_SERVICE_NAME=orders\0");
+        let root = fake_proc(
+            10,
+            "python3.11",
+            b"python3\0app.py\0",
+            b"HOME=/\0OTEL_SERVICE_NAME=orders\0",
+        );
         let mut table = ProcessTable::new(root.path(), ProcessFilter::default());
         let r = table.resource(10).unwrap();
         assert_eq!(r.service_name, "orders");
-        assert!(r.attributes.contains(&Attribute::string("process.command_line", "python3 app.py")));
-        assert!(r.attributes.contains(&Attribute::string("process.executable.name", "python3.11")));
-        assert!(r.attributes.contains(&Attribute::string("host.name", "node-1")));
+        assert!(
+            r.attributes
+                .contains(&Attribute::string("process.command_line", "python3 app.py"))
+        );
+        assert!(
+            r.attributes
+                .contains(&Attribute::string("process.executable.name", "python3.11"))
+        );
+        assert!(
+            r.attributes
+                .contains(&Attribute::string("host.name", "node-1"))
+        );
         assert!(r.attributes.contains(&Attribute::int("process.pid", 10)));
     }
 
     #[test]
     fn service_name_falls_back_to_the_executable_and_command_line_can_be_redacted() {
         let root = fake_proc(11, "nginx", b"nginx: worker process\0", b"PATH=/bin\0");
-        let filter = ProcessFilter { redact_command_line: true, ..Default::default() };
+        let filter = ProcessFilter {
+            redact_command_line: true,
+            ..Default::default()
+        };
         let r = ProcessTable::new(root.path(), filter).resource(11).unwrap();
         assert_eq!(r.service_name, "nginx");
         assert!(!r.attributes.iter().any(|a| a.key == "process.command_line"));
@@ -181,17 +224,37 @@ mod tests {
     #[test]
     fn include_and_exclude_filter_by_executable_name() {
         let root = fake_proc(12, "curl", b"curl\0", b"");
-        let only_nginx = ProcessFilter { include: vec!["nginx".into()], ..Default::default() };
-        assert!(ProcessTable::new(root.path(), only_nginx).resource(12).is_none());
-        let not_curl = ProcessFilter { exclude: vec!["curl".into()], ..Default::default() };
-        assert!(ProcessTable::new(root.path(), not_curl).resource(12).is_none());
-        assert!(ProcessTable::new(root.path(), ProcessFilter::default()).resource(12).is_some());
+        let only_nginx = ProcessFilter {
+            include: vec!["nginx".into()],
+            ..Default::default()
+        };
+        assert!(
+            ProcessTable::new(root.path(), only_nginx)
+                .resource(12)
+                .is_none()
+        );
+        let not_curl = ProcessFilter {
+            exclude: vec!["curl".into()],
+            ..Default::default()
+        };
+        assert!(
+            ProcessTable::new(root.path(), not_curl)
+                .resource(12)
+                .is_none()
+        );
+        assert!(
+            ProcessTable::new(root.path(), ProcessFilter::default())
+                .resource(12)
+                .is_some()
+        );
     }
 
     #[test]
     fn a_vanished_process_still_gets_a_resource() {
         let root = tempdir::Dir::new();
-        let r = ProcessTable::new(root.path(), ProcessFilter::default()).resource(999).unwrap();
+        let r = ProcessTable::new(root.path(), ProcessFilter::default())
+            .resource(999)
+            .unwrap();
         assert_eq!(r.service_name, "pid-999");
     }
 }

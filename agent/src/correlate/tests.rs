@@ -13,7 +13,11 @@ const CLIENT_PID: u32 = 200;
 
 fn correlator(percentage: f64) -> Correlator {
     let processes = ProcessTable::new("/nonexistent-proc", ProcessFilter::default());
-    Correlator::new(Sampler::new(percentage, true).unwrap(), SpanSettings::default(), processes)
+    Correlator::new(
+        Sampler::new(percentage, true).unwrap(),
+        SpanSettings::default(),
+        processes,
+    )
 }
 
 fn connection(id: u64, pid: u32, role: Role, local: &str, remote: &str) -> Connection {
@@ -27,7 +31,13 @@ fn connection(id: u64, pid: u32, role: Role, local: &str, remote: &str) -> Conne
     }
 }
 
-fn message(connection: Connection, tid: u32, direction: Direction, ts: u64, bytes: &[u8]) -> CaptureEvent {
+fn message(
+    connection: Connection,
+    tid: u32,
+    direction: Direction,
+    ts: u64,
+    bytes: &[u8],
+) -> CaptureEvent {
     CaptureEvent::Data(Message {
         connection,
         tid,
@@ -49,11 +59,23 @@ fn run(c: &mut Correlator, events: &[CaptureEvent]) -> Vec<Span> {
 }
 
 fn server_conn() -> Connection {
-    connection(1, SERVER_PID, Role::Server, "10.0.0.1:8080", "10.0.0.9:40000")
+    connection(
+        1,
+        SERVER_PID,
+        Role::Server,
+        "10.0.0.1:8080",
+        "10.0.0.9:40000",
+    )
 }
 
 fn upstream_conn() -> Connection {
-    connection(2, SERVER_PID, Role::Client, "10.0.0.1:50000", "10.0.0.2:9090")
+    connection(
+        2,
+        SERVER_PID,
+        Role::Client,
+        "10.0.0.1:50000",
+        "10.0.0.2:9090",
+    )
 }
 
 const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
@@ -64,7 +86,13 @@ fn inbound_request_without_traceparent_starts_a_new_random_sampled_trace() {
     let spans = run(
         &mut correlator(100.0),
         &[
-            message(s, 11, Direction::Ingress, 1_000, b"GET /users/42?token=abc HTTP/1.1\r\nHost: shop:8080\r\nUser-Agent: t/1\r\n\r\n"),
+            message(
+                s,
+                11,
+                Direction::Ingress,
+                1_000,
+                b"GET /users/42?token=abc HTTP/1.1\r\nHost: shop:8080\r\nUser-Agent: t/1\r\n\r\n",
+            ),
             message(s, 11, Direction::Egress, 5_000, OK),
         ],
     );
@@ -77,15 +105,30 @@ fn inbound_request_without_traceparent_starts_a_new_random_sampled_trace() {
     assert_eq!(span.name, "GET /users/{id}");
     assert_eq!(span.end_unix_nano - span.start_unix_nano, 4_000);
     assert_eq!(span.status, SpanStatus::Unset);
-    assert_eq!(span.attribute("http.response.status_code").as_deref(), Some("200"));
+    assert_eq!(
+        span.attribute("http.response.status_code").as_deref(),
+        Some("200")
+    );
     assert_eq!(span.attribute("url.path").as_deref(), Some("/users/42"));
-    assert_eq!(span.attribute("url.query").as_deref(), Some("token=REDACTED"));
+    assert_eq!(
+        span.attribute("url.query").as_deref(),
+        Some("token=REDACTED")
+    );
     assert_eq!(span.attribute("server.address").as_deref(), Some("shop"));
     assert_eq!(span.attribute("server.port").as_deref(), Some("8080"));
-    assert_eq!(span.attribute("client.address").as_deref(), Some("10.0.0.9"));
+    assert_eq!(
+        span.attribute("client.address").as_deref(),
+        Some("10.0.0.9")
+    );
     assert_eq!(span.attribute("client.port").as_deref(), Some("40000"));
-    assert_eq!(span.attribute("user_agent.original").as_deref(), Some("t/1"));
-    assert_eq!(span.attribute("network.protocol.version").as_deref(), Some("1.1"));
+    assert_eq!(
+        span.attribute("user_agent.original").as_deref(),
+        Some("t/1")
+    );
+    assert_eq!(
+        span.attribute("network.protocol.version").as_deref(),
+        Some("1.1")
+    );
     assert_eq!(span.resource.service_name, format!("pid-{SERVER_PID}"));
 }
 
@@ -109,7 +152,11 @@ fn inbound_valid_traceparent_is_continued() {
     assert_eq!(span.trace_id.to_hex(), "0af7651916cd43dd8448eb211c80319c");
     assert_eq!(span.parent_span_id.unwrap().to_hex(), "b7ad6b7169203331");
     assert_ne!(span.span_id.to_hex(), "b7ad6b7169203331");
-    assert_eq!(span.flags, flags::SAMPLED, "the random flag is copied exactly (here: unset)");
+    assert_eq!(
+        span.flags,
+        flags::SAMPLED,
+        "the random flag is copied exactly (here: unset)"
+    );
     assert_eq!(span.trace_state, "a=1");
 }
 
@@ -143,18 +190,33 @@ fn outbound_call_from_the_serving_thread_is_a_child_of_the_server_span() {
         &mut correlator(100.0),
         &[
             message(s, 11, Direction::Ingress, 1, b"GET /front HTTP/1.1\r\n\r\n"),
-            message(u, 11, Direction::Egress, 2, b"GET /back HTTP/1.1\r\nHost: backend\r\n\r\n"),
+            message(
+                u,
+                11,
+                Direction::Egress,
+                2,
+                b"GET /back HTTP/1.1\r\nHost: backend\r\n\r\n",
+            ),
             message(u, 11, Direction::Ingress, 3, OK),
             message(s, 11, Direction::Egress, 4, OK),
         ],
     );
     assert_eq!(spans.len(), 2);
     let (client, server) = (&spans[0], &spans[1]);
-    assert_eq!((client.kind, server.kind), (SpanKind::Client, SpanKind::Server));
+    assert_eq!(
+        (client.kind, server.kind),
+        (SpanKind::Client, SpanKind::Server)
+    );
     assert_eq!(client.trace_id, server.trace_id);
     assert_eq!(client.parent_span_id, Some(server.span_id));
-    assert_eq!(client.attribute("server.address").as_deref(), Some("backend"));
-    assert_eq!(client.attribute("network.peer.port").as_deref(), Some("9090"));
+    assert_eq!(
+        client.attribute("server.address").as_deref(),
+        Some("backend")
+    );
+    assert_eq!(
+        client.attribute("network.peer.port").as_deref(),
+        Some("9090")
+    );
 }
 
 #[test]
@@ -175,7 +237,13 @@ fn outbound_call_from_another_thread_starts_its_own_trace() {
 
 #[test]
 fn outbound_traceparent_on_the_wire_fixes_the_client_span_id() {
-    let u = connection(3, CLIENT_PID, Role::Client, "10.0.0.1:50000", "10.0.0.2:9090");
+    let u = connection(
+        3,
+        CLIENT_PID,
+        Role::Client,
+        "10.0.0.1:50000",
+        "10.0.0.2:9090",
+    );
     let spans = run(
         &mut correlator(100.0),
         &[
@@ -193,7 +261,11 @@ fn outbound_traceparent_on_the_wire_fixes_the_client_span_id() {
     assert_eq!(span.kind, SpanKind::Client);
     assert_eq!(span.trace_id.to_hex(), "0af7651916cd43dd8448eb211c80319c");
     assert_eq!(span.span_id.to_hex(), "b7ad6b7169203331");
-    assert_eq!(span.status, SpanStatus::Error("HTTP 404".into()), "4xx is an error on clients");
+    assert_eq!(
+        span.status,
+        SpanStatus::Error("HTTP 404".into()),
+        "4xx is an error on clients"
+    );
 }
 
 #[test]
@@ -212,10 +284,24 @@ fn pipelined_requests_pair_first_in_first_out() {
             ),
         ],
     );
-    let got: Vec<(String, String)> =
-        spans.iter().map(|s| (s.attribute("url.path").unwrap(), s.attribute("http.response.status_code").unwrap())).collect();
-    assert_eq!(got, [("/1", "200"), ("/2", "404"), ("/3", "503")].map(|(a, b)| (a.to_string(), b.to_string())));
-    assert_eq!(spans[1].status, SpanStatus::Unset, "4xx is not an error on servers");
+    let got: Vec<(String, String)> = spans
+        .iter()
+        .map(|s| {
+            (
+                s.attribute("url.path").unwrap(),
+                s.attribute("http.response.status_code").unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [("/1", "200"), ("/2", "404"), ("/3", "503")].map(|(a, b)| (a.to_string(), b.to_string()))
+    );
+    assert_eq!(
+        spans[1].status,
+        SpanStatus::Unset,
+        "4xx is not an error on servers"
+    );
     assert_eq!(spans[2].status, SpanStatus::Error("HTTP 503".into()));
 }
 
@@ -223,17 +309,32 @@ fn pipelined_requests_pair_first_in_first_out() {
 fn zero_percent_sampling_exports_nothing_and_counts_it() {
     let s = server_conn();
     let mut c = correlator(0.0);
-    let spans = run(&mut c, &[message(s, 11, Direction::Ingress, 1, b"GET / HTTP/1.1\r\n\r\n"), message(s, 11, Direction::Egress, 2, OK)]);
+    let spans = run(
+        &mut c,
+        &[
+            message(s, 11, Direction::Ingress, 1, b"GET / HTTP/1.1\r\n\r\n"),
+            message(s, 11, Direction::Egress, 2, OK),
+        ],
+    );
     assert!(spans.is_empty());
     assert_eq!(c.counters().sampled_out, 1);
 }
 
 #[test]
 fn unknown_role_learns_the_request_direction_from_the_first_request_line() {
-    let c0 = connection(9, SERVER_PID, Role::Unknown, "10.0.0.1:8080", "10.0.0.9:40000");
+    let c0 = connection(
+        9,
+        SERVER_PID,
+        Role::Unknown,
+        "10.0.0.1:8080",
+        "10.0.0.9:40000",
+    );
     let spans = run(
         &mut correlator(100.0),
-        &[message(c0, 11, Direction::Ingress, 1, b"GET /x HTTP/1.1\r\n\r\n"), message(c0, 11, Direction::Egress, 2, OK)],
+        &[
+            message(c0, 11, Direction::Ingress, 1, b"GET /x HTTP/1.1\r\n\r\n"),
+            message(c0, 11, Direction::Egress, 2, OK),
+        ],
     );
     assert_eq!(spans.len(), 1);
     assert_eq!(spans[0].kind, SpanKind::Server);
@@ -244,7 +345,10 @@ fn close_without_response_is_an_error_span() {
     let s = server_conn();
     let spans = run(
         &mut correlator(100.0),
-        &[message(s, 11, Direction::Ingress, 1, b"GET /hang HTTP/1.1\r\n\r\n"), CaptureEvent::Closed(s)],
+        &[
+            message(s, 11, Direction::Ingress, 1, b"GET /hang HTTP/1.1\r\n\r\n"),
+            CaptureEvent::Closed(s),
+        ],
     );
     assert_eq!(spans.len(), 1);
     assert_eq!(spans[0].status, SpanStatus::Error("no response".into()));

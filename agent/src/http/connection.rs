@@ -33,6 +33,9 @@ pub enum StreamDirection {
 /// One request and the response that answered it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Exchange {
+    /// The request's position on its connection, counting from 0: what
+    /// [`HttpConnection::requests_parsed`] was before its head parsed.
+    pub sequence: u64,
     /// The request head.
     pub request: RequestHead,
     /// The final (non-1xx) response head, or the `101` that switched
@@ -164,6 +167,7 @@ impl Pending {
 
     fn into_exchange(self) -> Exchange {
         Exchange {
+            sequence: self.seq,
             response_end_ns: self.response.as_ref().map(|_| self.response_last_ns),
             request: self.request,
             response: self.response,
@@ -210,6 +214,22 @@ impl HttpConnection {
     /// `CONNECT`): its bytes are opaque from then on and ignored.
     pub fn is_tunnel(&self) -> bool {
         self.tunnel
+    }
+
+    /// How many request heads have parsed on this connection so far. The
+    /// caller compares it before and after [`feed`](Self::feed) to learn of
+    /// new requests while they are still being served.
+    pub fn requests_parsed(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// The head of the request with this [`Exchange::sequence`], while its
+    /// exchange has not completed.
+    pub fn request_head(&self, sequence: u64) -> Option<&RequestHead> {
+        self.pending
+            .iter()
+            .find(|p| p.seq == sequence)
+            .map(|p| &p.request)
     }
 
     /// Feeds one captured message: `bytes` are its first bytes as copied,
