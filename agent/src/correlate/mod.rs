@@ -15,11 +15,18 @@
 //!   so the downstream SERVER span links to it. Without one, sent by a thread
 //!   that is serving an inbound request: a child of that SERVER span.
 //!   Otherwise: a new trace.
+//! - both ends on this node: the agent sees the client's and the server's
+//!   side of the same TCP connection (the same 4-tuple, reversed). A SERVER
+//!   span without an inbound `traceparent` becomes the child of the CLIENT
+//!   span of the same request (same position on the connection), so a chain
+//!   of uninstrumented local services forms one trace. Either side may be
+//!   seen first: the server side's context is patched until its span ends.
 
 pub mod attributes;
 pub mod process;
 
 use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
 
 use crate::capture::{CaptureEvent, Connection, ConnectionId, Direction, Message, Role};
 use crate::http::{self, HttpConnection, RequestHead, StreamDirection};
@@ -43,6 +50,9 @@ struct RequestContext {
     trace_state: String,
     /// Thread that read (server) or wrote (client) the request head.
     tid: u32,
+    /// A server context chosen without a parent, which the client side of
+    /// the same connection on this node may still adopt.
+    awaiting_local_client: bool,
 }
 
 /// One TCP connection being followed.
@@ -82,6 +92,8 @@ const IDLE_EVICTION_NS: u64 = 120 * 1_000_000_000;
 /// requests, id generation, sampling and process resources.
 pub struct Correlator {
     connections: HashMap<ConnectionId, ConnectionState>,
+    /// (local, remote) -> connection, to find the other end of a local connection.
+    by_addresses: HashMap<(SocketAddr, SocketAddr), ConnectionId>,
     /// (pid, tid) -> context of the inbound request that thread serves.
     serving: HashMap<(u32, u32), RequestContext>,
     ids: IdGenerator,
@@ -99,6 +111,7 @@ impl Correlator {
     pub fn new(sampler: Sampler, settings: SpanSettings, processes: ProcessTable) -> Self {
         Self {
             connections: HashMap::new(),
+            by_addresses: HashMap::new(),
             serving: HashMap::new(),
             ids: IdGenerator::new(),
             sampler,
@@ -131,7 +144,7 @@ impl Correlator {
             }
             CaptureEvent::Data(message) => self.on_message(message, out),
             CaptureEvent::Closed(connection) => {
-                if let Some(mut state) = self.connections.remove(&connection.id) {
+                if let Some(mut state) = self.untrack(connection.id) {
                     let now = state.last_activity_ns;
                     state.http.close(now, &mut self.exchanges);
                     self.finish_exchanges(&mut state, out);
@@ -146,15 +159,14 @@ impl Correlator {
             self.make_room(message.timestamp_ns);
         }
         let mut state = self
-            .connections
-            .remove(&id)
+            .untrack(id)
             .unwrap_or_else(|| ConnectionState::new(message.connection, message.timestamp_ns));
         state.last_activity_ns = message.timestamp_ns;
 
         let Some(request_direction) = state.request_direction_for(message) else {
             // Not yet known which side asks: wait for a message that starts
             // with a request line.
-            self.connections.insert(id, state);
+            self.track(state);
             return;
         };
         let stream = if message.direction == request_direction {
@@ -178,7 +190,43 @@ impl Correlator {
             self.counters.broken_connections += 1;
             return; // forgotten: nothing more to learn from it
         }
-        self.connections.insert(id, state);
+        self.track(state);
+    }
+
+    fn track(&mut self, state: ConnectionState) {
+        let c = state.connection;
+        self.by_addresses.insert((c.local, c.remote), c.id);
+        self.connections.insert(c.id, state);
+    }
+
+    fn untrack(&mut self, id: ConnectionId) -> Option<ConnectionState> {
+        let state = self.connections.remove(&id)?;
+        let key = (state.connection.local, state.connection.remote);
+        if self.by_addresses.get(&key) == Some(&id) {
+            self.by_addresses.remove(&key);
+        }
+        Some(state)
+    }
+
+    /// The context of request `sequence` on the other end of `connection`,
+    /// when both ends are on this node and were seen from their start (so
+    /// that request positions agree).
+    fn local_peer_request(
+        &mut self,
+        connection: &Connection,
+        sequence: u64,
+    ) -> Option<&mut RequestContext> {
+        if connection.role == Role::Unknown {
+            return None;
+        }
+        let peer_id = *self
+            .by_addresses
+            .get(&(connection.remote, connection.local))?;
+        let peer = self.connections.get_mut(&peer_id)?;
+        if peer.connection.role == Role::Unknown {
+            return None;
+        }
+        peer.requests.iter_mut().find(|c| c.sequence == sequence)
     }
 
     /// Gives every request head parsed from the last message its context.
@@ -200,12 +248,53 @@ impl Correlator {
                 SpanKind::Client => self.client_context(head, pid, message.tid),
             };
             context.sequence = sequence;
+            self.link_local_ends(&state.connection, &mut context);
             if kind == SpanKind::Server {
                 self.serving.insert((pid, message.tid), context.clone());
             }
             state.requests.push_back(context);
         }
         state.heads_seen = parsed;
+    }
+
+    /// Joins the two ends of a connection seen on this node (see the module
+    /// documentation). `context` is the end just parsed.
+    fn link_local_ends(&mut self, connection: &Connection, context: &mut RequestContext) {
+        let sampler = self.sampler;
+        match context.kind {
+            SpanKind::Server if context.awaiting_local_client => {
+                let Some(client) = self.local_peer_request(connection, context.sequence) else {
+                    return;
+                };
+                let client = client.clone();
+                adopt_client(context, &client, &sampler);
+            }
+            SpanKind::Client => {
+                let client = context.clone();
+                let Some(server) = self.local_peer_request(connection, context.sequence) else {
+                    return;
+                };
+                if !server.awaiting_local_client {
+                    return;
+                }
+                let before = server.span_id;
+                adopt_client(server, &client, &sampler);
+                let (server_tid, patched) = (server.tid, server.clone());
+                // The server's thread may already be serving it: its later
+                // outbound calls must join the adopted trace.
+                if let Some(peer) = self
+                    .by_addresses
+                    .get(&(connection.remote, connection.local))
+                    .copied()
+                    && let Some(pid) = self.connections.get(&peer).map(|p| p.connection.pid)
+                    && let Some(serving) = self.serving.get_mut(&(pid, server_tid))
+                    && serving.span_id == before
+                {
+                    *serving = patched;
+                }
+            }
+            SpanKind::Server => {}
+        }
     }
 
     fn server_context(&mut self, head: &RequestHead, tid: u32) -> RequestContext {
@@ -227,15 +316,15 @@ impl Correlator {
                     span_id,
                     parent_span_id: Some(parent.traceparent.parent_id),
                     flags: tracecontext::child_flags(parent.traceparent.flags, sampled),
-                    trace_state: if parent.tracestate.is_empty() {
-                        String::new()
-                    } else {
-                        parent.tracestate.to_header_value()
-                    },
+                    trace_state: parent.tracestate.to_header_value(),
                     tid,
+                    awaiting_local_client: false,
                 }
             }
-            None => self.root_context(SpanKind::Server, span_id, tid),
+            None => RequestContext {
+                awaiting_local_client: true,
+                ..self.root_context(SpanKind::Server, span_id, tid)
+            },
         }
     }
 
@@ -258,12 +347,9 @@ impl Correlator {
                 span_id: wire.traceparent.parent_id,
                 parent_span_id: parent,
                 flags: wire.traceparent.flags,
-                trace_state: if wire.tracestate.is_empty() {
-                    String::new()
-                } else {
-                    wire.tracestate.to_header_value()
-                },
+                trace_state: wire.tracestate.to_header_value(),
                 tid,
+                awaiting_local_client: false,
             };
         }
         let span_id = self.ids.span_id();
@@ -277,6 +363,7 @@ impl Correlator {
                 flags: server.flags,
                 trace_state: server.trace_state,
                 tid,
+                awaiting_local_client: false,
             },
             None => self.root_context(SpanKind::Client, span_id, tid),
         }
@@ -294,6 +381,7 @@ impl Correlator {
             flags: tracecontext::root_flags(sampled),
             trace_state: String::new(),
             tid,
+            awaiting_local_client: false,
         }
     }
 
@@ -386,6 +474,9 @@ impl Correlator {
             self.connections.retain(|_, s| s.last_activity_ns > cut);
         }
         self.counters.evicted_connections += (before - self.connections.len()) as u64;
+        let connections = &self.connections;
+        self.by_addresses
+            .retain(|_, id| connections.contains_key(id));
     }
 }
 
@@ -419,6 +510,17 @@ impl ConnectionState {
         }
         self.request_direction
     }
+}
+
+/// Makes a server context the child of the client context of the same
+/// request, keeping the server's own span id.
+fn adopt_client(server: &mut RequestContext, client: &RequestContext, sampler: &Sampler) {
+    let sampled = sampler.should_sample(client.trace_id, Some(client.flags & flags::SAMPLED != 0));
+    server.trace_id = client.trace_id;
+    server.parent_span_id = Some(client.span_id);
+    server.flags = tracecontext::child_flags(client.flags, sampled);
+    server.trace_state = client.trace_state.clone();
+    server.awaiting_local_client = false;
 }
 
 /// CLOCK_REALTIME minus CLOCK_MONOTONIC (what bpf_ktime_get_ns reads).

@@ -353,3 +353,146 @@ fn close_without_response_is_an_error_span() {
     assert_eq!(spans.len(), 1);
     assert_eq!(spans[0].status, SpanStatus::Error("no response".into()));
 }
+
+/// curl (client end) and nginx (server end) of one loopback connection.
+fn local_pair(id: u64) -> (Connection, Connection) {
+    let client = connection(
+        id,
+        CLIENT_PID,
+        Role::Client,
+        "127.0.0.1:5000",
+        "127.0.0.1:80",
+    );
+    let server = connection(
+        id + 1,
+        SERVER_PID,
+        Role::Server,
+        "127.0.0.1:80",
+        "127.0.0.1:5000",
+    );
+    (client, server)
+}
+
+#[test]
+fn server_end_joins_the_trace_of_the_client_end_on_this_node_client_seen_first() {
+    let (c, s) = local_pair(20);
+    let spans = run(
+        &mut correlator(100.0),
+        &[
+            message(c, 7, Direction::Egress, 1, b"GET / HTTP/1.1\r\n\r\n"),
+            message(s, 11, Direction::Ingress, 2, b"GET / HTTP/1.1\r\n\r\n"),
+            message(s, 11, Direction::Egress, 3, OK),
+            message(c, 7, Direction::Ingress, 4, OK),
+        ],
+    );
+    let (server, client) = (&spans[0], &spans[1]);
+    assert_eq!(
+        (server.kind, client.kind),
+        (SpanKind::Server, SpanKind::Client)
+    );
+    assert_eq!(server.trace_id, client.trace_id);
+    assert_eq!(server.parent_span_id, Some(client.span_id));
+    assert_eq!(client.parent_span_id, None);
+}
+
+#[test]
+fn server_end_joins_the_trace_of_the_client_end_on_this_node_server_seen_first() {
+    let (c, s) = local_pair(30);
+    let spans = run(
+        &mut correlator(100.0),
+        &[
+            // The server's read can be delivered before the client's write.
+            CaptureEvent::Opened(s),
+            CaptureEvent::Opened(c),
+            message(s, 11, Direction::Ingress, 2, b"GET / HTTP/1.1\r\n\r\n"),
+            message(c, 7, Direction::Egress, 1, b"GET / HTTP/1.1\r\n\r\n"),
+            message(s, 11, Direction::Egress, 3, OK),
+            message(c, 7, Direction::Ingress, 4, OK),
+        ],
+    );
+    let (server, client) = (&spans[0], &spans[1]);
+    assert_eq!(server.trace_id, client.trace_id);
+    assert_eq!(server.parent_span_id, Some(client.span_id));
+}
+
+#[test]
+fn a_chain_of_local_services_forms_one_trace() {
+    // curl -> nginx (server end + upstream client end) -> python
+    let curl = connection(40, 300, Role::Client, "127.0.0.1:5000", "127.0.0.1:80");
+    let nginx_in = connection(41, 400, Role::Server, "127.0.0.1:80", "127.0.0.1:5000");
+    let nginx_out = connection(42, 400, Role::Client, "127.0.0.1:6000", "127.0.0.1:8000");
+    let python = connection(43, 500, Role::Server, "127.0.0.1:8000", "127.0.0.1:6000");
+    let spans = run(
+        &mut correlator(100.0),
+        &[
+            message(curl, 1, Direction::Egress, 1, b"GET /a HTTP/1.1\r\n\r\n"),
+            message(
+                nginx_in,
+                2,
+                Direction::Ingress,
+                2,
+                b"GET /a HTTP/1.1\r\n\r\n",
+            ),
+            message(
+                nginx_out,
+                2,
+                Direction::Egress,
+                3,
+                b"GET /a HTTP/1.0\r\n\r\n",
+            ),
+            message(python, 3, Direction::Ingress, 4, b"GET /a HTTP/1.0\r\n\r\n"),
+            message(python, 3, Direction::Egress, 5, OK),
+            message(nginx_out, 2, Direction::Ingress, 6, OK),
+            message(nginx_in, 2, Direction::Egress, 7, OK),
+            message(curl, 1, Direction::Ingress, 8, OK),
+        ],
+    );
+    assert_eq!(spans.len(), 4);
+    let by_pid_kind = |pid: u32, kind: SpanKind| {
+        spans
+            .iter()
+            .find(|s| s.resource.service_name == format!("pid-{pid}") && s.kind == kind)
+            .unwrap()
+    };
+    let curl_client = by_pid_kind(300, SpanKind::Client);
+    let nginx_server = by_pid_kind(400, SpanKind::Server);
+    let nginx_client = by_pid_kind(400, SpanKind::Client);
+    let python_server = by_pid_kind(500, SpanKind::Server);
+    assert!(
+        spans.iter().all(|s| s.trace_id == curl_client.trace_id),
+        "one trace"
+    );
+    assert_eq!(curl_client.parent_span_id, None);
+    assert_eq!(nginx_server.parent_span_id, Some(curl_client.span_id));
+    assert_eq!(nginx_client.parent_span_id, Some(nginx_server.span_id));
+    assert_eq!(python_server.parent_span_id, Some(nginx_client.span_id));
+}
+
+#[test]
+fn ends_seen_from_mid_connection_are_not_linked() {
+    // Roles unknown: request positions on the two ends may not agree.
+    let c = connection(
+        50,
+        CLIENT_PID,
+        Role::Unknown,
+        "127.0.0.1:5000",
+        "127.0.0.1:80",
+    );
+    let s = connection(
+        51,
+        SERVER_PID,
+        Role::Unknown,
+        "127.0.0.1:80",
+        "127.0.0.1:5000",
+    );
+    let spans = run(
+        &mut correlator(100.0),
+        &[
+            message(c, 7, Direction::Egress, 1, b"GET / HTTP/1.1\r\n\r\n"),
+            message(s, 11, Direction::Ingress, 2, b"GET / HTTP/1.1\r\n\r\n"),
+            message(s, 11, Direction::Egress, 3, OK),
+            message(c, 7, Direction::Ingress, 4, OK),
+        ],
+    );
+    assert_ne!(spans[0].trace_id, spans[1].trace_id);
+}
