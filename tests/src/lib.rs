@@ -17,6 +17,8 @@ use agent::capture::{Capture, CaptureEvent, Connection, Direction, Message, Prob
 
 pub use agent::capture;
 
+pub mod otlp_receiver;
+
 /// Fixture scripts, embedded so the test binaries carry them into the VM.
 pub mod fixtures {
     /// A raw HTTP/1.1 server that records the exact bytes it receives and sends.

@@ -1,1 +1,0 @@
-//! Span export: OTLP, OTLP/JSON file, terminal view.

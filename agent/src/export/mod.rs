@@ -1,0 +1,842 @@
+//! Span export: OTLP (gRPC, HTTP/protobuf), OTLP/JSON file, terminal view.
+//!
+//! The agent hands finished spans to a [`SpanSink`] and does not care which
+//! exporter is behind it. The sink queues them (bounded: when the queue is
+//! full a span is dropped and counted, so a slow or absent collector never
+//! makes the agent grow or stall the capture), and one task per sink drains
+//! the queue:
+//! - OTLP and file: batches of at most [`ExportSettings::max_batch_size`]
+//!   spans, sent when full or [`ExportSettings::max_batch_delay`] after the
+//!   first span, retried with exponential backoff up to
+//!   [`ExportSettings::max_attempts`] times, then dropped and counted;
+//! - terminal: spans collect by trace in a [`terminal::TraceBuffer`] and a
+//!   trace is printed once it went idle.
+//!
+//! Counters ([`ExportCounts`]) tell what happened to every span.
+
+pub mod otlp;
+pub mod otlp_json;
+pub mod terminal;
+
+use std::fmt;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::span::Span;
+
+pub use otlp::{OtlpExporter, OtlpProtocol, OtlpSettings};
+pub use otlp_json::JsonFileExporter;
+pub use terminal::{TraceBuffer, render_trace};
+
+/// Instrumentation scope name of every exported span.
+pub const SCOPE_NAME: &str = "transparent-tracing-agent";
+/// Instrumentation scope version: the agent's.
+pub const SCOPE_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The resource attribute [`crate::span::Resource::service_name`] becomes.
+pub const SERVICE_NAME: &str = "service.name";
+
+/// Where spans go.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ExporterConfig {
+    /// A tree per finished trace on standard output (the default).
+    Terminal,
+    /// An OpenTelemetry collector over OTLP (gRPC or HTTP/protobuf, see
+    /// [`OtlpSettings::protocol`]).
+    Otlp(OtlpSettings),
+    /// OTLP/JSON lines appended to a file.
+    File(PathBuf),
+}
+
+impl ExporterConfig {
+    /// `terminal`, `otlp` or `file`, for reports.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Terminal => "terminal",
+            Self::Otlp(_) => "otlp",
+            Self::File(_) => "file",
+        }
+    }
+}
+
+/// Queueing, batching, retry and terminal-view limits.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExportSettings {
+    /// Spans the queue holds; beyond it spans are dropped (and counted).
+    pub queue_capacity: usize,
+    /// Spans per export request at most.
+    pub max_batch_size: usize,
+    /// Longest a span waits for its batch to fill.
+    pub max_batch_delay: Duration,
+    /// Tries per batch, the first included, before it is dropped.
+    pub max_attempts: u32,
+    /// Wait before the first retry; doubles each retry.
+    pub initial_backoff: Duration,
+    /// Longest wait between retries.
+    pub max_backoff: Duration,
+    /// How long [`SpanSink::shutdown`] may take to deliver what is queued;
+    /// whatever is left then is dropped (and counted).
+    pub shutdown_timeout: Duration,
+    /// Terminal: a trace is shown once no span of it came for this long.
+    pub trace_idle: Duration,
+    /// Terminal: traces held at most; the oldest is shown early beyond it.
+    pub max_pending_traces: usize,
+    /// Terminal: spans held per trace at most; a trace is shown early at it.
+    pub max_spans_per_trace: usize,
+    /// Terminal: line width; `None` asks the terminal (else 100).
+    pub terminal_width: Option<usize>,
+}
+
+impl Default for ExportSettings {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 4096,
+            max_batch_size: 512,
+            max_batch_delay: Duration::from_secs(1),
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(5),
+            trace_idle: Duration::from_secs(2),
+            max_pending_traces: 1024,
+            max_spans_per_trace: 1000,
+            terminal_width: None,
+        }
+    }
+}
+
+/// Why an exporter could not start or a batch could not be sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExportError {
+    /// A setting (endpoint, protocol, header, file path) is unusable.
+    Config(String),
+    /// Sending or writing a batch failed (retried by the sink).
+    Export(String),
+    /// [`SpanSink::start`] was called outside a tokio runtime.
+    NoRuntime,
+}
+
+impl fmt::Display for ExportError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Config(message) => write!(f, "export configuration: {message}"),
+            Self::Export(message) => write!(f, "export failed: {message}"),
+            Self::NoRuntime => f.write_str("span export needs a tokio runtime"),
+        }
+    }
+}
+
+impl std::error::Error for ExportError {}
+
+/// Live counters of a sink, shared with its task.
+#[derive(Debug, Default)]
+pub struct ExportCounters {
+    exported: AtomicU64,
+    dropped_queue_full: AtomicU64,
+    dropped_after_retries: AtomicU64,
+    export_errors: AtomicU64,
+}
+
+impl ExportCounters {
+    /// The current values.
+    pub fn snapshot(&self) -> ExportCounts {
+        ExportCounts {
+            exported: self.exported.load(Ordering::Relaxed),
+            dropped_queue_full: self.dropped_queue_full.load(Ordering::Relaxed),
+            dropped_after_retries: self.dropped_after_retries.load(Ordering::Relaxed),
+            export_errors: self.export_errors.load(Ordering::Relaxed),
+        }
+    }
+
+    fn add(counter: &AtomicU64, n: usize) {
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// What happened to the spans handed to a sink. Once the sink has shut
+/// down, every span is in exactly one of `exported`, `dropped_queue_full`
+/// and `dropped_after_retries` (unless an output that blocked past the
+/// shutdown timeout had to be abandoned).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExportCounts {
+    /// Spans delivered (sent, written, or shown).
+    pub exported: u64,
+    /// Spans dropped because the queue was full (or the sink was gone).
+    pub dropped_queue_full: u64,
+    /// Spans dropped after their batch failed every attempt, or left
+    /// undelivered when the shutdown time ran out.
+    pub dropped_after_retries: u64,
+    /// Failed export attempts (one batch may fail several times).
+    pub export_errors: u64,
+}
+
+impl ExportCounts {
+    /// `(name, value)` pairs, for `key=value` reports.
+    pub fn pairs(&self) -> [(&'static str, u64); 4] {
+        [
+            ("spans_exported", self.exported),
+            ("spans_dropped_queue_full", self.dropped_queue_full),
+            ("spans_dropped_after_retries", self.dropped_after_retries),
+            ("export_errors", self.export_errors),
+        ]
+    }
+}
+
+/// The entrance to span export: a bounded queue and the task behind it.
+#[derive(Debug)]
+pub struct SpanSink {
+    queue: mpsc::Sender<Span>,
+    counters: Arc<ExportCounters>,
+    /// Set by [`SpanSink::shutdown`]: the instant by which the task stops
+    /// trying to deliver.
+    deadline: watch::Sender<Option<Instant>>,
+    task: JoinHandle<()>,
+    shutdown_timeout: Duration,
+}
+
+impl SpanSink {
+    /// Starts the exporter `config` names and its task on the current tokio
+    /// runtime. Fails on unusable settings or outside a runtime; a
+    /// collector that is down is not an error (spans wait and are retried).
+    pub fn start(config: ExporterConfig, settings: ExportSettings) -> Result<Self, ExportError> {
+        // Checked first: the gRPC channel below needs the runtime too.
+        tokio::runtime::Handle::try_current().map_err(|_| ExportError::NoRuntime)?;
+        let backend = match config {
+            ExporterConfig::Terminal => {
+                let width = settings.terminal_width.unwrap_or_else(stdout_width);
+                return Self::start_terminal(
+                    Box::new(std::io::stdout()),
+                    ExportSettings {
+                        terminal_width: Some(width),
+                        ..settings
+                    },
+                );
+            }
+            ExporterConfig::Otlp(otlp) => {
+                let exporter = OtlpExporter::new(&otlp)?;
+                log::info!(
+                    "exporting spans over OTLP {} to {}",
+                    exporter.target().protocol,
+                    exporter.target().endpoint
+                );
+                BatchBackend::Otlp(Box::new(exporter))
+            }
+            ExporterConfig::File(path) => BatchBackend::File(JsonFileExporter::open(&path)?),
+        };
+        Self::spawn(settings, |queue, counters, deadline, settings| {
+            run_batches(queue, backend, counters, deadline, settings)
+        })
+    }
+
+    /// Starts the terminal view writing to `out` (standard output for
+    /// [`ExporterConfig::Terminal`]), on the current tokio runtime.
+    pub fn start_terminal(
+        out: Box<dyn Write + Send>,
+        settings: ExportSettings,
+    ) -> Result<Self, ExportError> {
+        Self::spawn(settings, |queue, counters, deadline, settings| {
+            run_terminal(queue, out, counters, deadline, settings)
+        })
+    }
+
+    fn spawn<F, Fut>(settings: ExportSettings, run: F) -> Result<Self, ExportError>
+    where
+        F: FnOnce(
+            mpsc::Receiver<Span>,
+            Arc<ExportCounters>,
+            watch::Receiver<Option<Instant>>,
+            ExportSettings,
+        ) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| ExportError::NoRuntime)?;
+        let (queue, receiver) = mpsc::channel(settings.queue_capacity.max(1));
+        let counters = Arc::new(ExportCounters::default());
+        let (deadline, deadline_rx) = watch::channel(None);
+        let shutdown_timeout = settings.shutdown_timeout;
+        let task = runtime.spawn(run(receiver, counters.clone(), deadline_rx, settings));
+        Ok(Self {
+            queue,
+            counters,
+            deadline,
+            task,
+            shutdown_timeout,
+        })
+    }
+
+    /// Queues a span without waiting. When the queue is full the span is
+    /// dropped and counted in `dropped_queue_full`; returns whether it was
+    /// queued. This is the call for the capture path, which must not stall.
+    pub fn try_send(&self, span: Span) -> bool {
+        match self.queue.try_send(span) {
+            Ok(()) => true,
+            Err(_) => {
+                ExportCounters::add(&self.counters.dropped_queue_full, 1);
+                false
+            }
+        }
+    }
+
+    /// Queues a span, waiting for room when the queue is full (for callers
+    /// that prefer backpressure to dropping). A span is only dropped (and
+    /// counted in `dropped_queue_full`) if the export task has ended.
+    pub async fn send(&self, span: Span) {
+        if self.queue.send(span).await.is_err() {
+            ExportCounters::add(&self.counters.dropped_queue_full, 1);
+        }
+    }
+
+    /// Current counter values.
+    pub fn counts(&self) -> ExportCounts {
+        self.counters.snapshot()
+    }
+
+    /// The live counters, to read after the sink has moved elsewhere.
+    pub fn counters(&self) -> Arc<ExportCounters> {
+        self.counters.clone()
+    }
+
+    /// Delivers what is queued (within the shutdown timeout), shows every
+    /// trace still buffered (terminal), and stops. Returns the final counts.
+    pub async fn shutdown(self) -> ExportCounts {
+        let Self {
+            queue,
+            counters,
+            deadline,
+            mut task,
+            shutdown_timeout,
+        } = self;
+        let limit = Instant::now() + shutdown_timeout;
+        let _ = deadline.send(Some(limit));
+        // Closing the queue lets the task see the end once it drained it.
+        drop(queue);
+        // The task honours the deadline itself; the margin covers one
+        // export call that does not (a stuck write to the terminal).
+        let margin = Duration::from_secs(1);
+        if tokio::time::timeout_at(limit + margin, &mut task)
+            .await
+            .is_err()
+        {
+            log::warn!("span export did not stop in time; abandoning it");
+            task.abort();
+        }
+        counters.snapshot()
+    }
+}
+
+/// Several sinks fed the same spans, for when the configuration asks for
+/// more than one output (OTLP, a file and the terminal may all be on).
+#[derive(Debug)]
+pub struct SpanSinks {
+    sinks: Vec<(&'static str, SpanSink)>,
+}
+
+impl SpanSinks {
+    /// Starts one sink per configuration, all with `settings`. On an error
+    /// the sinks already started are dropped (their tasks end on their own).
+    pub fn start(
+        configs: Vec<ExporterConfig>,
+        settings: &ExportSettings,
+    ) -> Result<Self, ExportError> {
+        let sinks = configs
+            .into_iter()
+            .map(|config| {
+                let kind = config.kind();
+                SpanSink::start(config, settings.clone()).map(|sink| (kind, sink))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { sinks })
+    }
+
+    /// [`SpanSink::try_send`] to every sink: a copy each, except the last,
+    /// which gets the span itself (one output, no copy). Returns whether
+    /// every sink queued it.
+    pub fn try_send(&self, span: Span) -> bool {
+        let Some(((_, last), others)) = self.sinks.split_last() else {
+            return true;
+        };
+        let mut all = true;
+        for (_, sink) in others {
+            all &= sink.try_send(span.clone());
+        }
+        all & last.try_send(span)
+    }
+
+    /// [`SpanSink::send`] to every sink, in turn.
+    pub async fn send(&self, span: Span) {
+        if let Some(((_, last), others)) = self.sinks.split_last() {
+            for (_, sink) in others {
+                sink.send(span.clone()).await;
+            }
+            last.send(span).await;
+        }
+    }
+
+    /// Counts of each sink, named by its kind.
+    pub fn counts(&self) -> Vec<(&'static str, ExportCounts)> {
+        self.sinks
+            .iter()
+            .map(|(kind, sink)| (*kind, sink.counts()))
+            .collect()
+    }
+
+    /// Shuts every sink down (concurrently, so their timeouts do not add
+    /// up) and returns their final counts.
+    pub async fn shutdown(self) -> Vec<(&'static str, ExportCounts)> {
+        let tasks: Vec<_> = self
+            .sinks
+            .into_iter()
+            .map(|(kind, sink)| (kind, tokio::spawn(sink.shutdown())))
+            .collect();
+        let mut counts = Vec::with_capacity(tasks.len());
+        for (kind, task) in tasks {
+            counts.push((kind, task.await.unwrap_or_default()));
+        }
+        counts
+    }
+}
+
+/// Terminal width from the terminal driver, else 100 columns.
+fn stdout_width() -> usize {
+    // SAFETY: TIOCGWINSZ only writes a winsize into the struct we pass.
+    let mut size: libc::winsize = unsafe { std::mem::zeroed() };
+    let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) } == 0;
+    if ok && size.ws_col > 0 {
+        usize::from(size.ws_col)
+    } else {
+        100
+    }
+}
+
+/// The exporters that take batches.
+enum BatchBackend {
+    // Boxed: far larger than the file variant.
+    Otlp(Box<OtlpExporter>),
+    File(JsonFileExporter),
+}
+
+impl BatchBackend {
+    /// Longest one export call may take before the task gives up on it:
+    /// the exporter's own request timeout plus a margin, as a backstop for
+    /// a call that overruns it (a connect that hangs, a stuck disk).
+    fn call_limit(&self) -> Duration {
+        match self {
+            Self::Otlp(exporter) => exporter.target().timeout + Duration::from_secs(5),
+            Self::File(_) => Duration::from_secs(30),
+        }
+    }
+
+    /// Sends `spans`, removing the delivered ones.
+    async fn export(&mut self, spans: &mut Vec<Span>) -> Result<(), ExportError> {
+        match self {
+            Self::Otlp(exporter) => exporter.export(spans).await,
+            Self::File(exporter) => exporter.export(spans),
+        }
+    }
+}
+
+async fn run_batches(
+    mut queue: mpsc::Receiver<Span>,
+    mut backend: BatchBackend,
+    counters: Arc<ExportCounters>,
+    mut deadline: watch::Receiver<Option<Instant>>,
+    settings: ExportSettings,
+) {
+    let max_batch = settings.max_batch_size.max(1);
+    let mut batch: Vec<Span> = Vec::with_capacity(max_batch);
+    let mut flush_at = Instant::now();
+    loop {
+        let room = max_batch - batch.len();
+        let received = tokio::select! {
+            n = queue.recv_many(&mut batch, room) => Some(n),
+            () = tokio::time::sleep_until(flush_at), if !batch.is_empty() => None,
+        };
+        match received {
+            // recv_many returns 0 only once the queue is closed and empty.
+            Some(0) => break,
+            Some(n) => {
+                if batch.len() == n {
+                    flush_at = Instant::now() + settings.max_batch_delay;
+                }
+                if batch.len() >= max_batch {
+                    deliver(
+                        &mut backend,
+                        &mut batch,
+                        &counters,
+                        &mut deadline,
+                        &settings,
+                    )
+                    .await;
+                }
+            }
+            None => {
+                deliver(
+                    &mut backend,
+                    &mut batch,
+                    &counters,
+                    &mut deadline,
+                    &settings,
+                )
+                .await
+            }
+        }
+    }
+    if !batch.is_empty() {
+        deliver(
+            &mut backend,
+            &mut batch,
+            &counters,
+            &mut deadline,
+            &settings,
+        )
+        .await;
+    }
+}
+
+/// Sends one batch with retries; afterwards `batch` is empty, every span in
+/// it counted as exported or dropped.
+async fn deliver(
+    backend: &mut BatchBackend,
+    batch: &mut Vec<Span>,
+    counters: &ExportCounters,
+    deadline: &mut watch::Receiver<Option<Instant>>,
+    settings: &ExportSettings,
+) {
+    let max_attempts = settings.max_attempts.max(1);
+    let mut attempt = 0;
+    let mut last_error = None;
+    while attempt < max_attempts && !batch.is_empty() {
+        let shutdown_by = *deadline.borrow();
+        if shutdown_by.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        attempt += 1;
+        let before = batch.len();
+        let call_limit = Instant::now() + backend.call_limit();
+        let limit = shutdown_by.map_or(call_limit, |d| d.min(call_limit));
+        let result = match tokio::time::timeout_at(limit, backend.export(batch)).await {
+            Ok(result) => result,
+            Err(_) => Err(ExportError::Export("export call timed out".into())),
+        };
+        ExportCounters::add(&counters.exported, before - batch.len());
+        match result {
+            Ok(()) => {
+                batch.clear();
+                return;
+            }
+            Err(e) => {
+                ExportCounters::add(&counters.export_errors, 1);
+                log::debug!("attempt {attempt}/{max_attempts}: {e}");
+                last_error = Some(e);
+            }
+        }
+        if attempt < max_attempts && !backoff(attempt, settings, deadline).await {
+            break;
+        }
+    }
+    if !batch.is_empty() {
+        let reason = last_error.map_or_else(|| "shutting down".to_string(), |e| e.to_string());
+        log::warn!(
+            "dropping {} spans after {attempt} attempts: {reason}",
+            batch.len()
+        );
+        ExportCounters::add(&counters.dropped_after_retries, batch.len());
+        batch.clear();
+    }
+}
+
+/// Waits before retry number `attempt` (1-based). Returns false, at once,
+/// when the wait would end past the shutdown deadline: then there is no
+/// time left to retry.
+async fn backoff(
+    attempt: u32,
+    settings: &ExportSettings,
+    deadline: &mut watch::Receiver<Option<Instant>>,
+) -> bool {
+    let factor = 1u32
+        .checked_shl(attempt.saturating_sub(1))
+        .unwrap_or(u32::MAX);
+    let delay = settings
+        .initial_backoff
+        .saturating_mul(factor)
+        .min(settings.max_backoff);
+    let wake = Instant::now() + delay;
+    loop {
+        if deadline.borrow_and_update().is_some_and(|d| wake > d) {
+            return false;
+        }
+        tokio::select! {
+            () = tokio::time::sleep_until(wake) => return true,
+            changed = deadline.changed() => if changed.is_err() {
+                // The sink is gone without a shutdown; nothing to wait for.
+                tokio::time::sleep_until(wake).await;
+                return true;
+            },
+        }
+    }
+}
+
+async fn run_terminal(
+    mut queue: mpsc::Receiver<Span>,
+    mut out: Box<dyn Write + Send>,
+    counters: Arc<ExportCounters>,
+    _deadline: watch::Receiver<Option<Instant>>,
+    settings: ExportSettings,
+) {
+    let width = settings.terminal_width.unwrap_or(100);
+    let mut buffer = TraceBuffer::new(
+        settings.trace_idle,
+        settings.max_pending_traces,
+        settings.max_spans_per_trace,
+    );
+    let check_every =
+        (settings.trace_idle / 4).clamp(Duration::from_millis(10), Duration::from_millis(500));
+    let mut ticks = tokio::time::interval(check_every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let show = |trace: Vec<Span>, out: &mut Box<dyn Write + Send>| {
+        let text = render_trace(&trace, width);
+        match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+            Ok(()) => ExportCounters::add(&counters.exported, trace.len()),
+            Err(e) => {
+                log::debug!("terminal view: {e}");
+                ExportCounters::add(&counters.export_errors, 1);
+                ExportCounters::add(&counters.dropped_after_retries, trace.len());
+            }
+        }
+    };
+    loop {
+        tokio::select! {
+            span = queue.recv() => match span {
+                Some(span) => {
+                    if let Some(trace) = buffer.push(span, Instant::now().into_std()) {
+                        show(trace, &mut out);
+                    }
+                }
+                None => break,
+            },
+            _ = ticks.tick() => {
+                for trace in buffer.take_idle(Instant::now().into_std()) {
+                    show(trace, &mut out);
+                }
+            }
+        }
+    }
+    for trace in buffer.take_all() {
+        show(trace, &mut out);
+    }
+}
+
+/// Indices of `spans` grouped by resource, groups in order of first
+/// appearance. Spans of one process share one `Arc`, so pointer equality
+/// settles most comparisons; equal resources behind different `Arc`s still
+/// share a group.
+pub fn group_by_resource(spans: &[Span]) -> Vec<Vec<usize>> {
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for (i, span) in spans.iter().enumerate() {
+        let same = |group: &&mut Vec<usize>| {
+            let other = &spans[group[0]].resource;
+            Arc::ptr_eq(other, &span.resource) || **other == *span.resource
+        };
+        match groups.iter_mut().find(same) {
+            Some(group) => group.push(i),
+            None => groups.push(vec![i]),
+        }
+    }
+    groups
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::span::{Resource, SpanId, SpanKind, SpanStatus, TraceId};
+
+    fn span(trace: u8, id: u8, resource: &Arc<Resource>) -> Span {
+        Span {
+            trace_id: TraceId([trace; 16]),
+            span_id: SpanId([id; 8]),
+            parent_span_id: None,
+            trace_state: String::new(),
+            flags: 1,
+            name: "GET".into(),
+            kind: SpanKind::Server,
+            start_unix_nano: 1_000_000,
+            end_unix_nano: 2_000_000,
+            attributes: vec![],
+            status: SpanStatus::Unset,
+            resource: resource.clone(),
+        }
+    }
+
+    fn resource(name: &str) -> Arc<Resource> {
+        Arc::new(Resource {
+            service_name: name.into(),
+            attributes: vec![],
+        })
+    }
+
+    #[test]
+    fn groups_by_resource_value_in_order_of_appearance() {
+        let a = resource("a");
+        let b = resource("b");
+        let a_again = resource("a");
+        let spans = vec![
+            span(1, 1, &a),
+            span(1, 2, &b),
+            span(1, 3, &a_again),
+            span(1, 4, &b),
+        ];
+        assert_eq!(group_by_resource(&spans), vec![vec![0, 2], vec![1, 3]]);
+        assert!(group_by_resource(&[]).is_empty());
+    }
+
+    /// A `Write` the test can read back.
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn terminal_sink_shows_idle_traces_and_the_rest_at_shutdown() {
+        let out = Shared::default();
+        let settings = ExportSettings {
+            trace_idle: Duration::from_millis(50),
+            terminal_width: Some(60),
+            ..Default::default()
+        };
+        let sink = SpanSink::start_terminal(Box::new(out.clone()), settings).unwrap();
+        let r = resource("svc");
+        assert!(sink.try_send(span(1, 1, &r)));
+        sink.send(span(1, 2, &r)).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while out.0.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(sink.try_send(span(2, 1, &r)));
+        let counts = sink.shutdown().await;
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            text.starts_with(&format!("trace {}  2 spans", "01".repeat(16))),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("trace {}  1 span ", "02".repeat(16))),
+            "{text}"
+        );
+        assert_eq!(counts.exported, 3);
+        assert_eq!(counts.dropped_queue_full + counts.dropped_after_retries, 0);
+    }
+
+    #[tokio::test]
+    async fn file_sink_writes_batches_and_flushes_at_shutdown() {
+        let path =
+            std::env::temp_dir().join(format!("span-sink-test-{}.jsonl", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let settings = ExportSettings {
+            max_batch_size: 2,
+            max_batch_delay: Duration::from_secs(60),
+            ..Default::default()
+        };
+        let sink = SpanSink::start(ExporterConfig::File(path.clone()), settings).unwrap();
+        let r = resource("svc");
+        for id in 1..=5 {
+            sink.send(span(1, id, &r)).await;
+        }
+        let counts = sink.shutdown().await;
+        let text = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(counts.exported, 5);
+        // Two full batches, then the rest at shutdown (the 60 s delay never
+        // came).
+        assert_eq!(text.lines().count(), 3, "{text}");
+    }
+
+    #[tokio::test]
+    async fn several_sinks_each_get_every_span() {
+        let out = Shared::default();
+        let path =
+            std::env::temp_dir().join(format!("span-sinks-test-{}.jsonl", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let settings = ExportSettings {
+            terminal_width: Some(60),
+            ..Default::default()
+        };
+        let file = SpanSink::start(ExporterConfig::File(path.clone()), settings.clone()).unwrap();
+        let terminal = SpanSink::start_terminal(Box::new(out.clone()), settings).unwrap();
+        let sinks = SpanSinks {
+            sinks: vec![("file", file), ("terminal", terminal)],
+        };
+        let r = resource("svc");
+        assert!(sinks.try_send(span(1, 1, &r)));
+        sinks.send(span(1, 2, &r)).await;
+        let counts = sinks.shutdown().await;
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(counts.len(), 2);
+        assert!(counts.iter().all(|(_, c)| c.exported == 2), "{counts:?}");
+        assert!(!out.0.lock().unwrap().is_empty());
+        let none = SpanSinks::start(vec![], &ExportSettings::default()).unwrap();
+        assert!(none.try_send(span(1, 1, &r)));
+    }
+
+    #[test]
+    fn start_outside_a_runtime_is_an_error() {
+        let err = SpanSink::start(ExporterConfig::Terminal, ExportSettings::default()).unwrap_err();
+        assert_eq!(err, ExportError::NoRuntime);
+    }
+
+    #[tokio::test]
+    async fn bad_settings_are_errors_not_panics() {
+        let bad_protocol = OtlpSettings {
+            endpoint: Some("not a url".into()),
+            protocol: Some(OtlpProtocol::HttpProtobuf),
+            ..Default::default()
+        };
+        let result = SpanSink::start(
+            ExporterConfig::Otlp(bad_protocol),
+            ExportSettings::default(),
+        );
+        assert!(matches!(result, Err(ExportError::Config(_))), "{result:?}");
+        let bad_header = OtlpSettings {
+            protocol: Some(OtlpProtocol::Grpc),
+            headers: vec![("bad header".into(), "x".into())],
+            ..Default::default()
+        };
+        let result = SpanSink::start(ExporterConfig::Otlp(bad_header), ExportSettings::default());
+        assert!(matches!(result, Err(ExportError::Config(_))), "{result:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_doubles_up_to_the_maximum_and_stops_at_the_deadline() {
+        let settings = ExportSettings {
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(300),
+            ..Default::default()
+        };
+        let (tx, mut rx) = watch::channel(None);
+        for (attempt, expected_ms) in [(1, 100), (2, 200), (3, 300), (40, 300)] {
+            let start = Instant::now();
+            assert!(backoff(attempt, &settings, &mut rx).await);
+            assert_eq!(start.elapsed(), Duration::from_millis(expected_ms));
+        }
+        tx.send(Some(Instant::now() + Duration::from_millis(150)))
+            .unwrap();
+        let start = Instant::now();
+        assert!(!backoff(2, &settings, &mut rx).await);
+        assert_eq!(start.elapsed(), Duration::ZERO);
+    }
+}

@@ -1,0 +1,439 @@
+//! OTLP/JSON: one `ExportTraceServiceRequest` per line, as the OpenTelemetry
+//! Collector's file exporter writes and its `otlpjsonfile` receiver reads.
+//!
+//! The request is built from `opentelemetry-proto` types and serialized with
+//! that crate's `with-serde` mapping, which is the OTLP/JSON one: field
+//! names in lowerCamelCase, trace and span ids as lower-case hex (not the
+//! base64 of the generic protobuf JSON mapping), 64-bit integers as decimal
+//! strings, enums as integers. It writes every field, default values
+//! included (`"traceState":""`, `"status":null`, ...), which the protobuf
+//! JSON mapping allows; the Collector leaves them out, and so do we (see
+//! [`OrderedJson::omit_defaults`]) so lines look like the Collector's.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
+use opentelemetry_proto::tonic::resource::v1::Resource as ProtoResource;
+use opentelemetry_proto::tonic::trace::v1::{
+    ResourceSpans, ScopeSpans, Span as ProtoSpan, SpanFlags, Status, span, status,
+};
+use serde::de::{Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::ser::{SerializeMap, SerializeSeq, Serializer};
+use serde::{Deserialize, Serialize};
+
+use super::otlp::parent_is_remote;
+use super::{ExportError, SCOPE_NAME, SCOPE_VERSION, SERVICE_NAME, group_by_resource};
+use crate::span::{Attribute, AttributeValue, Resource, Span, SpanKind, SpanStatus};
+
+/// The OTLP request for `spans`: one `ResourceSpans` per distinct resource
+/// (in order of first appearance), each with one `ScopeSpans` of scope
+/// `transparent-tracing-agent`.
+pub fn export_request(spans: &[Span]) -> ExportTraceServiceRequest {
+    let resource_spans = group_by_resource(spans)
+        .into_iter()
+        .map(|group| ResourceSpans {
+            resource: Some(proto_resource(&spans[group[0]].resource)),
+            scope_spans: vec![ScopeSpans {
+                scope: Some(InstrumentationScope {
+                    name: SCOPE_NAME.to_string(),
+                    version: SCOPE_VERSION.to_string(),
+                    attributes: vec![],
+                    dropped_attributes_count: 0,
+                }),
+                spans: group.iter().map(|&i| proto_span(&spans[i])).collect(),
+                schema_url: String::new(),
+            }],
+            schema_url: String::new(),
+        })
+        .collect();
+    ExportTraceServiceRequest { resource_spans }
+}
+
+/// `service.name` first, then the other resource attributes.
+fn proto_resource(resource: &Resource) -> ProtoResource {
+    let service_name = KeyValue {
+        key: SERVICE_NAME.to_string(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(resource.service_name.clone())),
+        }),
+        key_strindex: 0,
+    };
+    let attributes = std::iter::once(service_name)
+        .chain(
+            resource
+                .attributes
+                .iter()
+                .filter(|a| a.key != SERVICE_NAME)
+                .map(key_value),
+        )
+        .collect();
+    ProtoResource {
+        attributes,
+        dropped_attributes_count: 0,
+        entity_refs: vec![],
+    }
+}
+
+fn key_value(attribute: &Attribute) -> KeyValue {
+    let value = match &attribute.value {
+        AttributeValue::String(s) => any_value::Value::StringValue(s.clone()),
+        AttributeValue::Int(i) => any_value::Value::IntValue(*i),
+    };
+    KeyValue {
+        key: attribute.key.clone(),
+        value: Some(AnyValue { value: Some(value) }),
+        key_strindex: 0,
+    }
+}
+
+/// One span, encoded as `opentelemetry-otlp` encodes it for gRPC and HTTP,
+/// so the file and the collector see the same flags.
+pub fn proto_span(span: &Span) -> ProtoSpan {
+    let mut flags = u32::from(span.flags) | SpanFlags::ContextHasIsRemoteMask as u32;
+    if parent_is_remote(span) {
+        flags |= SpanFlags::ContextIsRemoteMask as u32;
+    }
+    ProtoSpan {
+        trace_id: span.trace_id.0.to_vec(),
+        span_id: span.span_id.0.to_vec(),
+        trace_state: span.trace_state.clone(),
+        parent_span_id: span.parent_span_id.map_or_else(Vec::new, |p| p.0.to_vec()),
+        flags,
+        name: span.name.clone(),
+        kind: match span.kind {
+            SpanKind::Server => span::SpanKind::Server,
+            SpanKind::Client => span::SpanKind::Client,
+        } as i32,
+        start_time_unix_nano: span.start_unix_nano,
+        end_time_unix_nano: span.end_unix_nano,
+        attributes: span.attributes.iter().map(key_value).collect(),
+        dropped_attributes_count: 0,
+        events: vec![],
+        dropped_events_count: 0,
+        links: vec![],
+        dropped_links_count: 0,
+        status: match &span.status {
+            // An absent status is the unset one; saying so costs bytes.
+            SpanStatus::Unset => None,
+            SpanStatus::Error(message) => Some(Status {
+                message: message.clone(),
+                code: status::StatusCode::Error as i32,
+            }),
+        },
+    }
+}
+
+/// The request as one line of OTLP/JSON, without the newline.
+pub fn json_line(request: &ExportTraceServiceRequest) -> Result<String, ExportError> {
+    let encoding = |e: serde_json::Error| ExportError::Export(format!("OTLP/JSON encoding: {e}"));
+    // Through text rather than serde_json::Value, whose objects sort their
+    // members (without its preserve_order feature): fields stay in proto
+    // order, as the Collector writes them.
+    let full = serde_json::to_string(request).map_err(encoding)?;
+    let mut tree: OrderedJson = serde_json::from_str(&full).map_err(encoding)?;
+    tree.omit_defaults();
+    serde_json::to_string(&tree).map_err(encoding)
+}
+
+/// A JSON value whose objects keep their members in order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum OrderedJson {
+    /// `null`.
+    Null,
+    /// `true` or `false`.
+    Bool(bool),
+    /// A number.
+    Number(serde_json::Number),
+    /// A string.
+    String(String),
+    /// A list.
+    Array(Vec<OrderedJson>),
+    /// An object, members in order.
+    Object(Vec<(String, OrderedJson)>),
+}
+
+impl OrderedJson {
+    /// Removes fields holding their protobuf default (null, "", 0, false,
+    /// empty list or object), as the protobuf JSON mapping lets a writer do
+    /// and the Collector does. Two exceptions: `key` (the `with-serde`
+    /// reader requires it in every `KeyValue`) and the `value` of a
+    /// `KeyValue` with everything inside, since there a field is a oneof
+    /// member whose presence is the information (`{"intValue":"0"}`,
+    /// `{"stringValue":""}`).
+    pub fn omit_defaults(&mut self) {
+        match self {
+            Self::Object(fields) => fields.retain_mut(|(name, field)| {
+                if name == "key" || name == "value" {
+                    return true;
+                }
+                field.omit_defaults();
+                !field.is_default()
+            }),
+            Self::Array(items) => items.iter_mut().for_each(Self::omit_defaults),
+            _ => {}
+        }
+    }
+
+    fn is_default(&self) -> bool {
+        match self {
+            Self::Null => true,
+            Self::Bool(b) => !b,
+            Self::Number(n) => n.as_f64() == Some(0.0),
+            Self::String(s) => s.is_empty(),
+            Self::Array(items) => items.is_empty(),
+            Self::Object(fields) => fields.is_empty(),
+        }
+    }
+}
+
+impl Serialize for OrderedJson {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Null => serializer.serialize_unit(),
+            Self::Bool(b) => serializer.serialize_bool(*b),
+            Self::Number(n) => n.serialize(serializer),
+            Self::String(s) => serializer.serialize_str(s),
+            Self::Array(items) => {
+                let mut seq = serializer.serialize_seq(Some(items.len()))?;
+                for item in items {
+                    seq.serialize_element(item)?;
+                }
+                seq.end()
+            }
+            Self::Object(fields) => {
+                let mut map = serializer.serialize_map(Some(fields.len()))?;
+                for (name, field) in fields {
+                    map.serialize_entry(name, field)?;
+                }
+                map.end()
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for OrderedJson {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(OrderedJsonVisitor)
+    }
+}
+
+struct OrderedJsonVisitor;
+
+impl<'de> Visitor<'de> for OrderedJsonVisitor {
+    type Value = OrderedJson;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<OrderedJson, E> {
+        Ok(OrderedJson::Null)
+    }
+
+    fn visit_none<E>(self) -> Result<OrderedJson, E> {
+        Ok(OrderedJson::Null)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<OrderedJson, D::Error> {
+        OrderedJson::deserialize(d)
+    }
+
+    fn visit_bool<E>(self, b: bool) -> Result<OrderedJson, E> {
+        Ok(OrderedJson::Bool(b))
+    }
+
+    fn visit_i64<E>(self, n: i64) -> Result<OrderedJson, E> {
+        Ok(OrderedJson::Number(n.into()))
+    }
+
+    fn visit_u64<E>(self, n: u64) -> Result<OrderedJson, E> {
+        Ok(OrderedJson::Number(n.into()))
+    }
+
+    fn visit_f64<E>(self, n: f64) -> Result<OrderedJson, E> {
+        // JSON text has no NaN or infinity, so this always holds.
+        Ok(serde_json::Number::from_f64(n).map_or(OrderedJson::Null, OrderedJson::Number))
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<OrderedJson, E> {
+        Ok(OrderedJson::String(s.to_string()))
+    }
+
+    fn visit_string<E>(self, s: String) -> Result<OrderedJson, E> {
+        Ok(OrderedJson::String(s))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<OrderedJson, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        while let Some(item) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(OrderedJson::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<OrderedJson, A::Error> {
+        let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(0));
+        while let Some(entry) = map.next_entry()? {
+            fields.push(entry);
+        }
+        Ok(OrderedJson::Object(fields))
+    }
+}
+
+/// Appends OTLP/JSON lines to a file.
+#[derive(Debug)]
+pub struct JsonFileExporter {
+    path: PathBuf,
+    file: BufWriter<File>,
+}
+
+impl JsonFileExporter {
+    /// Opens (creating if needed) `path` for appending.
+    pub fn open(path: &Path) -> Result<Self, ExportError> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| ExportError::Config(format!("cannot open {}: {e}", path.display())))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file: BufWriter::new(file),
+        })
+    }
+
+    /// Writes `spans` as one line and flushes it, so a reader (or a crash)
+    /// sees whole lines only. On success `spans` is emptied.
+    pub fn export(&mut self, spans: &mut Vec<Span>) -> Result<(), ExportError> {
+        if spans.is_empty() {
+            return Ok(());
+        }
+        let mut line = json_line(&export_request(spans))?;
+        line.push('\n');
+        self.file
+            .write_all(line.as_bytes())
+            .and_then(|()| self.file.flush())
+            .map_err(|e| ExportError::Export(format!("writing {}: {e}", self.path.display())))?;
+        spans.clear();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::span::{SpanId, TraceId};
+
+    fn sample(resource: &Arc<Resource>, id: u8, status: SpanStatus) -> Span {
+        Span {
+            trace_id: TraceId([
+                0x4b, 0xf9, 0x2f, 0x35, 0x77, 0xb3, 0x4d, 0xa6, 0xa3, 0xce, 0x92, 0x9d, 0x0e, 0x0e,
+                0x47, 0x36,
+            ]),
+            span_id: SpanId([0, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7 + id]),
+            parent_span_id: (id == 0).then_some(SpanId([0xab; 8])),
+            trace_state: if id == 0 {
+                "vendor=x".into()
+            } else {
+                String::new()
+            },
+            flags: 1,
+            name: "GET /users/{id}".into(),
+            kind: if id == 0 {
+                SpanKind::Server
+            } else {
+                SpanKind::Client
+            },
+            start_unix_nano: 1_544_712_660_000_000_000,
+            end_unix_nano: 1_544_712_661_000_000_000,
+            attributes: vec![
+                Attribute::string("http.request.method", "GET"),
+                Attribute::int("http.response.status_code", 0),
+            ],
+            status,
+            resource: resource.clone(),
+        }
+    }
+
+    #[test]
+    fn lines_use_the_otlp_json_mapping() {
+        let resource = Arc::new(Resource {
+            service_name: "users".into(),
+            attributes: vec![Attribute::int("process.pid", 4242)],
+        });
+        let spans = vec![
+            sample(&resource, 0, SpanStatus::Error("HTTP 500".into())),
+            sample(&resource, 1, SpanStatus::Unset),
+        ];
+        let line = json_line(&export_request(&spans)).unwrap();
+        let version = SCOPE_VERSION;
+        let expected = format!(
+            concat!(
+                r#"{{"resourceSpans":[{{"resource":{{"attributes":["#,
+                r#"{{"key":"service.name","value":{{"stringValue":"users"}}}},"#,
+                r#"{{"key":"process.pid","value":{{"intValue":"4242"}}}}]}},"#,
+                r#""scopeSpans":[{{"scope":{{"name":"transparent-tracing-agent","version":"{version}"}},"#,
+                r#""spans":["#,
+                r#"{{"traceId":"4bf92f3577b34da6a3ce929d0e0e4736","spanId":"00f067aa0ba902b7","#,
+                r#""traceState":"vendor=x","parentSpanId":"abababababababab","flags":769,"#,
+                r#""name":"GET /users/{{id}}","kind":2,"#,
+                r#""startTimeUnixNano":"1544712660000000000","endTimeUnixNano":"1544712661000000000","#,
+                r#""attributes":[{{"key":"http.request.method","value":{{"stringValue":"GET"}}}},"#,
+                r#"{{"key":"http.response.status_code","value":{{"intValue":"0"}}}}],"#,
+                r#""status":{{"message":"HTTP 500","code":2}}}},"#,
+                r#"{{"traceId":"4bf92f3577b34da6a3ce929d0e0e4736","spanId":"00f067aa0ba902b8","#,
+                r#""flags":257,"name":"GET /users/{{id}}","kind":3,"#,
+                r#""startTimeUnixNano":"1544712660000000000","endTimeUnixNano":"1544712661000000000","#,
+                r#""attributes":[{{"key":"http.request.method","value":{{"stringValue":"GET"}}}},"#,
+                r#"{{"key":"http.response.status_code","value":{{"intValue":"0"}}}}]}}"#,
+                r#"]}}]}}]}}"#
+            ),
+            version = version
+        );
+        assert_eq!(line, expected);
+        // And it reads back into the same request.
+        let decoded: ExportTraceServiceRequest = serde_json::from_str(&line).unwrap();
+        assert_eq!(decoded, export_request(&spans));
+    }
+
+    #[test]
+    fn oneof_members_keep_their_zero_values() {
+        let mut value: OrderedJson = serde_json::from_str(
+            r#"{"z":1,"a":0,"b":"","c":null,"d":[],"e":{"f":false},"key":"",
+                "value":{"stringValue":""},"g":[{"h":0,"i":1.5}]}"#,
+        )
+        .unwrap();
+        value.omit_defaults();
+        assert_eq!(
+            serde_json::to_string(&value).unwrap(),
+            r#"{"z":1,"key":"","value":{"stringValue":""},"g":[{"i":1.5}]}"#
+        );
+    }
+
+    #[test]
+    fn the_file_gets_one_line_per_batch() {
+        let dir = std::env::temp_dir().join(format!("otlp-json-test-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("spans.jsonl");
+        let _ = std::fs::remove_file(&path);
+        let resource = Arc::new(Resource {
+            service_name: "s".into(),
+            attributes: vec![],
+        });
+        let mut exporter = JsonFileExporter::open(&path).unwrap();
+        let mut batch = vec![sample(&resource, 1, SpanStatus::Unset)];
+        exporter.export(&mut batch).unwrap();
+        assert!(batch.is_empty());
+        let mut batch = vec![sample(&resource, 2, SpanStatus::Unset)];
+        exporter.export(&mut batch).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 2);
+        assert!(text.ends_with('\n'));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(JsonFileExporter::open(Path::new("/nonexistent-dir/x.jsonl")).is_err());
+    }
+}
