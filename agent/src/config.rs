@@ -1937,3 +1937,134 @@ proxy:
         }
     }
 }
+
+/// What each pipeline stage takes from the configuration.
+impl Config {
+    /// The sampler `tracing.random_sampling` and `tracing.parent_based` describe.
+    pub fn sampler(&self) -> Result<crate::sampling::Sampler, ConfigError> {
+        crate::sampling::Sampler::new(self.tracing.random_sampling, self.tracing.parent_based)
+            .map_err(|e| ConfigError::invalid("tracing.random_sampling", e.to_string()))
+    }
+
+    /// What spans record (`http:`).
+    pub fn span_settings(&self) -> crate::correlate::SpanSettings {
+        crate::correlate::SpanSettings {
+            request_headers: self.http.request_headers.clone(),
+            response_headers: self.http.response_headers.clone(),
+            redact_query_parameters: self.http.redact_query_parameters.clone(),
+            route_heuristic: self.http.route_heuristic,
+        }
+    }
+
+    /// Which processes are traced (`processes:`).
+    pub fn process_filter(&self) -> crate::correlate::ProcessFilter {
+        crate::correlate::ProcessFilter {
+            include: self.processes.include.clone(),
+            exclude: self.processes.exclude.clone(),
+            redact_command_line: self.processes.redact_command_line,
+        }
+    }
+
+    /// The span outputs. `env` reads the agent's environment: as with any
+    /// OpenTelemetry SDK, `OTEL_EXPORTER_OTLP_ENDPOINT` (or the traces
+    /// variant) turns OTLP export on when the file configures none.
+    pub fn exporters(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Vec<crate::export::ExporterConfig> {
+        use crate::export::{ExporterConfig as Output, OtlpProtocol, OtlpSettings};
+        let mut outputs = Vec::new();
+        let from_env = [
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        ]
+        .iter()
+        .any(|name| env(name).is_some_and(|v| !v.is_empty()));
+        let otlp = match &self.tracing.exporter {
+            Some(e) => Some(OtlpSettings {
+                endpoint: e.endpoint.clone(),
+                protocol: e.protocol.map(|p| match p {
+                    ExporterProtocol::Grpc => OtlpProtocol::Grpc,
+                    ExporterProtocol::HttpProtobuf => OtlpProtocol::HttpProtobuf,
+                }),
+                headers: e
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                timeout: e.timeout_ms.map(std::time::Duration::from_millis),
+            }),
+            None if from_env => Some(OtlpSettings {
+                endpoint: None,
+                protocol: None,
+                headers: Vec::new(),
+                timeout: None,
+            }),
+            None => None,
+        };
+        let terminal = match self.tracing.terminal {
+            TerminalMode::On => true,
+            TerminalMode::Off => false,
+            TerminalMode::Auto => otlp.is_none() && self.tracing.file.is_none(),
+        };
+        if let Some(settings) = otlp {
+            outputs.push(Output::Otlp(settings));
+        }
+        if let Some(file) = &self.tracing.file {
+            outputs.push(Output::File(file.clone()));
+        }
+        if terminal {
+            outputs.push(Output::Terminal);
+        }
+        outputs
+    }
+}
+
+#[cfg(test)]
+mod stage_settings_tests {
+    use super::*;
+    use crate::export::ExporterConfig as Output;
+
+    #[test]
+    fn terminal_is_the_default_output() {
+        assert_eq!(
+            Config::default().exporters(|_| None),
+            vec![Output::Terminal]
+        );
+    }
+
+    #[test]
+    fn otlp_endpoint_in_the_environment_turns_export_on_and_the_terminal_off() {
+        let outputs = Config::default()
+            .exporters(|k| (k == "OTEL_EXPORTER_OTLP_ENDPOINT").then(|| "http://c:4317".into()));
+        assert_eq!(outputs.len(), 1);
+        assert!(matches!(outputs[0], Output::Otlp(_)));
+    }
+
+    #[test]
+    fn file_and_exporter_from_the_file_are_both_used() {
+        let config = Config::from_yaml(
+            "tracing:\n  exporter:\n    endpoint: http://127.0.0.1:4318\n    protocol: http/protobuf\n  file: /tmp/x.jsonl\n  terminal: true\n",
+        )
+        .unwrap();
+        let kinds: Vec<&str> = config
+            .exporters(|_| None)
+            .iter()
+            .map(|o| o.kind())
+            .collect();
+        assert_eq!(kinds, ["otlp", "file", "terminal"]);
+    }
+
+    #[test]
+    fn sampler_and_span_settings_follow_the_file() {
+        let config = Config::from_yaml(
+            "tracing:\n  random_sampling: 25\nhttp:\n  request_headers: [X-Request-Id]\n",
+        )
+        .unwrap();
+        assert_eq!(config.sampler().unwrap().percentage(), 25.0);
+        assert_eq!(
+            config.span_settings().request_headers,
+            vec!["x-request-id".to_string()]
+        );
+    }
+}

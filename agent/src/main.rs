@@ -1,12 +1,12 @@
 //! `agent`: the node agent's command line.
 
-use std::collections::HashMap;
-use std::io::Write;
 use std::time::Duration;
 
-use agent::capture::{Capture, CaptureEvent, Direction, Message, ProbeSettings, Role};
-use agent::http::{StartLine, start_line};
-use anyhow::Result;
+use agent::capture::{Capture, CaptureEvent};
+use agent::config::ConfigOverrides;
+use agent::correlate::{Correlator, ProcessTable};
+use agent::export::{ExportSettings, SpanSinks};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -19,23 +19,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Capture HTTP traffic of every process on this machine and print each
-    /// request and response line.
+    /// Trace the HTTP traffic of every process on this machine. Spans go to
+    /// an OTLP collector, a file, or (the default) the terminal.
     Run(RunArgs),
 }
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Bytes of each message the kernel copies (1 to 16384).
-    #[arg(long, default_value_t = ProbeSettings::default().max_message_bytes)]
-    max_message_bytes: u32,
-    /// Size of the kernel-to-agent ring buffer in bytes (a power of two).
-    #[arg(long, default_value_t = ProbeSettings::default().ring_buffer_bytes)]
-    ring_buffer_bytes: u32,
+    #[command(flatten)]
+    config: ConfigOverrides,
     /// Seconds between counter reports on stderr (0: only at exit).
     #[arg(long, default_value_t = 0)]
     stats_interval: u64,
 }
+
+/// Capture events queued between the ring-buffer reader and correlation.
+const EVENT_QUEUE: usize = 4096;
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
@@ -55,92 +54,92 @@ fn main() {
 }
 
 async fn run(args: RunArgs) -> Result<()> {
-    let settings = ProbeSettings {
-        max_message_bytes: args.max_message_bytes,
-        ring_buffer_bytes: args.ring_buffer_bytes,
-    };
-    let (capture, mut events) = Capture::start(settings, 4096)?;
-    eprintln!("agent: capturing HTTP on all TCP connections (Ctrl-C to stop)");
+    let config = args.config.load()?;
+    let sampler = config.sampler()?;
+    let mut correlator = Correlator::new(
+        sampler,
+        config.span_settings(),
+        ProcessTable::new("/proc", config.process_filter()),
+    );
+    let outputs = config.exporters(|name| std::env::var(name).ok());
+    let output_names: Vec<&str> = outputs.iter().map(|o| o.kind()).collect();
+    let output_names = output_names.join(", ");
+    let sinks = SpanSinks::start(outputs, &ExportSettings::default())
+        .context("starting the span outputs")?;
+    let (capture, mut events) = Capture::start(config.capture.probe_settings(), EVENT_QUEUE)?;
+    eprintln!(
+        "agent: tracing HTTP on all TCP connections, sampling {}%, spans to {output_names} (Ctrl-C to stop)",
+        config.tracing.random_sampling
+    );
+
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut stats = tokio::time::interval(Duration::from_secs(args.stats_interval.max(1)));
-    let mut view = RequestLineView::default();
-    let stdout = std::io::stdout();
+    let mut spans = Vec::new();
     loop {
         tokio::select! {
             event = events.recv() => match event {
-                Some(event) => view.show(&event, &mut stdout.lock()),
+                Some(event) => {
+                    correlator.handle(&event, &mut spans);
+                    for span in spans.drain(..) {
+                        // Never block capture on a slow output: a full
+                        // queue drops the span and counts it.
+                        sinks.try_send(span);
+                    }
+                    log_event(&event);
+                }
                 None => break,
             },
-            _ = stats.tick(), if args.stats_interval > 0 => report_counters(&capture),
+            _ = stats.tick(), if args.stats_interval > 0 => report_counters(&capture, &correlator, &sinks),
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
     }
-    report_counters(&capture);
-    // Dropping the capture detaches every probe before the process exits.
+    report_counters(&capture, &correlator, &sinks);
+    // Dropping the capture detaches every probe; then deliver what is queued.
     drop(capture);
+    sinks.shutdown().await;
     Ok(())
 }
 
-fn report_counters(capture: &Capture) {
-    match capture.counters() {
-        Ok(counters) => {
-            let line: Vec<String> = counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            eprintln!("agent: counters {}", line.join(" "));
-        }
-        Err(e) => eprintln!("agent: cannot read counters: {e:#}"),
+/// Every captured message at trace level (`RUST_LOG=agent=trace`), for
+/// debugging what the kernel delivers.
+fn log_event(event: &CaptureEvent) {
+    if let CaptureEvent::Data(m) = event
+        && log::log_enabled!(log::Level::Trace)
+    {
+        let c = &m.connection;
+        log::trace!(
+            "pid {} tid {} {:?} {} {:?} {} bytes: {:?}",
+            c.pid,
+            m.tid,
+            c.role,
+            c.local,
+            m.direction,
+            m.len,
+            agent::http::start_line(&m.bytes).map(|l| l.to_string())
+        );
     }
 }
 
-/// The terminal view until spans replace it: one line per HTTP start line.
-#[derive(Default)]
-struct RequestLineView {
-    process_names: HashMap<u32, String>,
-}
-
-impl RequestLineView {
-    fn show(&mut self, event: &CaptureEvent, out: &mut impl Write) {
-        let CaptureEvent::Data(message) = event else {
-            return;
-        };
-        let Some(line) = start_line(&message.bytes) else {
-            return;
-        };
-        let name = self.process_name(message.connection.pid);
-        let _ = writeln!(out, "{}", format_line(message, &line, name));
-    }
-
-    fn process_name(&mut self, pid: u32) -> &str {
-        self.process_names.entry(pid).or_insert_with(|| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .map(|s| s.trim_end().to_string())
-                .unwrap_or_else(|_| "?".to_string())
-        })
-    }
-}
-
-/// `pid 42 (curl) client 127.0.0.1:5000 -> 127.0.0.1:8000  GET / HTTP/1.1`
-fn format_line(message: &Message, line: &StartLine, process: &str) -> String {
-    let c = &message.connection;
-    let side = match (c.role, line) {
-        (Role::Client, _) => "client",
-        (Role::Server, _) => "server",
-        // Unknown role: whoever sends a request is the client.
-        (Role::Unknown, StartLine::Request { .. }) if message.direction == Direction::Egress => {
-            "client"
-        }
-        (Role::Unknown, StartLine::Response { .. }) if message.direction == Direction::Ingress => {
-            "client"
-        }
-        (Role::Unknown, _) => "server",
+fn report_counters(capture: &Capture, correlator: &Correlator, sinks: &SpanSinks) {
+    let mut line: Vec<String> = match capture.counters() {
+        Ok(counters) => counters.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        Err(e) => vec![format!("capture_counters_unreadable=({e:#})")],
     };
-    let arrow = match message.direction {
-        Direction::Egress => "->",
-        Direction::Ingress => "<-",
-    };
-    format!(
-        "pid {} ({process}) {side} {} {arrow} {}  {line}",
-        c.pid, c.local, c.remote
-    )
+    let c = correlator.counters();
+    line.push(format!(
+        "spans={} sampled_out={} filtered_out={}",
+        c.spans, c.sampled_out, c.filtered_out
+    ));
+    line.push(format!(
+        "broken_connections={} evicted_connections={}",
+        c.broken_connections, c.evicted_connections
+    ));
+    for (output, counts) in sinks.counts() {
+        for (k, v) in counts.pairs() {
+            line.push(format!("{output}_{k}={v}"));
+        }
+    }
+    eprintln!("agent: counters {}", line.join(" "));
 }

@@ -195,6 +195,11 @@ impl Correlator {
 
     fn track(&mut self, state: ConnectionState) {
         let c = state.connection;
+        if !self.connections.contains_key(&c.id) {
+            // Read the process now: a short-lived client (curl) may be gone
+            // by the time its span ends.
+            let _ = self.processes.resource(c.pid);
+        }
         self.by_addresses.insert((c.local, c.remote), c.id);
         self.connections.insert(c.id, state);
     }
