@@ -74,7 +74,7 @@ fn run_prints_the_trace_of_a_curl_and_stops_cleanly_on_sigterm() {
         .local_addr()
         .unwrap()
         .port();
-    let server = KillOnDrop(
+    let _server = KillOnDrop(
         Command::new("python3")
             .args([
                 "-m",

@@ -27,6 +27,8 @@ pub mod fixtures {
     pub const BINARY_ECHO: &str = include_str!("../fixtures/binary_echo.py");
     /// A client that keeps one connection open across a signal.
     pub const SLOW_CLIENT: &str = include_str!("../fixtures/slow_client.py");
+    /// A client that sends three requests in one write.
+    pub const PIPELINING_CLIENT: &str = include_str!("../fixtures/pipelining_client.py");
 }
 
 /// Whether privileged tests can run here. Outside CI a non-root run skips
@@ -236,6 +238,29 @@ pub fn moved_len(events: &[CaptureEvent], pid: u32, direction: Direction) -> u64
         .filter(|m| m.connection.pid == pid && m.direction == direction)
         .map(|m| m.len as u64)
         .sum()
+}
+
+/// The spans the agent's correlate stage makes of `events`, sampling at
+/// `percentage` (parent-based), with resources from this machine's /proc.
+pub fn spans_of(events: &[CaptureEvent], percentage: f64) -> Vec<agent::span::Span> {
+    use agent::correlate::{Correlator, ProcessFilter, ProcessTable, SpanSettings};
+    let sampler = agent::sampling::Sampler::new(percentage, true).unwrap();
+    let mut correlator = Correlator::new(
+        sampler,
+        SpanSettings::default(),
+        ProcessTable::new("/proc", ProcessFilter::default()),
+    );
+    let mut spans = Vec::new();
+    for event in events {
+        correlator.handle(event, &mut spans);
+    }
+    spans
+}
+
+/// Whether the tests run inside the qemu VMs, where emulation is slow and
+/// load tests use fewer requests.
+pub fn in_vm() -> bool {
+    std::env::var_os("AGENT_IN_VM").is_some()
 }
 
 /// A free TCP port on loopback (the listener is closed again at once).

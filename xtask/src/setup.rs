@@ -23,6 +23,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "iptables",
     "wrk",
+    "hey",
     // VM tests.
     "qemu-system-x86",
     "busybox-static",

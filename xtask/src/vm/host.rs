@@ -15,6 +15,8 @@ const PACKAGES: &[&str] = &[
     "busybox-static",
     "python3",
     "curl",
+    "hey",
+    "wrk",
     "nginx",
     "iproute2",
     "iptables",

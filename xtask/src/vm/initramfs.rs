@@ -2,7 +2,7 @@
 //!
 //! It comes in three concatenated archives so that only the small part
 //! changes between runs:
-//! 1. the base: busybox, python, curl, nginx, iproute2, iptables and their
+//! 1. the base: busybox, python, curl, hey, wrk, nginx, iproute2, iptables and their
 //!    libraries; cached, rebuilt when host packages or this file change;
 //! 2. the kernel's modules (see `kernel.rs`), cached per kernel;
 //! 3. the tests: `/init`, the test binaries and their extra libraries.
@@ -113,6 +113,9 @@ fn stage_base(stage: &mut Stage) -> Result<()> {
     }
     stage_python(stage)?;
     stage.add_program(host::find_file(&["/usr/bin/curl"])?)?;
+    // Load generators of the span tests.
+    stage.add_program(host::find_file(&["/usr/bin/hey"])?)?;
+    stage.add_program(host::find_file(&["/usr/bin/wrk"])?)?;
     stage_nginx(stage)?;
     stage.add_program(host::find_file(&["/usr/sbin/ip", "/sbin/ip", "/bin/ip"])?)?;
     stage_iptables(stage)?;
