@@ -105,7 +105,9 @@ pub struct ConnTuple {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct EventHeader {
-    /// Kernel monotonic time (`bpf_ktime_get_ns`) when the syscall returned.
+    /// Kernel monotonic time (`bpf_ktime_get_ns`) the bytes were seen: when
+    /// a send syscall began, when a receive syscall returned (for open and
+    /// close records: when the syscall ran).
     pub timestamp_ns: u64,
     /// Unique for the life of the loaded programs; changes when an fd number
     /// is reused for a new connection.

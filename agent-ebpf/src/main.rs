@@ -83,6 +83,8 @@ enum BufferShape {
 struct InflightCall {
     /// Buffer, iovec array or msghdr pointer.
     buffer: u64,
+    /// When the syscall began: a send's bytes are on their way from then.
+    enter_ns: u64,
     /// Number of iovecs for `Iovec`.
     iov_count: u64,
     fd: i32,
@@ -315,6 +317,8 @@ fn on_data_enter(
     };
     let call = InflightCall {
         buffer,
+        // SAFETY: helper call with no arguments.
+        enter_ns: unsafe { bpf_ktime_get_ns() },
         iov_count,
         fd: fd as i32,
         syscall: syscall as u8,
@@ -594,6 +598,12 @@ fn on_data_exit(ctx: &TracePointContext, direction: Direction, shape: BufferShap
         );
         header.message_len = message_len;
         header.captured_len = captured;
+        // Sends are stamped when they began and receives when they ended, so
+        // that a client's span always encloses its server's, even when the
+        // server's read returns before the client's write does.
+        if direction == Direction::Egress {
+            header.timestamp_ns = call.enter_ns;
+        }
         if shape == BufferShape::None {
             header.flags = FLAG_NO_PAYLOAD;
         } else if captured < message_len {
@@ -651,6 +661,7 @@ fn on_connect_enter(ctx: &TracePointContext) {
     };
     let call = InflightCall {
         buffer: 0,
+        enter_ns: 0,
         iov_count: 0,
         fd: fd as i32,
         syscall: Syscall::None as u8,

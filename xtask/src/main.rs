@@ -5,7 +5,8 @@
 //! - `run`: build and run the agent (as root);
 //! - `lint`: rustfmt and clippy on host and kernel crates;
 //! - `test`: lint, unit tests, privileged host tests, VM tests;
-//! - `vm-test`: the privileged tests inside VMs with other kernels.
+//! - `vm-test`: the privileged tests inside VMs with other kernels;
+//! - `bench`: benchmarks (see docs/benchmarks.md).
 
 mod libtest;
 mod setup;
@@ -51,6 +52,12 @@ enum Task {
         /// Kernel series for the VM tests (repeatable); default: all.
         #[arg(long = "kernel")]
         kernels: Vec<String>,
+    },
+    /// Benchmarks: the user-space pipeline on recorded events (criterion).
+    Bench {
+        /// Arguments for criterion, e.g. a benchmark name filter.
+        #[arg(last = true)]
+        args: Vec<String>,
     },
     /// Run the privileged integration tests inside VMs with other kernels.
     VmTest {
@@ -113,6 +120,12 @@ fn dispatch(task: Task) -> Result<()> {
                 bail!("{} tests failed", total.failed);
             }
             Ok(())
+        }
+        Task::Bench { args } => {
+            setup::setup()?;
+            run(Command::new("cargo")
+                .args(["bench", "--package", "agent", "--bench", "pipeline", "--"])
+                .args(args))
         }
         Task::VmTest { kernels } => {
             setup::setup()?;

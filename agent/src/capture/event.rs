@@ -41,7 +41,8 @@ pub struct Message {
     pub direction: Direction,
     /// Which syscall.
     pub syscall: Syscall,
-    /// Kernel monotonic clock when the syscall returned.
+    /// Kernel monotonic clock when the bytes were seen: a send's start, a
+    /// receive's return.
     pub timestamp_ns: u64,
     /// Bytes the syscall moved.
     pub len: u32,
@@ -110,6 +111,21 @@ pub struct RecordDecoder {
 
 /// Capacity reserved at once for message bytes.
 const BUFFER_BLOCK: usize = 256 * 1024;
+
+/// Lays out a record the way the kernel does (header, then the first
+/// `header.captured_len` bytes of `payload`), appending it to `out`. For
+/// tests and benchmarks that replay traffic without a kernel.
+pub fn encode_record(header: &EventHeader, payload: &[u8], out: &mut Vec<u8>) {
+    // SAFETY: EventHeader is repr(C) plain data; viewing it as bytes is sound.
+    let bytes = unsafe {
+        std::slice::from_raw_parts(
+            (header as *const EventHeader).cast::<u8>(),
+            EVENT_HEADER_SIZE,
+        )
+    };
+    out.extend_from_slice(bytes);
+    out.extend_from_slice(&payload[..header.captured_len as usize]);
+}
 
 impl RecordDecoder {
     /// A decoder with an empty buffer.
@@ -245,15 +261,8 @@ mod tests {
             _pad: [0; 3],
             tuple,
         };
-        // SAFETY: repr(C) plain data viewed as bytes.
-        let bytes = unsafe {
-            std::slice::from_raw_parts(
-                (&header as *const EventHeader).cast::<u8>(),
-                EVENT_HEADER_SIZE,
-            )
-        };
-        let mut out = bytes.to_vec();
-        out.extend_from_slice(&message[..captured]);
+        let mut out = Vec::new();
+        encode_record(&header, message, &mut out);
         out
     }
 

@@ -1,0 +1,226 @@
+//! The user-space pipeline alone, on recorded events: ring-buffer records
+//! -> decode -> correlate (HTTP parsing, trace context, spans) -> OTLP
+//! export requests encoded to protobuf, the bytes an exporter sends.
+//!
+//! `cargo xtask bench` runs it. It reports events per second on one core
+//! (criterion's throughput) and, once before measuring, allocations per
+//! event (counted by a wrapping global allocator).
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use agent::capture::event::encode_record;
+use agent::capture::{CaptureEvent, RecordDecoder};
+use agent::correlate::{Correlator, ProcessFilter, ProcessTable, SpanSettings};
+use agent::export::otlp_json::export_request;
+use agent::sampling::Sampler;
+use agent_common::{AF_INET, ConnTuple, Direction, EventHeader, EventKind, Role, Syscall};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use prost::Message as _;
+
+/// Counts allocations so the benchmark can report them per event.
+struct CountingAllocator;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAllocator = CountingAllocator;
+
+const CONNECTIONS: u32 = 200;
+const REQUESTS_PER_CONNECTION: u32 = 10;
+/// Spans per export request, as the exporter batches them.
+const BATCH: usize = 512;
+
+/// A recorded workload: `CONNECTIONS` keep-alive connections between a
+/// client and a server process on this node, both ends captured, each with
+/// `REQUESTS_PER_CONNECTION` exchanges. Returns the records.
+fn recorded_traffic() -> Vec<Vec<u8>> {
+    let mut records = Vec::new();
+    let request = b"GET /api/orders/12345?page=2 HTTP/1.1\r\nHost: orders:8080\r\nUser-Agent: bench/1.0\r\nAccept: */*\r\n\r\n";
+    let response = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 27\r\n\r\n{\"orders\":[1,2,3],\"n\":3}  ";
+    let mut ts = 1_000_000u64;
+    for c in 0..CONNECTIONS {
+        let client_port = 30_000 + c as u16;
+        let client = tuple(client_port, 8080);
+        let server = tuple(8080, client_port);
+        let (client_id, server_id) = (2 * c as u64 + 1, 2 * c as u64 + 2);
+        let mut push = |kind: EventKind,
+                        id: u64,
+                        pid: u32,
+                        role: Role,
+                        t: ConnTuple,
+                        dir: Direction,
+                        payload: &[u8]| {
+            ts += 1_000;
+            let header = EventHeader {
+                timestamp_ns: ts,
+                conn_id: id,
+                pid,
+                tid: pid + 1,
+                fd: 7,
+                message_len: payload.len() as u32,
+                captured_len: payload.len() as u32,
+                kind: kind as u8,
+                direction: dir as u8,
+                role: role as u8,
+                syscall: Syscall::Read as u8,
+                flags: 0,
+                _pad: [0; 3],
+                tuple: t,
+            };
+            let mut record = Vec::new();
+            encode_record(&header, payload, &mut record);
+            records.push(record);
+        };
+        push(
+            EventKind::Open,
+            client_id,
+            100,
+            Role::Client,
+            client,
+            Direction::Egress,
+            b"",
+        );
+        push(
+            EventKind::Open,
+            server_id,
+            200,
+            Role::Server,
+            server,
+            Direction::Egress,
+            b"",
+        );
+        for _ in 0..REQUESTS_PER_CONNECTION {
+            push(
+                EventKind::Data,
+                client_id,
+                100,
+                Role::Client,
+                client,
+                Direction::Egress,
+                request,
+            );
+            push(
+                EventKind::Data,
+                server_id,
+                200,
+                Role::Server,
+                server,
+                Direction::Ingress,
+                request,
+            );
+            push(
+                EventKind::Data,
+                server_id,
+                200,
+                Role::Server,
+                server,
+                Direction::Egress,
+                response,
+            );
+            push(
+                EventKind::Data,
+                client_id,
+                100,
+                Role::Client,
+                client,
+                Direction::Ingress,
+                response,
+            );
+        }
+        push(
+            EventKind::Close,
+            client_id,
+            100,
+            Role::Client,
+            client,
+            Direction::Egress,
+            b"",
+        );
+        push(
+            EventKind::Close,
+            server_id,
+            200,
+            Role::Server,
+            server,
+            Direction::Egress,
+            b"",
+        );
+    }
+    records
+}
+
+fn tuple(local_port: u16, remote_port: u16) -> ConnTuple {
+    let mut t = ConnTuple {
+        family: AF_INET,
+        local_port,
+        remote_port,
+        ..ConnTuple::default()
+    };
+    t.local_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+    t.remote_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+    t
+}
+
+/// Runs the records through the pipeline; returns the protobuf bytes produced.
+fn pipeline(records: &[Vec<u8>]) -> usize {
+    let mut decoder = RecordDecoder::new();
+    let processes = ProcessTable::new("/nonexistent-proc", ProcessFilter::default());
+    let mut correlator = Correlator::new(
+        Sampler::new(100.0, true).unwrap(),
+        SpanSettings::default(),
+        processes,
+    );
+    let mut spans = Vec::with_capacity(BATCH * 2);
+    let mut encoded = Vec::new();
+    let mut bytes = 0;
+    for record in records {
+        let event: CaptureEvent = decoder.decode(record).expect("valid record");
+        correlator.handle(&event, &mut spans);
+        if spans.len() >= BATCH {
+            encoded.clear();
+            export_request(&spans).encode(&mut encoded).unwrap();
+            bytes += encoded.len();
+            spans.clear();
+        }
+    }
+    encoded.clear();
+    export_request(&spans).encode(&mut encoded).unwrap();
+    bytes + encoded.len()
+}
+
+fn bench(c: &mut Criterion) {
+    let records = recorded_traffic();
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    let bytes = pipeline(&records);
+    let allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;
+    let spans = (CONNECTIONS * REQUESTS_PER_CONNECTION * 2) as f64;
+    println!(
+        "pipeline: {} events, {:.0} spans, {bytes} protobuf bytes; {:.2} allocations per event, {:.1} per span",
+        records.len(),
+        spans,
+        allocations as f64 / records.len() as f64,
+        allocations as f64 / spans
+    );
+    let mut group = c.benchmark_group("pipeline");
+    group.throughput(Throughput::Elements(records.len() as u64));
+    group.bench_function("records_to_otlp_batches", |b| b.iter(|| pipeline(&records)));
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
