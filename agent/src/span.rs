@@ -2,6 +2,7 @@
 //! `export` consumes. Plain data, no OpenTelemetry SDK types, so stages stay
 //! testable on their own.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
@@ -98,15 +99,16 @@ pub enum AttributeValue {
 /// A key/value attribute. Keys are OpenTelemetry semantic-convention names.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Attribute {
-    /// e.g. `http.request.method`.
-    pub key: String,
+    /// e.g. `http.request.method`. Borrowed when static (nearly always), so
+    /// building a span does not allocate its keys.
+    pub key: Cow<'static, str>,
     /// The value.
     pub value: AttributeValue,
 }
 
 impl Attribute {
     /// A string attribute.
-    pub fn string(key: impl Into<String>, value: impl Into<String>) -> Self {
+    pub fn string(key: impl Into<Cow<'static, str>>, value: impl Into<String>) -> Self {
         Self {
             key: key.into(),
             value: AttributeValue::String(value.into()),
@@ -114,7 +116,7 @@ impl Attribute {
     }
 
     /// An integer attribute.
-    pub fn int(key: impl Into<String>, value: i64) -> Self {
+    pub fn int(key: impl Into<Cow<'static, str>>, value: i64) -> Self {
         Self {
             key: key.into(),
             value: AttributeValue::Int(value),

@@ -392,7 +392,7 @@ pub fn sdk_resource(resource: &Resource) -> opentelemetry_sdk::Resource {
         .attributes
         .iter()
         .filter(|a| a.key != super::SERVICE_NAME)
-        .map(|a| KeyValue::new(a.key.clone(), value(&a.value)))
+        .map(|a| KeyValue::new(a.key.to_string(), value(&a.value)))
         .chain(std::iter::once(KeyValue::new(
             super::SERVICE_NAME,
             resource.service_name.clone(),
@@ -453,7 +453,7 @@ pub fn span_data(span: &Span, scope: &InstrumentationScope) -> SpanData {
         attributes: span
             .attributes
             .iter()
-            .map(|a| KeyValue::new(a.key.clone(), value(&a.value)))
+            .map(|a| KeyValue::new(a.key.to_string(), value(&a.value)))
             .collect(),
         dropped_attributes_count: 0,
         events: SpanEvents::default(),

@@ -83,7 +83,7 @@ fn key_value(attribute: &Attribute) -> KeyValue {
         AttributeValue::Int(i) => any_value::Value::IntValue(*i),
     };
     KeyValue {
-        key: attribute.key.clone(),
+        key: attribute.key.to_string(),
         value: Some(AnyValue { value: Some(value) }),
         key_strindex: 0,
     }
