@@ -10,12 +10,14 @@
 //! - [`sampling`]: which traces are kept;
 //! - [`span`]: the span model the later stages share;
 //! - [`export`]: spans -> OTLP, OTLP/JSON file, terminal;
-//! - [`config`]: the YAML file and command-line overrides.
+//! - [`config`]: the YAML file and command-line overrides;
+//! - [`proxy`]: the traceparent-injecting transparent proxy and its iptables rules.
 pub mod capture;
 pub mod config;
 pub mod correlate;
 pub mod export;
 pub mod http;
+pub mod proxy;
 pub mod sampling;
 pub mod span;
 pub mod tracecontext;
