@@ -171,7 +171,7 @@ fn our_attributes(attributes: &[Attribute]) -> BTreeSet<(String, Val)> {
                 AttributeValue::String(s) => Val::Str(s.clone()),
                 AttributeValue::Int(i) => Val::Int(*i),
             };
-            (a.key.clone(), value)
+            (a.key.to_string(), value)
         })
         .collect()
 }
