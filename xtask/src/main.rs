@@ -8,6 +8,7 @@
 //! - `vm-test`: the privileged tests inside VMs with other kernels;
 //! - `bench`: benchmarks (see docs/benchmarks.md).
 
+mod bench;
 mod libtest;
 mod setup;
 mod vm;
@@ -53,7 +54,8 @@ enum Task {
         #[arg(long = "kernel")]
         kernels: Vec<String>,
     },
-    /// Benchmarks: the user-space pipeline on recorded events (criterion).
+    /// Benchmarks: the user-space pipeline on recorded events (criterion),
+    /// then the agent's overhead on nginx under wrk (agent off vs on).
     Bench {
         /// Arguments for criterion, e.g. a benchmark name filter.
         #[arg(last = true)]
@@ -123,9 +125,7 @@ fn dispatch(task: Task) -> Result<()> {
         }
         Task::Bench { args } => {
             setup::setup()?;
-            run(Command::new("cargo")
-                .args(["bench", "--package", "agent", "--bench", "pipeline", "--"])
-                .args(args))
+            bench::bench(&args)
         }
         Task::VmTest { kernels } => {
             setup::setup()?;

@@ -52,6 +52,9 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 /// Environment variable overriding [`DEFAULT_TIMEOUT`].
 const TIMEOUT_VAR: &str = "VM_TEST_TIMEOUT_SECS";
 
+/// Boots repeated when a guest dies before its first test starts.
+const BOOT_RETRIES: u32 = 2;
+
 /// Boots each kernel, runs every test binary, prints a summary, and fails if
 /// any test failed or no test ran.
 ///
@@ -89,8 +92,22 @@ pub fn vm_test(opts: &VmTestOptions) -> Result<TestCounts> {
         concatenate(&[&base.archive, &kernel.modules_archive, &tests], &initrd)?;
         println!("vm-test {series}: booting {}", kernel.release);
         let started = Instant::now();
-        let outcome = qemu::boot(&kernel.vmlinuz, &initrd, series, timeout)
+        let mut outcome = qemu::boot(&kernel.vmlinuz, &initrd, series, timeout)
             .with_context(|| format!("booting {}", kernel.release))?;
+        // Under TCG a guest kernel occasionally dies while booting (e.g. an
+        // oops patching code across vCPUs on a loaded host). That says
+        // nothing about the tests, which had not started: boot again, at
+        // most twice. Anything after the first test started still counts.
+        for retry in 1..=BOOT_RETRIES {
+            if outcome.report.tests_started {
+                break;
+            }
+            println!(
+                "vm-test {series}: the guest died before running any test; booting again ({retry}/{BOOT_RETRIES})"
+            );
+            outcome = qemu::boot(&kernel.vmlinuz, &initrd, series, timeout)
+                .with_context(|| format!("booting {}", kernel.release))?;
+        }
         let report = &outcome.report;
         println!(
             "vm-test {series}: guest ran for {}s ({})",

@@ -5,6 +5,9 @@
 /// `@@VMTEST-EXIT <binary-name> <exit-code>`.
 pub const EXIT_MARKER: &str = "@@VMTEST-EXIT";
 
+/// What `/init` prints before each test binary.
+pub const TESTS_STARTED: &str = "vm-init: running ";
+
 /// What one boot's console output says about the tests that ran in it.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ConsoleReport {
@@ -16,6 +19,9 @@ pub struct ConsoleReport {
     pub ignored: u64,
     /// `(binary name, exit code)` for each exit marker, in console order.
     pub exits: Vec<(String, i32)>,
+    /// `/init` started a test binary: anything that goes wrong after this
+    /// is the tests' doing, not the boot's.
+    pub tests_started: bool,
 }
 
 impl ConsoleReport {
@@ -31,6 +37,8 @@ impl ConsoleReport {
             self.ignored += counts.ignored;
         } else if let Some(exit) = parse_exit_marker(line) {
             self.exits.push(exit);
+        } else if line.contains(TESTS_STARTED) {
+            self.tests_started = true;
         }
     }
 
@@ -57,9 +65,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_guest_that_died_while_booting_started_no_test() {
+        let console = "[    4.4] Kernel panic - not syncing: Fatal exception in interrupt\n";
+        assert!(!ConsoleReport::parse(console).tests_started);
+    }
+
+    #[test]
     fn sums_results_and_collects_exit_markers() {
         let console = "\
 [    1.234567] Run /init as init process
+vm-init: running integration-0123abcd
 running 3 tests
 test probes::attach ... ok
 test probes::detach ... FAILED
@@ -82,6 +97,7 @@ partial output without newline@@VMTEST-EXIT other-feedbeef 0
                     ("integration-0123abcd".to_owned(), 101),
                     ("other-feedbeef".to_owned(), 0),
                 ],
+                tests_started: true,
             }
         );
     }

@@ -1,0 +1,206 @@
+//! `cargo xtask bench`: the criterion benchmark of the user-space pipeline,
+//! then the agent's overhead on a traced server: the same wrk load against
+//! a local nginx with the agent off and on, alternating, in one run.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::run;
+
+/// Rounds per configuration; the median is reported.
+const ROUNDS: usize = 3;
+/// wrk settings: bounded by duration, so the load stops by itself.
+const WRK_ARGS: &[&str] = &["-t2", "-c50", "-d5s", "--latency"];
+const NGINX_PORT: u16 = 18280;
+
+/// One wrk run's figures.
+#[derive(Clone, Copy, Debug, Default)]
+struct WrkResult {
+    requests_per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// Runs every benchmark; `criterion_args` go to criterion.
+pub fn bench(criterion_args: &[String]) -> Result<()> {
+    run(Command::new("cargo")
+        .args(["bench", "--package", "agent", "--bench", "pipeline", "--"])
+        .args(criterion_args))?;
+    run(Command::new("cargo").args(["build", "--release", "--package", "agent"]))?;
+    overhead()
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: signal to our own child.
+        unsafe { libc_kill(self.0.id() as i32, 15) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, signal: i32) -> i32;
+}
+
+fn overhead() -> Result<()> {
+    let dir = PathBuf::from("target/bench-overhead");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("www"))?;
+    let dir = std::path::absolute(&dir)?;
+    std::fs::write(dir.join("www/index.html"), "x".repeat(512))?;
+    let conf = nginx_conf(&dir);
+    std::fs::write(dir.join("nginx.conf"), conf)?;
+    let _nginx = KillOnDrop(
+        Command::new("nginx")
+            .args([
+                "-c",
+                &dir.join("nginx.conf").to_string_lossy(),
+                "-p",
+                &dir.to_string_lossy(),
+            ])
+            .spawn()
+            .context("starting nginx")?,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let url = format!("http://127.0.0.1:{NGINX_PORT}/index.html");
+
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    for round in 1..=ROUNDS {
+        eprintln!("bench: round {round}/{ROUNDS}, agent off");
+        off.push(wrk(&url)?);
+        eprintln!("bench: round {round}/{ROUNDS}, agent on");
+        let agent = KillOnDrop(
+            Command::new("target/release/agent")
+                // Every span is built and written as OTLP/JSON, as a real
+                // exporter would encode it, then discarded.
+                .args(["run", "--output-file", "/dev/null", "--no-terminal"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .context("starting the agent")?,
+        );
+        std::thread::sleep(Duration::from_secs(3));
+        on.push(wrk(&url)?);
+        drop(agent);
+    }
+    let median = |v: &[WrkResult], f: fn(&WrkResult) -> f64| {
+        let mut x: Vec<f64> = v.iter().map(f).collect();
+        x.sort_by(f64::total_cmp);
+        x[x.len() / 2]
+    };
+    let rows = [
+        (
+            "requests/s",
+            median(&off, |r| r.requests_per_sec),
+            median(&on, |r| r.requests_per_sec),
+        ),
+        (
+            "p50 latency (ms)",
+            median(&off, |r| r.p50_ms),
+            median(&on, |r| r.p50_ms),
+        ),
+        (
+            "p99 latency (ms)",
+            median(&off, |r| r.p99_ms),
+            median(&on, |r| r.p99_ms),
+        ),
+    ];
+    println!(
+        "\nagent overhead: nginx static file, wrk {} (median of {ROUNDS} rounds)",
+        WRK_ARGS.join(" ")
+    );
+    println!("| metric | agent off | agent on | on / off |");
+    println!("| --- | --- | --- | --- |");
+    for (name, off, on) in rows {
+        println!("| {name} | {off:.2} | {on:.2} | {:.3} |", on / off);
+    }
+    Ok(())
+}
+
+fn nginx_conf(dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+         events {{ worker_connections 1024; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+         fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+         keepalive_requests 1000000;\n  server {{ listen 127.0.0.1:{NGINX_PORT}; root {d}/www; }}\n}}\n"
+    )
+}
+
+fn wrk(url: &str) -> Result<WrkResult> {
+    let output = Command::new("wrk")
+        .args(WRK_ARGS)
+        .arg(url)
+        .output()
+        .context("running wrk")?;
+    if !output.status.success() {
+        bail!("wrk failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    parse_wrk(&String::from_utf8_lossy(&output.stdout))
+}
+
+/// Reads requests/s and the 50 % / 99 % latencies from wrk's report.
+fn parse_wrk(text: &str) -> Result<WrkResult> {
+    let mut result = WrkResult::default();
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["Requests/sec:", value] => result.requests_per_sec = value.parse()?,
+            ["50%", value] => result.p50_ms = duration_ms(value)?,
+            ["99%", value] => result.p99_ms = duration_ms(value)?,
+            _ => {}
+        }
+    }
+    if result.requests_per_sec == 0.0 {
+        bail!("no Requests/sec in wrk's output:\n{text}");
+    }
+    Ok(result)
+}
+
+/// `812.00us`, `1.23ms`, `2.00s` -> milliseconds.
+fn duration_ms(value: &str) -> Result<f64> {
+    let (number, factor) = if let Some(n) = value.strip_suffix("us") {
+        (n, 0.001)
+    } else if let Some(n) = value.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = value.strip_suffix('s') {
+        (n, 1000.0)
+    } else {
+        bail!("unknown duration {value}")
+    };
+    Ok(number.parse::<f64>()? * factor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrk_report_is_parsed() {
+        let text = "  Latency Distribution\n     50%  812.00us\n     75%    1.10ms\n     90%    2.00ms\n     99%    5.21ms\n  100 requests\nRequests/sec:  61234.56\nTransfer/sec:      9.12MB\n";
+        let r = parse_wrk(text).unwrap();
+        assert_eq!(r.requests_per_sec, 61234.56);
+        assert!((r.p50_ms - 0.812).abs() < 1e-9);
+        assert!((r.p99_ms - 5.21).abs() < 1e-9);
+    }
+
+    #[test]
+    fn report_without_throughput_is_an_error() {
+        assert!(parse_wrk("garbage").is_err());
+    }
+}
