@@ -386,6 +386,38 @@ impl Drop for ScratchDir {
     }
 }
 
+/// Starts nginx in `dir`, listening on 127.0.0.1:`port`, serving
+/// `dir`/www, logging requests to `dir`/access.log. `http_directives` go
+/// into its `http` block. Waits until it accepts connections.
+pub fn start_nginx(dir: &ScratchDir, port: u16, workers: u32, http_directives: &str) -> ChildGuard {
+    let root = dir.path().display();
+    let conf = dir.write(
+        "nginx.conf",
+        format!(
+            "daemon off;\nworker_processes {workers};\npid {root}/nginx.pid;\nerror_log {root}/error.log;\n\
+             events {{ worker_connections 256; }}\n\
+             http {{\n  access_log {root}/access.log;\n  client_body_temp_path {root}/body;\n\
+             proxy_temp_path {root}/proxy;\n  fastcgi_temp_path {root}/fastcgi;\n  uwsgi_temp_path {root}/uwsgi;\n\
+             scgi_temp_path {root}/scgi;\n  {http_directives}\n\
+             server {{ listen 127.0.0.1:{port}; root {root}/www; }}\n}}\n"
+        )
+        .as_bytes(),
+    );
+    let nginx = ChildGuard(
+        Command::new("nginx")
+            .args([
+                "-c",
+                conf.to_str().unwrap(),
+                "-p",
+                dir.path().to_str().unwrap(),
+            ])
+            .spawn()
+            .expect("nginx must be installed (cargo xtask setup)"),
+    );
+    wait_listening(format!("127.0.0.1:{port}").parse().unwrap());
+    nginx
+}
+
 /// Starts a Python fixture script with arguments.
 pub fn start_python(
     dir: &ScratchDir,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use agent::capture::{CaptureEvent, Direction, Role, Syscall};
 use tests::{
     ChildGuard, ScratchDir, bytes_of, capture, curl, find, fixtures, free_port, messages,
-    moved_len, privileged, start_python, stream_mismatch, wait_listening,
+    moved_len, privileged, start_nginx, start_python, stream_mismatch, wait_listening,
 };
 
 /// Generous: the same tests run under qemu without acceleration.
@@ -305,31 +305,7 @@ fn nginx_static_file_head_is_copied_and_sendfile_body_is_counted() {
     std::fs::create_dir_all(dir.path().join("www")).unwrap();
     let content: Vec<u8> = (0..50_000u32).map(|i| b'a' + (i % 26) as u8).collect();
     dir.write("www/file.txt", &content);
-    let root = dir.path().display();
-    let conf = dir.write(
-        "nginx.conf",
-        format!(
-            "daemon off;\nworker_processes 1;\npid {root}/nginx.pid;\nerror_log {root}/error.log;\n\
-             events {{ worker_connections 64; }}\n\
-             http {{\n  access_log {root}/access.log;\n  client_body_temp_path {root}/body;\n\
-             proxy_temp_path {root}/proxy;\n  fastcgi_temp_path {root}/fastcgi;\n  uwsgi_temp_path {root}/uwsgi;\n\
-             scgi_temp_path {root}/scgi;\n  default_type text/plain;\n  sendfile on;\n\
-             server {{ listen 127.0.0.1:{port}; root {root}/www; }}\n}}\n"
-        )
-        .as_bytes(),
-    );
-    let nginx = ChildGuard(
-        std::process::Command::new("nginx")
-            .args([
-                "-c",
-                conf.to_str().unwrap(),
-                "-p",
-                dir.path().to_str().unwrap(),
-            ])
-            .spawn()
-            .expect("nginx must be installed (cargo xtask setup)"),
-    );
-    wait_listening(format!("127.0.0.1:{port}").parse().unwrap());
+    let nginx = start_nginx(&dir, port, 1, "default_type text/plain;\n  sendfile on;");
     let (curl_pid, body) = curl(&[&format!("http://127.0.0.1:{port}/file.txt")]);
     assert_eq!(body, content);
 

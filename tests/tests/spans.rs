@@ -11,7 +11,7 @@ use agent::capture::CaptureEvent;
 use agent::span::{Span, SpanKind, SpanStatus};
 use tests::{
     ChildGuard, ScratchDir, capture, curl, fixtures, free_port, in_vm, privileged, spans_of,
-    start_python, wait_listening,
+    start_nginx, start_python, wait_listening,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -223,31 +223,7 @@ fn every_request_under_concurrent_load_has_one_server_and_one_client_span() {
     let port = free_port();
     std::fs::create_dir_all(dir.path().join("www")).unwrap();
     dir.write("www/index.html", b"hello\n");
-    let root = dir.path().display();
-    let conf = dir.write(
-        "nginx.conf",
-        format!(
-            "daemon off;\nworker_processes 2;\npid {root}/nginx.pid;\nerror_log {root}/error.log;\n\
-             events {{ worker_connections 256; }}\n\
-             http {{\n  access_log {root}/access.log;\n  client_body_temp_path {root}/body;\n\
-             proxy_temp_path {root}/proxy;\n  fastcgi_temp_path {root}/fastcgi;\n  uwsgi_temp_path {root}/uwsgi;\n\
-             scgi_temp_path {root}/scgi;\n  keepalive_requests 100000;\n\
-             server {{ listen 127.0.0.1:{port}; root {root}/www; }}\n}}\n"
-        )
-        .as_bytes(),
-    );
-    let _nginx = ChildGuard(
-        std::process::Command::new("nginx")
-            .args([
-                "-c",
-                conf.to_str().unwrap(),
-                "-p",
-                dir.path().to_str().unwrap(),
-            ])
-            .spawn()
-            .unwrap(),
-    );
-    wait_listening(format!("127.0.0.1:{port}").parse().unwrap());
+    let _nginx = start_nginx(&dir, port, 2, "keepalive_requests 100000;");
     let requests = if in_vm() { 200 } else { 2000 };
     let hey = std::process::Command::new("hey")
         .args([

@@ -24,31 +24,18 @@ impl Default for SpanSettings {
         Self {
             request_headers: Vec::new(),
             response_headers: Vec::new(),
-            redact_query_parameters: [
-                "token",
-                "access_token",
-                "password",
-                "secret",
-                "api_key",
-                "key",
-                "sig",
-                "signature",
-                "auth",
-            ]
-            .map(String::from)
-            .to_vec(),
+            redact_query_parameters: crate::config::DEFAULT_REDACTED_QUERY_PARAMETERS
+                .iter()
+                .map(|p| p.to_string())
+                .collect(),
             route_heuristic: true,
         }
     }
 }
 
-/// Headers whose values never leave the agent, whatever the configuration.
-pub const SENSITIVE_HEADERS: &[&str] = &[
-    "authorization",
-    "cookie",
-    "set-cookie",
-    "proxy-authorization",
-];
+/// Headers whose values never leave the agent, whatever the configuration
+/// (the configuration also refuses to list them).
+pub use crate::config::FORBIDDEN_HEADERS as SENSITIVE_HEADERS;
 
 /// Methods the semantic conventions know; others are reported as `_OTHER`.
 const KNOWN_METHODS: &[&str] = &[
