@@ -10,7 +10,7 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use agent::capture::{Capture, CaptureEvent, Connection, Direction, Message, ProbeSettings};
@@ -50,7 +50,17 @@ pub fn privileged() -> bool {
 /// wait for more.
 struct EventLog {
     events: Mutex<Vec<CaptureEvent>>,
-    changed: Condvar,
+}
+
+/// Ports the tests of this binary use (see [`free_port`]): the shared
+/// capture keeps only their events, so a busy machine or a load test
+/// cannot crowd them out.
+static WATCHED_PORTS: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+
+fn watched(event: &CaptureEvent) -> bool {
+    let c = event.connection();
+    let ports = WATCHED_PORTS.lock().unwrap();
+    ports.contains(&c.local.port()) || ports.contains(&c.remote.port())
 }
 
 /// Events kept at most; the oldest half goes when full (a busy node must
@@ -70,7 +80,6 @@ pub fn capture() -> &'static SharedCapture {
     SHARED.get_or_init(|| {
         let log = Arc::new(EventLog {
             events: Mutex::new(Vec::new()),
-            changed: Condvar::new(),
         });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread_log = log.clone();
@@ -89,12 +98,14 @@ pub fn capture() -> &'static SharedCapture {
                 };
                 let _ = ready_tx.send(Ok(()));
                 while let Some(event) = rx.recv().await {
+                    if !watched(&event) {
+                        continue;
+                    }
                     let mut events = thread_log.events.lock().unwrap();
                     if events.len() >= MAX_KEPT_EVENTS {
                         events.drain(..MAX_KEPT_EVENTS / 2);
                     }
                     events.push(event);
-                    thread_log.changed.notify_all();
                 }
                 drop(capture);
             });
@@ -117,23 +128,22 @@ impl SharedCapture {
         done: impl Fn(&[CaptureEvent]) -> bool,
     ) -> Vec<CaptureEvent> {
         let deadline = Instant::now() + timeout;
-        let mut events = self.log.events.lock().unwrap();
         loop {
-            let matching: Vec<CaptureEvent> = events
-                .iter()
-                .filter(|e| touches_port(e.connection(), port))
-                .cloned()
-                .collect();
+            let matching: Vec<CaptureEvent> = {
+                let events = self.log.events.lock().unwrap();
+                events
+                    .iter()
+                    .filter(|e| touches_port(e.connection(), port))
+                    .cloned()
+                    .collect()
+            };
             let now = Instant::now();
             if done(&matching) || now >= deadline {
                 return matching;
             }
-            events = self
-                .log
-                .changed
-                .wait_timeout(events, deadline - now)
-                .unwrap()
-                .0;
+            // Checking can be costly (tests correlate all the events): at
+            // most every 50 ms, not on every event.
+            std::thread::sleep((deadline - now).min(Duration::from_millis(50)));
         }
     }
 
@@ -263,13 +273,16 @@ pub fn in_vm() -> bool {
     std::env::var_os("AGENT_IN_VM").is_some()
 }
 
-/// A free TCP port on loopback (the listener is closed again at once).
+/// A free TCP port on loopback (the listener is closed again at once),
+/// watched by the shared capture from now on.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
+    let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port()
+        .port();
+    WATCHED_PORTS.lock().unwrap().push(port);
+    port
 }
 
 /// A child process that is killed when dropped, so a failing test leaves

@@ -301,3 +301,72 @@ fn every_request_under_concurrent_load_has_one_server_and_one_client_span() {
         quarter * 100.0
     );
 }
+
+/// wrk (duration-bound) against `python3 -m http.server`: one SERVER span
+/// per line of the server's own request log; one CLIENT span per request wrk
+/// sent, of which only those in flight when wrk stopped lack a response.
+#[test]
+fn wrk_against_python_http_server_has_one_server_span_per_logged_request() {
+    if !privileged() {
+        return;
+    }
+    capture();
+    let dir = ScratchDir::new("wrk");
+    let port = free_port();
+    dir.write("index.html", b"hello\n");
+    let log = std::fs::File::create(dir.path().join("requests.log")).unwrap();
+    let _server = ChildGuard(
+        std::process::Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+            ])
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    wait_listening(format!("127.0.0.1:{port}").parse().unwrap());
+    let connections = 10;
+    let status = std::process::Command::new("wrk")
+        .args([
+            "-t1",
+            &format!("-c{connections}"),
+            "-d1s",
+            &format!("http://127.0.0.1:{port}/index.html"),
+        ])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("wrk is installed (cargo xtask setup)");
+    assert!(status.success());
+    std::thread::sleep(Duration::from_millis(500));
+    let logged = std::fs::read_to_string(dir.path().join("requests.log"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("\"GET /index.html"))
+        .count();
+    assert!(logged > 0);
+
+    let events = capture().wait_for_port(port, WAIT * 2, |e| {
+        of_kind(&spans_of(e, 100.0), SpanKind::Server).len() >= logged
+    });
+    let spans = spans_of(&events, 100.0);
+    assert_eq!(
+        of_kind(&spans, SpanKind::Server).len(),
+        logged,
+        "one SERVER span per logged request"
+    );
+    let answered = of_kind(&spans, SpanKind::Client)
+        .into_iter()
+        .filter(|s| s.attribute("http.response.status_code").is_some())
+        .count();
+    assert!(
+        answered <= logged && logged - answered <= connections,
+        "{answered} answered CLIENT spans for {logged} logged requests"
+    );
+}
