@@ -17,6 +17,7 @@ use agent::capture::{Capture, CaptureEvent, Connection, Direction, Message, Prob
 
 pub use agent::capture;
 
+pub mod netns;
 pub mod otlp_receiver;
 
 /// Fixture scripts, embedded so the test binaries carry them into the VM.

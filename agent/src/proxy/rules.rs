@@ -1,0 +1,1189 @@
+//! The iptables `REDIRECT` rules that steer connections to the transparent
+//! proxy, derived from [`ProxyConfig`].
+//!
+//! All rules live in chains of their own in the `nat` table —
+//! `<prefix>_PREROUTING` (node mode) or `<prefix>_OUTPUT` (host mode), with
+//! the prefix `TTA` by default — entered by one jump rule from the built-in
+//! chain. That keeps them easy to list (`iptables -t nat -S TTA_PREROUTING`)
+//! and lets them be removed exactly, without touching anyone else's rules.
+//!
+//! # Installing, idempotently
+//!
+//! A chain's rules are written with `iptables-restore --noflush`: declaring
+//! the chain (`:TTA_PREROUTING - [0:0]`) creates it, or flushes it if a
+//! crashed run left it behind, and the new rules replace the old ones in one
+//! kernel transaction, so there is never a moment with half a rule set.
+//! `--noflush` leaves every other chain of the table alone. The jump from the
+//! built-in chain cannot be made idempotent inside a restore file (`-A`
+//! would add a second copy, and `-D` of an absent rule fails the whole
+//! transaction), so it is checked with `iptables -C` and inserted with `-I`
+//! only when missing. A restart after `kill -9` therefore ends with exactly
+//! one chain and one jump, whichever state the crash left.
+//!
+//! The jump is inserted first in the built-in chain so that other `nat`
+//! rules (kube-proxy, Docker) neither rewrite the destination before the
+//! proxy sees it nor set marks that the host-mode exclusion would miss.
+//!
+//! IPv4 rules go to `iptables` and IPv6 ones to `ip6tables`; CIDR lists are
+//! split by family.
+//!
+//! # Loops in host mode
+//!
+//! In host mode the proxy's own upstream connections are local traffic to a
+//! configured port too; they escape through the firewall mark the proxy sets
+//! on them (`RETURN` first in the chain). Loopback destinations are
+//! deliberately redirected like any other (a local client calling a local
+//! server is worth tracing); `exclude_cidrs: [127.0.0.0/8, ::1/128]` turns
+//! that off. The proxy's listen port can never be redirected, because
+//! [`RedirectRules::validate`] refuses it among the ports.
+
+use std::fmt;
+use std::io::Write;
+use std::net::IpAddr;
+use std::process::{Command, Stdio};
+
+use crate::config::{Cidr, ProxyConfig, ProxyMode};
+
+/// Firewall mark the proxy puts (`SO_MARK`) on its own upstream
+/// connections; host-mode rules let marked traffic pass, or the proxy's
+/// connections would be redirected back to itself.
+pub const DEFAULT_PROXY_MARK: u32 = 0x1e7;
+
+/// Prefix of the chain names: `TTA_PREROUTING`, `TTA_OUTPUT`.
+pub const DEFAULT_CHAIN_PREFIX: &str = "TTA";
+
+/// Longest chain prefix: iptables chain names are at most 28 characters and
+/// `_PREROUTING` takes 11 of them.
+pub const MAX_CHAIN_PREFIX_LEN: usize = 28 - "_PREROUTING".len();
+
+/// Ports one `-m multiport` match takes at most (an iptables limit).
+const MULTIPORT_MAX: usize = 15;
+
+/// IP version of a rule set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Family {
+    /// IPv4, managed with `iptables`.
+    V4,
+    /// IPv6, managed with `ip6tables`.
+    V6,
+}
+
+impl Family {
+    fn of(addr: IpAddr) -> Self {
+        match addr {
+            IpAddr::V4(_) => Self::V4,
+            IpAddr::V6(_) => Self::V6,
+        }
+    }
+}
+
+/// Which iptables implementation the commands use.
+///
+/// Rules of the legacy (x_tables) and nf_tables back ends live in separate
+/// kernel tables that both run: mixing them makes the order of evaluation
+/// against kube-proxy's or the CNI's rules hard to predict, so the rules
+/// should go wherever the node's other rules are ([`Backend::detect`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Backend {
+    /// `iptables` / `ip6tables` as installed (on Debian 12, iptables-nft).
+    #[default]
+    System,
+    /// `iptables-nft` / `ip6tables-nft`.
+    Nft,
+    /// `iptables-legacy` / `ip6tables-legacy`.
+    Legacy,
+}
+
+/// The three programs of one back end and family.
+enum Tool {
+    Main,
+    Restore,
+    Save,
+}
+
+impl Backend {
+    fn program(self, family: Family, tool: Tool) -> String {
+        let base = match family {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        };
+        let variant = match self {
+            Self::System => "",
+            Self::Nft => "-nft",
+            Self::Legacy => "-legacy",
+        };
+        let suffix = match tool {
+            Tool::Main => "",
+            Tool::Restore => "-restore",
+            Tool::Save => "-save",
+        };
+        format!("{base}{variant}{suffix}")
+    }
+
+    /// The back end the host's existing `nat` rules use: if the other back
+    /// end than the one `iptables` runs holds more `nat` rules (say
+    /// kube-proxy runs in legacy mode while `iptables` is iptables-nft), that
+    /// one; otherwise [`Backend::System`]. Any failure to find out also
+    /// means `System`.
+    pub fn detect() -> Backend {
+        let system_is_legacy = match run("iptables", &["--version"], None) {
+            Ok(out) if out.contains("legacy") => true,
+            Ok(_) => false,
+            Err(_) => return Backend::System,
+        };
+        // Only count legacy rules when the legacy nat table already exists:
+        // merely running iptables-legacy-save would load x_tables modules on
+        // a host that never used them.
+        let legacy_nat_loaded = std::fs::read_to_string("/proc/net/ip_tables_names")
+            .is_ok_and(|names| names.lines().any(|l| l.trim() == "nat"));
+        let count = |backend: Backend| -> usize {
+            run(
+                &backend.program(Family::V4, Tool::Save),
+                &["-t", "nat"],
+                None,
+            )
+            .map(|out| out.lines().filter(|l| l.starts_with("-A ")).count())
+            .unwrap_or(0)
+        };
+        let legacy = if legacy_nat_loaded {
+            count(Backend::Legacy)
+        } else {
+            0
+        };
+        let nft = count(Backend::Nft);
+        match (system_is_legacy, legacy.cmp(&nft)) {
+            (false, std::cmp::Ordering::Greater) => Backend::Legacy,
+            (true, std::cmp::Ordering::Less) => Backend::Nft,
+            _ => Backend::System,
+        }
+    }
+}
+
+/// Why rules could not be rendered, installed or removed.
+#[derive(Debug)]
+pub enum RulesError {
+    /// The settings cannot be expressed as rules (say a port of 0).
+    Invalid(String),
+    /// An iptables program is not installed.
+    MissingProgram {
+        /// The program looked for, such as `ip6tables-restore`.
+        program: String,
+    },
+    /// A program could not be started for another reason.
+    Spawn {
+        /// The command line.
+        command: String,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// A command ran and failed.
+    Failed {
+        /// The command line.
+        command: String,
+        /// Its exit code (`None` if killed by a signal).
+        status: Option<i32>,
+        /// Its standard error, trimmed.
+        stderr: String,
+        /// What was fed to its standard input (restore files), if anything.
+        input: Option<String>,
+    },
+}
+
+impl fmt::Display for RulesError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Invalid(reason) => write!(f, "invalid proxy redirect settings: {reason}"),
+            Self::MissingProgram { program } => write!(
+                f,
+                "{program} not found: the transparent proxy needs iptables \
+                 (Debian/Ubuntu: apt-get install iptables)"
+            ),
+            Self::Spawn { command, source } => write!(f, "could not run `{command}`: {source}"),
+            Self::Failed {
+                command,
+                status,
+                stderr,
+                input,
+            } => {
+                let status = match status {
+                    Some(code) => format!("exit status {code}"),
+                    None => "killed by a signal".to_string(),
+                };
+                let stderr = if stderr.is_empty() {
+                    "(no error output)"
+                } else {
+                    stderr
+                };
+                write!(f, "`{command}` failed ({status}): {stderr}")?;
+                if let Some(input) = input {
+                    write!(f, "\ninput was:\n{input}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl std::error::Error for RulesError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Spawn { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// The redirect rules of one proxy: what is intercepted and where it goes.
+///
+/// Build it from the configuration (`RedirectRules::from(&config.proxy)`),
+/// then [`install`](Self::install) it once the proxy listens, or
+/// [`render`](Self::render) it for `--dry-run`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedirectRules {
+    /// Node mode redirects pod traffic in `PREROUTING`; host mode redirects
+    /// the host's own traffic in `OUTPUT`.
+    pub mode: ProxyMode,
+    /// Port the proxy listens on; redirected connections arrive there.
+    pub listen_port: u16,
+    /// Destination ports whose TCP connections are redirected.
+    pub ports: Vec<u16>,
+    /// Node mode: the interfaces pod traffic arrives on (`veth+` matches
+    /// every name starting with `veth`). Unused in host mode.
+    pub pod_interfaces: Vec<String>,
+    /// Only destinations in these blocks are redirected; empty means all.
+    /// A family with no block here gets no rules when the list is not empty.
+    pub include_cidrs: Vec<Cidr>,
+    /// Destinations in these blocks are never redirected.
+    pub exclude_cidrs: Vec<Cidr>,
+    /// Destination ports never redirected (checked before anything else).
+    pub exclude_ports: Vec<u16>,
+    /// Host mode: connections carrying this firewall mark (the proxy's own
+    /// upstream connections) are not redirected.
+    pub mark: u32,
+    /// Chain names are `<prefix>_PREROUTING` and `<prefix>_OUTPUT`; distinct
+    /// prefixes keep separate rule sets (tests) apart.
+    pub chain_prefix: String,
+    /// Whether IPv6 rules are managed at all. Even when true, hosts whose
+    /// kernel has no IPv6 are skipped at install time.
+    pub ipv6: bool,
+    /// Which iptables implementation is run.
+    pub backend: Backend,
+}
+
+impl From<&ProxyConfig> for RedirectRules {
+    fn from(config: &ProxyConfig) -> Self {
+        Self {
+            mode: config.mode,
+            listen_port: config.listen_port,
+            ports: config.ports.clone(),
+            pod_interfaces: config.pod_interfaces.clone(),
+            include_cidrs: config.include_cidrs.clone(),
+            exclude_cidrs: config.exclude_cidrs.clone(),
+            exclude_ports: config.exclude_ports.clone(),
+            mark: DEFAULT_PROXY_MARK,
+            chain_prefix: DEFAULT_CHAIN_PREFIX.to_string(),
+            ipv6: true,
+            backend: Backend::System,
+        }
+    }
+}
+
+/// The built-in `nat` chains the rules hook into.
+const HOOKS: [&str; 2] = ["PREROUTING", "OUTPUT"];
+
+/// One family's chain and its rules, as iptables-save would print them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ChainPlan {
+    family: Family,
+    hook: &'static str,
+    chain: String,
+    rules: Vec<String>,
+}
+
+impl RedirectRules {
+    /// The built-in chain this mode hooks into.
+    fn hook(&self) -> &'static str {
+        match self.mode {
+            ProxyMode::Node => "PREROUTING",
+            ProxyMode::Host => "OUTPUT",
+        }
+    }
+
+    /// The name of the own chain jumped to from `hook`.
+    pub fn chain_name(&self, hook: &str) -> String {
+        format!("{}_{hook}", self.chain_prefix)
+    }
+
+    /// The chain this mode installs (`TTA_PREROUTING` or `TTA_OUTPUT`).
+    pub fn chain(&self) -> String {
+        self.chain_name(self.hook())
+    }
+
+    /// Checks that the settings make valid, loop-free rules.
+    pub fn validate(&self) -> Result<(), RulesError> {
+        let invalid = |reason: String| Err(RulesError::Invalid(reason));
+        if self.listen_port == 0 {
+            return invalid("listen port 0".into());
+        }
+        if self.ports.is_empty() {
+            return invalid("no destination ports to redirect".into());
+        }
+        if self.ports.contains(&0) || self.exclude_ports.contains(&0) {
+            return invalid("port 0 in the port lists".into());
+        }
+        // The proxy's port redirected to itself would loop.
+        if self.ports.contains(&self.listen_port) {
+            return invalid(format!(
+                "the redirected ports include the listen port {}",
+                self.listen_port
+            ));
+        }
+        // With mark 0 every unmarked connection would count as the proxy's.
+        if self.mark == 0 {
+            return invalid("the proxy mark must not be 0".into());
+        }
+        let prefix_ok = !self.chain_prefix.is_empty()
+            && self.chain_prefix.len() <= MAX_CHAIN_PREFIX_LEN
+            && self
+                .chain_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !prefix_ok {
+            return invalid(format!(
+                "chain prefix {:?} must be 1 to {MAX_CHAIN_PREFIX_LEN} letters, digits, _ or -",
+                self.chain_prefix
+            ));
+        }
+        if self.mode == ProxyMode::Node && self.pod_interfaces.is_empty() {
+            return invalid("node mode needs at least one pod interface".into());
+        }
+        for name in &self.pod_interfaces {
+            let stem = name.strip_suffix('+').unwrap_or(name);
+            // Anything else could break the restore file's tokenizing.
+            let chars_ok = stem
+                .chars()
+                .all(|c| c.is_ascii_graphic() && !matches!(c, '/' | '+' | '"' | '\'' | '\\'));
+            if name.is_empty() || name.len() > 15 || !chars_ok {
+                return invalid(format!(
+                    "interface {name:?}: expected at most 15 characters without quotes or /, \
+                     optionally ending in +"
+                ));
+            }
+        }
+        for cidr in self.include_cidrs.iter().chain(&self.exclude_cidrs) {
+            let max = if cidr.addr.is_ipv4() { 32 } else { 128 };
+            // iptables would silently mask host bits, and then the installed
+            // rules would differ from the rendered ones.
+            if cidr.prefix_len > max || network(cidr.addr, cidr.prefix_len) != cidr.addr {
+                return invalid(format!("{cidr} is not a network block"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The rules of `family`, or `None` when that family has nothing to
+    /// redirect (IPv6 off, or `include_cidrs` lists only other-family
+    /// blocks).
+    fn plan(&self, family: Family) -> Option<ChainPlan> {
+        if family == Family::V6 && !self.ipv6 {
+            return None;
+        }
+        let of_family = |cidrs: &[Cidr]| -> Vec<Cidr> {
+            dedup(
+                cidrs
+                    .iter()
+                    .copied()
+                    .filter(|c| Family::of(c.addr) == family),
+            )
+        };
+        let include = of_family(&self.include_cidrs);
+        let exclude = of_family(&self.exclude_cidrs);
+        // A non-empty include list names the only destinations redirected:
+        // if none is of this family, no destination of this family is.
+        if !self.include_cidrs.is_empty() && include.is_empty() {
+            return None;
+        }
+        let hook = self.hook();
+        let chain = self.chain_name(hook);
+        let mut rules = Vec::new();
+        if self.mode == ProxyMode::Host {
+            rules.push(format!(
+                "-A {chain} -m mark --mark {:#x} -j RETURN",
+                self.mark
+            ));
+        }
+        for ports in dedup(self.exclude_ports.iter().copied()).chunks(MULTIPORT_MAX) {
+            rules.push(format!(
+                "-A {chain} -p tcp -m multiport --dports {} -j RETURN",
+                port_list(ports)
+            ));
+        }
+        for cidr in &exclude {
+            rules.push(format!("-A {chain} -d {cidr} -j RETURN"));
+        }
+        let destinations: Vec<Option<Cidr>> = if include.is_empty() {
+            vec![None]
+        } else {
+            include.into_iter().map(Some).collect()
+        };
+        let interfaces: Vec<Option<String>> = match self.mode {
+            ProxyMode::Node => dedup(self.pod_interfaces.iter().cloned())
+                .into_iter()
+                .map(Some)
+                .collect(),
+            ProxyMode::Host => vec![None],
+        };
+        let ports = dedup(self.ports.iter().copied());
+        // The option order is iptables-save's (-d, -i, -p, matches, -j), so
+        // the rendered rules compare equal to what the kernel reports.
+        for destination in &destinations {
+            for interface in &interfaces {
+                for chunk in ports.chunks(MULTIPORT_MAX) {
+                    let mut rule = format!("-A {chain}");
+                    if let Some(cidr) = destination {
+                        rule.push_str(&format!(" -d {cidr}"));
+                    }
+                    if let Some(name) = interface {
+                        rule.push_str(&format!(" -i {name}"));
+                    }
+                    rule.push_str(&format!(
+                        " -p tcp -m multiport --dports {} -j REDIRECT --to-ports {}",
+                        port_list(chunk),
+                        self.listen_port
+                    ));
+                    rules.push(rule);
+                }
+            }
+        }
+        Some(ChainPlan {
+            family,
+            hook,
+            chain,
+            rules,
+        })
+    }
+
+    fn plans(&self) -> Vec<ChainPlan> {
+        [Family::V4, Family::V6]
+            .into_iter()
+            .filter_map(|family| self.plan(family))
+            .collect()
+    }
+
+    /// The `iptables-restore` input that (re)fills the own chain.
+    fn restore_input(plan: &ChainPlan) -> String {
+        let mut text = format!("*nat\n:{} - [0:0]\n", plan.chain);
+        for rule in &plan.rules {
+            text.push_str(rule);
+            text.push('\n');
+        }
+        text.push_str("COMMIT\n");
+        text
+    }
+
+    /// The arguments of the jump rule (after `-t nat -C/-I <hook>`).
+    fn jump_args(plan: &ChainPlan) -> [&str; 2] {
+        ["-j", &plan.chain]
+    }
+
+    /// What [`install`](Self::install) does, as a shell script an operator
+    /// could run (`--dry-run` prints it): per family, the `iptables-restore`
+    /// input that fills the own chain, then the check-then-insert of the
+    /// jump. Nothing is run. Install also removes chains a previous run in
+    /// another mode left; that step depends on the host's state and is only
+    /// mentioned in a comment. Settings that fail [`validate`](Self::validate)
+    /// render as a comment saying why.
+    pub fn render(&self) -> String {
+        if let Err(e) = self.validate() {
+            return format!("# not installable: {e}\n");
+        }
+        let mut out = String::new();
+        let what = match self.mode {
+            ProxyMode::Node => format!(
+                "node mode: TCP arriving on {} to port(s) {}",
+                self.pod_interfaces.join(", "),
+                port_list(&self.ports)
+            ),
+            ProxyMode::Host => format!(
+                "host mode: locally generated TCP to port(s) {} (not mark {:#x})",
+                port_list(&self.ports),
+                self.mark
+            ),
+        };
+        out.push_str(&format!(
+            "# transparent proxy redirect, {what}, goes to port {}\n",
+            self.listen_port
+        ));
+        out.push_str(&format!(
+            "# (leftover {} chains of other modes are removed first)\n",
+            self.chain_prefix
+        ));
+        let plans = self.plans();
+        for family in [Family::V4, Family::V6] {
+            let Some(plan) = plans.iter().find(|p| p.family == family) else {
+                let why = if family == Family::V6 && !self.ipv6 {
+                    "IPv6 disabled"
+                } else {
+                    "include_cidrs has no block of this family"
+                };
+                let name = match family {
+                    Family::V4 => "IPv4",
+                    Family::V6 => "IPv6",
+                };
+                out.push_str(&format!("# {name}: nothing to redirect ({why})\n"));
+                continue;
+            };
+            let main = self.backend.program(family, Tool::Main);
+            let restore = self.backend.program(family, Tool::Restore);
+            out.push_str(&format!("{restore} -w --noflush <<'EOF'\n"));
+            out.push_str(&Self::restore_input(plan));
+            out.push_str("EOF\n");
+            let jump = Self::jump_args(plan).join(" ");
+            out.push_str(&format!(
+                "{main} -w -t nat -C {hook} {jump} 2>/dev/null || {main} -w -t nat -I {hook} 1 {jump}\n",
+                hook = plan.hook
+            ));
+        }
+        out
+    }
+
+    /// Installs the rules: removes leftovers of other modes, (re)fills the
+    /// own chain of each family and makes sure exactly one jump leads to
+    /// it. Safe to call after a crash that left rules behind. The rules stay
+    /// until the returned guard is removed or dropped.
+    ///
+    /// Runs iptables synchronously (a few short commands); call it from a
+    /// blocking context in async code.
+    pub fn install(&self) -> Result<InstalledRules, RulesError> {
+        self.validate()?;
+        let ipv6_present = kernel_has_ipv6();
+        let plans: Vec<ChainPlan> = self
+            .plans()
+            .into_iter()
+            .filter(|p| p.family == Family::V4 || ipv6_present)
+            .collect();
+        let guard = InstalledRules {
+            rules: self.clone(),
+            active: true,
+        };
+        // From here on, a failure drops `guard`, which removes whatever part
+        // was already installed.
+        for family in self.families(ipv6_present) {
+            for hook in HOOKS {
+                let wanted = plans.iter().any(|p| p.family == family && p.hook == hook);
+                if !wanted {
+                    self.remove_chain(family, hook)?;
+                }
+            }
+        }
+        for plan in &plans {
+            let restore = self.backend.program(plan.family, Tool::Restore);
+            run(
+                &restore,
+                &["-w", "--noflush"],
+                Some(&Self::restore_input(plan)),
+            )?;
+            self.ensure_jump(plan)?;
+        }
+        Ok(guard)
+    }
+
+    /// The families managed on this host.
+    fn families(&self, ipv6_present: bool) -> Vec<Family> {
+        if self.ipv6 && ipv6_present {
+            vec![Family::V4, Family::V6]
+        } else {
+            vec![Family::V4]
+        }
+    }
+
+    /// Inserts the jump to the own chain unless it is already there.
+    fn ensure_jump(&self, plan: &ChainPlan) -> Result<(), RulesError> {
+        let main = self.backend.program(plan.family, Tool::Main);
+        let jump = Self::jump_args(plan);
+        let mut check = vec!["-w", "-t", "nat", "-C", plan.hook];
+        check.extend(jump);
+        match run(&main, &check, None) {
+            Ok(_) => return Ok(()),
+            // Exit status 1 is "no such rule"; anything else is a real error.
+            Err(RulesError::Failed {
+                status: Some(1), ..
+            }) => {}
+            Err(e) => return Err(e),
+        }
+        let mut insert = vec!["-w", "-t", "nat", "-I", plan.hook, "1"];
+        insert.extend(jump);
+        run(&main, &insert, None).map(|_| ())
+    }
+
+    /// Removes every chain of this prefix (both modes, both families) and
+    /// the jumps to them: what a restart runs to clean up after a crash, and
+    /// what removal runs. Chains that do not exist are not an error.
+    pub fn remove_leftovers(&self) -> Result<(), RulesError> {
+        let mut first_error = None;
+        for family in self.families(kernel_has_ipv6()) {
+            for hook in HOOKS {
+                // Keep going: one failure should not leave the other
+                // chains behind.
+                if let Err(e) = self.remove_chain(family, hook) {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Deletes every jump from `hook` to the own chain, then the chain.
+    fn remove_chain(&self, family: Family, hook: &str) -> Result<(), RulesError> {
+        let main = self.backend.program(family, Tool::Main);
+        let chain = self.chain_name(hook);
+        match run(&main, &["-w", "-t", "nat", "-S", &chain], None) {
+            Ok(_) => {}
+            // Exit status 1: no such chain, so no jump to it either.
+            Err(RulesError::Failed {
+                status: Some(1), ..
+            }) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let listing = run(&main, &["-w", "-t", "nat", "-S", hook], None)?;
+        // Deleting by specification rather than by rule number: numbers
+        // shift when another program edits the chain meanwhile, and a stale
+        // number would delete someone else's rule.
+        for line in listing.lines() {
+            let words = split_words(line);
+            let jumps_here = words
+                .windows(2)
+                .any(|w| (w[0] == "-j" || w[0] == "-g") && w[1] == chain);
+            if words.len() > 2 && words[0] == "-A" && words[1] == hook && jumps_here {
+                let mut args = vec!["-w", "-t", "nat", "-D", hook];
+                args.extend(words[2..].iter().map(String::as_str));
+                run(&main, &args, None)?;
+            }
+        }
+        run(&main, &["-w", "-t", "nat", "-F", &chain], None)?;
+        run(&main, &["-w", "-t", "nat", "-X", &chain], None)?;
+        Ok(())
+    }
+}
+
+/// Installed rules; dropping this removes them (errors are logged), and
+/// [`remove`](Self::remove) does so reporting errors.
+///
+/// Removal deletes every chain of the rules' prefix, so dropping one of two
+/// guards of the same prefix removes the rules of both.
+#[derive(Debug)]
+#[must_use = "dropping the guard removes the rules at once"]
+pub struct InstalledRules {
+    rules: RedirectRules,
+    active: bool,
+}
+
+impl InstalledRules {
+    /// The rules installed.
+    pub fn rules(&self) -> &RedirectRules {
+        &self.rules
+    }
+
+    /// Removes the rules now.
+    pub fn remove(mut self) -> Result<(), RulesError> {
+        self.active = false;
+        self.rules.remove_leftovers()
+    }
+}
+
+impl Drop for InstalledRules {
+    fn drop(&mut self) {
+        if self.active
+            && let Err(e) = self.rules.remove_leftovers()
+        {
+            log::warn!("could not remove the proxy's iptables rules: {e}");
+        }
+    }
+}
+
+/// Whether the kernel has IPv6 at all; without it ip6tables cannot work and
+/// there is no IPv6 traffic to redirect.
+fn kernel_has_ipv6() -> bool {
+    std::path::Path::new("/proc/net/if_inet6").exists()
+}
+
+/// Runs `program args` (feeding `input` on stdin) and returns its stdout;
+/// errors name the command and carry its stderr.
+fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String, RulesError> {
+    let command_line = std::iter::once(program)
+        .chain(args.iter().copied())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let spawned = Command::new(program)
+        .args(args)
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // iptables-nft prints messages in the locale; errors are matched on
+        // exit codes, but keep them readable in logs.
+        .env("LC_ALL", "C")
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(RulesError::MissingProgram {
+                program: program.to_string(),
+            });
+        }
+        Err(source) => {
+            return Err(RulesError::Spawn {
+                command: command_line,
+                source,
+            });
+        }
+    };
+    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+        // A write error means the program exited early; its status and
+        // stderr below say why.
+        let _ = stdin.write_all(text.as_bytes());
+    }
+    let output = child
+        .wait_with_output()
+        .map_err(|source| RulesError::Spawn {
+            command: command_line.clone(),
+            source,
+        })?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(RulesError::Failed {
+            command: command_line,
+            status: output.status.code(),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+            input: input.map(str::to_string),
+        })
+    }
+}
+
+/// Splits an `iptables -S` line into words; double-quoted words (comments)
+/// may hold spaces and backslash escapes.
+fn split_words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut in_word = false;
+    let mut quoted = false;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                in_word = true;
+            }
+            '\\' if quoted => {
+                if let Some(next) = chars.next() {
+                    word.push(next);
+                }
+            }
+            c if c.is_whitespace() && !quoted => {
+                if in_word {
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+            }
+            c => {
+                word.push(c);
+                in_word = true;
+            }
+        }
+    }
+    if in_word {
+        words.push(word);
+    }
+    words
+}
+
+/// `items` without repeats, first occurrence kept.
+fn dedup<T: PartialEq>(items: impl IntoIterator<Item = T>) -> Vec<T> {
+    let mut out = Vec::new();
+    for item in items {
+        if !out.contains(&item) {
+            out.push(item);
+        }
+    }
+    out
+}
+
+fn port_list(ports: &[u16]) -> String {
+    ports
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `addr` with the bits past `prefix_len` cleared.
+fn network(addr: IpAddr, prefix_len: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => {
+            let mask = u32::MAX
+                .checked_shl(32u32.saturating_sub(u32::from(prefix_len)))
+                .unwrap_or(0);
+            IpAddr::V4((u32::from(a) & mask).into())
+        }
+        IpAddr::V6(a) => {
+            let mask = u128::MAX
+                .checked_shl(128u32.saturating_sub(u32::from(prefix_len)))
+                .unwrap_or(0);
+            IpAddr::V6((u128::from(a) & mask).into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cidr(s: &str) -> Cidr {
+        s.parse().expect("valid CIDR")
+    }
+
+    fn node() -> RedirectRules {
+        RedirectRules::from(&ProxyConfig::default())
+    }
+
+    fn host() -> RedirectRules {
+        RedirectRules {
+            mode: ProxyMode::Host,
+            ..node()
+        }
+    }
+
+    fn rules_of(r: &RedirectRules, family: Family) -> Vec<String> {
+        r.plan(family).map(|p| p.rules).unwrap_or_default()
+    }
+
+    #[test]
+    fn node_mode_from_the_default_config() {
+        let r = node();
+        assert_eq!(r.chain(), "TTA_PREROUTING");
+        let expected = [
+            "-A TTA_PREROUTING -i veth+ -p tcp -m multiport --dports 80,8080 -j REDIRECT --to-ports 15001",
+        ];
+        assert_eq!(rules_of(&r, Family::V4), expected);
+        assert_eq!(rules_of(&r, Family::V6), expected);
+        assert_eq!(
+            r.render(),
+            "\
+# transparent proxy redirect, node mode: TCP arriving on veth+ to port(s) 80,8080, goes to port 15001
+# (leftover TTA chains of other modes are removed first)
+iptables-restore -w --noflush <<'EOF'
+*nat
+:TTA_PREROUTING - [0:0]
+-A TTA_PREROUTING -i veth+ -p tcp -m multiport --dports 80,8080 -j REDIRECT --to-ports 15001
+COMMIT
+EOF
+iptables -w -t nat -C PREROUTING -j TTA_PREROUTING 2>/dev/null || iptables -w -t nat -I PREROUTING 1 -j TTA_PREROUTING
+ip6tables-restore -w --noflush <<'EOF'
+*nat
+:TTA_PREROUTING - [0:0]
+-A TTA_PREROUTING -i veth+ -p tcp -m multiport --dports 80,8080 -j REDIRECT --to-ports 15001
+COMMIT
+EOF
+ip6tables -w -t nat -C PREROUTING -j TTA_PREROUTING 2>/dev/null || ip6tables -w -t nat -I PREROUTING 1 -j TTA_PREROUTING
+"
+        );
+    }
+
+    #[test]
+    fn node_mode_several_interfaces() {
+        let r = RedirectRules {
+            pod_interfaces: vec!["cali+".into(), "eth1".into(), "cali+".into()],
+            ports: vec![80],
+            ..node()
+        };
+        assert_eq!(
+            rules_of(&r, Family::V4),
+            [
+                "-A TTA_PREROUTING -i cali+ -p tcp -m multiport --dports 80 -j REDIRECT --to-ports 15001",
+                "-A TTA_PREROUTING -i eth1 -p tcp -m multiport --dports 80 -j REDIRECT --to-ports 15001",
+            ]
+        );
+    }
+
+    #[test]
+    fn host_mode_lets_marked_traffic_pass() {
+        let r = RedirectRules {
+            mark: 0x2a,
+            ..host()
+        };
+        assert_eq!(r.chain(), "TTA_OUTPUT");
+        let expected = [
+            "-A TTA_OUTPUT -m mark --mark 0x2a -j RETURN",
+            "-A TTA_OUTPUT -p tcp -m multiport --dports 80,8080 -j REDIRECT --to-ports 15001",
+        ];
+        assert_eq!(rules_of(&r, Family::V4), expected);
+        assert_eq!(rules_of(&r, Family::V6), expected);
+        let text = host().render();
+        assert!(
+            text.contains("-A TTA_OUTPUT -m mark --mark 0x1e7 -j RETURN\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "iptables -w -t nat -C OUTPUT -j TTA_OUTPUT 2>/dev/null || iptables -w -t nat -I OUTPUT 1 -j TTA_OUTPUT\n"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("PREROUTING -j"), "{text}");
+    }
+
+    #[test]
+    fn exclusions_come_first_and_split_by_family() {
+        let r = RedirectRules {
+            include_cidrs: vec![cidr("10.0.0.0/8"), cidr("fd00::/8"), cidr("192.168.0.0/16")],
+            exclude_cidrs: vec![cidr("10.96.0.0/12"), cidr("fd00:1::/32"), cidr("10.1.2.3")],
+            exclude_ports: vec![22, 8081],
+            ..host()
+        };
+        assert_eq!(
+            rules_of(&r, Family::V4),
+            [
+                "-A TTA_OUTPUT -m mark --mark 0x1e7 -j RETURN",
+                "-A TTA_OUTPUT -p tcp -m multiport --dports 22,8081 -j RETURN",
+                "-A TTA_OUTPUT -d 10.96.0.0/12 -j RETURN",
+                "-A TTA_OUTPUT -d 10.1.2.3/32 -j RETURN",
+                "-A TTA_OUTPUT -d 10.0.0.0/8 -p tcp -m multiport --dports 80,8080 -j REDIRECT --to-ports 15001",
+                "-A TTA_OUTPUT -d 192.168.0.0/16 -p tcp -m multiport --dports 80,8080 -j REDIRECT --to-ports 15001",
+            ]
+        );
+        assert_eq!(
+            rules_of(&r, Family::V6),
+            [
+                "-A TTA_OUTPUT -m mark --mark 0x1e7 -j RETURN",
+                "-A TTA_OUTPUT -p tcp -m multiport --dports 22,8081 -j RETURN",
+                "-A TTA_OUTPUT -d fd00:1::/32 -j RETURN",
+                "-A TTA_OUTPUT -d fd00::/8 -p tcp -m multiport --dports 80,8080 -j REDIRECT --to-ports 15001",
+            ]
+        );
+    }
+
+    #[test]
+    fn node_mode_with_include_cidrs_and_interfaces() {
+        let r = RedirectRules {
+            include_cidrs: vec![cidr("10.0.0.0/8")],
+            pod_interfaces: vec!["veth+".into(), "cni0".into()],
+            ports: vec![80],
+            ..node()
+        };
+        assert_eq!(
+            rules_of(&r, Family::V4),
+            [
+                "-A TTA_PREROUTING -d 10.0.0.0/8 -i veth+ -p tcp -m multiport --dports 80 -j REDIRECT --to-ports 15001",
+                "-A TTA_PREROUTING -d 10.0.0.0/8 -i cni0 -p tcp -m multiport --dports 80 -j REDIRECT --to-ports 15001",
+            ]
+        );
+    }
+
+    #[test]
+    fn include_list_of_one_family_leaves_the_other_alone() {
+        let r = RedirectRules {
+            include_cidrs: vec![cidr("10.0.0.0/8")],
+            ..node()
+        };
+        assert!(r.plan(Family::V6).is_none());
+        let text = r.render();
+        assert!(!text.contains("ip6tables"), "{text}");
+        assert!(
+            text.contains(
+                "# IPv6: nothing to redirect (include_cidrs has no block of this family)"
+            ),
+            "{text}"
+        );
+        // Exclusions alone never stop a family from being redirected.
+        let r = RedirectRules {
+            exclude_cidrs: vec![cidr("10.0.0.0/8")],
+            ..node()
+        };
+        assert_eq!(
+            rules_of(&r, Family::V6),
+            [
+                "-A TTA_PREROUTING -i veth+ -p tcp -m multiport --dports 80,8080 -j REDIRECT --to-ports 15001"
+            ]
+        );
+        let r = RedirectRules {
+            ipv6: false,
+            ..node()
+        };
+        assert!(
+            r.render()
+                .contains("# IPv6: nothing to redirect (IPv6 disabled)")
+        );
+    }
+
+    #[test]
+    fn many_ports_are_split_into_multiport_groups() {
+        let r = RedirectRules {
+            ports: (1000..1020).collect(),
+            exclude_ports: vec![1, 1, 2],
+            ..host()
+        };
+        let rules = rules_of(&r, Family::V4);
+        assert_eq!(
+            rules[1],
+            "-A TTA_OUTPUT -p tcp -m multiport --dports 1,2 -j RETURN"
+        );
+        assert_eq!(
+            rules[2],
+            "-A TTA_OUTPUT -p tcp -m multiport --dports 1000,1001,1002,1003,1004,1005,1006,1007,1008,1009,1010,1011,1012,1013,1014 -j REDIRECT --to-ports 15001"
+        );
+        assert_eq!(
+            rules[3],
+            "-A TTA_OUTPUT -p tcp -m multiport --dports 1015,1016,1017,1018,1019 -j REDIRECT --to-ports 15001"
+        );
+        assert_eq!(rules.len(), 4);
+    }
+
+    #[test]
+    fn chain_prefix_names_the_chains() {
+        let r = RedirectRules {
+            chain_prefix: "TEST7".into(),
+            ..node()
+        };
+        assert_eq!(r.chain(), "TEST7_PREROUTING");
+        assert_eq!(r.chain_name("OUTPUT"), "TEST7_OUTPUT");
+        assert!(r.render().contains(":TEST7_PREROUTING - [0:0]\n"));
+    }
+
+    #[test]
+    fn backends_name_their_programs() {
+        let r = RedirectRules {
+            backend: Backend::Legacy,
+            ..node()
+        };
+        let text = r.render();
+        assert!(
+            text.contains("iptables-legacy-restore -w --noflush"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ip6tables-legacy -w -t nat -C PREROUTING"),
+            "{text}"
+        );
+        assert_eq!(
+            Backend::Nft.program(Family::V6, Tool::Save),
+            "ip6tables-nft-save"
+        );
+        assert_eq!(Backend::System.program(Family::V4, Tool::Main), "iptables");
+    }
+
+    #[test]
+    fn invalid_settings_are_errors_not_panics() {
+        let bad = [
+            RedirectRules {
+                listen_port: 0,
+                ..node()
+            },
+            RedirectRules {
+                ports: vec![],
+                ..node()
+            },
+            RedirectRules {
+                ports: vec![80, 15001],
+                ..node()
+            },
+            RedirectRules {
+                exclude_ports: vec![0],
+                ..node()
+            },
+            RedirectRules { mark: 0, ..host() },
+            RedirectRules {
+                pod_interfaces: vec![],
+                ..node()
+            },
+            RedirectRules {
+                pod_interfaces: vec!["ve th+".into()],
+                ..node()
+            },
+            RedirectRules {
+                pod_interfaces: vec!["a+b".into()],
+                ..node()
+            },
+            RedirectRules {
+                pod_interfaces: vec!["averyveryverylongname".into()],
+                ..node()
+            },
+            RedirectRules {
+                chain_prefix: "WAY_TOO_LONG_A_PREFIX".into(),
+                ..node()
+            },
+            RedirectRules {
+                chain_prefix: "A B".into(),
+                ..node()
+            },
+            RedirectRules {
+                include_cidrs: vec![Cidr {
+                    addr: "10.0.0.1".parse().unwrap(),
+                    prefix_len: 8,
+                }],
+                ..node()
+            },
+            RedirectRules {
+                exclude_cidrs: vec![Cidr {
+                    addr: "10.0.0.0".parse().unwrap(),
+                    prefix_len: 40,
+                }],
+                ..node()
+            },
+        ];
+        for r in bad {
+            let e = r.validate().expect_err("invalid");
+            assert!(matches!(e, RulesError::Invalid(_)), "{e}");
+            assert!(r.render().starts_with("# not installable: "), "{r:?}");
+            assert!(matches!(r.install(), Err(RulesError::Invalid(_))));
+        }
+        // Host mode does not need pod interfaces.
+        let r = RedirectRules {
+            pod_interfaces: vec![],
+            ..host()
+        };
+        assert!(r.validate().is_ok());
+    }
+
+    #[test]
+    fn errors_name_the_command_and_its_output() {
+        let e = run("/nonexistent/iptables", &["-S"], None).unwrap_err();
+        assert!(matches!(e, RulesError::MissingProgram { .. }), "{e}");
+        assert!(
+            e.to_string().contains("/nonexistent/iptables not found"),
+            "{e}"
+        );
+        let e = run("sh", &["-c", "echo oops >&2; exit 3"], Some("input text")).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.starts_with("`sh -c echo oops >&2; exit 3` failed (exit status 3): oops"),
+            "{text}"
+        );
+        assert!(text.contains("input was:\ninput text"), "{text}");
+    }
+
+    #[test]
+    fn words_of_listed_rules() {
+        assert_eq!(
+            split_words("-A PREROUTING -m comment --comment \"a \\\"b\\\" c\" -j TTA_PREROUTING"),
+            [
+                "-A",
+                "PREROUTING",
+                "-m",
+                "comment",
+                "--comment",
+                "a \"b\" c",
+                "-j",
+                "TTA_PREROUTING"
+            ]
+        );
+        assert_eq!(split_words("  "), Vec::<String>::new());
+        assert_eq!(
+            split_words("-A X --comment \"\""),
+            ["-A", "X", "--comment", ""]
+        );
+    }
+}

@@ -1,0 +1,817 @@
+//! Privileged: the proxy's iptables REDIRECT rules, installed for real.
+//!
+//! Rule bookkeeping (present, removed, one copy after a crash, equal to the
+//! dry run) is checked in namespaces of their own, whose `nat` tables hold
+//! nothing else. The traffic tests use a [`Topology`]: node-mode rules in
+//! the root namespace redirect pod-to-pod connections to a listener on the
+//! proxy port, which reads the original destination back with
+//! `SO_ORIGINAL_DST`. Every test has its own chain prefix, namespaces and
+//! ports, so tests (and test binaries) can run in parallel; guards remove
+//! everything even when an assertion fails.
+
+use std::io::{self, ErrorKind};
+use std::mem::{size_of, zeroed};
+use std::net::{
+    Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream,
+};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use agent::config::{Cidr, ProxyConfig, ProxyMode};
+use agent::proxy::rules::{Backend, DEFAULT_PROXY_MARK, RedirectRules};
+use tests::netns::{Netns, Topology};
+use tests::{free_port, privileged};
+
+/// Set in the environment of the child that installs rules and is then
+/// killed: `<mode> <chain prefix>`.
+const CRASH_CHILD_ENV: &str = "TTA_PROXY_RULES_CRASH_CHILD";
+
+/// `SO_ORIGINAL_DST` (and `IP6T_SO_ORIGINAL_DST`): the destination a
+/// connection had before NAT, kept by conntrack.
+const SO_ORIGINAL_DST: libc::c_int = 80;
+
+/// How long a connection that should arrive somewhere is waited for; a
+/// connection that should not arrive is given the same time to show up.
+const ARRIVAL: Duration = Duration::from_secs(3);
+
+/// A chain prefix no other test (or test binary) uses.
+fn unique_prefix(tag: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "T{tag}{:x}x{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Removes chains of the root namespace that a killed run of the test
+/// tagged `tag` left (their prefix holds a pid that no longer exists).
+fn remove_stale_test_chains(tag: &str) {
+    let Ok(output) = std::process::Command::new("iptables-save")
+        .args(["-t", "nat"])
+        .output()
+    else {
+        return;
+    };
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut stale: Vec<String> = Vec::new();
+    for line in text.lines() {
+        let Some(chain) = line.strip_prefix(&format!(":T{tag}")) else {
+            continue;
+        };
+        let Some((prefix_rest, _hook)) = chain.split_once('_') else {
+            continue;
+        };
+        let Some((pid, _n)) = prefix_rest.split_once('x') else {
+            continue;
+        };
+        let dead = u32::from_str_radix(pid, 16)
+            .is_ok_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists());
+        let prefix = format!("T{tag}{prefix_rest}");
+        if dead && !stale.contains(&prefix) {
+            stale.push(prefix);
+        }
+    }
+    for prefix in stale {
+        let r = rules(ProxyMode::Node, &prefix, 15001, vec![80]);
+        if let Err(e) = r.remove_leftovers() {
+            eprintln!("stale chains {prefix}: {e}");
+        }
+    }
+}
+
+fn rules(mode: ProxyMode, prefix: &str, listen_port: u16, ports: Vec<u16>) -> RedirectRules {
+    let config = ProxyConfig {
+        enabled: true,
+        mode,
+        listen_port,
+        ports,
+        ..ProxyConfig::default()
+    };
+    RedirectRules {
+        chain_prefix: prefix.to_string(),
+        ..RedirectRules::from(&config)
+    }
+}
+
+/// `iptables-save -t nat` (or ip6tables) of the calling thread's namespace,
+/// reduced to the lines naming a chain of `prefix`.
+fn saved(program: &str, prefix: &str) -> Vec<String> {
+    let output = std::process::Command::new(program)
+        .args(["-t", "nat"])
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(output.status.success(), "{program} failed");
+    let own = |word: &str| {
+        word.trim_start_matches(':')
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.starts_with('_'))
+    };
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|line| !line.starts_with('#') && line.split_whitespace().any(own))
+        .map(str::to_string)
+        .collect()
+}
+
+/// What `iptables-save` shows once `render`'s script has run, per family
+/// (IPv4, IPv6): the chain declaration, the jump, then the chain's rules.
+fn expected_from_render(render: &str) -> (Vec<String>, Vec<String>) {
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    let mut restore_lines = Vec::new();
+    let mut in_restore = false;
+    for line in render.lines() {
+        if line.contains("-restore ") {
+            in_restore = true;
+            restore_lines.clear();
+        } else if line == "EOF" {
+            in_restore = false;
+        } else if in_restore {
+            if line.starts_with(':') || line.starts_with("-A ") {
+                restore_lines.push(line.to_string());
+            }
+        } else if let Some(insert) = line.split(" -I ").nth(1) {
+            // `... || iptables -w -t nat -I HOOK 1 -j CHAIN`
+            let words: Vec<&str> = insert.split_whitespace().collect();
+            let jump = format!("-A {} {} {}", words[0], words[2], words[3]);
+            let family = if line.starts_with("ip6tables") {
+                &mut v6
+            } else {
+                &mut v4
+            };
+            family.push(restore_lines[0].clone());
+            family.push(jump);
+            family.extend(restore_lines[1..].iter().cloned());
+        }
+    }
+    (v4, v6)
+}
+
+/// A listener on the proxy port that reports who connected and where the
+/// connection was originally going.
+struct RedirectListener {
+    listeners: Vec<TcpListener>,
+}
+
+/// One connection the listener accepted.
+#[derive(Debug)]
+struct Arrival {
+    peer: SocketAddr,
+    original_destination: SocketAddr,
+    _stream: TcpStream,
+}
+
+impl RedirectListener {
+    /// Listens on 0.0.0.0:`port` and, separately (v6-only), [::]:`port`.
+    fn bind(port: u16) -> Self {
+        let v4 = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind IPv4 listener");
+        let v6 = bind_v6_only(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))
+            .expect("bind IPv6 listener");
+        for l in [&v4, &v6] {
+            l.set_nonblocking(true).expect("nonblocking");
+        }
+        Self {
+            listeners: vec![v4, v6],
+        }
+    }
+
+    /// The next connection, if one arrives within `timeout`.
+    fn accept_within(&self, timeout: Duration) -> Option<Arrival> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for l in &self.listeners {
+                match l.accept() {
+                    Ok((stream, peer)) => {
+                        let original_destination = original_destination(&stream)
+                            .expect("SO_ORIGINAL_DST of a redirected connection");
+                        return Some(Arrival {
+                            peer,
+                            original_destination,
+                            _stream: stream,
+                        });
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("accept: {e}"),
+                }
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// A plain server socket, nonblocking, for connections that must *not* be
+/// redirected.
+fn server(addr: SocketAddr) -> TcpListener {
+    let l = if addr.is_ipv6() {
+        bind_v6_only(addr)
+    } else {
+        TcpListener::bind(addr)
+    }
+    .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    l.set_nonblocking(true).expect("nonblocking");
+    l
+}
+
+fn accepted_within(l: &TcpListener, timeout: Duration) -> Option<SocketAddr> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match l.accept() {
+            Ok((_, peer)) => return Some(peer),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) => panic!("accept: {e}"),
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The destination before REDIRECT, as the proxy recovers it.
+fn original_destination(stream: &TcpStream) -> io::Result<SocketAddr> {
+    let fd = stream.as_raw_fd();
+    match stream.local_addr()? {
+        SocketAddr::V4(_) => {
+            // SAFETY: zeroed sockaddr_in is valid; the length matches.
+            let mut sa: libc::sockaddr_in = unsafe { zeroed() };
+            let mut len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            // SAFETY: valid fd and out-pointers sized by `len`.
+            let rc = unsafe {
+                libc::getsockopt(
+                    fd,
+                    libc::SOL_IP,
+                    SO_ORIGINAL_DST,
+                    (&raw mut sa).cast(),
+                    &mut len,
+                )
+            };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
+                u16::from_be(sa.sin_port),
+            )))
+        }
+        SocketAddr::V6(_) => {
+            // SAFETY: as above, for sockaddr_in6.
+            let mut sa: libc::sockaddr_in6 = unsafe { zeroed() };
+            let mut len = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+            // SAFETY: valid fd and out-pointers sized by `len`.
+            let rc = unsafe {
+                libc::getsockopt(
+                    fd,
+                    libc::SOL_IPV6,
+                    SO_ORIGINAL_DST,
+                    (&raw mut sa).cast(),
+                    &mut len,
+                )
+            };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(sa.sin6_addr.s6_addr),
+                u16::from_be(sa.sin6_port),
+                0,
+                0,
+            )))
+        }
+    }
+}
+
+/// A TCP socket of `addr`'s family, created with libc so options can be
+/// set before bind or connect.
+fn raw_socket(addr: &SocketAddr) -> io::Result<OwnedFd> {
+    let domain = if addr.is_ipv6() {
+        libc::AF_INET6
+    } else {
+        libc::AF_INET
+    };
+    // SAFETY: plain syscall.
+    let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn set_int_option(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) {
+    // SAFETY: valid fd; the value is a c_int as the option expects.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&raw const value).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "setsockopt: {}", io::Error::last_os_error());
+}
+
+/// `addr` as a sockaddr for bind/connect.
+fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: an all-zero sockaddr_storage is valid.
+    let mut storage: libc::sockaddr_storage = unsafe { zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is large and aligned enough for any
+            // sockaddr.
+            let sa = unsafe { &mut *(&raw mut storage).cast::<libc::sockaddr_in>() };
+            sa.sin_family = libc::AF_INET as libc::sa_family_t;
+            sa.sin_port = a.port().to_be();
+            sa.sin_addr.s_addr = u32::from(*a.ip()).to_be();
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: as above.
+            let sa = unsafe { &mut *(&raw mut storage).cast::<libc::sockaddr_in6>() };
+            sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sa.sin6_port = a.port().to_be();
+            sa.sin6_addr.s6_addr = a.ip().octets();
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+/// A listener on an IPv6 address that does not also take IPv4 (dual-stack
+/// [::] would collide with the 0.0.0.0 listener on the same port).
+fn bind_v6_only(addr: SocketAddr) -> io::Result<TcpListener> {
+    let fd = raw_socket(&addr)?;
+    set_int_option(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1);
+    set_int_option(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1);
+    let (sa, len) = sockaddr(&addr);
+    // SAFETY: valid fd and sockaddr of `len` bytes.
+    if unsafe { libc::bind(fd.as_raw_fd(), (&raw const sa).cast(), len) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: valid fd.
+    if unsafe { libc::listen(fd.as_raw_fd(), 16) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(TcpListener::from(fd))
+}
+
+/// Connects to `addr`, with firewall mark `mark` if given (as the proxy
+/// marks its upstream connections).
+fn connect(addr: SocketAddr, mark: Option<u32>) -> io::Result<TcpStream> {
+    let fd = raw_socket(&addr)?;
+    if let Some(mark) = mark {
+        set_int_option(&fd, libc::SOL_SOCKET, libc::SO_MARK, mark as libc::c_int);
+    }
+    let stream = TcpStream::from(fd);
+    // Bounded: a connection nobody answers must fail the test, not hang it.
+    let timeout = Duration::from_secs(5);
+    stream.set_write_timeout(Some(timeout))?;
+    let (sa, len) = sockaddr(&addr);
+    // SAFETY: valid fd and sockaddr of `len` bytes. With SO_SNDTIMEO set, a
+    // blocking connect gives up after the timeout.
+    if unsafe { libc::connect(stream.as_raw_fd(), (&raw const sa).cast(), len) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stream)
+}
+
+/// Runs iptables-style `program args` in the calling thread's namespace.
+fn sh(program: &str, args: &[&str]) {
+    let status = std::process::Command::new(program)
+        .args(args)
+        .status()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(status.success(), "{program} {args:?} failed");
+}
+
+#[test]
+fn rules_are_installed_once_match_the_dry_run_and_are_removed() {
+    if !privileged() {
+        return;
+    }
+    let ns = Netns::new("rules").expect("namespace");
+    ns.run(|| {
+        // Someone else's nat rules, which must survive untouched.
+        sh(
+            "iptables",
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "PREROUTING",
+                "-p",
+                "udp",
+                "--dport",
+                "9",
+                "-j",
+                "RETURN",
+            ],
+        );
+        for mode in [ProxyMode::Node, ProxyMode::Host] {
+            let prefix = unique_prefix("R");
+            let mut r = rules(mode, &prefix, 15001, vec![80, 8080]);
+            // Here (a fresh namespace) that is the system's iptables.
+            r.backend = Backend::detect();
+            r.exclude_ports = vec![22];
+            r.include_cidrs = vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()];
+            r.exclude_cidrs = vec![
+                "10.96.0.0/12".parse().unwrap(),
+                "fd00:1::/32".parse().unwrap(),
+            ];
+            let (want_v4, want_v6) = expected_from_render(&r.render());
+            assert!(want_v4.len() >= 5 && want_v6.len() >= 5, "{want_v4:#?}");
+            let installed = r.install().expect("install");
+            assert_eq!(saved("iptables-save", &prefix), want_v4, "{mode:?}");
+            assert_eq!(saved("ip6tables-save", &prefix), want_v6, "{mode:?}");
+
+            // Installing again (a restart without removal) changes nothing.
+            std::mem::forget(r.install().expect("second install"));
+            assert_eq!(saved("iptables-save", &prefix), want_v4, "{mode:?}");
+            assert_eq!(saved("ip6tables-save", &prefix), want_v6, "{mode:?}");
+
+            // The jump comes first, ahead of the rules already there.
+            let hook = if mode == ProxyMode::Node {
+                "PREROUTING"
+            } else {
+                "OUTPUT"
+            };
+            let listing = String::from_utf8(
+                std::process::Command::new("iptables")
+                    .args(["-t", "nat", "-S", hook])
+                    .output()
+                    .unwrap()
+                    .stdout,
+            )
+            .unwrap();
+            assert_eq!(
+                listing.lines().nth(1),
+                Some(format!("-A {hook} -j {}", r.chain()).as_str()),
+                "{listing}"
+            );
+
+            installed.remove().expect("remove");
+            assert_eq!(saved("iptables-save", &prefix), Vec::<String>::new());
+            assert_eq!(saved("ip6tables-save", &prefix), Vec::<String>::new());
+        }
+        let nat = String::from_utf8(
+            std::process::Command::new("iptables-save")
+                .args(["-t", "nat"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap();
+        assert!(
+            nat.contains("-A PREROUTING -p udp -m udp --dport 9 -j RETURN"),
+            "{nat}"
+        );
+    })
+    .expect("enter namespace");
+}
+
+#[test]
+fn rules_dropped_on_panic_are_removed() {
+    if !privileged() {
+        return;
+    }
+    let ns = Netns::new("unwind").expect("namespace");
+    let prefix = unique_prefix("U");
+    let r = rules(ProxyMode::Host, &prefix, 15001, vec![80]);
+    let outcome = std::panic::catch_unwind(|| {
+        ns.run(|| {
+            let _installed = r.install().expect("install");
+            panic!("a failing test");
+        })
+    });
+    assert!(outcome.is_err());
+    ns.run(|| {
+        assert_eq!(saved("iptables-save", &prefix), Vec::<String>::new());
+        assert_eq!(saved("ip6tables-save", &prefix), Vec::<String>::new());
+    })
+    .expect("enter namespace");
+}
+
+/// Not a test of its own: the child process of
+/// `restart_after_sigkill_leaves_one_copy`, which installs rules and then
+/// waits to be killed. Does nothing unless its variable is set.
+#[test]
+fn crash_child() {
+    let Ok(spec) = std::env::var(CRASH_CHILD_ENV) else {
+        return;
+    };
+    let (mode, prefix) = spec.split_once(' ').expect("<mode> <prefix>");
+    let mode = if mode == "host" {
+        ProxyMode::Host
+    } else {
+        ProxyMode::Node
+    };
+    let installed = rules(mode, prefix, 15001, vec![80, 8080])
+        .install()
+        .expect("install in the child");
+    println!("INSTALLED");
+    // Bounded, in case the parent dies before killing us.
+    std::thread::sleep(Duration::from_secs(60));
+    drop(installed);
+}
+
+/// Starts `crash_child` in `ns`, waits until its rules are in, and kills it
+/// with SIGKILL, so no guard runs.
+fn install_and_kill(ns: &Netns, mode: &str, prefix: &str) {
+    let exe = std::env::current_exe().expect("test binary");
+    let mut child = ns
+        .exec(exe.to_str().expect("utf-8 path"))
+        .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
+        .env(CRASH_CHILD_ENV, format!("{mode} {prefix}"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map(tests::ChildGuard)
+        .expect("spawn the crash child");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let line = child.read_line();
+        // libtest may print `test crash_child ... ` on the same line.
+        if line.ends_with("INSTALLED") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline && child.0.try_wait().ok().flatten().is_none(),
+            "crash child ended before installing (last line {line:?})"
+        );
+    }
+    // `ip netns exec` execs the binary, so this pid is the installer.
+    // SAFETY: plain syscall on our own child's pid.
+    unsafe { libc::kill(child.pid() as i32, libc::SIGKILL) };
+    let status = child.0.wait().expect("wait for the crash child");
+    assert!(!status.success(), "killed, so no exit status");
+}
+
+#[test]
+fn restart_after_sigkill_leaves_one_copy() {
+    if !privileged() {
+        return;
+    }
+    let ns = Netns::new("crash").expect("namespace");
+    let prefix = unique_prefix("C");
+
+    // Same mode again: the chain is refilled and the jump not duplicated.
+    install_and_kill(&ns, "node", &prefix);
+    let r = rules(ProxyMode::Node, &prefix, 15001, vec![80, 8080]);
+    let (want_v4, want_v6) = expected_from_render(&r.render());
+    ns.run(|| {
+        assert_eq!(
+            saved("iptables-save", &prefix),
+            want_v4,
+            "left by the crash"
+        );
+        let installed = r.install().expect("install after the crash");
+        assert_eq!(saved("iptables-save", &prefix), want_v4);
+        assert_eq!(saved("ip6tables-save", &prefix), want_v6);
+        // Left installed for the next restart.
+        std::mem::forget(installed);
+    })
+    .expect("enter namespace");
+
+    // Another mode: the old mode's chains go.
+    install_and_kill(&ns, "host", &prefix);
+    ns.run(|| {
+        let installed = r.install().expect("install after a crash in host mode");
+        assert_eq!(saved("iptables-save", &prefix), want_v4);
+        assert_eq!(saved("ip6tables-save", &prefix), want_v6);
+        installed.remove().expect("remove");
+    })
+    .expect("enter namespace");
+
+    // remove_leftovers alone cleans up after a crash.
+    install_and_kill(&ns, "host", &prefix);
+    ns.run(|| {
+        assert!(!saved("iptables-save", &prefix).is_empty());
+        r.remove_leftovers().expect("remove leftovers");
+        assert_eq!(saved("iptables-save", &prefix), Vec::<String>::new());
+        assert_eq!(saved("ip6tables-save", &prefix), Vec::<String>::new());
+        // And again, with nothing left: not an error.
+        r.remove_leftovers().expect("remove leftovers twice");
+    })
+    .expect("enter namespace");
+}
+
+#[test]
+fn node_mode_redirects_pod_traffic_to_the_proxy_port() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(&["pod-a", "pod-b", "pod-c"]).expect("topology");
+    let [a, b, c] = topology.pods() else {
+        panic!("three pods")
+    };
+    let proxy_port = free_port();
+    let redirected_port = free_port();
+    let other_port = free_port();
+    let proxy = RedirectListener::bind(proxy_port);
+
+    // Real servers in the pods, to see what is *not* redirected.
+    let b_redirected = b
+        .run(|| server(SocketAddr::from((Ipv4Addr::UNSPECIFIED, redirected_port))))
+        .expect("pod-b");
+    let b_other = b
+        .run(|| server(SocketAddr::from((Ipv4Addr::UNSPECIFIED, other_port))))
+        .expect("pod-b");
+    let c_redirected = c
+        .run(|| server(SocketAddr::from((Ipv4Addr::UNSPECIFIED, redirected_port))))
+        .expect("pod-c");
+    let b_v6 = b.addr_v6(redirected_port);
+    let b_redirected_v6 = b_v6.map(|addr| b.run(|| server(addr)).expect("pod-b"));
+
+    remove_stale_test_chains("N");
+    let prefix = unique_prefix("N");
+    let mut r = rules(ProxyMode::Node, &prefix, proxy_port, vec![redirected_port]);
+    r.pod_interfaces = vec!["veth+".into()];
+    r.exclude_cidrs = vec![Cidr {
+        addr: c.ipv4.into(),
+        prefix_len: 32,
+    }];
+    let installed = r.install().expect("install node-mode rules");
+
+    // pod-a -> pod-b:redirected arrives at the proxy port, from pod-a, and
+    // the original destination is recoverable.
+    let _client = a
+        .run(|| connect(b.addr(redirected_port), None))
+        .expect("pod-a")
+        .expect("connect pod-a -> pod-b");
+    let arrival = proxy
+        .accept_within(ARRIVAL)
+        .expect("redirected to the proxy");
+    assert_eq!(arrival.peer.ip(), std::net::IpAddr::V4(a.ipv4));
+    assert_eq!(arrival.original_destination, b.addr(redirected_port));
+    assert_eq!(accepted_within(&b_redirected, Duration::ZERO), None);
+
+    // The same over IPv6.
+    if let (Some(b_v6), Some(b_redirected_v6)) = (b_v6, &b_redirected_v6) {
+        let _client = a
+            .run(|| connect(b_v6, None))
+            .expect("pod-a")
+            .expect("connect pod-a -> pod-b over IPv6");
+        let arrival = proxy.accept_within(ARRIVAL).expect("IPv6 redirected");
+        assert_eq!(arrival.peer.ip(), std::net::IpAddr::V6(a.ipv6.unwrap()));
+        assert_eq!(arrival.original_destination, b_v6);
+        assert_eq!(accepted_within(b_redirected_v6, Duration::ZERO), None);
+    }
+
+    // A port not configured goes to pod-b itself.
+    let _client = a
+        .run(|| connect(b.addr(other_port), None))
+        .expect("pod-a")
+        .expect("connect pod-a -> pod-b:other");
+    let peer = accepted_within(&b_other, ARRIVAL).expect("pod-b:other reached");
+    assert_eq!(peer.ip(), std::net::IpAddr::V4(a.ipv4));
+    assert!(proxy.accept_within(Duration::from_millis(200)).is_none());
+
+    // An excluded destination goes to pod-c itself.
+    let _client = a
+        .run(|| connect(c.addr(redirected_port), None))
+        .expect("pod-a")
+        .expect("connect pod-a -> pod-c");
+    assert!(accepted_within(&c_redirected, ARRIVAL).is_some());
+    assert!(proxy.accept_within(Duration::from_millis(200)).is_none());
+
+    installed.remove().expect("remove");
+    // Without the rules pod-b:redirected reaches pod-b.
+    let _client = a
+        .run(|| connect(b.addr(redirected_port), None))
+        .expect("pod-a")
+        .expect("connect pod-a -> pod-b without rules");
+    assert!(accepted_within(&b_redirected, ARRIVAL).is_some());
+    assert!(proxy.accept_within(Duration::from_millis(200)).is_none());
+    assert_eq!(saved("iptables-save", &prefix), Vec::<String>::new());
+    assert_eq!(saved("ip6tables-save", &prefix), Vec::<String>::new());
+}
+
+#[test]
+fn host_mode_redirects_local_traffic_but_not_marked_traffic() {
+    if !privileged() {
+        return;
+    }
+    // The host is a namespace of its own, so the rules catch only this
+    // test's connections.
+    let ns = Netns::new("host").expect("namespace");
+    ns.run(|| {
+        let proxy_port = free_port();
+        let redirected_port = free_port();
+        let other_port = free_port();
+        let prefix = unique_prefix("H");
+        let r = rules(ProxyMode::Host, &prefix, proxy_port, vec![redirected_port]);
+        let proxy = RedirectListener::bind(proxy_port);
+        let real = server(SocketAddr::from((Ipv4Addr::LOCALHOST, redirected_port)));
+        let real_v6 = server(SocketAddr::from((Ipv6Addr::LOCALHOST, redirected_port)));
+        let other = server(SocketAddr::from((Ipv4Addr::LOCALHOST, other_port)));
+        let _installed = r.install().expect("install host-mode rules");
+
+        for (target, real) in [
+            (
+                SocketAddr::from((Ipv4Addr::LOCALHOST, redirected_port)),
+                &real,
+            ),
+            (
+                SocketAddr::from((Ipv6Addr::LOCALHOST, redirected_port)),
+                &real_v6,
+            ),
+        ] {
+            // An ordinary client: redirected to the proxy.
+            let _client = connect(target, None).expect("connect");
+            let arrival = proxy.accept_within(ARRIVAL).expect("redirected");
+            assert_eq!(arrival.original_destination, target);
+            assert_eq!(accepted_within(real, Duration::ZERO), None);
+
+            // The proxy's own upstream connection (marked): not redirected.
+            let _upstream = connect(target, Some(DEFAULT_PROXY_MARK)).expect("connect marked");
+            assert!(accepted_within(real, ARRIVAL).is_some(), "{target}");
+            assert!(proxy.accept_within(Duration::from_millis(200)).is_none());
+
+            // Another mark is not the proxy's.
+            let _client = connect(target, Some(0x1)).expect("connect other mark");
+            assert!(proxy.accept_within(ARRIVAL).is_some(), "{target}");
+        }
+
+        // A port not configured: not redirected.
+        let _client =
+            connect(SocketAddr::from((Ipv4Addr::LOCALHOST, other_port)), None).expect("connect");
+        assert!(accepted_within(&other, ARRIVAL).is_some());
+        assert!(proxy.accept_within(Duration::from_millis(200)).is_none());
+    })
+    .expect("enter namespace");
+}
+
+#[test]
+fn topology_is_removed_on_drop() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(&["pod-x", "pod-y"]).expect("topology");
+    let names: Vec<(String, String)> = topology
+        .pods()
+        .iter()
+        .map(|p| (p.netns().to_string(), p.veth.clone()))
+        .collect();
+    let [x, y] = topology.pods() else {
+        panic!("two pods")
+    };
+    assert!(
+        x.veth.starts_with("veth") && x.veth.len() <= 15,
+        "{}",
+        x.veth
+    );
+    assert_ne!(x.ipv4, y.ipv4);
+    // pod-x reaches pod-y through the root namespace (forwarding on).
+    let port = free_port();
+    let listener = y
+        .run(|| server(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))))
+        .expect("pod-y");
+    let _client = x
+        .run(|| connect(y.addr(port), None))
+        .expect("pod-x")
+        .expect("pod-x -> pod-y");
+    assert!(accepted_within(&listener, ARRIVAL).is_some());
+    if let Some(addr) = y.addr_v6(port) {
+        let listener = y.run(|| server(addr)).expect("pod-y");
+        let _client = x
+            .run(|| connect(addr, None))
+            .expect("pod-x")
+            .expect("pod-x -> pod-y over IPv6");
+        assert!(accepted_within(&listener, ARRIVAL).is_some());
+    }
+    // A process started in a pod sees the pod's address.
+    let out = x
+        .exec("ip")
+        .args(["-o", "-4", "addr", "show", "dev", "eth0"])
+        .output()
+        .expect("ip in pod-x");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&x.ipv4.to_string()),
+        "{out:?}"
+    );
+    drop(listener);
+    drop(topology);
+    let namespaces = String::from_utf8(
+        std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let links = String::from_utf8(
+        std::process::Command::new("ip")
+            .args(["-o", "link", "show"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    for (netns, veth) in names {
+        assert!(!namespaces.contains(&netns), "{netns} left behind");
+        assert!(!links.contains(&format!(" {veth}@")), "{veth} left behind");
+    }
+}
