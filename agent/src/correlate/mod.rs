@@ -24,6 +24,7 @@
 
 pub mod attributes;
 pub mod process;
+pub mod proxy_contexts;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -36,6 +37,7 @@ use crate::tracecontext::{self, IdGenerator};
 
 pub use attributes::SpanSettings;
 pub use process::{ProcessFilter, ProcessTable};
+pub use proxy_contexts::{ProxiedRequestKey, ProxyContexts};
 
 /// The trace context a request got when its head was parsed.
 #[derive(Clone, Debug)]
@@ -53,6 +55,8 @@ struct RequestContext {
     /// A server context chosen without a parent, which the client side of
     /// the same connection on this node may still adopt.
     awaiting_local_client: bool,
+    /// The ids came from a `traceparent` on the wire.
+    from_wire: bool,
 }
 
 /// One TCP connection being followed.
@@ -104,6 +108,9 @@ pub struct Correlator {
     monotonic_to_unix_ns: i128,
     counters: CorrelateCounters,
     exchanges: Vec<http::Exchange>,
+    /// Shared with the proxy, when it runs: requests to these destination
+    /// ports go through it, and it injects the ids agreed here.
+    proxy: Option<(std::sync::Arc<ProxyContexts>, Vec<u16>)>,
 }
 
 impl Correlator {
@@ -120,7 +127,15 @@ impl Correlator {
             monotonic_to_unix_ns: monotonic_to_unix_offset(),
             counters: CorrelateCounters::default(),
             exchanges: Vec::new(),
+            proxy: None,
         }
+    }
+
+    /// Agrees with the proxy on the ids of requests to `ports` (the ones
+    /// the proxy's rules redirect), so each proxied request has exactly one
+    /// CLIENT span and it is the parent the proxy injects.
+    pub fn share_with_proxy(&mut self, contexts: std::sync::Arc<ProxyContexts>, ports: Vec<u16>) {
+        self.proxy = Some((contexts, ports));
     }
 
     /// The stage's counters.
@@ -254,12 +269,44 @@ impl Correlator {
             };
             context.sequence = sequence;
             self.link_local_ends(&state.connection, &mut context);
+            if kind == SpanKind::Client && !context.from_wire {
+                self.agree_with_proxy(&state.connection, &mut context);
+            }
             if kind == SpanKind::Server {
                 self.serving.insert((pid, message.tid), context.clone());
             }
             state.requests.push_back(context);
         }
         state.heads_seen = parsed;
+    }
+
+    /// For a request the proxy will see: settle its ids with the proxy.
+    fn agree_with_proxy(&mut self, connection: &Connection, context: &mut RequestContext) {
+        let Some((contexts, ports)) = &self.proxy else {
+            return;
+        };
+        if connection.role != Role::Client || !ports.contains(&connection.remote.port()) {
+            return;
+        }
+        let key = ProxiedRequestKey {
+            client: connection.local,
+            original_destination: connection.remote,
+            index: context.sequence,
+        };
+        let chosen = tracecontext::TraceParent {
+            trace_id: context.trace_id,
+            parent_id: context.span_id,
+            flags: context.flags,
+        };
+        let agreed = contexts.settle_client_context(key, chosen);
+        if agreed != chosen {
+            // The proxy could not wait and started a trace of its own.
+            context.trace_id = agreed.trace_id;
+            context.span_id = agreed.parent_id;
+            context.flags = agreed.flags;
+            context.parent_span_id = None;
+            context.trace_state = String::new();
+        }
     }
 
     /// Joins the two ends of a connection seen on this node (see the module
@@ -324,6 +371,7 @@ impl Correlator {
                     trace_state: parent.tracestate.to_header_value(),
                     tid,
                     awaiting_local_client: false,
+                    from_wire: true,
                 }
             }
             None => RequestContext {
@@ -355,6 +403,7 @@ impl Correlator {
                 trace_state: wire.tracestate.to_header_value(),
                 tid,
                 awaiting_local_client: false,
+                from_wire: true,
             };
         }
         let span_id = self.ids.span_id();
@@ -369,6 +418,7 @@ impl Correlator {
                 trace_state: server.trace_state,
                 tid,
                 awaiting_local_client: false,
+                from_wire: false,
             },
             None => self.root_context(SpanKind::Client, span_id, tid),
         }
@@ -387,6 +437,7 @@ impl Correlator {
             trace_state: String::new(),
             tid,
             awaiting_local_client: false,
+            from_wire: false,
         }
     }
 

@@ -496,3 +496,79 @@ fn ends_seen_from_mid_connection_are_not_linked() {
     );
     assert_ne!(spans[0].trace_id, spans[1].trace_id);
 }
+
+fn proxied_key() -> ProxiedRequestKey {
+    ProxiedRequestKey {
+        client: "10.0.0.1:50000".parse().unwrap(),
+        original_destination: "10.0.0.2:9090".parse().unwrap(),
+        index: 0,
+    }
+}
+
+#[tokio::test]
+async fn proxied_request_client_span_is_the_parent_the_proxy_injects_correlator_first() {
+    let contexts = std::sync::Arc::new(ProxyContexts::new());
+    let mut c = correlator(100.0);
+    c.share_with_proxy(contexts.clone(), vec![9090]);
+    let u = upstream_conn();
+    let mut spans = run(
+        &mut c,
+        &[message(
+            u,
+            11,
+            Direction::Egress,
+            1,
+            b"GET /p HTTP/1.1\r\n\r\n",
+        )],
+    );
+    let injected = contexts
+        .context_for(proxied_key(), std::time::Duration::from_millis(10))
+        .await;
+    spans.extend(run(&mut c, &[message(u, 11, Direction::Ingress, 2, OK)]));
+    assert_eq!(spans.len(), 1);
+    assert_eq!(
+        (spans[0].trace_id, spans[0].span_id),
+        (injected.trace_id, injected.parent_id)
+    );
+}
+
+#[tokio::test]
+async fn proxied_request_client_span_is_the_parent_the_proxy_injects_proxy_first() {
+    let contexts = std::sync::Arc::new(ProxyContexts::new());
+    let mut c = correlator(100.0);
+    c.share_with_proxy(contexts.clone(), vec![9090]);
+    let injected = contexts
+        .context_for(proxied_key(), std::time::Duration::ZERO)
+        .await;
+    let u = upstream_conn();
+    let spans = run(
+        &mut c,
+        &[
+            message(u, 11, Direction::Egress, 1, b"GET /p HTTP/1.1\r\n\r\n"),
+            message(u, 11, Direction::Ingress, 2, OK),
+        ],
+    );
+    assert_eq!(
+        (spans[0].trace_id, spans[0].span_id),
+        (injected.trace_id, injected.parent_id)
+    );
+}
+
+#[tokio::test]
+async fn requests_to_ports_the_proxy_does_not_handle_are_not_shared() {
+    let contexts = std::sync::Arc::new(ProxyContexts::new());
+    let mut c = correlator(100.0);
+    c.share_with_proxy(contexts.clone(), vec![80]);
+    let u = upstream_conn();
+    let spans = run(
+        &mut c,
+        &[
+            message(u, 11, Direction::Egress, 1, b"GET /p HTTP/1.1\r\n\r\n"),
+            message(u, 11, Direction::Ingress, 2, OK),
+        ],
+    );
+    let injected = contexts
+        .context_for(proxied_key(), std::time::Duration::ZERO)
+        .await;
+    assert_ne!(spans[0].span_id, injected.parent_id);
+}

@@ -1,0 +1,182 @@
+//! Agreement between the correlator and the proxy on the ids of a proxied
+//! request, so that the `traceparent` the proxy injects names exactly the
+//! CLIENT span the probes report for the application's request.
+//!
+//! The application's request is seen twice: by the probes (its write, with
+//! no `traceparent`) and by the proxy (reading it from the redirected
+//! connection). Both name it the same way: the application's address, the
+//! original destination, and the request's position on the connection.
+//! Whichever side decides first records its context; the other adopts it.
+//! The check-and-record is one step under a lock, so the two can never
+//! decide differently.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::tracecontext::{IdGenerator, TraceParent, root_flags};
+
+/// A request as both sides can name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ProxiedRequestKey {
+    /// The application's end of the connection.
+    pub client: SocketAddr,
+    /// Where the application sent it (the proxy's SO_ORIGINAL_DST).
+    pub original_destination: SocketAddr,
+    /// 0-based position of the request on its connection.
+    pub index: u64,
+}
+
+/// Decisions kept at most per side; older ones are forgotten (a decision
+/// nobody claimed within this many requests will not be claimed).
+const MAX_PENDING: usize = 65_536;
+
+#[derive(Default)]
+struct Decisions {
+    /// Decided by the correlator, not yet taken by the proxy.
+    by_correlator: HashMap<ProxiedRequestKey, TraceParent>,
+    /// Decided by the proxy (it could not wait longer), for the correlator
+    /// to adopt.
+    by_proxy: HashMap<ProxiedRequestKey, TraceParent>,
+    ids: IdGenerator,
+}
+
+/// The table both sides share (behind an `Arc`).
+#[derive(Default)]
+pub struct ProxyContexts {
+    decisions: Mutex<Decisions>,
+    decided: Notify,
+}
+
+impl ProxyContexts {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Correlator side: the context it chose for the CLIENT span of `key`.
+    /// Returns the proxy's decision instead when the proxy decided first;
+    /// the caller must then use that one.
+    pub fn settle_client_context(
+        &self,
+        key: ProxiedRequestKey,
+        chosen: TraceParent,
+    ) -> TraceParent {
+        let mut d = self.decisions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(by_proxy) = d.by_proxy.remove(&key) {
+            return by_proxy;
+        }
+        if d.by_correlator.len() >= MAX_PENDING {
+            d.by_correlator.clear();
+        }
+        d.by_correlator.insert(key, chosen);
+        drop(d);
+        self.decided.notify_waiters();
+        chosen
+    }
+
+    /// Proxy side: the context to inject into `key`. Waits up to `wait` for
+    /// the correlator to see the application's request (its probes and the
+    /// proxy race); then decides a new trace itself, which the correlator
+    /// will adopt.
+    pub async fn context_for(&self, key: ProxiedRequestKey, wait: Duration) -> TraceParent {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Registered before checking, so a decision made in between wakes us.
+            let decided = self.decided.notified();
+            tokio::pin!(decided);
+            decided.as_mut().enable();
+            {
+                let mut d = self.decisions.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(by_correlator) = d.by_correlator.remove(&key) {
+                    return by_correlator;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    let trace_id = d.ids.trace_id();
+                    let parent_id = d.ids.span_id();
+                    let decided = TraceParent {
+                        trace_id,
+                        parent_id,
+                        flags: root_flags(true),
+                    };
+                    if d.by_proxy.len() >= MAX_PENDING {
+                        d.by_proxy.clear();
+                    }
+                    d.by_proxy.insert(key, decided);
+                    return decided;
+                }
+            }
+            let _ = tokio::time::timeout_at(deadline, decided).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::span::{SpanId, TraceId};
+
+    fn key(index: u64) -> ProxiedRequestKey {
+        ProxiedRequestKey {
+            client: "10.241.1.2:40000".parse().unwrap(),
+            original_destination: "10.241.2.2:8080".parse().unwrap(),
+            index,
+        }
+    }
+
+    fn context(n: u8) -> TraceParent {
+        TraceParent {
+            trace_id: TraceId([n; 16]),
+            parent_id: SpanId([n; 8]),
+            flags: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn proxy_injects_what_the_correlator_decided_first() {
+        let table = ProxyContexts::new();
+        assert_eq!(table.settle_client_context(key(0), context(7)), context(7));
+        assert_eq!(
+            table.context_for(key(0), Duration::from_millis(10)).await,
+            context(7)
+        );
+    }
+
+    #[tokio::test]
+    async fn proxy_waits_for_a_decision_made_while_it_waits() {
+        let table = std::sync::Arc::new(ProxyContexts::new());
+        let t = table.clone();
+        let waiter =
+            tokio::spawn(async move { t.context_for(key(1), Duration::from_secs(5)).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        table.settle_client_context(key(1), context(9));
+        assert_eq!(waiter.await.unwrap(), context(9));
+    }
+
+    #[tokio::test]
+    async fn correlator_adopts_what_the_proxy_decided_after_waiting() {
+        let table = ProxyContexts::new();
+        let injected = table.context_for(key(2), Duration::from_millis(5)).await;
+        assert!(injected.trace_id.is_valid() && injected.parent_id.is_valid());
+        assert_eq!(
+            table.settle_client_context(key(2), context(3)),
+            injected,
+            "the proxy's ids win"
+        );
+    }
+
+    #[tokio::test]
+    async fn different_requests_do_not_mix() {
+        let table = ProxyContexts::new();
+        table.settle_client_context(key(0), context(1));
+        let other = table.context_for(key(1), Duration::from_millis(5)).await;
+        assert_ne!(other, context(1));
+        assert_eq!(
+            table.context_for(key(0), Duration::from_millis(5)).await,
+            context(1)
+        );
+    }
+}
