@@ -1,0 +1,378 @@
+//! Accepting redirected connections and running each one: original
+//! destination, upstream connection, protocol detection, then the HTTP or
+//! opaque relay under an idle timeout; draining on shutdown.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::ProxySettings;
+use super::context::{ProxiedRequest, TraceContextSource};
+use super::detect::{FirstBytes, classify};
+use super::http::{RequestContext, relay_http};
+use super::stats::{Counter, ProxyStats};
+use super::transport::{
+    Activity, Filled, Inbound, Outbound, bind_listener, connect_upstream, original_destination,
+    relay_opaque, reset_on_close,
+};
+
+/// How long aborted connections get to close after the grace period.
+const ABORT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Pause after an accept error such as running out of file descriptors,
+/// which would otherwise repeat at once and spin.
+const ACCEPT_ERROR_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// A bound, not yet running, proxy. Binding first lets the caller learn
+/// the addresses (port 0) and read the counters while it runs.
+pub struct Proxy {
+    listeners: Vec<TcpListener>,
+    settings: ProxySettings,
+    stats: Arc<ProxyStats>,
+}
+
+/// What every connection task shares.
+struct Shared {
+    settings: ProxySettings,
+    contexts: Arc<dyn TraceContextSource>,
+    stats: Arc<ProxyStats>,
+    /// Woken whenever the last open connection closes.
+    idle: Notify,
+}
+
+impl Proxy {
+    /// Listens on every address of `settings.listen`. Must be called within
+    /// a tokio runtime.
+    pub fn bind(settings: ProxySettings) -> io::Result<Proxy> {
+        if settings.listen.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the proxy has no address to listen on",
+            ));
+        }
+        let listeners = settings
+            .listen
+            .iter()
+            .map(|&addr| {
+                bind_listener(addr)
+                    .map_err(|err| io::Error::new(err.kind(), format!("listen on {addr}: {err}")))
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(Proxy {
+            listeners,
+            settings,
+            stats: Arc::default(),
+        })
+    }
+
+    /// The addresses listened on (with the ports the system chose for 0).
+    pub fn local_addrs(&self) -> io::Result<Vec<SocketAddr>> {
+        self.listeners.iter().map(TcpListener::local_addr).collect()
+    }
+
+    /// The live counters.
+    pub fn stats(&self) -> Arc<ProxyStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Serves until `shutdown` completes; then stops accepting, lets open
+    /// connections finish for `settings.shutdown_grace`, resets the rest,
+    /// and returns the counters.
+    pub async fn run(
+        self,
+        contexts: Arc<dyn TraceContextSource>,
+        shutdown: impl Future,
+    ) -> io::Result<Arc<ProxyStats>> {
+        let shared = Arc::new(Shared {
+            settings: self.settings,
+            contexts,
+            stats: self.stats,
+            idle: Notify::new(),
+        });
+        let (stop_accepting, accepting) = watch::channel(false);
+        let (abort_connections, abort) = watch::channel(false);
+        let acceptors: Vec<JoinHandle<()>> = self
+            .listeners
+            .into_iter()
+            .map(|listener| {
+                tokio::spawn(accept_loop(
+                    listener,
+                    Arc::clone(&shared),
+                    accepting.clone(),
+                    abort.clone(),
+                ))
+            })
+            .collect();
+        shutdown.await;
+        let _ = stop_accepting.send(true);
+        for acceptor in acceptors {
+            // Only a panic in the loop would make this an error, and it
+            // has nothing left to clean up then.
+            let _ = acceptor.await;
+        }
+        let grace = shared.settings.shutdown_grace;
+        if tokio::time::timeout(grace, all_closed(&shared))
+            .await
+            .is_err()
+        {
+            log::info!(
+                "proxy: resetting {} connections still open after {grace:?}",
+                shared.stats.active()
+            );
+            let _ = abort_connections.send(true);
+            let _ = tokio::time::timeout(ABORT_WAIT, all_closed(&shared)).await;
+        }
+        Ok(Arc::clone(&shared.stats))
+    }
+}
+
+/// Binds the proxy and serves until `shutdown` completes (see
+/// [`Proxy::run`]), returning the final counters.
+pub async fn serve(
+    settings: ProxySettings,
+    contexts: Arc<dyn TraceContextSource>,
+    shutdown: impl Future,
+) -> io::Result<Arc<ProxyStats>> {
+    Proxy::bind(settings)?.run(contexts, shutdown).await
+}
+
+/// Completes when no connection is open.
+async fn all_closed(shared: &Shared) {
+    loop {
+        let notified = shared.idle.notified();
+        tokio::pin!(notified);
+        // Registered before the check, so a close in between is not missed.
+        notified.as_mut().enable();
+        if shared.stats.active() == 0 {
+            return;
+        }
+        notified.await;
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    abort: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.wait_for(|&stop| stop) => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((client, peer)) => {
+                shared.stats.connection_opened();
+                let guard = OpenConnection(Arc::clone(&shared));
+                let relay_abort = abort.clone();
+                let mut abort = abort.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        biased;
+                        () = proxy_connection(client, peer, &guard.0, relay_abort) => {}
+                        // Before the relay starts (connect, detect) an abort
+                        // just drops the sockets.
+                        _ = abort.wait_for(|&abort| abort) => {}
+                    }
+                    drop(guard);
+                });
+            }
+            Err(err) => {
+                shared.stats.add(Counter::Errors);
+                log::warn!("proxy: accept failed: {err}");
+                // Descriptor or memory exhaustion clears only as other
+                // connections close; retrying at once would spin.
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+            }
+        }
+    }
+}
+
+/// Counts a connection as open until dropped, however its task ends.
+struct OpenConnection(Arc<Shared>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        if self.0.stats.connection_closed() == 0 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// How a connection will be relayed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Protocol {
+    Http,
+    Opaque,
+}
+
+async fn proxy_connection(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    shared: &Shared,
+    mut abort: watch::Receiver<bool>,
+) {
+    let settings = &shared.settings;
+    let stats = &shared.stats;
+    let destination = match (original_destination(&client), client.local_addr()) {
+        // A connection made to the proxy's own address was not redirected;
+        // forwarding it would connect to the proxy again.
+        (Ok(destination), Ok(local)) if destination != local => destination,
+        (Ok(destination), _) => {
+            log::debug!("proxy: {peer} connected to {destination} directly; closing");
+            stats.add(Counter::ConnectionsRefused);
+            return;
+        }
+        (Err(err), _) => {
+            log::debug!("proxy: no original destination for {peer}: {err}");
+            stats.add(Counter::ConnectionsRefused);
+            return;
+        }
+    };
+    let mut upstream = match connect_upstream(
+        destination,
+        settings.upstream_mark,
+        settings.connect_timeout,
+    )
+    .await
+    {
+        Ok(upstream) => upstream,
+        Err(err) => {
+            log::debug!("proxy: {peer} -> {destination}: connect failed: {err}");
+            stats.add(Counter::Errors);
+            // The client sees the failure as it would have without the
+            // proxy: a reset, not an accepted-then-closed connection.
+            reset_on_close(&client);
+            return;
+        }
+    };
+    let _ = client.set_nodelay(true);
+    let activity = Activity::new();
+    let result = {
+        let (client_read, client_write) = client.split();
+        let (upstream_read, upstream_write) = upstream.split();
+        let mut client_in = Inbound::new(client_read, settings.head_limit(), &activity);
+        let mut client_out = Outbound::new(client_write, &activity);
+        let mut upstream_in = Inbound::new(upstream_read, settings.head_limit(), &activity);
+        let mut upstream_out = Outbound::new(upstream_write, &activity);
+        let relay = async {
+            let protocol = detect(&mut client_in, &mut upstream_in, settings).await?;
+            match protocol {
+                Protocol::Http => {
+                    stats.add(Counter::ConnectionsHttp);
+                    let context = RequestContext {
+                        request: ProxiedRequest {
+                            client: peer,
+                            original_destination: destination,
+                            index: 0,
+                            method: String::new(),
+                            target: String::new(),
+                        },
+                        contexts: shared.contexts.as_ref(),
+                        stats,
+                    };
+                    relay_http(
+                        &mut client_in,
+                        &mut client_out,
+                        &mut upstream_in,
+                        &mut upstream_out,
+                        context,
+                    )
+                    .await
+                }
+                Protocol::Opaque => {
+                    stats.add(Counter::ConnectionsOpaque);
+                    tokio::try_join!(
+                        relay_opaque(&mut client_in, &mut upstream_out),
+                        relay_opaque(&mut upstream_in, &mut client_out),
+                    )
+                    .map(|_| ())
+                }
+            }
+        };
+        tokio::select! {
+            result = relay => result,
+            () = activity.idle_for(settings.idle_timeout) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "idle timeout",
+            )),
+            _ = abort.wait_for(|&abort| abort) => Err(io::Error::new(
+                io::ErrorKind::Interrupted,
+                "proxy shutting down",
+            )),
+        }
+    };
+    if let Err(err) = result {
+        log::debug!("proxy: {peer} -> {destination}: {err}");
+        stats.add(Counter::Errors);
+        // One side failed, reset or timed out: both peers learn it as a
+        // reset, never as a clean end that could hide lost bytes.
+        reset_on_close(&client);
+        reset_on_close(&upstream);
+    }
+}
+
+/// Decides how to relay a connection from its first bytes, which stay
+/// buffered in `client_in`. The upstream connection already exists, so a
+/// server that speaks first is noticed instead of waited out.
+async fn detect<CR, UR>(
+    client_in: &mut Inbound<'_, CR>,
+    upstream_in: &mut Inbound<'_, UR>,
+    settings: &ProxySettings,
+) -> io::Result<Protocol>
+where
+    CR: tokio::io::AsyncRead + Unpin,
+    UR: tokio::io::AsyncRead + Unpin + Peek,
+{
+    let deadline = Instant::now().checked_add(settings.detect_timeout);
+    let timed_out = async {
+        match deadline {
+            Some(deadline) => tokio::time::sleep_until(deadline).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(timed_out);
+    loop {
+        tokio::select! {
+            biased;
+            // Server-first protocols (SMTP, MySQL, SSH...) are never HTTP;
+            // an upstream that closes or fails goes the same way and the
+            // opaque relay passes that on.
+            _ = upstream_in.io_mut().peek_byte() => return Ok(Protocol::Opaque),
+            filled = client_in.fill() => {
+                if filled? == Filled::Eof {
+                    return Ok(Protocol::Opaque);
+                }
+                match classify(client_in.data()) {
+                    FirstBytes::Http => return Ok(Protocol::Http),
+                    FirstBytes::Opaque => return Ok(Protocol::Opaque),
+                    FirstBytes::Undecided if client_in.is_full() => return Ok(Protocol::Opaque),
+                    FirstBytes::Undecided => {}
+                }
+            }
+            () = &mut timed_out => return Ok(Protocol::Opaque),
+        }
+    }
+}
+
+/// Waiting for a byte to read without reading it.
+trait Peek {
+    /// Completes when a byte can be read, the peer closed, or an error is
+    /// pending.
+    fn peek_byte(&mut self) -> impl Future<Output = io::Result<usize>> + Send;
+}
+
+impl Peek for tokio::net::tcp::ReadHalf<'_> {
+    async fn peek_byte(&mut self) -> io::Result<usize> {
+        let mut byte = [0; 1];
+        self.peek(&mut byte).await
+    }
+}

@@ -1,0 +1,116 @@
+//! What the proxy counts.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Live counters of a running proxy; shared, updated without locks.
+#[derive(Debug, Default)]
+pub struct ProxyStats {
+    connections_http: AtomicU64,
+    connections_opaque: AtomicU64,
+    connections_refused: AtomicU64,
+    connections_active: AtomicU64,
+    requests_injected: AtomicU64,
+    requests_unchanged: AtomicU64,
+    fallbacks: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// A copy of the counters at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProxyCounters {
+    /// Connections whose client opened with an HTTP/1.x request line.
+    pub connections_http: u64,
+    /// Connections copied opaquely from the start (TLS, HTTP/2, binary,
+    /// server-first, silent clients).
+    pub connections_opaque: u64,
+    /// Connections closed without forwarding: not redirected (their
+    /// original destination is the proxy itself) or without one.
+    pub connections_refused: u64,
+    /// Connections open now.
+    pub connections_active: u64,
+    /// Requests that got a traceparent from the proxy.
+    pub requests_injected: u64,
+    /// Requests that already had a valid traceparent and passed unchanged.
+    pub requests_unchanged: u64,
+    /// HTTP connections that stopped being interpreted (a head or body the
+    /// proxy could not follow) and were copied unchanged from there on.
+    pub fallbacks: u64,
+    /// Accept and upstream connect failures, resets, timeouts, aborts.
+    pub errors: u64,
+}
+
+/// Which counter to bump.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Counter {
+    ConnectionsHttp,
+    ConnectionsOpaque,
+    ConnectionsRefused,
+    RequestsInjected,
+    RequestsUnchanged,
+    Fallbacks,
+    Errors,
+}
+
+impl ProxyStats {
+    /// The counters now.
+    pub fn snapshot(&self) -> ProxyCounters {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        ProxyCounters {
+            connections_http: get(&self.connections_http),
+            connections_opaque: get(&self.connections_opaque),
+            connections_refused: get(&self.connections_refused),
+            connections_active: get(&self.connections_active),
+            requests_injected: get(&self.requests_injected),
+            requests_unchanged: get(&self.requests_unchanged),
+            fallbacks: get(&self.fallbacks),
+            errors: get(&self.errors),
+        }
+    }
+
+    pub(crate) fn add(&self, counter: Counter) {
+        let counter = match counter {
+            Counter::ConnectionsHttp => &self.connections_http,
+            Counter::ConnectionsOpaque => &self.connections_opaque,
+            Counter::ConnectionsRefused => &self.connections_refused,
+            Counter::RequestsInjected => &self.requests_injected,
+            Counter::RequestsUnchanged => &self.requests_unchanged,
+            Counter::Fallbacks => &self.fallbacks,
+            Counter::Errors => &self.errors,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn connection_opened(&self) {
+        self.connections_active.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Returns how many connections remain open.
+    pub(crate) fn connection_closed(&self) -> u64 {
+        self.connections_active
+            .fetch_sub(1, Ordering::Relaxed)
+            .saturating_sub(1)
+    }
+
+    pub(crate) fn active(&self) -> u64 {
+        self.connections_active.load(Ordering::Relaxed)
+    }
+}
+
+impl fmt::Display for ProxyCounters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "connections: {} http, {} opaque, {} refused, {} active; \
+             requests: {} injected, {} unchanged; {} fallbacks, {} errors",
+            self.connections_http,
+            self.connections_opaque,
+            self.connections_refused,
+            self.connections_active,
+            self.requests_injected,
+            self.requests_unchanged,
+            self.fallbacks,
+            self.errors
+        )
+    }
+}

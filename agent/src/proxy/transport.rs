@@ -1,0 +1,277 @@
+//! Sockets and byte moving: listeners, the original destination of a
+//! redirected connection, marked upstream connections, bounded read
+//! buffers, writes that record progress, and the opaque copy. Nothing here
+//! knows about HTTP.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::time::Instant;
+
+/// Pending connections the kernel queues per listener; a burst of new
+/// connections (a client pool filling up) must not be refused.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// Read buffers start this size and grow only when a head needs more.
+const INITIAL_READ_BUFFER: usize = 16 * 1024;
+
+/// A listening socket for `addr`, with `SO_REUSEADDR` so a restarted proxy
+/// can listen again at once, and `IPV6_V6ONLY` on IPv6 so `0.0.0.0` and `::`
+/// can be listened on side by side. Needs a tokio runtime.
+pub(crate) fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Where the client meant to connect before iptables REDIRECT sent the
+/// connection here: `SO_ORIGINAL_DST` (IPv4, `SOL_IP`) or
+/// `IP6T_SO_ORIGINAL_DST` (IPv6, `SOL_IPV6`), both option 80, which read
+/// the connection's conntrack entry.
+pub(crate) fn original_destination(stream: &TcpStream) -> io::Result<SocketAddr> {
+    let socket = SockRef::from(stream);
+    let addr = if stream.local_addr()?.is_ipv4() {
+        socket.original_dst_v4()?
+    } else {
+        socket.original_dst_v6()?
+    };
+    addr.as_socket().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "original destination is not an IP address",
+        )
+    })
+}
+
+/// Connects to `destination` from a socket marked `mark` (`SO_MARK`, set
+/// before the SYN so that the REDIRECT rules, which skip that mark, never
+/// send the proxy's own connection back to it). Mark 0 sets nothing, which
+/// needs no privilege.
+pub(crate) async fn connect_upstream(
+    destination: SocketAddr,
+    mark: u32,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let socket = if destination.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if mark != 0 {
+        SockRef::from(&socket).set_mark(mark)?;
+    }
+    // Heads and bodies are written separately; Nagle would hold the second
+    // write back for a round trip.
+    socket.set_nodelay(true)?;
+    tokio::time::timeout(timeout, socket.connect(destination))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connecting to {destination} timed out"),
+            )
+        })?
+}
+
+/// Makes the next close of `stream` send RST instead of FIN, so that a
+/// failure on one side reaches the other as a failure, not as a clean end
+/// of data (which would pass a truncated body off as complete).
+pub(crate) fn reset_on_close(stream: &TcpStream) {
+    // Linger 0 never blocks the close, unlike other linger times.
+    let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+/// When bytes last moved on a connection, in either direction.
+#[derive(Debug)]
+pub(crate) struct Activity {
+    origin: Instant,
+    /// Milliseconds from `origin` to the last progress.
+    last: AtomicU64,
+}
+
+impl Activity {
+    pub(crate) fn new() -> Self {
+        Self {
+            origin: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let elapsed = self.origin.elapsed().as_millis();
+        self.last.store(
+            u64::try_from(elapsed).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Completes once nothing has moved for `limit`.
+    pub(crate) async fn idle_for(&self, limit: Duration) {
+        loop {
+            let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
+            // A limit too large to be a point in time is no limit.
+            let Some(deadline) = self
+                .origin
+                .checked_add(last)
+                .and_then(|last| last.checked_add(limit))
+            else {
+                return std::future::pending().await;
+            };
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+/// What a read into a [`ReadBuffer`] gave.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Filled {
+    /// This many new bytes.
+    Data(usize),
+    /// The peer will send no more.
+    Eof,
+}
+
+/// The read side of one direction: a socket half and a buffer of at most
+/// `limit` bytes that have been read but not yet forwarded. The bound is
+/// the back-pressure: nothing more is read until the buffered bytes are
+/// written on, so a slow reader at the other end slows the sender instead
+/// of growing memory.
+pub(crate) struct Inbound<'a, R> {
+    io: R,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    limit: usize,
+    activity: &'a Activity,
+}
+
+impl<'a, R: AsyncRead + Unpin> Inbound<'a, R> {
+    pub(crate) fn new(io: R, limit: usize, activity: &'a Activity) -> Self {
+        Self {
+            io,
+            buf: Vec::new(),
+            start: 0,
+            end: 0,
+            limit: limit.max(1),
+            activity,
+        }
+    }
+
+    /// The bytes read and not yet consumed.
+    pub(crate) fn data(&self) -> &[u8] {
+        self.buf.get(self.start..self.end).unwrap_or_default()
+    }
+
+    /// Marks the first `n` buffered bytes as forwarded.
+    pub(crate) fn consume(&mut self, n: usize) {
+        self.start = self.start.saturating_add(n).min(self.end);
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Whether the buffer holds `limit` bytes and can take no more.
+    pub(crate) fn is_full(&self) -> bool {
+        self.end - self.start >= self.limit
+    }
+
+    /// The socket half, for readiness checks that read nothing.
+    pub(crate) fn io_mut(&mut self) -> &mut R {
+        &mut self.io
+    }
+
+    /// Reads more bytes after the buffered ones. Cancel-safe: if the future
+    /// is dropped before completing, no bytes are lost.
+    pub(crate) async fn fill(&mut self) -> io::Result<Filled> {
+        if self.end == self.buf.len() {
+            if self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            } else if self.buf.len() < self.limit {
+                let grown = (self.buf.len() * 2)
+                    .max(INITIAL_READ_BUFFER)
+                    .min(self.limit);
+                self.buf.resize(grown, 0);
+            } else {
+                return Err(io::Error::other("read buffer full"));
+            }
+        }
+        let n = self.io.read(&mut self.buf[self.end..]).await?;
+        self.activity.touch();
+        if n == 0 {
+            return Ok(Filled::Eof);
+        }
+        self.end += n;
+        Ok(Filled::Data(n))
+    }
+}
+
+/// The write side of one direction.
+pub(crate) struct Outbound<'a, W> {
+    io: W,
+    activity: &'a Activity,
+}
+
+impl<'a, W: AsyncWrite + Unpin> Outbound<'a, W> {
+    pub(crate) fn new(io: W, activity: &'a Activity) -> Self {
+        Self { io, activity }
+    }
+
+    /// Writes all of `bytes`, recording progress after each partial write
+    /// so that a slow but moving reader is not taken for an idle one.
+    pub(crate) async fn write_all(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        while !bytes.is_empty() {
+            let n = self.io.write(bytes).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            self.activity.touch();
+            bytes = bytes.get(n..).unwrap_or_default();
+        }
+        Ok(())
+    }
+
+    /// Sends FIN: the other side of the proxy finished sending, and this
+    /// side's peer must see the same half-close.
+    pub(crate) async fn shutdown(&mut self) -> io::Result<()> {
+        self.io.shutdown().await
+    }
+}
+
+/// Copies `from` to `to` unchanged (buffered bytes first) until `from`
+/// ends, then half-closes `to`.
+pub(crate) async fn relay_opaque<R, W>(
+    from: &mut Inbound<'_, R>,
+    to: &mut Outbound<'_, W>,
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    loop {
+        let pending = from.data().len();
+        if pending > 0 {
+            to.write_all(from.data()).await?;
+            from.consume(pending);
+        }
+        if from.fill().await? == Filled::Eof {
+            return to.shutdown().await;
+        }
+    }
+}
