@@ -2068,3 +2068,18 @@ mod stage_settings_tests {
         );
     }
 }
+
+impl ProxyConfig {
+    /// The proxy's own settings: listening on every address (IPv4 and IPv6,
+    /// since both families' rules redirect to it) on `listen_port`.
+    pub fn proxy_settings(&self) -> crate::proxy::ProxySettings {
+        use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+        crate::proxy::ProxySettings {
+            listen: vec![
+                SocketAddr::from((Ipv4Addr::UNSPECIFIED, self.listen_port)),
+                SocketAddr::from((Ipv6Addr::UNSPECIFIED, self.listen_port)),
+            ],
+            ..crate::proxy::ProxySettings::default()
+        }
+    }
+}

@@ -1,11 +1,14 @@
 //! `agent`: the node agent's command line.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use agent::capture::{Capture, CaptureEvent};
 use agent::config::ConfigOverrides;
-use agent::correlate::{Correlator, ProcessTable};
+use agent::correlate::{Correlator, ProcessTable, ProxyContexts};
 use agent::export::{ExportSettings, SpanSinks};
+use agent::proxy::rules::RedirectRules;
+use agent::proxy::{RunningProxy, StandaloneContexts};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
@@ -20,8 +23,24 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Trace the HTTP traffic of every process on this machine. Spans go to
-    /// an OTLP collector, a file, or (the default) the terminal.
+    /// an OTLP collector, a file, or (the default) the terminal. With
+    /// `proxy.enabled` it also runs the traceparent-injecting proxy.
     Run(RunArgs),
+    /// Run only the transparent proxy and its iptables rules (for
+    /// debugging): every proxied request starts a new trace.
+    Proxy(ProxyArgs),
+}
+
+#[derive(clap::Args)]
+struct ProxyArgs {
+    #[command(flatten)]
+    config: ConfigOverrides,
+    /// Print the iptables rules the `proxy:` section describes, and exit.
+    #[arg(long)]
+    dry_run: bool,
+    /// Do not install iptables rules (they are set up by someone else).
+    #[arg(long)]
+    no_rules: bool,
 }
 
 #[derive(clap::Args)]
@@ -46,6 +65,7 @@ fn main() {
         .map_err(anyhow::Error::from)
         .and_then(|rt| match cli.command {
             Command::Run(args) => rt.block_on(run(args)),
+            Command::Proxy(args) => rt.block_on(proxy_only(args)),
         });
     if let Err(e) = result {
         eprintln!("agent: {e:#}");
@@ -67,6 +87,22 @@ async fn run(args: RunArgs) -> Result<()> {
     let sinks = SpanSinks::start(outputs, &ExportSettings::default())
         .context("starting the span outputs")?;
     let (capture, mut events) = Capture::start(config.capture.probe_settings(), EVENT_QUEUE)?;
+    // The proxy starts after the probes, so that they already see the
+    // applications' requests it will be asked about.
+    let proxy = if config.proxy.enabled {
+        let contexts = Arc::new(ProxyContexts::new());
+        correlator.share_with_proxy(contexts.clone(), config.proxy.ports.clone());
+        let rules = RedirectRules::from(&config.proxy);
+        let proxy =
+            RunningProxy::start(config.proxy.proxy_settings(), Some(rules), contexts).await?;
+        eprintln!(
+            "agent: proxy on port {} ({:?} mode) for destination ports {:?}",
+            config.proxy.listen_port, config.proxy.mode, config.proxy.ports
+        );
+        Some(proxy)
+    } else {
+        None
+    };
     eprintln!(
         "agent: tracing HTTP on all TCP connections, sampling {}%, spans to {output_names} (Ctrl-C to stop)",
         config.tracing.random_sampling
@@ -96,10 +132,49 @@ async fn run(args: RunArgs) -> Result<()> {
         }
     }
     report_counters(&capture, &correlator, &sinks);
+    if let Some(proxy) = proxy {
+        stop_proxy(proxy).await;
+    }
     // Dropping the capture detaches every probe; then deliver what is queued.
     drop(capture);
     sinks.shutdown().await;
     Ok(())
+}
+
+async fn proxy_only(args: ProxyArgs) -> Result<()> {
+    let config = args.config.load()?;
+    let rules = RedirectRules::from(&config.proxy);
+    if args.dry_run {
+        print!("{}", rules.render());
+        return Ok(());
+    }
+    let rules = (!args.no_rules).then_some(rules);
+    let proxy = RunningProxy::start(
+        config.proxy.proxy_settings(),
+        rules,
+        Arc::new(StandaloneContexts::new()),
+    )
+    .await?;
+    eprintln!(
+        "agent: proxy on port {} (Ctrl-C to stop)",
+        config.proxy.listen_port
+    );
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    stop_proxy(proxy).await;
+    Ok(())
+}
+
+/// Removes the rules, drains the proxy, and reports its counters.
+async fn stop_proxy(proxy: RunningProxy) {
+    match proxy.stop().await {
+        Ok(stats) => eprintln!("agent: proxy counters {:?}", stats.snapshot()),
+        Err(e) => eprintln!("agent: removing the proxy's iptables rules failed: {e}"),
+    }
 }
 
 /// Every captured message at trace level (`RUST_LOG=agent=trace`), for

@@ -25,6 +25,7 @@ mod detect;
 pub mod head;
 mod http;
 pub mod rules;
+mod running;
 mod server;
 pub mod stats;
 mod transport;
@@ -34,6 +35,7 @@ use std::time::Duration;
 
 pub use context::{ProxiedRequest, StandaloneContexts, TraceContextSource};
 pub use head::{RewriteOutcome, rewrite_request_head};
+pub use running::{ProxyStartError, RunningProxy};
 pub use server::{Proxy, serve};
 pub use stats::{ProxyCounters, ProxyStats};
 
