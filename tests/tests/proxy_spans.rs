@@ -116,7 +116,7 @@ fn proxied_request_carries_the_client_span_as_injected_parent() {
         .expect("the server received a traceparent");
     let line_end = line_start + text[line_start..].find("\r\n").unwrap() + 2;
     let injected =
-        TraceParent::parse(text[line_start + "traceparent: ".len()..line_end - 2].as_bytes())
+        TraceParent::parse(&text.as_bytes()[line_start + "traceparent: ".len()..line_end - 2])
             .expect("the injected traceparent is valid");
     let without_injected = [&received[..line_start], &received[line_end..]].concat();
 

@@ -114,6 +114,26 @@ impl ProxyContexts {
     }
 }
 
+/// How long the proxy waits for the probes' view of a request before it
+/// decides the ids itself. The probes usually win by far (the application's
+/// write is reported before the proxy has read a whole request line); this
+/// bounds the latency the agreement can add.
+pub const AGREEMENT_WAIT: Duration = Duration::from_millis(10);
+
+impl crate::proxy::context::TraceContextSource for ProxyContexts {
+    fn context_for<'a>(
+        &'a self,
+        request: &'a crate::proxy::context::ProxiedRequest,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = TraceParent> + Send + 'a>> {
+        let key = ProxiedRequestKey {
+            client: request.client,
+            original_destination: request.original_destination,
+            index: request.index,
+        };
+        Box::pin(ProxyContexts::context_for(self, key, AGREEMENT_WAIT))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,25 +198,5 @@ mod tests {
             table.context_for(key(0), Duration::from_millis(5)).await,
             context(1)
         );
-    }
-}
-
-/// How long the proxy waits for the probes' view of a request before it
-/// decides the ids itself. The probes usually win by far (the application's
-/// write is reported before the proxy has read a whole request line); this
-/// bounds the latency the agreement can add.
-pub const AGREEMENT_WAIT: Duration = Duration::from_millis(10);
-
-impl crate::proxy::context::TraceContextSource for ProxyContexts {
-    fn context_for<'a>(
-        &'a self,
-        request: &'a crate::proxy::context::ProxiedRequest,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = TraceParent> + Send + 'a>> {
-        let key = ProxiedRequestKey {
-            client: request.client,
-            original_destination: request.original_destination,
-            index: request.index,
-        };
-        Box::pin(ProxyContexts::context_for(self, key, AGREEMENT_WAIT))
     }
 }
