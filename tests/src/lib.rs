@@ -277,13 +277,20 @@ pub fn in_vm() -> bool {
 /// A free TCP port on loopback (the listener is closed again at once),
 /// watched by the shared capture from now on.
 pub fn free_port() -> u16 {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    WATCHED_PORTS.lock().unwrap().push(port);
-    port
+    let mut watched = WATCHED_PORTS.lock().unwrap();
+    // The kernel may hand the port just released out again: never give one
+    // twice, since tests take several in a row.
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !watched.contains(&port) {
+            watched.push(port);
+            return port;
+        }
+    }
 }
 
 /// A child process that is killed when dropped, so a failing test leaves

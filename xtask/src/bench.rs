@@ -1,6 +1,8 @@
-//! `cargo xtask bench`: the criterion benchmark of the user-space pipeline,
-//! then the agent's overhead on a traced server: the same wrk load against
-//! a local nginx with the agent off and on, alternating, in one run.
+//! `cargo xtask bench`: the criterion benchmark of the user-space pipeline;
+//! the agent's overhead on a traced server (the same wrk load against a
+//! local nginx with the agent off and on, alternating, in one run); and the
+//! proxy against nginx and haproxy doing the same hop (direct, through each,
+//! in one run).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -30,7 +32,8 @@ pub fn bench(criterion_args: &[String]) -> Result<()> {
         .args(["bench", "--package", "agent", "--bench", "pipeline", "--"])
         .args(criterion_args))?;
     run(Command::new("cargo").args(["build", "--release", "--package", "agent"]))?;
-    overhead()
+    overhead()?;
+    proxies()
 }
 
 struct KillOnDrop(Child);
@@ -129,6 +132,172 @@ fn overhead() -> Result<()> {
         println!("| {name} | {off:.2} | {on:.2} | {:.3} |", on / off);
     }
     Ok(())
+}
+
+/// Ports of the proxy comparison: the backend, nginx and haproxy as
+/// reverse proxies, and our proxy's listener.
+const PROXY_BACKEND_PORT: u16 = 18281;
+const NGINX_PROXY_PORT: u16 = 18282;
+const HAPROXY_PORT: u16 = 18283;
+const OUR_PROXY_LISTEN: u16 = 18284;
+/// hey at a fixed rate: 10 workers x 100 requests/s for 5 s.
+const HEY_FIXED_RATE: &[&str] = &["-z", "5s", "-c", "10", "-q", "100"];
+
+/// One configuration's figures.
+#[derive(Clone, Copy, Debug, Default)]
+struct HopResult {
+    saturation_rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn proxies() -> Result<()> {
+    let dir = std::path::absolute(PathBuf::from("target/bench-proxy"))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("www"))?;
+    std::fs::write(dir.join("www/index.html"), "x".repeat(512))?;
+    let d = dir.display();
+    std::fs::write(
+        dir.join("nginx.conf"),
+        format!(
+            "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+             fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+             keepalive_requests 1000000;\n  upstream backend {{ server 127.0.0.1:{PROXY_BACKEND_PORT}; keepalive 64; }}\n\
+             server {{ listen 127.0.0.1:{PROXY_BACKEND_PORT}; root {d}/www; }}\n\
+             server {{ listen 127.0.0.1:{NGINX_PROXY_PORT}; location / {{ proxy_pass http://backend; \
+             proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n}}\n"
+        ),
+    )?;
+    std::fs::write(
+        dir.join("haproxy.cfg"),
+        format!(
+            "global\n  maxconn 4096\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+             frontend f\n  bind 127.0.0.1:{HAPROXY_PORT}\n  default_backend b\n\
+             backend b\n  http-reuse always\n  server s 127.0.0.1:{PROXY_BACKEND_PORT}\n"
+        ),
+    )?;
+    let _nginx = KillOnDrop(
+        Command::new("nginx")
+            .args([
+                "-c",
+                &dir.join("nginx.conf").to_string_lossy(),
+                "-p",
+                &dir.to_string_lossy(),
+            ])
+            .spawn()
+            .context("starting nginx")?,
+    );
+    let _haproxy = KillOnDrop(
+        Command::new("haproxy")
+            .args(["-f", &dir.join("haproxy.cfg").to_string_lossy(), "-db"])
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting haproxy")?,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+
+    let backend = format!("http://127.0.0.1:{PROXY_BACKEND_PORT}/index.html");
+    let mut rows: Vec<(&str, Vec<HopResult>)> = vec![
+        ("direct", Vec::new()),
+        ("this proxy", Vec::new()),
+        ("nginx", Vec::new()),
+        ("haproxy", Vec::new()),
+    ];
+    for round in 1..=ROUNDS {
+        eprintln!("bench: proxy comparison, round {round}/{ROUNDS}");
+        rows[0].1.push(hop(&backend)?);
+        {
+            // Our proxy in host mode: the same URL, redirected by iptables.
+            let config = dir.join("proxy.yaml");
+            std::fs::write(
+                &config,
+                format!(
+                    "proxy:\n  enabled: true\n  mode: host\n  listen_port: {OUR_PROXY_LISTEN}\n  ports: [{PROXY_BACKEND_PORT}]\n"
+                ),
+            )?;
+            let _proxy = KillOnDrop(
+                Command::new("target/release/agent")
+                    .args(["proxy", "--config"])
+                    .arg(&config)
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .context("starting the proxy")?,
+            );
+            std::thread::sleep(Duration::from_secs(1));
+            rows[1].1.push(hop(&backend)?);
+        }
+        rows[2].1.push(hop(&format!(
+            "http://127.0.0.1:{NGINX_PROXY_PORT}/index.html"
+        ))?);
+        rows[3]
+            .1
+            .push(hop(&format!("http://127.0.0.1:{HAPROXY_PORT}/index.html"))?);
+    }
+    let median = |v: &[HopResult], f: fn(&HopResult) -> f64| {
+        let mut x: Vec<f64> = v.iter().map(f).collect();
+        x.sort_by(f64::total_cmp);
+        x[x.len() / 2]
+    };
+    let direct = rows[0].1.clone();
+    let (d_rps, d_p50, d_p99) = (
+        median(&direct, |r| r.saturation_rps),
+        median(&direct, |r| r.p50_ms),
+        median(&direct, |r| r.p99_ms),
+    );
+    println!(
+        "\nproxy comparison: nginx backend; saturation = wrk {}; latency = hey {} (1,000 requests/s); median of {ROUNDS} rounds",
+        WRK_ARGS.join(" "),
+        HEY_FIXED_RATE.join(" ")
+    );
+    println!("| path | requests/s | vs direct | p50 ms | added p50 ms | p99 ms | added p99 ms |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for (name, results) in &rows {
+        let (rps, p50, p99) = (
+            median(results, |r| r.saturation_rps),
+            median(results, |r| r.p50_ms),
+            median(results, |r| r.p99_ms),
+        );
+        println!(
+            "| {name} | {rps:.0} | {:.3} | {p50:.3} | {:.3} | {p99:.3} | {:.3} |",
+            rps / d_rps,
+            p50 - d_p50,
+            p99 - d_p99
+        );
+    }
+    Ok(())
+}
+
+/// Saturation throughput with wrk, then latency at a fixed rate with hey.
+fn hop(url: &str) -> Result<HopResult> {
+    let saturation = wrk(url)?;
+    let output = Command::new("hey")
+        .args(HEY_FIXED_RATE)
+        .arg(url)
+        .output()
+        .context("running hey")?;
+    if !output.status.success() {
+        bail!("hey failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    let percentile = |p: &str| -> Result<f64> {
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{p}% in ")))
+            .with_context(|| format!("no {p}% line in hey's output:\n{text}"))?;
+        let secs: f64 = line
+            .split_whitespace()
+            .nth(2)
+            .context("hey latency")?
+            .parse()?;
+        Ok(secs * 1000.0)
+    };
+    Ok(HopResult {
+        saturation_rps: saturation.requests_per_sec,
+        p50_ms: percentile("50")?,
+        p99_ms: percentile("99")?,
+    })
 }
 
 fn nginx_conf(dir: &Path) -> String {

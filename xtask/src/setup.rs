@@ -24,6 +24,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "iptables",
     "wrk",
     "hey",
+    "haproxy",
     // VM tests.
     "qemu-system-x86",
     "busybox-static",

@@ -89,9 +89,19 @@ pub fn tests_archive(dir: &Path, binaries: &[(String, PathBuf)], base: &Base) ->
     stage.add_text("/init", INIT_SCRIPT, 0o755)?;
     let mut order = String::new();
     for (name, binary) in binaries {
+        let guest = Path::new("/tests").join(name);
         stage
-            .add_program_as(binary, &Path::new("/tests").join(name))
+            .add_program_as(binary, &guest)
             .with_context(|| format!("adding test binary {}", binary.display()))?;
+        // Debug builds carry ~100 MB of DWARF each, and the guest unpacks
+        // the initramfs into its RAM. Panic locations and symbols remain.
+        let copied = root.join(guest.strip_prefix("/").unwrap_or(&guest));
+        super::run(
+            std::process::Command::new("strip")
+                .arg("--strip-debug")
+                .arg(&copied),
+        )
+        .with_context(|| format!("stripping {}", copied.display()))?;
         order.push_str(name);
         order.push('\n');
     }
