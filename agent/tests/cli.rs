@@ -195,3 +195,131 @@ fn out_of_range_option_names_the_limit() {
         "{stderr}"
     );
 }
+
+/// `iptables-save -t nat` lines of the proxy's own chains and jumps.
+fn proxy_rules_in_nat() -> Vec<String> {
+    let out = Command::new("iptables-save")
+        .args(["-t", "nat"])
+        .output()
+        .expect("iptables-save");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("TTA_"))
+        .map(str::to_string)
+        .collect()
+}
+
+fn start_proxy(config: &std::path::Path) -> KillOnDrop {
+    let mut proxy = KillOnDrop(
+        Command::new(AGENT)
+            .args(["proxy", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let err = lines(proxy.0.stderr.take().unwrap());
+    wait_line(&err, Instant::now() + Duration::from_secs(20), |l| {
+        l.contains("proxy on port")
+    })
+    .expect("the proxy reports it is listening");
+    proxy
+}
+
+#[test]
+fn proxy_rules_exist_while_running_go_on_sigterm_and_survive_kill_9_once() {
+    if !privileged() {
+        return;
+    }
+    // Host mode for one unused port: nothing else on the machine is redirected.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = std::env::temp_dir().join(format!("agent-cli-proxy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("proxy.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "proxy:\n  enabled: true\n  mode: host\n  listen_port: {listen}\n  ports: [{port}]\n"
+        ),
+    )
+    .unwrap();
+    assert!(
+        proxy_rules_in_nat().is_empty(),
+        "no proxy rules before: {:?}",
+        proxy_rules_in_nat()
+    );
+
+    let proxy = start_proxy(&config);
+    let running = proxy_rules_in_nat();
+    assert!(
+        running
+            .iter()
+            .any(|l| l.contains(&format!("--dports {port}")) && l.contains("REDIRECT")),
+        "{running:?}"
+    );
+    assert_eq!(
+        running
+            .iter()
+            .filter(|l| l.starts_with("-A OUTPUT"))
+            .count(),
+        1,
+        "one jump: {running:?}"
+    );
+    // SIGTERM: the rules go with the proxy.
+    // SAFETY: signal to our own child.
+    unsafe { libc::kill(proxy.0.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut proxy = proxy;
+    while proxy.0.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the proxy did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        proxy_rules_in_nat().is_empty(),
+        "rules left after SIGTERM: {:?}",
+        proxy_rules_in_nat()
+    );
+
+    // kill -9 leaves the rules; a restart installs exactly one copy.
+    let proxy = start_proxy(&config);
+    let first = proxy_rules_in_nat();
+    // SAFETY: signal to our own child.
+    unsafe { libc::kill(proxy.0.id() as i32, libc::SIGKILL) };
+    drop(proxy);
+    assert_eq!(
+        proxy_rules_in_nat(),
+        first,
+        "SIGKILL leaves the rules in place"
+    );
+    let mut proxy = start_proxy(&config);
+    assert_eq!(
+        proxy_rules_in_nat(),
+        first,
+        "after a restart: the same rules, one copy"
+    );
+    // SAFETY: signal to our own child.
+    unsafe { libc::kill(proxy.0.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy.0.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the proxy did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(proxy_rules_in_nat().is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
+}
