@@ -147,9 +147,16 @@ const HEY_FIXED_RATE: &[&str] = &["-z", "5s", "-c", "10", "-q", "100"];
 #[derive(Clone, Copy, Debug, Default)]
 struct HopResult {
     saturation_rps: f64,
+    /// At a fixed rate (hey; 0.1 ms resolution).
     p50_ms: f64,
     p99_ms: f64,
+    /// One connection, one request at a time (wrk; microsecond resolution).
+    single_p50_ms: f64,
+    single_p99_ms: f64,
 }
+
+/// wrk with one connection: latency without queueing, finely resolved.
+const WRK_SINGLE: &[&str] = &["-t1", "-c1", "-d5s", "--latency"];
 
 fn proxies() -> Result<()> {
     let dir = std::path::absolute(PathBuf::from("target/bench-proxy"))?;
@@ -266,12 +273,35 @@ fn proxies() -> Result<()> {
             p99 - d_p99
         );
     }
+    let (s_p50, s_p99) = (
+        median(&direct, |r| r.single_p50_ms),
+        median(&direct, |r| r.single_p99_ms),
+    );
+    println!(
+        "\nlatency on one connection (wrk {}), median of {ROUNDS} rounds",
+        WRK_SINGLE.join(" ")
+    );
+    println!("| path | p50 ms | added p50 ms | p99 ms | added p99 ms |");
+    println!("| --- | --- | --- | --- | --- |");
+    for (name, results) in &rows {
+        let (p50, p99) = (
+            median(results, |r| r.single_p50_ms),
+            median(results, |r| r.single_p99_ms),
+        );
+        println!(
+            "| {name} | {p50:.3} | {:.3} | {p99:.3} | {:.3} |",
+            p50 - s_p50,
+            p99 - s_p99
+        );
+    }
     Ok(())
 }
 
-/// Saturation throughput with wrk, then latency at a fixed rate with hey.
+/// Saturation throughput with wrk, latency on one connection with wrk, then
+/// latency at a fixed rate with hey.
 fn hop(url: &str) -> Result<HopResult> {
     let saturation = wrk(url)?;
+    let single = wrk_with(WRK_SINGLE, url)?;
     let output = Command::new("hey")
         .args(HEY_FIXED_RATE)
         .arg(url)
@@ -297,6 +327,8 @@ fn hop(url: &str) -> Result<HopResult> {
         saturation_rps: saturation.requests_per_sec,
         p50_ms: percentile("50")?,
         p99_ms: percentile("99")?,
+        single_p50_ms: single.p50_ms,
+        single_p99_ms: single.p99_ms,
     })
 }
 
@@ -312,8 +344,12 @@ fn nginx_conf(dir: &Path) -> String {
 }
 
 fn wrk(url: &str) -> Result<WrkResult> {
+    wrk_with(WRK_ARGS, url)
+}
+
+fn wrk_with(args: &[&str], url: &str) -> Result<WrkResult> {
     let output = Command::new("wrk")
-        .args(WRK_ARGS)
+        .args(args)
         .arg(url)
         .output()
         .context("running wrk")?;
