@@ -100,11 +100,6 @@ fn overhead() -> Result<()> {
         on.push(wrk(&url)?);
         drop(agent);
     }
-    let median = |v: &[WrkResult], f: fn(&WrkResult) -> f64| {
-        let mut x: Vec<f64> = v.iter().map(f).collect();
-        x.sort_by(f64::total_cmp);
-        x[x.len() / 2]
-    };
     let rows = [
         (
             "requests/s",
@@ -242,11 +237,6 @@ fn proxies() -> Result<()> {
             .1
             .push(hop(&format!("http://127.0.0.1:{HAPROXY_PORT}/index.html"))?);
     }
-    let median = |v: &[HopResult], f: fn(&HopResult) -> f64| {
-        let mut x: Vec<f64> = v.iter().map(f).collect();
-        x.sort_by(f64::total_cmp);
-        x[x.len() / 2]
-    };
     let direct = rows[0].1.clone();
     let (d_rps, d_p50, d_p99) = (
         median(&direct, |r| r.saturation_rps),
@@ -330,6 +320,13 @@ fn hop(url: &str) -> Result<HopResult> {
         single_p50_ms: single.p50_ms,
         single_p99_ms: single.p99_ms,
     })
+}
+
+/// The median of `f` over the rounds' results.
+fn median<T>(results: &[T], f: fn(&T) -> f64) -> f64 {
+    let mut values: Vec<f64> = results.iter().map(f).collect();
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
 }
 
 fn nginx_conf(dir: &Path) -> String {

@@ -13,7 +13,7 @@ pub struct TestCounts {
     pub passed: u64,
     /// Tests that failed.
     pub failed: u64,
-    /// Tests marked `#[ignore]`.
+    /// Tests the harness reported as ignored.
     pub ignored: u64,
 }
 
