@@ -89,12 +89,13 @@ async fn run(args: RunArgs) -> Result<()> {
     let (capture, mut events) = Capture::start(config.capture.probe_settings(), EVENT_QUEUE)?;
     // The proxy starts after the probes, so that they already see the
     // applications' requests it will be asked about.
-    let proxy = if config.proxy.enabled {
-        let contexts = Arc::new(ProxyContexts::new());
+    let contexts = config.proxy.enabled.then(|| Arc::new(ProxyContexts::new()));
+    let proxy = if let Some(contexts) = &contexts {
         correlator.share_with_proxy(contexts.clone(), config.proxy.ports.clone());
         let rules = RedirectRules::from(&config.proxy);
         let proxy =
-            RunningProxy::start(config.proxy.proxy_settings(), Some(rules), contexts).await?;
+            RunningProxy::start(config.proxy.proxy_settings(), Some(rules), contexts.clone())
+                .await?;
         eprintln!(
             "agent: proxy on port {} ({:?} mode) for destination ports {:?}",
             config.proxy.listen_port, config.proxy.mode, config.proxy.ports
@@ -126,12 +127,12 @@ async fn run(args: RunArgs) -> Result<()> {
                 }
                 None => break,
             },
-            _ = stats.tick(), if args.stats_interval > 0 => report_counters(&capture, &correlator, &sinks),
+            _ = stats.tick(), if args.stats_interval > 0 => report_counters(&capture, &correlator, &sinks, contexts.as_deref()),
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
     }
-    report_counters(&capture, &correlator, &sinks);
+    report_counters(&capture, &correlator, &sinks, contexts.as_deref());
     if let Some(proxy) = proxy {
         stop_proxy(proxy).await;
     }
@@ -197,7 +198,12 @@ fn log_event(event: &CaptureEvent) {
     }
 }
 
-fn report_counters(capture: &Capture, correlator: &Correlator, sinks: &SpanSinks) {
+fn report_counters(
+    capture: &Capture,
+    correlator: &Correlator,
+    sinks: &SpanSinks,
+    contexts: Option<&ProxyContexts>,
+) {
     let mut line: Vec<String> = match capture.counters() {
         Ok(counters) => counters.iter().map(|(k, v)| format!("{k}={v}")).collect(),
         Err(e) => vec![format!("capture_counters_unreadable=({e:#})")],
@@ -215,6 +221,13 @@ fn report_counters(capture: &Capture, correlator: &Correlator, sinks: &SpanSinks
         for (k, v) in counts.pairs() {
             line.push(format!("{output}_{k}={v}"));
         }
+    }
+    if let Some(contexts) = contexts {
+        let a = contexts.counters();
+        line.push(format!(
+            "proxy_context_ready={} proxy_context_waited={} proxy_context_decided_by_proxy={}",
+            a.ready, a.waited, a.decided_by_proxy
+        ));
     }
     eprintln!("agent: counters {}", line.join(" "));
 }

@@ -26,14 +26,33 @@ struct WrkResult {
     p99_ms: f64,
 }
 
-/// Runs every benchmark; `criterion_args` go to criterion.
-pub fn bench(criterion_args: &[String]) -> Result<()> {
-    run(Command::new("cargo")
-        .args(["bench", "--package", "agent", "--bench", "pipeline", "--"])
-        .args(criterion_args))?;
+/// One of the benchmarks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    /// The user-space pipeline on recorded events (criterion).
+    Pipeline,
+    /// nginx under wrk with the agent off and on.
+    Overhead,
+    /// Direct, through this proxy, nginx and haproxy.
+    Proxy,
+}
+
+/// Runs every benchmark, or only `only`; `criterion_args` go to criterion.
+pub fn bench(only: Option<Part>, criterion_args: &[String]) -> Result<()> {
+    let runs = |part| only.is_none_or(|only| only == part);
+    if runs(Part::Pipeline) {
+        run(Command::new("cargo")
+            .args(["bench", "--package", "agent", "--bench", "pipeline", "--"])
+            .args(criterion_args))?;
+    }
     run(Command::new("cargo").args(["build", "--release", "--package", "agent"]))?;
-    overhead()?;
-    proxies()
+    if runs(Part::Overhead) {
+        overhead()?;
+    }
+    if runs(Part::Proxy) {
+        proxies()?;
+    }
+    Ok(())
 }
 
 struct KillOnDrop(Child);
@@ -65,19 +84,16 @@ fn overhead() -> Result<()> {
     std::fs::create_dir_all(dir.join("www"))?;
     let dir = std::path::absolute(&dir)?;
     std::fs::write(dir.join("www/index.html"), "x".repeat(512))?;
-    let conf = nginx_conf(&dir);
-    std::fs::write(dir.join("nginx.conf"), conf)?;
-    let _nginx = KillOnDrop(
-        Command::new("nginx")
-            .args([
-                "-c",
-                &dir.join("nginx.conf").to_string_lossy(),
-                "-p",
-                &dir.to_string_lossy(),
-            ])
-            .spawn()
-            .context("starting nginx")?,
-    );
+    let conf = write_nginx_conf(
+        &dir,
+        "nginx",
+        "1",
+        &format!(
+            "server {{ listen 127.0.0.1:{NGINX_PORT}; root {}/www; }}",
+            dir.display()
+        ),
+    )?;
+    let _nginx = start_nginx(&dir, &conf)?;
     std::thread::sleep(Duration::from_millis(500));
     let url = format!("http://127.0.0.1:{NGINX_PORT}/index.html");
 
@@ -137,6 +153,10 @@ const HAPROXY_PORT: u16 = 18283;
 const OUR_PROXY_LISTEN: u16 = 18284;
 /// hey at a fixed rate: 10 workers x 100 requests/s for 5 s.
 const HEY_FIXED_RATE: &[&str] = &["-z", "5s", "-c", "10", "-q", "100"];
+/// Rounds of the proxy comparison: one-connection latencies differ by a
+/// few microseconds, less than this machine's noise between two runs, so
+/// more rounds than elsewhere.
+const PROXY_ROUNDS: usize = 5;
 
 /// One configuration's figures.
 #[derive(Clone, Copy, Debug, Default)]
@@ -151,7 +171,51 @@ struct HopResult {
 }
 
 /// wrk with one connection: latency without queueing, finely resolved.
-const WRK_SINGLE: &[&str] = &["-t1", "-c1", "-d5s", "--latency"];
+const WRK_SINGLE: &[&str] = &["-t1", "-c1", "-d3s", "--latency"];
+
+/// The ways from wrk to the backend that are compared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hop {
+    Direct,
+    /// `agent proxy`: the proxy alone, as nginx and haproxy are.
+    OurProxy,
+    /// `agent run` with `proxy.enabled`: the probes trace every process and
+    /// the proxy takes each request's context from them.
+    OurProxyInAgent,
+    Nginx,
+    Haproxy,
+}
+
+impl Hop {
+    const ALL: [Hop; 5] = [
+        Hop::Direct,
+        Hop::OurProxy,
+        Hop::OurProxyInAgent,
+        Hop::Nginx,
+        Hop::Haproxy,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Hop::Direct => "direct",
+            Hop::OurProxy => "this proxy (`agent proxy`)",
+            Hop::OurProxyInAgent => "this proxy in `agent run` (probes on)",
+            Hop::Nginx => "nginx",
+            Hop::Haproxy => "haproxy",
+        }
+    }
+
+    /// Where wrk sends its requests: our proxy is transparent, so its URL
+    /// is the backend's, redirected by iptables.
+    fn url(self) -> String {
+        let port = match self {
+            Hop::Direct | Hop::OurProxy | Hop::OurProxyInAgent => PROXY_BACKEND_PORT,
+            Hop::Nginx => NGINX_PROXY_PORT,
+            Hop::Haproxy => HAPROXY_PORT,
+        };
+        format!("http://127.0.0.1:{port}/index.html")
+    }
+}
 
 fn proxies() -> Result<()> {
     let dir = std::path::absolute(PathBuf::from("target/bench-proxy"))?;
@@ -159,17 +223,25 @@ fn proxies() -> Result<()> {
     std::fs::create_dir_all(dir.join("www"))?;
     std::fs::write(dir.join("www/index.html"), "x".repeat(512))?;
     let d = dir.display();
-    std::fs::write(
-        dir.join("nginx.conf"),
-        format!(
-            "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
-             events {{ worker_connections 4096; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
-             fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-             keepalive_requests 1000000;\n  upstream backend {{ server 127.0.0.1:{PROXY_BACKEND_PORT}; keepalive 64; }}\n\
-             server {{ listen 127.0.0.1:{PROXY_BACKEND_PORT}; root {d}/www; }}\n\
+    // The backend and nginx-as-proxy are separate nginx instances: sharing
+    // one worker, the proxy's hop to the backend would cost nginx no
+    // wake-up at all, which is not the hop being compared.
+    let backend = write_nginx_conf(
+        &dir,
+        "backend",
+        "1",
+        &format!("server {{ listen 127.0.0.1:{PROXY_BACKEND_PORT}; root {d}/www; }}"),
+    )?;
+    // As many workers as cores, like our proxy's runtime and haproxy's
+    // threads.
+    let nginx_proxy = write_nginx_conf(
+        &dir,
+        "nginx-proxy",
+        "auto",
+        &format!(
+            "upstream backend {{ server 127.0.0.1:{PROXY_BACKEND_PORT}; keepalive 64; }}\n  \
              server {{ listen 127.0.0.1:{NGINX_PROXY_PORT}; location / {{ proxy_pass http://backend; \
-             proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n}}\n"
+             proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}"
         ),
     )?;
     std::fs::write(
@@ -180,17 +252,15 @@ fn proxies() -> Result<()> {
              backend b\n  http-reuse always\n  server s 127.0.0.1:{PROXY_BACKEND_PORT}\n"
         ),
     )?;
-    let _nginx = KillOnDrop(
-        Command::new("nginx")
-            .args([
-                "-c",
-                &dir.join("nginx.conf").to_string_lossy(),
-                "-p",
-                &dir.to_string_lossy(),
-            ])
-            .spawn()
-            .context("starting nginx")?,
-    );
+    let config = dir.join("proxy.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "proxy:\n  enabled: true\n  mode: host\n  listen_port: {OUR_PROXY_LISTEN}\n  ports: [{PROXY_BACKEND_PORT}]\n"
+        ),
+    )?;
+    let _backend = start_nginx(&dir, &backend)?;
+    let _nginx_proxy = start_nginx(&dir, &nginx_proxy)?;
     let _haproxy = KillOnDrop(
         Command::new("haproxy")
             .args(["-f", &dir.join("haproxy.cfg").to_string_lossy(), "-db"])
@@ -200,42 +270,31 @@ fn proxies() -> Result<()> {
     );
     std::thread::sleep(Duration::from_millis(500));
 
-    let backend = format!("http://127.0.0.1:{PROXY_BACKEND_PORT}/index.html");
-    let mut rows: Vec<(&str, Vec<HopResult>)> = vec![
-        ("direct", Vec::new()),
-        ("this proxy", Vec::new()),
-        ("nginx", Vec::new()),
-        ("haproxy", Vec::new()),
-    ];
-    for round in 1..=ROUNDS {
-        eprintln!("bench: proxy comparison, round {round}/{ROUNDS}");
-        rows[0].1.push(hop(&backend)?);
-        {
-            // Our proxy in host mode: the same URL, redirected by iptables.
-            let config = dir.join("proxy.yaml");
-            std::fs::write(
-                &config,
-                format!(
-                    "proxy:\n  enabled: true\n  mode: host\n  listen_port: {OUR_PROXY_LISTEN}\n  ports: [{PROXY_BACKEND_PORT}]\n"
-                ),
-            )?;
-            let _proxy = KillOnDrop(
-                Command::new("target/release/agent")
-                    .args(["proxy", "--config"])
-                    .arg(&config)
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .context("starting the proxy")?,
+    let mut rows: Vec<(Hop, Vec<HopResult>)> = Hop::ALL.iter().map(|&h| (h, Vec::new())).collect();
+    for round in 1..=PROXY_ROUNDS {
+        for (hop, results) in &mut rows {
+            eprintln!(
+                "bench: proxy comparison, round {round}/{PROXY_ROUNDS}: {}",
+                hop.label()
             );
-            std::thread::sleep(Duration::from_secs(1));
-            rows[1].1.push(hop(&backend)?);
+            let _proxy = match hop {
+                Hop::OurProxy => Some(start_agent(&["proxy", "--config"], &config, 1)?),
+                // The probes take a few seconds to load and attach.
+                Hop::OurProxyInAgent => Some(start_agent(
+                    &[
+                        "run",
+                        "--output-file",
+                        "/dev/null",
+                        "--no-terminal",
+                        "--config",
+                    ],
+                    &config,
+                    4,
+                )?),
+                _ => None,
+            };
+            results.push(measure_hop(&hop.url())?);
         }
-        rows[2].1.push(hop(&format!(
-            "http://127.0.0.1:{NGINX_PROXY_PORT}/index.html"
-        ))?);
-        rows[3]
-            .1
-            .push(hop(&format!("http://127.0.0.1:{HAPROXY_PORT}/index.html"))?);
     }
     let direct = rows[0].1.clone();
     let (d_rps, d_p50, d_p99) = (
@@ -244,20 +303,21 @@ fn proxies() -> Result<()> {
         median(&direct, |r| r.p99_ms),
     );
     println!(
-        "\nproxy comparison: nginx backend; saturation = wrk {}; latency = hey {} (1,000 requests/s); median of {ROUNDS} rounds",
+        "\nproxy comparison: nginx backend; saturation = wrk {}; latency = hey {} (1,000 requests/s); median of {PROXY_ROUNDS} rounds",
         WRK_ARGS.join(" "),
         HEY_FIXED_RATE.join(" ")
     );
     println!("| path | requests/s | vs direct | p50 ms | added p50 ms | p99 ms | added p99 ms |");
     println!("| --- | --- | --- | --- | --- | --- | --- |");
-    for (name, results) in &rows {
+    for (hop, results) in &rows {
         let (rps, p50, p99) = (
             median(results, |r| r.saturation_rps),
             median(results, |r| r.p50_ms),
             median(results, |r| r.p99_ms),
         );
         println!(
-            "| {name} | {rps:.0} | {:.3} | {p50:.3} | {:.3} | {p99:.3} | {:.3} |",
+            "| {} | {rps:.0} | {:.3} | {p50:.3} | {:.3} | {p99:.3} | {:.3} |",
+            hop.label(),
             rps / d_rps,
             p50 - d_p50,
             p99 - d_p99
@@ -268,28 +328,60 @@ fn proxies() -> Result<()> {
         median(&direct, |r| r.single_p99_ms),
     );
     println!(
-        "\nlatency on one connection (wrk {}), median of {ROUNDS} rounds",
+        "\nlatency on one connection (wrk {}), median of {PROXY_ROUNDS} rounds, microseconds",
         WRK_SINGLE.join(" ")
     );
-    println!("| path | p50 ms | added p50 ms | p99 ms | added p99 ms |");
-    println!("| --- | --- | --- | --- | --- |");
-    for (name, results) in &rows {
+    println!("| path | p50 µs | added p50 µs | p99 µs | added p99 µs | p50 of each round µs |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for (hop, results) in &rows {
         let (p50, p99) = (
-            median(results, |r| r.single_p50_ms),
-            median(results, |r| r.single_p99_ms),
+            median(results, |r| r.single_p50_ms) * 1000.0,
+            median(results, |r| r.single_p99_ms) * 1000.0,
         );
+        let each: Vec<String> = results
+            .iter()
+            .map(|r| format!("{:.0}", r.single_p50_ms * 1000.0))
+            .collect();
         println!(
-            "| {name} | {p50:.3} | {:.3} | {p99:.3} | {:.3} |",
-            p50 - s_p50,
-            p99 - s_p99
+            "| {} | {p50:.0} | {:.0} | {p99:.0} | {:.0} | {} |",
+            hop.label(),
+            p50 - s_p50 * 1000.0,
+            p99 - s_p99 * 1000.0,
+            each.join(" ")
         );
     }
     Ok(())
 }
 
+/// Starts `target/release/agent` with `args` and `config`, and gives it
+/// `settle_secs` to listen and install its rules.
+fn start_agent(args: &[&str], config: &Path, settle_secs: u64) -> Result<KillOnDrop> {
+    let agent = KillOnDrop(
+        Command::new("target/release/agent")
+            .args(args)
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting the agent")?,
+    );
+    std::thread::sleep(Duration::from_secs(settle_secs));
+    Ok(agent)
+}
+
+/// Starts nginx with the configuration file `conf` (prefix `dir`).
+fn start_nginx(dir: &Path, conf: &Path) -> Result<KillOnDrop> {
+    Ok(KillOnDrop(
+        Command::new("nginx")
+            .args(["-c", &conf.to_string_lossy(), "-p", &dir.to_string_lossy()])
+            .spawn()
+            .context("starting nginx")?,
+    ))
+}
+
 /// Saturation throughput with wrk, latency on one connection with wrk, then
 /// latency at a fixed rate with hey.
-fn hop(url: &str) -> Result<HopResult> {
+fn measure_hop(url: &str) -> Result<HopResult> {
     let saturation = wrk(url)?;
     let single = wrk_with(WRK_SINGLE, url)?;
     let output = Command::new("hey")
@@ -329,15 +421,23 @@ fn median<T>(results: &[T], f: fn(&T) -> f64) -> f64 {
     values[values.len() / 2]
 }
 
-fn nginx_conf(dir: &Path) -> String {
+/// Writes `<name>.conf`, an nginx configuration with `workers` worker
+/// processes, everything it writes under `dir`, no access log, and the
+/// `http` block's `servers`; returns its path.
+fn write_nginx_conf(dir: &Path, name: &str, workers: &str, servers: &str) -> Result<PathBuf> {
     let d = dir.display();
-    format!(
-        "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
-         events {{ worker_connections 1024; }}\n\
-         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
-         fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-         keepalive_requests 1000000;\n  server {{ listen 127.0.0.1:{NGINX_PORT}; root {d}/www; }}\n}}\n"
-    )
+    let path = dir.join(format!("{name}.conf"));
+    std::fs::write(
+        &path,
+        format!(
+            "daemon off;\nworker_processes {workers};\npid {d}/{name}.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+             fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+             keepalive_requests 1000000;\n  {servers}\n}}\n"
+        ),
+    )?;
+    Ok(path)
 }
 
 fn wrk(url: &str) -> Result<WrkResult> {

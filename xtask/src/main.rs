@@ -57,6 +57,9 @@ enum Task {
     /// Benchmarks: the user-space pipeline on recorded events (criterion),
     /// then the agent's overhead on nginx under wrk (agent off vs on).
     Bench {
+        /// Run only this part: pipeline, overhead or proxy.
+        #[arg(long, value_enum)]
+        only: Option<bench::Part>,
         /// Arguments for criterion, e.g. a benchmark name filter.
         #[arg(last = true)]
         args: Vec<String>,
@@ -123,9 +126,9 @@ fn dispatch(task: Task) -> Result<()> {
             }
             Ok(())
         }
-        Task::Bench { args } => {
+        Task::Bench { only, args } => {
             setup::setup()?;
-            bench::bench(&args)
+            bench::bench(only, &args)
         }
         Task::VmTest { kernels } => {
             setup::setup()?;

@@ -37,7 +37,7 @@ use crate::tracecontext::{self, IdGenerator};
 
 pub use attributes::SpanSettings;
 pub use process::{ProcessFilter, ProcessTable};
-pub use proxy_contexts::{ProxiedRequestKey, ProxyContexts};
+pub use proxy_contexts::{AgreementCounters, ProxiedRequestKey, ProxyContexts};
 
 /// The trace context a request got when its head was parsed.
 #[derive(Clone, Debug)]

@@ -13,9 +13,10 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::oneshot;
 
 use crate::tracecontext::{IdGenerator, TraceParent, root_flags};
 
@@ -41,20 +42,49 @@ struct Decisions {
     /// Decided by the proxy (it could not wait longer), for the correlator
     /// to adopt.
     by_proxy: HashMap<ProxiedRequestKey, TraceParent>,
+    /// Requests the proxy is waiting on, each with its own channel, so a
+    /// decision wakes exactly the request it is for (not every waiter).
+    waiting: HashMap<ProxiedRequestKey, oneshot::Sender<TraceParent>>,
     ids: IdGenerator,
+}
+
+/// How the proxy's requests got their contexts, since start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgreementCounters {
+    /// The probes had already decided when the proxy asked.
+    pub ready: u64,
+    /// The proxy waited, and the probes decided within the wait.
+    pub waited: u64,
+    /// The wait ran out; the proxy decided and the correlator adopts it.
+    pub decided_by_proxy: u64,
 }
 
 /// The table both sides share (behind an `Arc`).
 #[derive(Default)]
 pub struct ProxyContexts {
     decisions: Mutex<Decisions>,
-    decided: Notify,
+    ready: AtomicU64,
+    waited: AtomicU64,
+    decided_by_proxy: AtomicU64,
 }
 
 impl ProxyContexts {
     /// An empty table.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Decisions> {
+        self.decisions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How the proxy's requests got their contexts so far.
+    pub fn counters(&self) -> AgreementCounters {
+        AgreementCounters {
+            ready: self.ready.load(Ordering::Relaxed),
+            waited: self.waited.load(Ordering::Relaxed),
+            decided_by_proxy: self.decided_by_proxy.load(Ordering::Relaxed),
+        }
     }
 
     /// Correlator side: the context it chose for the CLIENT span of `key`.
@@ -65,16 +95,21 @@ impl ProxyContexts {
         key: ProxiedRequestKey,
         chosen: TraceParent,
     ) -> TraceParent {
-        let mut d = self.decisions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut d = self.lock();
         if let Some(by_proxy) = d.by_proxy.remove(&key) {
             return by_proxy;
+        }
+        if let Some(waiter) = d.waiting.remove(&key) {
+            // Sent under the lock: a proxy whose wait just ran out finds
+            // its entry gone and takes this value, never deciding itself.
+            if waiter.send(chosen).is_ok() {
+                return chosen;
+            }
         }
         if d.by_correlator.len() >= MAX_PENDING {
             d.by_correlator.clear();
         }
         d.by_correlator.insert(key, chosen);
-        drop(d);
-        self.decided.notify_waiters();
         chosen
     }
 
@@ -83,34 +118,45 @@ impl ProxyContexts {
     /// proxy race); then decides a new trace itself, which the correlator
     /// will adopt.
     pub async fn context_for(&self, key: ProxiedRequestKey, wait: Duration) -> TraceParent {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            // Registered before checking, so a decision made in between wakes us.
-            let decided = self.decided.notified();
-            tokio::pin!(decided);
-            decided.as_mut().enable();
-            {
-                let mut d = self.decisions.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(by_correlator) = d.by_correlator.remove(&key) {
-                    return by_correlator;
-                }
-                if tokio::time::Instant::now() >= deadline {
-                    let trace_id = d.ids.trace_id();
-                    let parent_id = d.ids.span_id();
-                    let decided = TraceParent {
-                        trace_id,
-                        parent_id,
-                        flags: root_flags(true),
-                    };
-                    if d.by_proxy.len() >= MAX_PENDING {
-                        d.by_proxy.clear();
-                    }
-                    d.by_proxy.insert(key, decided);
-                    return decided;
-                }
+        let mut decided = {
+            let mut d = self.lock();
+            if let Some(by_correlator) = d.by_correlator.remove(&key) {
+                self.ready.fetch_add(1, Ordering::Relaxed);
+                return by_correlator;
             }
-            let _ = tokio::time::timeout_at(deadline, decided).await;
+            let (sender, receiver) = oneshot::channel();
+            if d.waiting.len() >= MAX_PENDING {
+                // Only waiters whose requests were cancelled can be this
+                // many; their senders are dead.
+                d.waiting.retain(|_, sender| !sender.is_closed());
+            }
+            d.waiting.insert(key, sender);
+            receiver
+        };
+        let waited = tokio::time::timeout(wait, &mut decided).await;
+        if let Ok(Ok(by_correlator)) = waited {
+            self.waited.fetch_add(1, Ordering::Relaxed);
+            return by_correlator;
         }
+        let mut d = self.lock();
+        if d.waiting.remove(&key).is_none() {
+            // The correlator decided while the wait was running out.
+            if let Ok(by_correlator) = decided.try_recv() {
+                self.waited.fetch_add(1, Ordering::Relaxed);
+                return by_correlator;
+            }
+        }
+        let decision = TraceParent {
+            trace_id: d.ids.trace_id(),
+            parent_id: d.ids.span_id(),
+            flags: root_flags(true),
+        };
+        if d.by_proxy.len() >= MAX_PENDING {
+            d.by_proxy.clear();
+        }
+        d.by_proxy.insert(key, decision);
+        self.decided_by_proxy.fetch_add(1, Ordering::Relaxed);
+        decision
     }
 }
 

@@ -146,30 +146,53 @@ enum Stop {
     Opaque { fallback: bool },
 }
 
-/// Forwards the body a head announced; `None` when the next head follows.
-async fn after_head<R, W>(
+/// Forwards a message: its head (as received, or `rewritten`), then the
+/// body the head announced, as it arrives. The head goes out in one write
+/// together with the body bytes already read behind it, so a small message
+/// costs one system call, not two. `None` when the next head follows.
+async fn forward_message<R, W>(
     from: &mut Inbound<'_, R>,
     to: &mut Outbound<'_, W>,
+    head_len: usize,
+    rewritten: Option<&[u8]>,
     framing: BodyFraming,
 ) -> io::Result<Option<Stop>>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let body = match framing {
-        BodyFraming::None => return Ok(None),
-        BodyFraming::Length(length) => match Body::with_length(length) {
-            Some(body) => body,
-            None => return Ok(None),
-        },
-        BodyFraming::Chunked => Body::chunked(),
-        BodyFraming::UntilClose => return Ok(Some(Stop::Opaque { fallback: false })),
-        BodyFraming::Unframeable => return Ok(Some(Stop::Opaque { fallback: true })),
+    let (mut body, stop) = match framing {
+        BodyFraming::None => (None, None),
+        BodyFraming::Length(length) => (Body::with_length(length), None),
+        BodyFraming::Chunked => (Some(Body::chunked()), None),
+        BodyFraming::UntilClose => (None, Some(Stop::Opaque { fallback: false })),
+        BodyFraming::Unframeable => (None, Some(Stop::Opaque { fallback: true })),
     };
-    Ok(match forward_body(from, to, body).await? {
-        BodyEnd::Done => None,
-        BodyEnd::Closed => Some(Stop::Closed),
-        BodyEnd::Invalid => Some(Stop::Opaque { fallback: true }),
+    let buffered = from.data().get(head_len..).unwrap_or_default();
+    let progress = body.as_mut().map(|body| body.feed(buffered));
+    let body_len = progress.map_or(0, |p| p.consumed);
+    match rewritten {
+        None => to.write_all(&from.data()[..head_len + body_len]).await?,
+        Some(head) => {
+            let body_bytes = &from.data()[head_len..head_len + body_len];
+            to.write_all_pair(head, body_bytes).await?;
+        }
+    }
+    from.consume(head_len + body_len);
+    if stop.is_some() {
+        return Ok(stop);
+    }
+    let (Some(body), Some(progress)) = (body, progress) else {
+        return Ok(None);
+    };
+    Ok(match progress.outcome {
+        Outcome::Done => None,
+        Outcome::Invalid => Some(Stop::Opaque { fallback: true }),
+        Outcome::More => match forward_body(from, to, body).await? {
+            BodyEnd::Done => None,
+            BodyEnd::Closed => Some(Stop::Closed),
+            BodyEnd::Invalid => Some(Stop::Opaque { fallback: true }),
+        },
     })
 }
 
@@ -256,7 +279,7 @@ where
                 verdict: verdict_tx,
             })
             .await;
-        if info.traceparent.needs_injection() {
+        let injected = if info.traceparent.needs_injection() {
             let request = &mut context.request;
             request.index = index;
             request.method.clear();
@@ -268,15 +291,14 @@ where
             if !write_injected_head(head, &traceparent, &mut rewritten) {
                 return finish_opaque(from, to, true, stats).await;
             }
-            to.write_all(&rewritten).await?;
             stats.add(Counter::RequestsInjected);
+            Some(rewritten.as_slice())
         } else {
-            to.write_all(head).await?;
             stats.add(Counter::RequestsUnchanged);
-        }
-        from.consume(info.len);
+            None
+        };
         index += 1;
-        match after_head(from, to, info.framing).await? {
+        match forward_message(from, to, info.len, injected, info.framing).await? {
             None => {}
             Some(Stop::Closed) => return Ok(()),
             Some(Stop::Opaque { fallback }) => {
@@ -353,14 +375,15 @@ where
                 let _ = sender.send(verdict);
             }
         }
-        to.write_all(&from.data()[..info.len]).await?;
-        from.consume(info.len);
         let framing = match info.kind {
             ResponseKind::Interim => BodyFraming::None,
-            ResponseKind::Switch => return relay_opaque(from, to).await,
+            ResponseKind::Switch => {
+                forward_message(from, to, info.len, None, BodyFraming::None).await?;
+                return relay_opaque(from, to).await;
+            }
             ResponseKind::Final(framing) => framing,
         };
-        match after_head(from, to, framing).await? {
+        match forward_message(from, to, info.len, None, framing).await? {
             None => {}
             Some(Stop::Closed) => return Ok(()),
             Some(Stop::Opaque { fallback }) => {
@@ -578,6 +601,36 @@ mod tests {
         assert_eq!(counters.requests_injected, 3);
         assert_eq!(counters.requests_unchanged, 1);
         assert_eq!(counters.fallbacks, 0);
+    }
+
+    #[test]
+    fn heads_and_bodies_read_together_go_out_together_and_intact() {
+        // One read holds every head and body: each rewritten head goes out
+        // with the body bytes behind it in the same write.
+        let input = format!(
+            "POST /1 HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello\
+             PUT /2 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n\
+             POST /3 HTTP/1.1\r\ntraceparent: {VALID}\r\nContent-Length: 2\r\n\r\nok\
+             PUT /4 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nGET /5 HTTP/1.1\r\n\r\n"
+        );
+        let (upstream, _, counters) = run(relay_with(
+            vec![input.as_bytes().to_vec()],
+            8192,
+            sends(Vec::new()),
+        ));
+        // The last body's framing is invalid: from there on, bytes pass
+        // unchanged and nothing more is injected.
+        let expected = format!(
+            "POST /1 HTTP/1.1\r\nContent-Length: 5\r\n{line}\r\nhello\
+             PUT /2 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n{line}\r\n3\r\nabc\r\n0\r\n\r\n\
+             POST /3 HTTP/1.1\r\ntraceparent: {VALID}\r\nContent-Length: 2\r\n\r\nok\
+             PUT /4 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n{line}\r\nzz\r\nGET /5 HTTP/1.1\r\n\r\n",
+            line = injected_line()
+        );
+        assert_eq!(String::from_utf8(upstream).unwrap(), expected);
+        assert_eq!(counters.requests_injected, 3);
+        assert_eq!(counters.requests_unchanged, 1);
+        assert_eq!(counters.fallbacks, 1);
     }
 
     #[test]

@@ -172,16 +172,9 @@ async fn accept_loop(
             Ok((client, peer)) => {
                 shared.stats.connection_opened();
                 let guard = OpenConnection(Arc::clone(&shared));
-                let relay_abort = abort.clone();
-                let mut abort = abort.clone();
+                let abort = abort.clone();
                 tokio::spawn(async move {
-                    tokio::select! {
-                        biased;
-                        () = proxy_connection(client, peer, &guard.0, relay_abort) => {}
-                        // Before the relay starts (connect, detect) an abort
-                        // just drops the sockets.
-                        _ = abort.wait_for(|&abort| abort) => {}
-                    }
+                    proxy_connection(client, peer, &guard.0, abort).await;
                     drop(guard);
                 });
             }
@@ -237,13 +230,13 @@ async fn proxy_connection(
             return;
         }
     };
-    let mut upstream = match connect_upstream(
-        destination,
-        settings.upstream_mark,
-        settings.connect_timeout,
-    )
-    .await
-    {
+    let connected = tokio::select! {
+        biased;
+        connected = connect_upstream(destination, settings.upstream_mark, settings.connect_timeout) => connected,
+        // Nothing was relayed yet: dropping the client socket is enough.
+        _ = abort.wait_for(|&abort| abort) => return,
+    };
+    let mut upstream = match connected {
         Ok(upstream) => upstream,
         Err(err) => {
             log::debug!("proxy: {peer} -> {destination}: connect failed: {err}");
@@ -298,7 +291,10 @@ async fn proxy_connection(
                 }
             }
         };
+        // Biased: the relay is what wakes the task nearly every time, and
+        // a fixed order needs no random number per wake.
         tokio::select! {
+            biased;
             result = relay => result,
             () = activity.idle_for(settings.idle_timeout) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,

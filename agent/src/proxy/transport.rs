@@ -3,7 +3,7 @@
 //! buffers, writes that record progress, and the opaque copy. Nothing here
 //! knows about HTTP.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -92,46 +92,51 @@ pub(crate) fn reset_on_close(stream: &TcpStream) {
     let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
-/// When bytes last moved on a connection, in either direction.
-#[derive(Debug)]
+/// Whether bytes moved on a connection, in either direction, for the idle
+/// timeout. Progress is a counter bumped on every read and write rather
+/// than a timestamp, so the relay's hot path reads no clock; the idle check
+/// samples it a few times per timeout instead.
+#[derive(Debug, Default)]
 pub(crate) struct Activity {
-    origin: Instant,
-    /// Milliseconds from `origin` to the last progress.
-    last: AtomicU64,
+    moves: AtomicU64,
 }
+
+/// Samples of the progress counter per idle timeout: a connection is reset
+/// after between 1 and 1 + 1/IDLE_SAMPLES timeouts of silence.
+const IDLE_SAMPLES: u32 = 4;
 
 impl Activity {
     pub(crate) fn new() -> Self {
-        Self {
-            origin: Instant::now(),
-            last: AtomicU64::new(0),
-        }
+        Self::default()
     }
 
     fn touch(&self) {
-        let elapsed = self.origin.elapsed().as_millis();
-        self.last.store(
-            u64::try_from(elapsed).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
+        // Both directions of a connection are polled by one task, so a
+        // plain load and store (no locked increment) cannot lose a move
+        // that matters: any change of the value is progress.
+        let moves = self.moves.load(Ordering::Relaxed);
+        self.moves.store(moves.wrapping_add(1), Ordering::Relaxed);
     }
 
-    /// Completes once nothing has moved for `limit`.
+    /// Completes once nothing has moved for at least `limit` (and at most
+    /// `limit` plus a quarter of it).
     pub(crate) async fn idle_for(&self, limit: Duration) {
+        let period = (limit / IDLE_SAMPLES).max(Duration::from_millis(1));
+        let mut seen = self.moves.load(Ordering::Relaxed);
+        let mut quiet_since = Instant::now();
         loop {
-            let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
             // A limit too large to be a point in time is no limit.
-            let Some(deadline) = self
-                .origin
-                .checked_add(last)
-                .and_then(|last| last.checked_add(limit))
-            else {
+            let Some(next) = Instant::now().checked_add(period) else {
                 return std::future::pending().await;
             };
-            if Instant::now() >= deadline {
+            tokio::time::sleep_until(next).await;
+            let moves = self.moves.load(Ordering::Relaxed);
+            if moves != seen {
+                seen = moves;
+                quiet_since = Instant::now();
+            } else if quiet_since.elapsed() >= limit {
                 return;
             }
-            tokio::time::sleep_until(deadline).await;
         }
     }
 }
@@ -245,6 +250,25 @@ impl<'a, W: AsyncWrite + Unpin> Outbound<'a, W> {
             bytes = bytes.get(n..).unwrap_or_default();
         }
         Ok(())
+    }
+
+    /// Writes all of `first` and then all of `second`, as one system call
+    /// when the socket takes both at once (a rewritten head and the body
+    /// bytes read with it).
+    pub(crate) async fn write_all_pair(&mut self, first: &[u8], second: &[u8]) -> io::Result<()> {
+        let (mut first, mut second) = (first, second);
+        while !first.is_empty() {
+            let slices = [IoSlice::new(first), IoSlice::new(second)];
+            let n = self.io.write_vectored(&slices).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            self.activity.touch();
+            let from_first = n.min(first.len());
+            first = &first[from_first..];
+            second = second.get(n - from_first..).unwrap_or_default();
+        }
+        self.write_all(second).await
     }
 
     /// Sends FIN: the other side of the proxy finished sending, and this
