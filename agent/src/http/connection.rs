@@ -17,7 +17,7 @@
 
 use std::collections::VecDeque;
 
-use super::body::{Body, Chunked, Outcome, Skip};
+use super::body::{Body, Outcome, Skip};
 use super::head::{self, Framing, Head, Parse, RequestHead, ResponseHead};
 
 /// Which of a connection's two byte streams a message belongs to, in HTTP
@@ -462,7 +462,7 @@ impl HttpConnection {
         // Requests without Content-Length or chunked coding have no body
         // (RFC 9112 6.3, item 7).
         let body = match head::framing(&head.headers) {
-            Framing::Chunked => BodyStart::Body(Body::Chunked(Chunked::new())),
+            Framing::Chunked => BodyStart::Body(Body::chunked()),
             Framing::Length(0) | Framing::Unspecified => BodyStart::None,
             Framing::Length(n) => BodyStart::Body(Body::Length(n)),
             Framing::OtherEncoding | Framing::Invalid => BodyStart::Unframeable,
@@ -510,7 +510,7 @@ impl HttpConnection {
             BodyStart::None
         } else {
             match head::framing(&head.headers) {
-                Framing::Chunked => BodyStart::Body(Body::Chunked(Chunked::new())),
+                Framing::Chunked => BodyStart::Body(Body::chunked()),
                 Framing::Length(0) => BodyStart::None,
                 Framing::Length(n) => BodyStart::Body(Body::Length(n)),
                 // Nothing waits for this response, so its request method is

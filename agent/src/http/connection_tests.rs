@@ -621,6 +621,30 @@ fn truncation_across_chunks_desynchronises_until_a_status_line() {
 }
 
 #[test]
+fn bare_cr_in_chunked_framing_desynchronises_until_a_status_line() {
+    // The walker is as strict as the proxy's: a CR must end its line. Where
+    // the peers would take this body to end is not certain, so the rest is
+    // counted to /a and the next status line resynchronises.
+    let mut run = Run::new();
+    run.send(Req, b"GET /a HTTP/1.1\r\n\r\n", 1).send(
+        Resp,
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nT: 1\rX\r\n\r\n",
+        2,
+    );
+    assert!(run.take().is_empty());
+    assert!(matches!(run.conn.responses.state, State::Desync));
+    run.send(Req, b"GET /b HTTP/1.1\r\n\r\n", 3)
+        .send(Resp, OK_5, 4);
+    assert_eq!(
+        run.take(),
+        [
+            "GET /a -> 200 [] req 1..1 resp 2 body 0/8",
+            "GET /b -> 200 [] req 3..3 resp 4 body 0/5"
+        ]
+    );
+}
+
+#[test]
 fn request_cut_off_mid_head_is_lost_without_shifting_pairs() {
     let mut msg = b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\nX-Long: ".to_vec();
     msg.resize(20_000, b'l');

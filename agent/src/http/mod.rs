@@ -8,10 +8,11 @@
 //! of a message, for views that need no more.
 //!
 //! - `head`: heads via httparse, framing fields;
-//! - `body`: Content-Length, chunked and close-delimited bodies;
+//! - `body`: Content-Length, chunked and close-delimited bodies (the
+//!   proxy walks bodies with it too);
 //! - `connection`: the per-direction state machines and the pairing.
 
-mod body;
+pub(crate) mod body;
 mod connection;
 mod head;
 

@@ -16,10 +16,10 @@
 //! - `server`: accepting, the original destination, detection, timeouts;
 //! - `detect`: HTTP/1.x or not, from the first bytes;
 //! - `http`: the relay of one HTTP/1.x connection (both directions);
-//! - [`head`] and `body`: pure parsing and rewriting of heads, body framing;
+//! - [`head`]: pure parsing and rewriting of heads;
+//! - `body`: body framing, shared with the tracer (`crate::http::body`);
 //! - [`context`] (where injected contexts come from) and [`stats`].
 
-mod body;
 pub mod context;
 mod detect;
 pub mod head;
@@ -32,6 +32,10 @@ mod transport;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
+
+// The tracer's body walker, under the name the relay uses (`super::body`):
+// one walker, so that the proxy and the tracer agree on where a body ends.
+use crate::http::body;
 
 pub use context::{ProxiedRequest, StandaloneContexts, TraceContextSource};
 pub use head::{RewriteOutcome, rewrite_request_head};
