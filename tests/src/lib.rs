@@ -17,6 +17,7 @@ use agent::capture::{Capture, CaptureEvent, Connection, Direction, Message, Prob
 
 pub use agent::capture;
 
+pub mod chains;
 pub mod netns;
 pub mod otlp_receiver;
 
@@ -30,6 +31,12 @@ pub mod fixtures {
     pub const SLOW_CLIENT: &str = include_str!("../fixtures/slow_client.py");
     /// A client that sends three requests in one write.
     pub const PIPELINING_CLIENT: &str = include_str!("../fixtures/pipelining_client.py");
+    /// An HTTP/1.1 server that prints each request's exact head (and its
+    /// body's length and SHA-256) as a JSON line; it also tunnels after
+    /// CONNECT and WebSocket upgrades.
+    pub const REQUEST_RECORDER: &str = include_str!("../fixtures/request_recorder.py");
+    /// A bulk non-HTTP stream whose sink and source both hash what they move.
+    pub const HASHING_STREAM: &str = include_str!("../fixtures/hashing_stream.py");
 }
 
 /// Whether privileged tests can run here. Outside CI a non-root run skips
@@ -332,6 +339,25 @@ impl ChildGuard {
         String::from_utf8_lossy(&line).into_owned()
     }
 
+    /// The child's stdout as lines, read on a thread of their own so that a
+    /// test can wait for the next one with a deadline (`recv_timeout`).
+    pub fn stdout_lines(&mut self) -> std::sync::mpsc::Receiver<String> {
+        use std::io::BufRead;
+        let stdout = self.0.stdout.take().expect("stdout is piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+
     /// Writes one line to the child's stdin.
     pub fn write_line(&mut self, line: &str) {
         let stdin = self.0.stdin.as_mut().expect("stdin is piped");
@@ -461,8 +487,16 @@ pub fn start_python(
 /// Runs curl to completion and returns its pid and stdout. Fails the test
 /// if curl fails.
 pub fn curl(args: &[&str]) -> (u32, Vec<u8>) {
-    let child = Command::new("curl")
-        .args(["--silent", "--show-error", "--max-time", "20"])
+    run_curl(Command::new("curl"), Duration::from_secs(20), args)
+}
+
+/// Runs `command` (curl, or a wrapper that runs it, such as
+/// [`netns::exec`]`(ns, "curl")`) with `args`, allowing it `max_time`, and
+/// returns its pid and stdout. Fails the test if curl fails.
+pub fn run_curl(mut command: Command, max_time: Duration, args: &[&str]) -> (u32, Vec<u8>) {
+    let child = command
+        .args(["--silent", "--show-error", "--max-time"])
+        .arg(max_time.as_secs().max(1).to_string())
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

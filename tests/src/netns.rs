@@ -181,6 +181,12 @@ impl Pod {
         self.netns.name()
     }
 
+    /// The pod's namespace, for code that handles pods and plain
+    /// namespaces alike.
+    pub fn namespace(&self) -> &Netns {
+        &self.netns
+    }
+
     /// The pod's IPv4 address with `port`.
     pub fn addr(&self, port: u16) -> SocketAddr {
         SocketAddr::new(IpAddr::V4(self.ipv4), port)

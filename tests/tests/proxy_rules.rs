@@ -15,11 +15,11 @@ use std::net::{
     Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream,
 };
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use agent::config::{Cidr, ProxyConfig, ProxyMode};
 use agent::proxy::rules::{Backend, DEFAULT_PROXY_MARK, RedirectRules};
+use tests::chains::{remove_stale_chains, unique_chain_prefix};
 use tests::netns::{Netns, Topology};
 use tests::{free_port, privileged};
 
@@ -34,52 +34,6 @@ const SO_ORIGINAL_DST: libc::c_int = 80;
 /// How long a connection that should arrive somewhere is waited for; a
 /// connection that should not arrive is given the same time to show up.
 const ARRIVAL: Duration = Duration::from_secs(3);
-
-/// A chain prefix no other test (or test binary) uses.
-fn unique_prefix(tag: &str) -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "T{tag}{:x}x{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// Removes chains of the root namespace that a killed run of the test
-/// tagged `tag` left (their prefix holds a pid that no longer exists).
-fn remove_stale_test_chains(tag: &str) {
-    let Ok(output) = std::process::Command::new("iptables-save")
-        .args(["-t", "nat"])
-        .output()
-    else {
-        return;
-    };
-    let text = String::from_utf8_lossy(&output.stdout);
-    let mut stale: Vec<String> = Vec::new();
-    for line in text.lines() {
-        let Some(chain) = line.strip_prefix(&format!(":T{tag}")) else {
-            continue;
-        };
-        let Some((prefix_rest, _hook)) = chain.split_once('_') else {
-            continue;
-        };
-        let Some((pid, _n)) = prefix_rest.split_once('x') else {
-            continue;
-        };
-        let dead = u32::from_str_radix(pid, 16)
-            .is_ok_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists());
-        let prefix = format!("T{tag}{prefix_rest}");
-        if dead && !stale.contains(&prefix) {
-            stale.push(prefix);
-        }
-    }
-    for prefix in stale {
-        let r = rules(ProxyMode::Node, &prefix, 15001, vec![80]);
-        if let Err(e) = r.remove_leftovers() {
-            eprintln!("stale chains {prefix}: {e}");
-        }
-    }
-}
 
 fn rules(mode: ProxyMode, prefix: &str, listen_port: u16, ports: Vec<u16>) -> RedirectRules {
     let config = ProxyConfig {
@@ -412,7 +366,7 @@ fn rules_are_installed_once_match_the_dry_run_and_are_removed() {
             ],
         );
         for mode in [ProxyMode::Node, ProxyMode::Host] {
-            let prefix = unique_prefix("R");
+            let prefix = unique_chain_prefix("R");
             let mut r = rules(mode, &prefix, 15001, vec![80, 8080]);
             // Here (a fresh namespace) that is the system's iptables.
             r.backend = Backend::detect();
@@ -479,7 +433,7 @@ fn rules_dropped_on_panic_are_removed() {
         return;
     }
     let ns = Netns::new("unwind").expect("namespace");
-    let prefix = unique_prefix("U");
+    let prefix = unique_chain_prefix("U");
     let r = rules(ProxyMode::Host, &prefix, 15001, vec![80]);
     let outcome = std::panic::catch_unwind(|| {
         ns.run(|| {
@@ -555,7 +509,7 @@ fn restart_after_sigkill_leaves_one_copy() {
         return;
     }
     let ns = Netns::new("crash").expect("namespace");
-    let prefix = unique_prefix("C");
+    let prefix = unique_chain_prefix("C");
 
     // Same mode again: the chain is refilled and the jump not duplicated.
     install_and_kill(&ns, "node", &prefix);
@@ -625,8 +579,8 @@ fn node_mode_redirects_pod_traffic_to_the_proxy_port() {
     let b_v6 = b.addr_v6(redirected_port);
     let b_redirected_v6 = b_v6.map(|addr| b.run(|| server(addr)).expect("pod-b"));
 
-    remove_stale_test_chains("N");
-    let prefix = unique_prefix("N");
+    remove_stale_chains("N");
+    let prefix = unique_chain_prefix("N");
     let mut r = rules(ProxyMode::Node, &prefix, proxy_port, vec![redirected_port]);
     r.pod_interfaces = vec!["veth+".into()];
     r.exclude_cidrs = vec![Cidr {
@@ -701,7 +655,7 @@ fn host_mode_redirects_local_traffic_but_not_marked_traffic() {
         let proxy_port = free_port();
         let redirected_port = free_port();
         let other_port = free_port();
-        let prefix = unique_prefix("H");
+        let prefix = unique_chain_prefix("H");
         let r = rules(ProxyMode::Host, &prefix, proxy_port, vec![redirected_port]);
         let proxy = RedirectListener::bind(proxy_port);
         let real = server(SocketAddr::from((Ipv4Addr::LOCALHOST, redirected_port)));
