@@ -62,8 +62,10 @@ pub struct ProxySettings {
     /// REDIRECT rules never catch the proxy's own connections. 0 sets no
     /// mark (then something else must keep them from looping).
     pub upstream_mark: u32,
-    /// How long to wait for a client's first bytes before treating the
-    /// connection as opaque.
+    /// Once a client has sent bytes that could still become an HTTP/1.x
+    /// request line, how long it may take to finish the line before the
+    /// connection is treated as opaque. Counted from its first bytes: a
+    /// connection on which nobody has said anything yet is waited for.
     pub detect_timeout: Duration,
     /// How long connecting upstream may take.
     pub connect_timeout: Duration,

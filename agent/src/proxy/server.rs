@@ -319,6 +319,13 @@ async fn proxy_connection(
 /// Decides how to relay a connection from its first bytes, which stay
 /// buffered in `client_in`. The upstream connection already exists, so a
 /// server that speaks first is noticed instead of waited out.
+///
+/// While neither side has said anything there is nothing to relay, so
+/// nothing is lost by waiting (the idle timeout still applies): a client
+/// that opens connections ahead of use, as pools do, still gets its
+/// requests injected. The detect timeout starts with the client's first
+/// bytes, and only bounds how long a prefix that could still become a
+/// request line is held back.
 async fn detect<CR, UR>(
     client_in: &mut Inbound<'_, CR>,
     upstream_in: &mut Inbound<'_, UR>,
@@ -328,14 +335,9 @@ where
     CR: tokio::io::AsyncRead + Unpin,
     UR: tokio::io::AsyncRead + Unpin + Peek,
 {
-    let deadline = Instant::now().checked_add(settings.detect_timeout);
-    let timed_out = async {
-        match deadline {
-            Some(deadline) => tokio::time::sleep_until(deadline).await,
-            None => std::future::pending().await,
-        }
-    };
+    let timed_out = tokio::time::sleep(settings.detect_timeout);
     tokio::pin!(timed_out);
+    let mut armed = false;
     loop {
         tokio::select! {
             biased;
@@ -351,10 +353,18 @@ where
                     FirstBytes::Http => return Ok(Protocol::Http),
                     FirstBytes::Opaque => return Ok(Protocol::Opaque),
                     FirstBytes::Undecided if client_in.is_full() => return Ok(Protocol::Opaque),
+                    FirstBytes::Undecided if !armed => {
+                        armed = true;
+                        // A limit too large to be a point in time is none.
+                        match Instant::now().checked_add(settings.detect_timeout) {
+                            Some(deadline) => timed_out.as_mut().reset(deadline),
+                            None => armed = false,
+                        }
+                    }
                     FirstBytes::Undecided => {}
                 }
             }
-            () = &mut timed_out => return Ok(Protocol::Opaque),
+            () = &mut timed_out, if armed => return Ok(Protocol::Opaque),
         }
     }
 }
