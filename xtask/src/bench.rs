@@ -320,9 +320,9 @@ fn proxies() -> Result<()> {
                 |hop, direct| hop / direct
             ),
             median(results, |r| r.p50_ms),
-            paired(results, &direct, |r| r.p50_ms, |hop, direct| hop - direct),
+            added(results, &direct, |r| r.p50_ms),
             median(results, |r| r.p99_ms),
-            paired(results, &direct, |r| r.p99_ms, |hop, direct| hop - direct),
+            added(results, &direct, |r| r.p99_ms),
         );
     }
     println!(
@@ -340,23 +340,18 @@ fn proxies() -> Result<()> {
             "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {} |",
             hop.label(),
             median(results, |r| r.single_p50_ms) * 1000.0,
-            paired(
-                results,
-                &direct,
-                |r| r.single_p50_ms,
-                |hop, direct| hop - direct
-            ) * 1000.0,
+            added(results, &direct, |r| r.single_p50_ms) * 1000.0,
             median(results, |r| r.single_p99_ms) * 1000.0,
-            paired(
-                results,
-                &direct,
-                |r| r.single_p99_ms,
-                |hop, direct| hop - direct
-            ) * 1000.0,
+            added(results, &direct, |r| r.single_p99_ms) * 1000.0,
             each.join(" ")
         );
     }
     Ok(())
+}
+
+/// The median over rounds of what a hop adds to direct's `f`.
+fn added(results: &[HopResult], direct: &[HopResult], f: fn(&HopResult) -> f64) -> f64 {
+    paired(results, direct, f, |hop, direct| hop - direct)
 }
 
 /// The median over rounds of `compare(f(hop), f(direct))`, each hop's
