@@ -214,6 +214,62 @@ where
     relay_opaque(from, to).await
 }
 
+/// What waiting for the next head of a direction gave.
+enum NextHead<T> {
+    /// A complete head at the start of the buffer.
+    Head(T),
+    /// The direction is over: its sender finished (passed on as a
+    /// half-close), or the rest was copied unchanged.
+    Finished,
+}
+
+/// Reads until `parse` finds a complete head at the start of `from`'s
+/// buffer. What cannot become one (invalid bytes, a head over the limit, a
+/// head cut short by a close) is copied unchanged with the rest of the
+/// direction, as is everything once `switched` is set (another protocol
+/// took over the connection).
+async fn next_head<R, W, T>(
+    from: &mut Inbound<'_, R>,
+    to: &mut Outbound<'_, W>,
+    stats: &ProxyStats,
+    switched: Option<&AtomicBool>,
+    mut parse: impl FnMut(&[u8]) -> HeadParse<T>,
+) -> io::Result<NextHead<T>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut worth = true;
+    loop {
+        if switched.is_some_and(|s| s.load(Ordering::Acquire)) {
+            relay_opaque(from, to).await?;
+            return Ok(NextHead::Finished);
+        }
+        if worth || from.is_full() {
+            match parse(from.data()) {
+                HeadParse::Complete(info) => return Ok(NextHead::Head(info)),
+                HeadParse::Partial if !from.is_full() => {}
+                HeadParse::Invalid | HeadParse::Partial => {
+                    finish_opaque(from, to, true, stats).await?;
+                    return Ok(NextHead::Finished);
+                }
+            }
+        }
+        let before = from.data().len();
+        let filled = from.fill().await?;
+        worth = worth_parsing(from.data(), before);
+        if filled == Filled::Eof {
+            if from.data().is_empty() {
+                to.shutdown().await?;
+            } else {
+                // A head cut short by the close: forwarded as it is.
+                finish_opaque(from, to, true, stats).await?;
+            }
+            return Ok(NextHead::Finished);
+        }
+    }
+}
+
 async fn forward_requests<R, W>(
     from: &mut Inbound<'_, R>,
     to: &mut Outbound<'_, W>,
@@ -231,31 +287,9 @@ where
     let mut rewritten = Vec::new();
     let mut index = 0u64;
     loop {
-        let mut parse = true;
-        let info = loop {
-            if switched.load(Ordering::Acquire) {
-                return relay_opaque(from, to).await;
-            }
-            if parse || from.is_full() {
-                match parse_request_head(from.data()) {
-                    HeadParse::Complete(info) => break info,
-                    HeadParse::Invalid => return finish_opaque(from, to, true, stats).await,
-                    HeadParse::Partial if from.is_full() => {
-                        return finish_opaque(from, to, true, stats).await;
-                    }
-                    HeadParse::Partial => {}
-                }
-            }
-            let before = from.data().len();
-            let filled = from.fill().await?;
-            parse = worth_parsing(from.data(), before);
-            if filled == Filled::Eof {
-                if from.data().is_empty() {
-                    return to.shutdown().await;
-                }
-                // A head cut short by the close: forwarded as it is.
-                return finish_opaque(from, to, true, stats).await;
-            }
+        let info = match next_head(from, to, stats, Some(switched), parse_request_head).await? {
+            NextHead::Head(info) => info,
+            NextHead::Finished => return Ok(()),
         };
         let head = &from.data()[..info.len];
         let (verdict_tx, verdict_rx) = if info.may_switch_protocols() {
@@ -331,9 +365,8 @@ where
     // The request being answered; kept across interim (1xx) responses.
     let mut answering: Option<Unanswered> = None;
     loop {
-        let mut parse = true;
-        let info = loop {
-            if answering.is_none() && !from.data().is_empty() {
+        let parse = |data: &[u8]| {
+            if answering.is_none() && !data.is_empty() {
                 // Queued before its head went upstream, so present by now;
                 // absent only for a response nobody asked for (a 408
                 // before closing, say), framed as an answer to GET.
@@ -342,25 +375,11 @@ where
             let method = answering
                 .as_ref()
                 .map_or_else(Default::default, |u| u.method);
-            if parse || from.is_full() {
-                match parse_response_head(from.data(), method) {
-                    HeadParse::Complete(info) => break info,
-                    HeadParse::Invalid => return finish_opaque(from, to, true, stats).await,
-                    HeadParse::Partial if from.is_full() => {
-                        return finish_opaque(from, to, true, stats).await;
-                    }
-                    HeadParse::Partial => {}
-                }
-            }
-            let before = from.data().len();
-            let filled = from.fill().await?;
-            parse = worth_parsing(from.data(), before);
-            if filled == Filled::Eof {
-                if from.data().is_empty() {
-                    return to.shutdown().await;
-                }
-                return finish_opaque(from, to, true, stats).await;
-            }
+            parse_response_head(data, method)
+        };
+        let info = match next_head(from, to, stats, None, parse).await? {
+            NextHead::Head(info) => info,
+            NextHead::Finished => return Ok(()),
         };
         let verdict = match info.kind {
             ResponseKind::Interim => None,
