@@ -301,9 +301,7 @@ pub struct ProcessFilterConfig {
     pub redact_command_line: bool,
 }
 
-/// `proxy:`: the transparent proxy that injects `traceparent` (a later
-/// feature; its keys are accepted and checked now so files written today
-/// keep working).
+/// `proxy:`: the transparent proxy that injects `traceparent`.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProxyConfig {
@@ -324,7 +322,12 @@ pub struct ProxyConfig {
     pub exclude_cidrs: Vec<Cidr>,
     /// Destination ports never redirected.
     pub exclude_ports: Vec<u16>,
+    /// Threads relaying connections; 0 means one per CPU.
+    pub workers: usize,
 }
+
+/// Most `proxy.workers` accepted: each is a thread with its own runtime.
+const MAX_PROXY_WORKERS: usize = 1024;
 
 impl Default for ProxyConfig {
     fn default() -> Self {
@@ -337,6 +340,7 @@ impl Default for ProxyConfig {
             include_cidrs: Vec::new(),
             exclude_cidrs: Vec::new(),
             exclude_ports: Vec::new(),
+            workers: 0,
         }
     }
 }
@@ -743,6 +747,15 @@ impl ProxyConfig {
         for name in &self.pod_interfaces {
             check_interface_pattern(name)
                 .map_err(|reason| ConfigError::invalid("proxy.pod_interfaces", reason))?;
+        }
+        if self.workers > MAX_PROXY_WORKERS {
+            return Err(ConfigError::invalid(
+                "proxy.workers",
+                format!(
+                    "must be at most {MAX_PROXY_WORKERS} (0: one per CPU), got {}",
+                    self.workers
+                ),
+            ));
         }
         Ok(())
     }
@@ -1213,6 +1226,7 @@ fn allowed_values(key: &str) -> Option<&'static str> {
         "proxy.pod_interfaces[]" => "an interface name, optionally ending in +",
         "proxy.include_cidrs" | "proxy.exclude_cidrs" => "a list of CIDR blocks",
         "proxy.include_cidrs[]" | "proxy.exclude_cidrs[]" => "a CIDR block such as 10.0.0.0/8",
+        "proxy.workers" => "a number of threads (0: one per CPU)",
         _ => return None,
     })
 }
@@ -1250,6 +1264,7 @@ mod tests {
         "proxy.include_cidrs",
         "proxy.exclude_cidrs",
         "proxy.exclude_ports",
+        "proxy.workers",
     ];
 
     const FULL_EXAMPLE: &str = r#"
@@ -1285,6 +1300,7 @@ proxy:
   include_cidrs: [10.0.0.0/8, "fd00::/8"]
   exclude_cidrs: [10.96.0.1]
   exclude_ports: [22]
+  workers: 3
 "#;
 
     #[derive(Parser)]
@@ -1429,6 +1445,7 @@ proxy:
         );
         assert_eq!(p.exclude_cidrs[0].to_string(), "10.96.0.1/32");
         assert_eq!(p.exclude_ports, [22]);
+        assert_eq!((p.workers, p.proxy_settings().workers), (3, 3));
         assert!(c.terminal_enabled());
     }
 
@@ -1716,6 +1733,11 @@ proxy:
         );
         let e = err("proxy:\n  exclude_ports: [0]\n");
         assert_eq!(e.key(), "proxy.exclude_ports");
+        let e = err("proxy:\n  workers: 5000\n");
+        assert_eq!(e.key(), "proxy.workers");
+        assert!(e.to_string().contains("at most 1024"), "{e}");
+        let e = err("proxy:\n  workers: -1\n");
+        assert_eq!(e.key(), "proxy.workers");
         let e = err("proxy:\n  enabled: true\n  ports: []\n");
         assert_eq!(e.key(), "proxy.ports");
         let e = err("proxy:\n  pod_interfaces: [averyveryverylongname+]\n");
@@ -2079,6 +2101,10 @@ impl ProxyConfig {
                 SocketAddr::from((Ipv4Addr::UNSPECIFIED, self.listen_port)),
                 SocketAddr::from((Ipv6Addr::UNSPECIFIED, self.listen_port)),
             ],
+            workers: match self.workers {
+                0 => crate::proxy::default_workers(),
+                n => n,
+            },
             ..crate::proxy::ProxySettings::default()
         }
     }

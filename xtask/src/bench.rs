@@ -151,6 +151,13 @@ const PROXY_BACKEND_PORT: u16 = 18281;
 const NGINX_PROXY_PORT: u16 = 18282;
 const HAPROXY_PORT: u16 = 18283;
 const OUR_PROXY_LISTEN: u16 = 18284;
+/// Redirected by the bench's own rule to nginx's and haproxy's ports, so
+/// that they take the same hop as our proxy: a connection to one address
+/// rewritten by REDIRECT to the proxy's.
+const NGINX_REDIRECTED_PORT: u16 = 18286;
+const HAPROXY_REDIRECTED_PORT: u16 = 18287;
+/// The bench's nat chain for those two rules.
+const BENCH_CHAIN: &str = "TTA_BENCH";
 /// hey at a fixed rate: 10 workers x 100 requests/s for 5 s.
 const HEY_FIXED_RATE: &[&str] = &["-z", "5s", "-c", "10", "-q", "100"];
 /// Rounds of the proxy comparison: one-connection latencies differ by a
@@ -183,16 +190,22 @@ enum Hop {
     /// the proxy takes each request's context from them.
     OurProxyInAgent,
     Nginx,
+    /// nginx reached through a REDIRECT rule, as our proxy is.
+    NginxRedirected,
     Haproxy,
+    /// haproxy reached through a REDIRECT rule, as our proxy is.
+    HaproxyRedirected,
 }
 
 impl Hop {
-    const ALL: [Hop; 5] = [
+    const ALL: [Hop; 7] = [
         Hop::Direct,
         Hop::OurProxy,
         Hop::OurProxyInAgent,
         Hop::Nginx,
+        Hop::NginxRedirected,
         Hop::Haproxy,
+        Hop::HaproxyRedirected,
     ];
 
     fn label(self) -> &'static str {
@@ -201,7 +214,9 @@ impl Hop {
             Hop::OurProxy => "this proxy (`agent proxy`)",
             Hop::OurProxyInAgent => "this proxy in `agent run` (probes on)",
             Hop::Nginx => "nginx",
+            Hop::NginxRedirected => "nginx behind the same REDIRECT",
             Hop::Haproxy => "haproxy",
+            Hop::HaproxyRedirected => "haproxy behind the same REDIRECT",
         }
     }
 
@@ -211,7 +226,9 @@ impl Hop {
         let port = match self {
             Hop::Direct | Hop::OurProxy | Hop::OurProxyInAgent => PROXY_BACKEND_PORT,
             Hop::Nginx => NGINX_PROXY_PORT,
+            Hop::NginxRedirected => NGINX_REDIRECTED_PORT,
             Hop::Haproxy => HAPROXY_PORT,
+            Hop::HaproxyRedirected => HAPROXY_REDIRECTED_PORT,
         };
         format!("http://127.0.0.1:{port}/index.html")
     }
@@ -259,15 +276,16 @@ fn proxies() -> Result<()> {
             "proxy:\n  enabled: true\n  mode: host\n  listen_port: {OUR_PROXY_LISTEN}\n  ports: [{PROXY_BACKEND_PORT}]\n"
         ),
     )?;
-    let _backend = start_nginx(&dir, &backend)?;
-    let _nginx_proxy = start_nginx(&dir, &nginx_proxy)?;
-    let _haproxy = KillOnDrop(
+    let backend_server = start_nginx(&dir, &backend)?;
+    let nginx_proxy_server = start_nginx(&dir, &nginx_proxy)?;
+    let haproxy_server = KillOnDrop(
         Command::new("haproxy")
             .args(["-f", &dir.join("haproxy.cfg").to_string_lossy(), "-db"])
             .stdout(Stdio::null())
             .spawn()
             .context("starting haproxy")?,
     );
+    let _redirects = BenchRedirects::install()?;
     std::thread::sleep(Duration::from_millis(500));
 
     let mut rows: Vec<(Hop, Vec<HopResult>)> = Hop::ALL.iter().map(|&h| (h, Vec::new())).collect();
@@ -277,23 +295,32 @@ fn proxies() -> Result<()> {
                 "bench: proxy comparison, round {round}/{PROXY_ROUNDS}: {}",
                 hop.label()
             );
-            let _proxy = match hop {
-                Hop::OurProxy => Some(start_agent(&["proxy", "--config"], &config, 1)?),
-                // The probes take a few seconds to load and attach.
-                Hop::OurProxyInAgent => Some(start_agent(
-                    &[
-                        "run",
-                        "--output-file",
-                        "/dev/null",
-                        "--no-terminal",
-                        "--config",
-                    ],
-                    &config,
-                    4,
-                )?),
-                _ => None,
-            };
+            let _proxy = start_our_proxy(*hop, &config, None)?;
             results.push(measure_hop(&hop.url())?);
+        }
+    }
+    // The same one-connection latency with every process on one core:
+    // without the scheduler's choice of cores, which decides how many
+    // wake-ups per request cross to the other core and moves results by
+    // more than the hops differ, only each hop's own work is left.
+    let core = last_core();
+    for pid in [&backend_server, &nginx_proxy_server, &haproxy_server].map(|c| c.0.id()) {
+        pin_process_tree(pid, core)?;
+    }
+    let mut one_core: Vec<(Hop, Vec<WrkResult>)> =
+        Hop::ALL.iter().map(|&h| (h, Vec::new())).collect();
+    for round in 1..=PROXY_ROUNDS {
+        for (hop, results) in &mut one_core {
+            eprintln!(
+                "bench: proxy comparison on core {core}, round {round}/{PROXY_ROUNDS}: {}",
+                hop.label()
+            );
+            let _proxy = start_our_proxy(*hop, &config, Some(core))?;
+            let mut wrk = Command::new("taskset");
+            wrk.args(["-c", &core.to_string(), "wrk"])
+                .args(WRK_SINGLE)
+                .arg(hop.url());
+            results.push(wrk_command(&mut wrk)?);
         }
     }
     // Each comparison with direct is made within a round and the median
@@ -346,7 +373,136 @@ fn proxies() -> Result<()> {
             each.join(" ")
         );
     }
+    let direct = one_core[0].1.clone();
+    println!(
+        "\nlatency on one connection with every process on core {core} (taskset; wrk {}), microseconds; medians of {PROXY_ROUNDS} rounds, added = hop - direct in the same round",
+        WRK_SINGLE.join(" ")
+    );
+    println!(
+        "| path | requests/s | p50 µs | added p50 µs | p99 µs | added p99 µs | p50 of each round µs |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for (hop, results) in &one_core {
+        let each: Vec<String> = results
+            .iter()
+            .map(|r| format!("{:.0}", r.p50_ms * 1000.0))
+            .collect();
+        let added = |f: fn(&WrkResult) -> f64| {
+            let each: Vec<f64> = results
+                .iter()
+                .zip(&direct)
+                .map(|(h, d)| f(h) - f(d))
+                .collect();
+            median(&each, |&v| v)
+        };
+        println!(
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} |",
+            hop.label(),
+            median(results, |r| r.requests_per_sec),
+            median(results, |r| r.p50_ms) * 1000.0,
+            added(|r| r.p50_ms) * 1000.0,
+            median(results, |r| r.p99_ms) * 1000.0,
+            added(|r| r.p99_ms) * 1000.0,
+            each.join(" "),
+        );
+    }
     Ok(())
+}
+
+/// Starts what `hop` needs of ours (nothing for the others), pinned to
+/// `core` if given.
+fn start_our_proxy(hop: Hop, config: &Path, core: Option<usize>) -> Result<Option<KillOnDrop>> {
+    Ok(match hop {
+        Hop::OurProxy => Some(start_agent(&["proxy", "--config"], config, 1, core)?),
+        // The probes take a few seconds to load and attach.
+        Hop::OurProxyInAgent => Some(start_agent(
+            &[
+                "run",
+                "--output-file",
+                "/dev/null",
+                "--no-terminal",
+                "--config",
+            ],
+            config,
+            4,
+            core,
+        )?),
+        _ => None,
+    })
+}
+
+/// The highest-numbered core this process may use.
+fn last_core() -> usize {
+    std::thread::available_parallelism().map_or(0, |n| n.get() - 1)
+}
+
+/// Pins `pid`, its threads and its child processes (nginx's workers) to
+/// `core`.
+fn pin_process_tree(pid: u32, core: usize) -> Result<()> {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .with_context(|| format!("children of {pid}"))?;
+    for pid in std::iter::once(pid.to_string()).chain(children.split_whitespace().map(String::from))
+    {
+        run(Command::new("taskset")
+            .args(["-a", "-p", "-c", &core.to_string(), &pid])
+            .stdout(Stdio::null()))?;
+    }
+    Ok(())
+}
+
+/// The bench's REDIRECT rules for nginx's and haproxy's redirected ports,
+/// in a nat chain of its own; removed when dropped.
+struct BenchRedirects;
+
+impl BenchRedirects {
+    fn install() -> Result<Self> {
+        // A bench killed before its cleanup left the chain behind.
+        Self::remove();
+        run(Command::new("iptables").args(["-t", "nat", "-N", BENCH_CHAIN]))?;
+        let redirects = Self;
+        for (from, to) in [
+            (NGINX_REDIRECTED_PORT, NGINX_PROXY_PORT),
+            (HAPROXY_REDIRECTED_PORT, HAPROXY_PORT),
+        ] {
+            run(Command::new("iptables").args([
+                "-t",
+                "nat",
+                "-A",
+                BENCH_CHAIN,
+                "-p",
+                "tcp",
+                "-d",
+                "127.0.0.1",
+                "--dport",
+                &from.to_string(),
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                &to.to_string(),
+            ]))?;
+        }
+        run(Command::new("iptables").args(["-t", "nat", "-I", "OUTPUT", "-j", BENCH_CHAIN]))?;
+        Ok(redirects)
+    }
+
+    fn remove() {
+        for args in [
+            &["-t", "nat", "-D", "OUTPUT", "-j", BENCH_CHAIN][..],
+            &["-t", "nat", "-F", BENCH_CHAIN],
+            &["-t", "nat", "-X", BENCH_CHAIN],
+        ] {
+            let _ = Command::new("iptables")
+                .args(args)
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+impl Drop for BenchRedirects {
+    fn drop(&mut self) {
+        Self::remove();
+    }
 }
 
 /// The median over rounds of what a hop adds to direct's `f`.
@@ -370,11 +526,25 @@ fn paired(
     median(&compared, |&v| v)
 }
 
-/// Starts `target/release/agent` with `args` and `config`, and gives it
-/// `settle_secs` to listen and install its rules.
-fn start_agent(args: &[&str], config: &Path, settle_secs: u64) -> Result<KillOnDrop> {
+/// Starts `target/release/agent` with `args` and `config`, pinned to
+/// `core` if given, and gives it `settle_secs` to listen and install its
+/// rules.
+fn start_agent(
+    args: &[&str],
+    config: &Path,
+    settle_secs: u64,
+    core: Option<usize>,
+) -> Result<KillOnDrop> {
+    let mut command = match core {
+        Some(core) => {
+            let mut taskset = Command::new("taskset");
+            taskset.args(["-c", &core.to_string(), "target/release/agent"]);
+            taskset
+        }
+        None => Command::new("target/release/agent"),
+    };
     let agent = KillOnDrop(
-        Command::new("target/release/agent")
+        command
             .args(args)
             .arg(config)
             .stdout(Stdio::null())
@@ -462,11 +632,12 @@ fn wrk(url: &str) -> Result<WrkResult> {
 }
 
 fn wrk_with(args: &[&str], url: &str) -> Result<WrkResult> {
-    let output = Command::new("wrk")
-        .args(args)
-        .arg(url)
-        .output()
-        .context("running wrk")?;
+    wrk_command(Command::new("wrk").args(args).arg(url))
+}
+
+/// Runs a prepared wrk command line and reads its report.
+fn wrk_command(command: &mut Command) -> Result<WrkResult> {
+    let output = command.output().context("running wrk")?;
     if !output.status.success() {
         bail!("wrk failed: {}", String::from_utf8_lossy(&output.stderr));
     }

@@ -78,6 +78,9 @@ pub struct ProxySettings {
     /// On shutdown, how long open connections may take to finish before
     /// they are reset.
     pub shutdown_grace: Duration,
+    /// Threads that relay connections, each running its share of them
+    /// from start to end (at least 1).
+    pub workers: usize,
 }
 
 impl Default for ProxySettings {
@@ -96,8 +99,15 @@ impl Default for ProxySettings {
             idle_timeout: Duration::from_secs(3600),
             max_head_bytes: 64 * 1024,
             shutdown_grace: Duration::from_secs(5),
+            workers: default_workers(),
         }
     }
+}
+
+/// One worker per CPU the agent may run on, as nginx's `worker_processes
+/// auto`.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
 }
 
 impl ProxySettings {

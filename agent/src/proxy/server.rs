@@ -1,14 +1,21 @@
 //! Accepting redirected connections and running each one: original
 //! destination, upstream connection, protocol detection, then the HTTP or
 //! opaque relay under an idle timeout; draining on shutdown.
+//!
+//! Connections run on worker threads of their own, each a single-threaded
+//! runtime, as nginx's and Envoy's workers are: a connection stays on the
+//! thread it was handed to, so relaying a request wakes exactly one thread
+//! and costs no work-stealing scheduler. The accept loops run on the
+//! caller's runtime and hand connections out in turn.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -29,6 +36,11 @@ const ABORT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 /// which would otherwise repeat at once and spin.
 const ACCEPT_ERROR_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// Accepted connections waiting for their worker; a worker that falls
+/// behind slows accepting (back-pressure) instead of queueing sockets
+/// without bound.
+const HANDOFF_QUEUE: usize = 256;
+
 /// A bound, not yet running, proxy. Binding first lets the caller learn
 /// the addresses (port 0) and read the counters while it runs.
 pub struct Proxy {
@@ -44,6 +56,32 @@ struct Shared {
     stats: Arc<ProxyStats>,
     /// Woken whenever the last open connection closes.
     idle: Notify,
+}
+
+/// An accepted connection on its way to a worker, as a std socket: a
+/// tokio socket belongs to the runtime that registered it.
+struct Accepted {
+    client: std::net::TcpStream,
+    peer: SocketAddr,
+    /// Counted open from the accept, so a drain also waits for connections
+    /// still queued for their worker, and a connection dropped anywhere on
+    /// the way is counted closed.
+    open: OpenConnection,
+}
+
+/// The worker threads, and the round-robin turn of the accept loops.
+struct Workers {
+    handoff: Vec<mpsc::Sender<Accepted>>,
+    next: AtomicUsize,
+}
+
+impl Workers {
+    /// Hands `accepted` to the next worker in turn; waits while that
+    /// worker's queue is full. Fails only when the worker has stopped.
+    async fn hand_off(&self, accepted: Accepted) -> Result<(), Accepted> {
+        let turn = self.next.fetch_add(1, Ordering::Relaxed) % self.handoff.len();
+        self.handoff[turn].send(accepted).await.map_err(|e| e.0)
+    }
 }
 
 impl Proxy {
@@ -83,7 +121,8 @@ impl Proxy {
 
     /// Serves until `shutdown` completes; then stops accepting, lets open
     /// connections finish for `settings.shutdown_grace`, resets the rest,
-    /// and returns the counters.
+    /// and returns the counters. Starts `settings.workers` threads, which
+    /// have ended when this returns.
     pub async fn run(
         self,
         contexts: Arc<dyn TraceContextSource>,
@@ -97,6 +136,36 @@ impl Proxy {
         });
         let (stop_accepting, accepting) = watch::channel(false);
         let (abort_connections, abort) = watch::channel(false);
+        let (exit_workers, exit) = watch::channel(false);
+        let mut handoff = Vec::new();
+        let mut ended = Vec::new();
+        for n in 0..shared.settings.workers.max(1) {
+            let (to_worker, from_acceptors) = mpsc::channel(HANDOFF_QUEUE);
+            let (done, worker_ended) = oneshot::channel::<()>();
+            let worker = Worker {
+                shared: Arc::clone(&shared),
+                connections: from_acceptors,
+                abort: abort.clone(),
+                exit: exit.clone(),
+            };
+            let started = std::thread::Builder::new()
+                .name(format!("proxy-worker-{n}"))
+                .spawn(move || {
+                    worker.run();
+                    let _ = done.send(());
+                });
+            if let Err(err) = started {
+                // Those already started end with their queue closed.
+                let _ = exit_workers.send(true);
+                return Err(err);
+            }
+            handoff.push(to_worker);
+            ended.push(worker_ended);
+        }
+        let workers = Arc::new(Workers {
+            handoff,
+            next: AtomicUsize::new(0),
+        });
         let acceptors: Vec<JoinHandle<()>> = self
             .listeners
             .into_iter()
@@ -104,8 +173,8 @@ impl Proxy {
                 tokio::spawn(accept_loop(
                     listener,
                     Arc::clone(&shared),
+                    Arc::clone(&workers),
                     accepting.clone(),
-                    abort.clone(),
                 ))
             })
             .collect();
@@ -116,6 +185,8 @@ impl Proxy {
             // has nothing left to clean up then.
             let _ = acceptor.await;
         }
+        // No more hand-offs: each worker sees its queue end.
+        drop(workers);
         let grace = shared.settings.shutdown_grace;
         if tokio::time::timeout(grace, all_closed(&shared))
             .await
@@ -127,6 +198,11 @@ impl Proxy {
             );
             let _ = abort_connections.send(true);
             let _ = tokio::time::timeout(ABORT_WAIT, all_closed(&shared)).await;
+        }
+        let _ = exit_workers.send(true);
+        for worker in ended {
+            // An error means the thread ended without saying so (a panic).
+            let _ = worker.await;
         }
         Ok(Arc::clone(&shared.stats))
     }
@@ -140,6 +216,51 @@ pub async fn serve(
     shutdown: impl Future,
 ) -> io::Result<Arc<ProxyStats>> {
     Proxy::bind(settings)?.run(contexts, shutdown).await
+}
+
+/// One worker thread: its own single-threaded runtime, running every
+/// connection handed to it.
+struct Worker {
+    shared: Arc<Shared>,
+    connections: mpsc::Receiver<Accepted>,
+    abort: watch::Receiver<bool>,
+    /// Set once every connection has closed or been given up on; the
+    /// runtime, and any connection task still in it, is dropped then.
+    exit: watch::Receiver<bool>,
+}
+
+impl Worker {
+    fn run(mut self) {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(err) => {
+                // Its connections are closed as the queue drops them.
+                log::error!("proxy: a worker cannot start its runtime: {err}");
+                return;
+            }
+        };
+        runtime.block_on(async move {
+            while let Some(Accepted { client, peer, open }) = self.connections.recv().await {
+                let client = match TcpStream::from_std(client) {
+                    Ok(client) => client,
+                    Err(err) => {
+                        self.shared.stats.add(Counter::Errors);
+                        log::warn!("proxy: cannot take over a connection from {peer}: {err}");
+                        continue;
+                    }
+                };
+                let abort = self.abort.clone();
+                tokio::spawn(async move {
+                    proxy_connection(client, peer, &open.0, abort).await;
+                    drop(open);
+                });
+            }
+            let _ = self.exit.wait_for(|&exit| exit).await;
+        });
+    }
 }
 
 /// Completes when no connection is open.
@@ -159,8 +280,8 @@ async fn all_closed(shared: &Shared) {
 async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
+    workers: Arc<Workers>,
     mut stop: watch::Receiver<bool>,
-    abort: watch::Receiver<bool>,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -168,15 +289,10 @@ async fn accept_loop(
             _ = stop.wait_for(|&stop| stop) => return,
             accepted = listener.accept() => accepted,
         };
-        match accepted {
+        let handed = match accepted.and_then(|(client, peer)| Ok((client.into_std()?, peer))) {
             Ok((client, peer)) => {
-                shared.stats.connection_opened();
-                let guard = OpenConnection(Arc::clone(&shared));
-                let abort = abort.clone();
-                tokio::spawn(async move {
-                    proxy_connection(client, peer, &guard.0, abort).await;
-                    drop(guard);
-                });
+                let open = OpenConnection::new(&shared);
+                workers.hand_off(Accepted { client, peer, open }).await
             }
             Err(err) => {
                 shared.stats.add(Counter::Errors);
@@ -184,13 +300,26 @@ async fn accept_loop(
                 // Descriptor or memory exhaustion clears only as other
                 // connections close; retrying at once would spin.
                 tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                continue;
             }
+        };
+        if handed.is_err() {
+            // Only a worker that could not start refuses; the connection is
+            // closed (and counted closed) as it is dropped.
+            shared.stats.add(Counter::Errors);
         }
     }
 }
 
 /// Counts a connection as open until dropped, however its task ends.
 struct OpenConnection(Arc<Shared>);
+
+impl OpenConnection {
+    fn new(shared: &Arc<Shared>) -> Self {
+        shared.stats.connection_opened();
+        Self(Arc::clone(shared))
+    }
+}
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
