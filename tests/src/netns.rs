@@ -3,8 +3,10 @@
 //!
 //! A [`Topology`] is one namespace per "pod", each joined to the root
 //! namespace (the "node", where the agent under test runs) by a veth pair.
-//! The root end is named `veth-…`, so the default `pod_interfaces: [veth+]`
-//! matches it; the pod end is `eth0`. Pods route everything through the
+//! The root end is named `veth-<pid>x<subnet>`, so the default
+//! `pod_interfaces: [veth+]` matches it; tests pass the narrower
+//! [`pod_interface_wildcard`] so that their rules redirect only their own
+//! pods' traffic. The pod end is `eth0`. Pods route everything through the
 //! root namespace, which forwards between them, like a node does.
 //!
 //! Names and subnets are unique per run so that test binaries can run in
@@ -312,13 +314,26 @@ fn remove_stale(_lock: &HostLock) {
     }
 }
 
+/// The start of the root-end names of this process's veths.
+fn veth_prefix() -> String {
+    format!("veth-{:x}x", std::process::id())
+}
+
+/// An iptables interface wildcard (`veth-<pid>x+`) matching the veths of
+/// this test process's pods and no other interface on the host: the
+/// wildcard form of the default `veth+`, without redirecting traffic of
+/// pods that other tests or the host's own containers run.
+pub fn pod_interface_wildcard() -> String {
+    format!("{}+", veth_prefix())
+}
+
 /// Creates pod `name` on subnet 10.241.`subnet`.0/24.
 fn make_pod(name: &str, subnet: u8, ipv6: bool) -> anyhow::Result<Pod> {
     let netns = Netns::new(name)?;
     let ns = netns.name().to_string();
     // At most 15 bytes (IFNAMSIZ - 1): "veth-" + pid in hex (up to 6) +
     // "x" + subnet. Unique on the host because the subnet is.
-    let veth = format!("veth-{:x}x{subnet:02x}", std::process::id());
+    let veth = format!("{}{subnet:02x}", veth_prefix());
     ip(&[
         "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
     ])?;

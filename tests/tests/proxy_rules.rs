@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use agent::config::{Cidr, ProxyConfig, ProxyMode};
 use agent::proxy::rules::{Backend, DEFAULT_PROXY_MARK, RedirectRules};
 use tests::chains::{remove_stale_chains, unique_chain_prefix};
-use tests::netns::{Netns, Topology};
+use tests::netns::{Netns, Topology, pod_interface_wildcard};
 use tests::{free_port, privileged};
 
 /// Set in the environment of the child that installs rules and is then
@@ -582,7 +582,7 @@ fn node_mode_redirects_pod_traffic_to_the_proxy_port() {
     remove_stale_chains("N");
     let prefix = unique_chain_prefix("N");
     let mut r = rules(ProxyMode::Node, &prefix, proxy_port, vec![redirected_port]);
-    r.pod_interfaces = vec!["veth+".into()];
+    r.pod_interfaces = vec![pod_interface_wildcard()];
     r.exclude_cidrs = vec![Cidr {
         addr: c.ipv4.into(),
         prefix_len: 32,

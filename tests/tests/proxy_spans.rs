@@ -14,7 +14,7 @@ use agent::proxy::rules::RedirectRules;
 use agent::proxy::{ProxySettings, RunningProxy};
 use agent::span::SpanKind;
 use agent::tracecontext::TraceParent;
-use tests::netns::Topology;
+use tests::netns::{Topology, pod_interface_wildcard};
 use tests::{ScratchDir, capture, find, fixtures, free_port, privileged};
 
 /// Not the default 15001, so this test cannot meet another proxy.
@@ -68,7 +68,7 @@ fn proxied_request_carries_the_client_span_as_injected_parent() {
         listen_port: LISTEN_PORT,
         mode: ProxyMode::Node,
         ports: vec![port],
-        pod_interfaces: vec!["veth+".to_string()],
+        pod_interfaces: vec![pod_interface_wildcard()],
         ..ProxyConfig::default()
     };
     let settings = ProxySettings {
