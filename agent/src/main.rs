@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use agent::capture::{Capture, CaptureEvent};
+use agent::capture::{Capture, CaptureEvent, MAX_BATCH};
 use agent::config::ConfigOverrides;
 use agent::correlate::{Correlator, ProcessTable, ProxyContexts};
 use agent::export::{ExportSettings, SpanSinks};
@@ -52,13 +52,14 @@ struct RunArgs {
     stats_interval: u64,
 }
 
-/// Capture events queued between the ring-buffer reader and correlation.
-const EVENT_QUEUE: usize = 4096;
-
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // One thread runs the capture and correlation loop (and the proxy's
+    // accept loops): the ring buffer's readiness wakes exactly the thread
+    // that reads it. The proxy's connections and the span outputs have
+    // threads of their own.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build();
     let result = runtime
@@ -84,9 +85,24 @@ async fn run(args: RunArgs) -> Result<()> {
     let outputs = config.exporters(|name| std::env::var(name).ok());
     let output_names: Vec<&str> = outputs.iter().map(|o| o.kind()).collect();
     let output_names = output_names.join(", ");
-    let sinks = SpanSinks::start(outputs, &ExportSettings::default())
-        .context("starting the span outputs")?;
-    let (capture, mut events) = Capture::start(config.capture.probe_settings(), EVENT_QUEUE)?;
+    // Encoding and sending spans is the agent's heaviest work and nothing
+    // waits on it, while the proxy waits on the loop below for each
+    // request's context: the outputs get a thread of their own, so they
+    // never hold up that loop.
+    let export_runtime = ExportRuntime(Some(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("span-export")
+            .enable_all()
+            .build()
+            .context("starting the span outputs' thread")?,
+    ));
+    let sinks = {
+        let _on_export_thread = export_runtime.0.as_ref().map(|r| r.enter());
+        SpanSinks::start(outputs, &ExportSettings::default())
+    }
+    .context("starting the span outputs")?;
+    let (capture, mut reader) = Capture::start(config.capture.probe_settings())?;
     // The proxy starts after the probes, so that they already see the
     // applications' requests it will be asked about.
     let contexts = config.proxy.enabled.then(|| Arc::new(ProxyContexts::new()));
@@ -113,19 +129,25 @@ async fn run(args: RunArgs) -> Result<()> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut stats = tokio::time::interval(Duration::from_secs(args.stats_interval.max(1)));
     let mut spans = Vec::new();
+    let mut events = Vec::with_capacity(MAX_BATCH);
     loop {
         tokio::select! {
-            event = events.recv() => match event {
-                Some(event) => {
-                    correlator.handle(&event, &mut spans);
-                    for span in spans.drain(..) {
-                        // Never block capture on a slow output: a full
-                        // queue drops the span and counts it.
-                        sinks.try_send(span);
+            read = reader.read(&mut events) => match read {
+                Ok(()) => {
+                    for event in events.drain(..) {
+                        correlator.handle(&event, &mut spans);
+                        for span in spans.drain(..) {
+                            // Never block capture on a slow output: a full
+                            // queue drops the span and counts it.
+                            sinks.try_send(span);
+                        }
+                        log_event(&event);
                     }
-                    log_event(&event);
                 }
-                None => break,
+                Err(e) => {
+                    eprintln!("agent: reading the ring buffer failed: {e}");
+                    break;
+                }
             },
             _ = stats.tick(), if args.stats_interval > 0 => report_counters(&capture, &correlator, &sinks, contexts.as_deref()),
             _ = terminate.recv() => break,
@@ -139,7 +161,22 @@ async fn run(args: RunArgs) -> Result<()> {
     // Dropping the capture detaches every probe; then deliver what is queued.
     drop(capture);
     sinks.shutdown().await;
+    drop(export_runtime);
     Ok(())
+}
+
+/// The span outputs' runtime. Dropped inside the agent's own runtime, on
+/// every path out of `run`, where dropping a runtime the usual way (waiting
+/// for its threads) would panic; by then its tasks have ended or are
+/// abandoned.
+struct ExportRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for ExportRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 async fn proxy_only(args: ProxyArgs) -> Result<()> {

@@ -97,7 +97,7 @@ pub fn capture() -> &'static SharedCapture {
                 .build()
                 .unwrap();
             runtime.block_on(async move {
-                let (capture, mut rx) = match Capture::start(ProbeSettings::default(), 65_536) {
+                let (capture, mut reader) = match Capture::start(ProbeSettings::default()) {
                     Ok(started) => started,
                     Err(e) => {
                         let _ = ready_tx.send(Err(format!("{e:#}")));
@@ -105,15 +105,18 @@ pub fn capture() -> &'static SharedCapture {
                     }
                 };
                 let _ = ready_tx.send(Ok(()));
-                while let Some(event) = rx.recv().await {
-                    if !watched(&event) {
-                        continue;
-                    }
+                let mut batch = Vec::new();
+                while reader.read(&mut batch).await.is_ok() {
+                    // Filtered before taking the log's lock: `watched` takes
+                    // the ports' lock, never while the log's is held.
+                    batch.retain(watched);
                     let mut events = thread_log.events.lock().unwrap();
-                    if events.len() >= MAX_KEPT_EVENTS {
-                        events.drain(..MAX_KEPT_EVENTS / 2);
+                    for event in batch.drain(..) {
+                        if events.len() >= MAX_KEPT_EVENTS {
+                            events.drain(..MAX_KEPT_EVENTS / 2);
+                        }
+                        events.push(event);
                     }
-                    events.push(event);
                 }
                 drop(capture);
             });

@@ -2,10 +2,10 @@
 //!
 //! [`probes`] loads and attaches the kernel programs; [`event`] decodes their
 //! records and joins chunks into messages (pure, testable without a kernel);
-//! [`Capture`] ties them together on tokio, reading the ring buffer when it
-//! signals readiness (no busy polling) and handing events to a bounded
-//! channel, so a slow consumer makes the kernel drop (and count) rather
-//! than the agent grow without bound.
+//! [`Capture`] attaches them and [`CaptureReader`] reads the ring buffer on
+//! tokio when it signals readiness (no busy polling), in the consumer's own
+//! task, so a slow consumer makes the kernel drop (and count) rather than
+//! the agent grow without bound.
 
 pub mod event;
 pub mod kernel_offsets;
@@ -18,7 +18,6 @@ use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::mpsc;
 
 pub use event::{
     CaptureEvent, Connection, ConnectionId, Direction, Message, RecordDecoder, Role, Syscall,
@@ -34,36 +33,48 @@ pub struct UserCounters {
     pub events: AtomicU64,
 }
 
-/// A running capture. Dropping it stops the reader and detaches the probes.
+/// A running capture. Dropping it detaches the probes.
 pub struct Capture {
     probes: Probes,
     user: Arc<UserCounters>,
-    reader: tokio::task::JoinHandle<()>,
 }
 
+/// Reads the capture's ring buffer. Kept apart from [`Capture`] so that the
+/// consumer can wait for records while the counters stay readable.
+pub struct CaptureReader {
+    ring: AsyncFd<RingBuf<MapData>>,
+    decoder: RecordDecoder,
+    user: Arc<UserCounters>,
+}
+
+/// Records decoded per [`CaptureReader::read`] at most: a bound on the work
+/// between two awaits, so the consumer's other duties are not starved.
+pub const MAX_BATCH: usize = 256;
+
 impl Capture {
-    /// Attaches the probes and starts reading. Must be called inside a tokio
-    /// runtime. Events arrive on the returned receiver, which holds at most
-    /// `channel_capacity` of them.
-    pub fn start(
-        settings: ProbeSettings,
-        channel_capacity: usize,
-    ) -> Result<(Self, mpsc::Receiver<CaptureEvent>)> {
+    /// Attaches the probes. Must be called inside a tokio runtime. The
+    /// consumer reads events with the returned reader, in its own task:
+    /// no thread sits between the ring buffer and the correlator, so an
+    /// event costs no cross-thread wake-up (the proxy waits on it), and a
+    /// consumer that falls behind leaves the records in the ring, where the
+    /// kernel drops (and counts) what no longer fits.
+    pub fn start(settings: ProbeSettings) -> Result<(Self, CaptureReader)> {
         let (probes, ring) = Probes::attach(settings)?;
-        let (tx, rx) = mpsc::channel(channel_capacity.max(1));
         let user = Arc::new(UserCounters::default());
         // SAFETY: the ring buffer owns its map fd, which stays open and the
         // same until the AsyncFd (which owns the ring buffer) is dropped.
         let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
             .map_err(|e| anyhow::anyhow!("registering the ring buffer with tokio: {e}"))?;
-        let reader = tokio::spawn(read_ring(ring, tx, user.clone()));
         Ok((
             Self {
                 probes,
-                user,
-                reader,
+                user: user.clone(),
             },
-            rx,
+            CaptureReader {
+                ring,
+                decoder: RecordDecoder::new(),
+                user,
+            },
         ))
     }
 
@@ -79,46 +90,34 @@ impl Capture {
     }
 }
 
-impl Drop for Capture {
-    fn drop(&mut self) {
-        self.reader.abort();
-    }
-}
-
-/// Drains the ring buffer whenever the kernel signals data, decoding into a
-/// batch first so no ring-buffer item is held across an await.
-async fn read_ring(
-    mut ring: AsyncFd<RingBuf<MapData>>,
-    tx: mpsc::Sender<CaptureEvent>,
-    user: Arc<UserCounters>,
-) {
-    let mut decoder = RecordDecoder::new();
-    let mut batch = Vec::with_capacity(256);
-    loop {
-        let Ok(mut guard) = ring.readable_mut().await else {
-            return;
-        };
+impl CaptureReader {
+    /// Waits until the kernel signals records, then decodes up to
+    /// [`MAX_BATCH`] of them onto `batch`. Cancel-safe: nothing is taken
+    /// from the ring before the only await.
+    pub async fn read(&mut self, batch: &mut Vec<CaptureEvent>) -> std::io::Result<()> {
+        let mut guard = self.ring.readable_mut().await?;
         let rb = guard.get_inner_mut();
-        // Bounded batches: the channel's back-pressure applies between them.
-        while batch.len() < 256 {
+        let before = batch.len();
+        let mut decoded = 0;
+        while decoded < MAX_BATCH {
             let Some(item) = rb.next() else { break };
-            match decoder.decode(&item) {
+            decoded += 1;
+            match self.decoder.decode(&item) {
                 Ok(event) => batch.push(event),
                 Err(e) => {
-                    user.decode_errors.fetch_add(1, Ordering::Relaxed);
+                    self.user.decode_errors.fetch_add(1, Ordering::Relaxed);
                     log::debug!("dropping ring record: {e}");
                 }
             }
         }
-        let drained = batch.len() < 256;
-        if drained {
+        // A full batch may have left records behind: stay ready, so the
+        // next read takes them without waiting for another signal.
+        if decoded < MAX_BATCH {
             guard.clear_ready();
         }
-        user.events.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        for event in batch.drain(..) {
-            if tx.send(event).await.is_err() {
-                return;
-            }
-        }
+        self.user
+            .events
+            .fetch_add((batch.len() - before) as u64, Ordering::Relaxed);
+        Ok(())
     }
 }

@@ -8,7 +8,7 @@
 //! strings, enums as integers. It writes every field, default values
 //! included (`"traceState":""`, `"status":null`, ...), which the protobuf
 //! JSON mapping allows; the Collector leaves them out, and so do we (see
-//! [`OrderedJson::omit_defaults`]) so lines look like the Collector's.
+//! [`omit_defaults`]) so lines look like the Collector's.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
@@ -20,9 +20,7 @@ use opentelemetry_proto::tonic::resource::v1::Resource as ProtoResource;
 use opentelemetry_proto::tonic::trace::v1::{
     ResourceSpans, ScopeSpans, Span as ProtoSpan, SpanFlags, Status, span, status,
 };
-use serde::de::{Deserializer, MapAccess, SeqAccess, Visitor};
-use serde::ser::{SerializeMap, SerializeSeq, Serializer};
-use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use super::otlp::parent_is_remote;
 use super::{ExportError, SCOPE_NAME, SCOPE_VERSION, SERVICE_NAME, group_by_resource};
@@ -129,157 +127,41 @@ pub fn proto_span(span: &Span) -> ProtoSpan {
 /// The request as one line of OTLP/JSON, without the newline.
 pub fn json_line(request: &ExportTraceServiceRequest) -> Result<String, ExportError> {
     let encoding = |e: serde_json::Error| ExportError::Export(format!("OTLP/JSON encoding: {e}"));
-    // Through text rather than serde_json::Value, whose objects sort their
-    // members (without its preserve_order feature): fields stay in proto
-    // order, as the Collector writes them.
-    let full = serde_json::to_string(request).map_err(encoding)?;
-    let mut tree: OrderedJson = serde_json::from_str(&full).map_err(encoding)?;
-    tree.omit_defaults();
+    // serde_json's `preserve_order` feature keeps an object's members in
+    // the order serialized: proto order, as the Collector writes them.
+    let mut tree = serde_json::to_value(request).map_err(encoding)?;
+    omit_defaults(&mut tree);
     serde_json::to_string(&tree).map_err(encoding)
 }
 
-/// A JSON value whose objects keep their members in order.
-#[derive(Clone, Debug, PartialEq)]
-pub enum OrderedJson {
-    /// `null`.
-    Null,
-    /// `true` or `false`.
-    Bool(bool),
-    /// A number.
-    Number(serde_json::Number),
-    /// A string.
-    String(String),
-    /// A list.
-    Array(Vec<OrderedJson>),
-    /// An object, members in order.
-    Object(Vec<(String, OrderedJson)>),
-}
-
-impl OrderedJson {
-    /// Removes fields holding their protobuf default (null, "", 0, false,
-    /// empty list or object), as the protobuf JSON mapping lets a writer do
-    /// and the Collector does. Two exceptions: `key` (the `with-serde`
-    /// reader requires it in every `KeyValue`) and the `value` of a
-    /// `KeyValue` with everything inside, since there a field is a oneof
-    /// member whose presence is the information (`{"intValue":"0"}`,
-    /// `{"stringValue":""}`).
-    pub fn omit_defaults(&mut self) {
-        match self {
-            Self::Object(fields) => fields.retain_mut(|(name, field)| {
-                if name == "key" || name == "value" {
-                    return true;
-                }
-                field.omit_defaults();
-                !field.is_default()
-            }),
-            Self::Array(items) => items.iter_mut().for_each(Self::omit_defaults),
-            _ => {}
-        }
-    }
-
-    fn is_default(&self) -> bool {
-        match self {
-            Self::Null => true,
-            Self::Bool(b) => !b,
-            Self::Number(n) => n.as_f64() == Some(0.0),
-            Self::String(s) => s.is_empty(),
-            Self::Array(items) => items.is_empty(),
-            Self::Object(fields) => fields.is_empty(),
-        }
-    }
-}
-
-impl Serialize for OrderedJson {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        match self {
-            Self::Null => serializer.serialize_unit(),
-            Self::Bool(b) => serializer.serialize_bool(*b),
-            Self::Number(n) => n.serialize(serializer),
-            Self::String(s) => serializer.serialize_str(s),
-            Self::Array(items) => {
-                let mut seq = serializer.serialize_seq(Some(items.len()))?;
-                for item in items {
-                    seq.serialize_element(item)?;
-                }
-                seq.end()
+/// Removes fields holding their protobuf default (null, "", 0, false,
+/// empty list or object), as the protobuf JSON mapping lets a writer do
+/// and the Collector does. Two exceptions: `key` (the `with-serde` reader
+/// requires it in every `KeyValue`) and the `value` of a `KeyValue` with
+/// everything inside, since there a field is a oneof member whose presence
+/// is the information (`{"intValue":"0"}`, `{"stringValue":""}`).
+fn omit_defaults(value: &mut Value) {
+    match value {
+        Value::Object(fields) => fields.retain(|name, field| {
+            if name == "key" || name == "value" {
+                return true;
             }
-            Self::Object(fields) => {
-                let mut map = serializer.serialize_map(Some(fields.len()))?;
-                for (name, field) in fields {
-                    map.serialize_entry(name, field)?;
-                }
-                map.end()
-            }
-        }
+            omit_defaults(field);
+            !is_default(field)
+        }),
+        Value::Array(items) => items.iter_mut().for_each(omit_defaults),
+        _ => {}
     }
 }
 
-impl<'de> Deserialize<'de> for OrderedJson {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(OrderedJsonVisitor)
-    }
-}
-
-struct OrderedJsonVisitor;
-
-impl<'de> Visitor<'de> for OrderedJsonVisitor {
-    type Value = OrderedJson;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("any JSON value")
-    }
-
-    fn visit_unit<E>(self) -> Result<OrderedJson, E> {
-        Ok(OrderedJson::Null)
-    }
-
-    fn visit_none<E>(self) -> Result<OrderedJson, E> {
-        Ok(OrderedJson::Null)
-    }
-
-    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<OrderedJson, D::Error> {
-        OrderedJson::deserialize(d)
-    }
-
-    fn visit_bool<E>(self, b: bool) -> Result<OrderedJson, E> {
-        Ok(OrderedJson::Bool(b))
-    }
-
-    fn visit_i64<E>(self, n: i64) -> Result<OrderedJson, E> {
-        Ok(OrderedJson::Number(n.into()))
-    }
-
-    fn visit_u64<E>(self, n: u64) -> Result<OrderedJson, E> {
-        Ok(OrderedJson::Number(n.into()))
-    }
-
-    fn visit_f64<E>(self, n: f64) -> Result<OrderedJson, E> {
-        // JSON text has no NaN or infinity, so this always holds.
-        Ok(serde_json::Number::from_f64(n).map_or(OrderedJson::Null, OrderedJson::Number))
-    }
-
-    fn visit_str<E>(self, s: &str) -> Result<OrderedJson, E> {
-        Ok(OrderedJson::String(s.to_string()))
-    }
-
-    fn visit_string<E>(self, s: String) -> Result<OrderedJson, E> {
-        Ok(OrderedJson::String(s))
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<OrderedJson, A::Error> {
-        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0));
-        while let Some(item) = seq.next_element()? {
-            items.push(item);
-        }
-        Ok(OrderedJson::Array(items))
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<OrderedJson, A::Error> {
-        let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(0));
-        while let Some(entry) = map.next_entry()? {
-            fields.push(entry);
-        }
-        Ok(OrderedJson::Object(fields))
+fn is_default(value: &Value) -> bool {
+    match value {
+        Value::Null => true,
+        Value::Bool(b) => !b,
+        Value::Number(n) => n.as_f64() == Some(0.0),
+        Value::String(s) => s.is_empty(),
+        Value::Array(items) => items.is_empty(),
+        Value::Object(fields) => fields.is_empty(),
     }
 }
 
@@ -402,12 +284,12 @@ mod tests {
 
     #[test]
     fn oneof_members_keep_their_zero_values() {
-        let mut value: OrderedJson = serde_json::from_str(
+        let mut value: Value = serde_json::from_str(
             r#"{"z":1,"a":0,"b":"","c":null,"d":[],"e":{"f":false},"key":"",
                 "value":{"stringValue":""},"g":[{"h":0,"i":1.5}]}"#,
         )
         .unwrap();
-        value.omit_defaults();
+        omit_defaults(&mut value);
         assert_eq!(
             serde_json::to_string(&value).unwrap(),
             r#"{"z":1,"key":"","value":{"stringValue":""},"g":[{"i":1.5}]}"#
