@@ -55,26 +55,50 @@ struct RunArgs {
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
-    // One thread runs the capture and correlation loop (and the proxy's
-    // accept loops): the ring buffer's readiness wakes exactly the thread
-    // that reads it. The proxy's connections and the span outputs have
-    // threads of their own.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build();
-    let result = runtime
-        .map_err(anyhow::Error::from)
-        .and_then(|rt| match cli.command {
-            Command::Run(args) => rt.block_on(run(args)),
-            Command::Proxy(args) => rt.block_on(proxy_only(args)),
-        });
+    let result = match cli.command {
+        Command::Run(args) => start_export_runtime().and_then(|export| {
+            let result = agent_runtime().and_then(|rt| rt.block_on(run(args, export.handle())));
+            // Queued spans were delivered by `run`; what is left on an early
+            // error is abandoned rather than waited for.
+            export.shutdown_timeout(EXPORT_SHUTDOWN_WAIT);
+            result
+        }),
+        Command::Proxy(args) => agent_runtime().and_then(|rt| rt.block_on(proxy_only(args))),
+    };
     if let Err(e) = result {
         eprintln!("agent: {e:#}");
         std::process::exit(1);
     }
 }
 
-async fn run(args: RunArgs) -> Result<()> {
+/// The longest the span outputs' thread is waited for at exit.
+const EXPORT_SHUTDOWN_WAIT: Duration = Duration::from_secs(1);
+
+/// The runtime of the capture and correlation loop (and the proxy's
+/// accept loops): one thread, so the ring buffer's readiness wakes exactly
+/// the thread that reads it. The proxy's connections and the span outputs
+/// have threads of their own.
+fn agent_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the agent's runtime")
+}
+
+/// The span outputs' runtime, one thread. Encoding and sending spans is
+/// the agent's heaviest work and nothing waits on it, while the proxy waits
+/// on the correlation loop for each request's context: on a thread of
+/// their own, the outputs never hold up that loop.
+fn start_export_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("span-export")
+        .enable_all()
+        .build()
+        .context("starting the span outputs' thread")
+}
+
+async fn run(args: RunArgs, export: &tokio::runtime::Handle) -> Result<()> {
     let config = args.config.load()?;
     let sampler = config.sampler()?;
     let mut correlator = Correlator::new(
@@ -85,20 +109,8 @@ async fn run(args: RunArgs) -> Result<()> {
     let outputs = config.exporters(|name| std::env::var(name).ok());
     let output_names: Vec<&str> = outputs.iter().map(|o| o.kind()).collect();
     let output_names = output_names.join(", ");
-    // Encoding and sending spans is the agent's heaviest work and nothing
-    // waits on it, while the proxy waits on the loop below for each
-    // request's context: the outputs get a thread of their own, so they
-    // never hold up that loop.
-    let export_runtime = ExportRuntime(Some(
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("span-export")
-            .enable_all()
-            .build()
-            .context("starting the span outputs' thread")?,
-    ));
     let sinks = {
-        let _on_export_thread = export_runtime.0.as_ref().map(|r| r.enter());
+        let _on_export_thread = export.enter();
         SpanSinks::start(outputs, &ExportSettings::default())
     }
     .context("starting the span outputs")?;
@@ -161,22 +173,7 @@ async fn run(args: RunArgs) -> Result<()> {
     // Dropping the capture detaches every probe; then deliver what is queued.
     drop(capture);
     sinks.shutdown().await;
-    drop(export_runtime);
     Ok(())
-}
-
-/// The span outputs' runtime. Dropped inside the agent's own runtime, on
-/// every path out of `run`, where dropping a runtime the usual way (waiting
-/// for its threads) would panic; by then its tasks have ended or are
-/// abandoned.
-struct ExportRuntime(Option<tokio::runtime::Runtime>);
-
-impl Drop for ExportRuntime {
-    fn drop(&mut self) {
-        if let Some(runtime) = self.0.take() {
-            runtime.shutdown_background();
-        }
-    }
 }
 
 async fn proxy_only(args: ProxyArgs) -> Result<()> {
