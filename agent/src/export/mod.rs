@@ -16,6 +16,7 @@
 
 pub mod otlp;
 pub mod otlp_json;
+mod skip_defaults;
 pub mod terminal;
 
 use std::fmt;
@@ -441,6 +442,43 @@ impl BatchBackend {
     }
 }
 
+/// How long a batching export task lets spans gather after waking for one.
+///
+/// A task parked on an empty queue is woken by the next span, a wake-up
+/// the correlation loop pays for (a system call) and the scheduler must
+/// place. A batch waits to fill anyway, so taking spans one by one buys
+/// nothing: lingering bounds the wake-ups to one per `LINGER`. (The
+/// terminal task does not linger: its work per span is larger, and done
+/// in bursts it delays the threads it shares a core with.)
+const LINGER: Duration = Duration::from_millis(1);
+
+/// Moves up to `limit` spans from `queue` into `spans`, waiting for the
+/// first and then lingering (see [`LINGER`]) unless that one wait already
+/// gave `limit`. Returns how many came; 0 only once the queue is closed and
+/// empty. Cancel-safe: what was received is already in `spans`.
+async fn recv_lingering(
+    queue: &mut mpsc::Receiver<Span>,
+    spans: &mut Vec<Span>,
+    limit: usize,
+) -> usize {
+    let first = queue.recv_many(spans, limit).await;
+    if first == 0 || first >= limit {
+        return first;
+    }
+    tokio::time::sleep(LINGER).await;
+    let mut received = first;
+    while received < limit {
+        match queue.try_recv() {
+            Ok(span) => {
+                spans.push(span);
+                received += 1;
+            }
+            Err(_) => break,
+        }
+    }
+    received
+}
+
 async fn run_batches(
     mut queue: mpsc::Receiver<Span>,
     mut backend: BatchBackend,
@@ -454,7 +492,7 @@ async fn run_batches(
     loop {
         let room = max_batch - batch.len();
         let received = tokio::select! {
-            n = queue.recv_many(&mut batch, room) => Some(n),
+            n = recv_lingering(&mut queue, &mut batch, room) => Some(n),
             () = tokio::time::sleep_until(flush_at), if !batch.is_empty() => None,
         };
         match received {
@@ -740,6 +778,36 @@ mod tests {
         );
         assert_eq!(counts.exported, 3);
         assert_eq!(counts.dropped_queue_full + counts.dropped_after_retries, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn spans_sent_one_by_one_are_received_together() {
+        let (queue, mut receiver) = mpsc::channel(64);
+        let r = resource("svc");
+        let sender = tokio::spawn(async move {
+            for id in 1..=4 {
+                queue.send(span(1, id, &r)).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            queue
+        });
+        let mut spans = Vec::new();
+        // The first span wakes the receiver; the other three come while it
+        // lingers.
+        assert_eq!(recv_lingering(&mut receiver, &mut spans, 64).await, 4);
+        // A full receive does not linger; a closed, empty queue gives 0.
+        let queue = sender.await.unwrap();
+        let r = resource("svc");
+        for id in 5..=7 {
+            queue.send(span(1, id, &r)).await.unwrap();
+        }
+        let before = Instant::now();
+        assert_eq!(recv_lingering(&mut receiver, &mut spans, 2).await, 2);
+        assert_eq!(before.elapsed(), Duration::ZERO);
+        drop(queue);
+        assert_eq!(recv_lingering(&mut receiver, &mut spans, 64).await, 1);
+        assert_eq!(recv_lingering(&mut receiver, &mut spans, 64).await, 0);
+        assert_eq!(spans.len(), 7);
     }
 
     #[tokio::test]

@@ -7,8 +7,9 @@
 //! base64 of the generic protobuf JSON mapping), 64-bit integers as decimal
 //! strings, enums as integers. It writes every field, default values
 //! included (`"traceState":""`, `"status":null`, ...), which the protobuf
-//! JSON mapping allows; the Collector leaves them out, and so do we (see
-//! [`omit_defaults`]) so lines look like the Collector's.
+//! JSON mapping allows; the Collector leaves them out, and so do we, while
+//! serializing (see [`super::skip_defaults`]), so lines look like the
+//! Collector's.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
@@ -20,9 +21,9 @@ use opentelemetry_proto::tonic::resource::v1::Resource as ProtoResource;
 use opentelemetry_proto::tonic::trace::v1::{
     ResourceSpans, ScopeSpans, Span as ProtoSpan, SpanFlags, Status, span, status,
 };
-use serde_json::Value;
 
 use super::otlp::parent_is_remote;
+use super::skip_defaults;
 use super::{ExportError, SCOPE_NAME, SCOPE_VERSION, SERVICE_NAME, group_by_resource};
 use crate::span::{Attribute, AttributeValue, Resource, Span, SpanKind, SpanStatus};
 
@@ -126,43 +127,8 @@ pub fn proto_span(span: &Span) -> ProtoSpan {
 
 /// The request as one line of OTLP/JSON, without the newline.
 pub fn json_line(request: &ExportTraceServiceRequest) -> Result<String, ExportError> {
-    let encoding = |e: serde_json::Error| ExportError::Export(format!("OTLP/JSON encoding: {e}"));
-    // serde_json's `preserve_order` feature keeps an object's members in
-    // the order serialized: proto order, as the Collector writes them.
-    let mut tree = serde_json::to_value(request).map_err(encoding)?;
-    omit_defaults(&mut tree);
-    serde_json::to_string(&tree).map_err(encoding)
-}
-
-/// Removes fields holding their protobuf default (null, "", 0, false,
-/// empty list or object), as the protobuf JSON mapping lets a writer do
-/// and the Collector does. Two exceptions: `key` (the `with-serde` reader
-/// requires it in every `KeyValue`) and the `value` of a `KeyValue` with
-/// everything inside, since there a field is a oneof member whose presence
-/// is the information (`{"intValue":"0"}`, `{"stringValue":""}`).
-fn omit_defaults(value: &mut Value) {
-    match value {
-        Value::Object(fields) => fields.retain(|name, field| {
-            if name == "key" || name == "value" {
-                return true;
-            }
-            omit_defaults(field);
-            !is_default(field)
-        }),
-        Value::Array(items) => items.iter_mut().for_each(omit_defaults),
-        _ => {}
-    }
-}
-
-fn is_default(value: &Value) -> bool {
-    match value {
-        Value::Null => true,
-        Value::Bool(b) => !b,
-        Value::Number(n) => n.as_f64() == Some(0.0),
-        Value::String(s) => s.is_empty(),
-        Value::Array(items) => items.is_empty(),
-        Value::Object(fields) => fields.is_empty(),
-    }
+    skip_defaults::to_string(request)
+        .map_err(|e| ExportError::Export(format!("OTLP/JSON encoding: {e}")))
 }
 
 /// Appends OTLP/JSON lines to a file.
@@ -207,8 +173,96 @@ impl JsonFileExporter {
 mod tests {
     use std::sync::Arc;
 
+    use rand::rngs::StdRng;
+    use rand::{RngExt, SeedableRng};
+    use serde_json::Value;
+
     use super::*;
     use crate::span::{SpanId, TraceId};
+
+    /// The pruning rules applied to a finished tree, the plain way: what
+    /// [`skip_defaults`] must give without building one.
+    fn omit_defaults(value: &mut Value) {
+        match value {
+            Value::Object(fields) => fields.retain(|name, field| {
+                if name == "key" || name == "value" {
+                    return true;
+                }
+                omit_defaults(field);
+                !is_default(field)
+            }),
+            Value::Array(items) => items.iter_mut().for_each(omit_defaults),
+            _ => {}
+        }
+    }
+
+    fn is_default(value: &Value) -> bool {
+        match value {
+            Value::Null => true,
+            Value::Bool(b) => !b,
+            Value::Number(n) => n.as_f64() == Some(0.0),
+            Value::String(s) => s.is_empty(),
+            Value::Array(items) => items.is_empty(),
+            Value::Object(fields) => fields.is_empty(),
+        }
+    }
+
+    /// A small JSON tree full of defaults, `key` and `value` members.
+    fn random_tree(rng: &mut StdRng, depth: u32) -> Value {
+        const NAMES: [&str; 5] = ["a", "b", "key", "value", "c"];
+        let leaf = depth == 0 || rng.random_range(0..3) == 0;
+        match rng.random_range(0..if leaf { 6 } else { 8 }) {
+            0 => Value::Null,
+            1 => Value::Bool(rng.random_range(0..2) == 1),
+            2 => Value::from(rng.random_range(0..3) - 1),
+            3 => Value::from(f64::from(rng.random_range(0..3)) / 2.0),
+            4 => Value::from(["", "x"][rng.random_range(0..2)]),
+            5 => Value::Array(vec![]),
+            6 => Value::Array(
+                (0..rng.random_range(0..3))
+                    .map(|_| random_tree(rng, depth - 1))
+                    .collect(),
+            ),
+            _ => Value::Object(
+                (0..rng.random_range(0..4))
+                    .map(|_| {
+                        let name = NAMES[rng.random_range(0..NAMES.len())].to_string();
+                        (name, random_tree(rng, depth - 1))
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    #[test]
+    fn pruning_while_serializing_matches_pruning_the_tree() {
+        let mut rng = StdRng::seed_from_u64(0x0715);
+        for _ in 0..5_000 {
+            let tree = random_tree(&mut rng, 4);
+            let mut expected = tree.clone();
+            omit_defaults(&mut expected);
+            let written = skip_defaults::to_string(&tree).unwrap();
+            let written: Value = serde_json::from_str(&written).unwrap();
+            assert_eq!(written, expected, "from {tree}");
+        }
+    }
+
+    #[test]
+    fn a_request_prunes_as_its_tree_does() {
+        let resource = Arc::new(Resource {
+            service_name: "users".into(),
+            attributes: vec![Attribute::string("empty", "")],
+        });
+        let spans = vec![
+            sample(&resource, 0, SpanStatus::Error(String::new())),
+            sample(&resource, 1, SpanStatus::Unset),
+        ];
+        let request = export_request(&spans);
+        let mut expected = serde_json::to_value(&request).unwrap();
+        omit_defaults(&mut expected);
+        let written: Value = serde_json::from_str(&json_line(&request).unwrap()).unwrap();
+        assert_eq!(written, expected);
+    }
 
     fn sample(resource: &Arc<Resource>, id: u8, status: SpanStatus) -> Span {
         Span {
@@ -284,16 +338,17 @@ mod tests {
 
     #[test]
     fn oneof_members_keep_their_zero_values() {
-        let mut value: Value = serde_json::from_str(
+        let value: Value = serde_json::from_str(
             r#"{"z":1,"a":0,"b":"","c":null,"d":[],"e":{"f":false},"key":"",
                 "value":{"stringValue":""},"g":[{"h":0,"i":1.5}]}"#,
         )
         .unwrap();
-        omit_defaults(&mut value);
-        assert_eq!(
-            serde_json::to_string(&value).unwrap(),
-            r#"{"z":1,"key":"","value":{"stringValue":""},"g":[{"i":1.5}]}"#
-        );
+        let written: Value =
+            serde_json::from_str(&skip_defaults::to_string(&value).unwrap()).unwrap();
+        let expected: Value =
+            serde_json::from_str(r#"{"z":1,"key":"","value":{"stringValue":""},"g":[{"i":1.5}]}"#)
+                .unwrap();
+        assert_eq!(written, expected);
     }
 
     #[test]
