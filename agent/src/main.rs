@@ -6,7 +6,7 @@ use std::time::Duration;
 use agent::capture::{Capture, CaptureEvent, MAX_BATCH};
 use agent::config::ConfigOverrides;
 use agent::correlate::{Correlator, ProcessTable, ProxyContexts};
-use agent::export::{ExportSettings, SpanSinks};
+use agent::export::{ExportCounts, ExportSettings, SpanSinks};
 use agent::proxy::rules::RedirectRules;
 use agent::proxy::{RunningProxy, StandaloneContexts};
 use anyhow::{Context, Result};
@@ -56,12 +56,8 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => start_export_runtime().and_then(|export| {
-            let result = agent_runtime().and_then(|rt| rt.block_on(run(args, export.handle())));
-            // Queued spans were delivered by `run`; what is left on an early
-            // error is abandoned rather than waited for.
-            export.shutdown_timeout(EXPORT_SHUTDOWN_WAIT);
-            result
+        Command::Run(args) => ExportRuntime::start().and_then(|export| {
+            agent_runtime().and_then(|rt| rt.block_on(run(args, export.handle())))
         }),
         Command::Proxy(args) => agent_runtime().and_then(|rt| rt.block_on(proxy_only(args))),
     };
@@ -89,13 +85,41 @@ fn agent_runtime() -> Result<tokio::runtime::Runtime> {
 /// the agent's heaviest work and nothing waits on it, while the proxy waits
 /// on the correlation loop for each request's context: on a thread of
 /// their own, the outputs never hold up that loop.
-fn start_export_runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("span-export")
-        .enable_all()
-        .build()
-        .context("starting the span outputs' thread")
+///
+/// Dropping it shuts the runtime down with a bounded wait, however `main`
+/// is left (a panic in `run` included): queued spans were delivered by
+/// `run`, and a plain drop would wait without limit for a thread that may
+/// be stuck in a blocking write.
+struct ExportRuntime {
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+}
+
+impl ExportRuntime {
+    fn start() -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("span-export")
+            .enable_all()
+            .build()
+            .context("starting the span outputs' thread")?;
+        Ok(Self {
+            handle: runtime.handle().clone(),
+            runtime: Some(runtime),
+        })
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        &self.handle
+    }
+}
+
+impl Drop for ExportRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_timeout(EXPORT_SHUTDOWN_WAIT);
+        }
+    }
 }
 
 async fn run(args: RunArgs, export: &tokio::runtime::Handle) -> Result<()> {
@@ -172,7 +196,13 @@ async fn run(args: RunArgs, export: &tokio::runtime::Handle) -> Result<()> {
     }
     // Dropping the capture detaches every probe; then deliver what is queued.
     drop(capture);
-    sinks.shutdown().await;
+    let delivered = sinks.shutdown().await;
+    // The counters above were read before the outputs delivered what was
+    // queued; these are their final ones.
+    eprintln!(
+        "agent: span outputs at exit {}",
+        output_counters(&delivered).join(" ")
+    );
     Ok(())
 }
 
@@ -232,6 +262,19 @@ fn log_event(event: &CaptureEvent) {
     }
 }
 
+/// `<output>_<counter>=<value>` for each output's counters.
+fn output_counters(outputs: &[(&str, ExportCounts)]) -> Vec<String> {
+    outputs
+        .iter()
+        .flat_map(|(output, counts)| {
+            counts
+                .pairs()
+                .into_iter()
+                .map(move |(k, v)| format!("{output}_{k}={v}"))
+        })
+        .collect()
+}
+
 fn report_counters(
     capture: &Capture,
     correlator: &Correlator,
@@ -251,11 +294,7 @@ fn report_counters(
         "broken_connections={} evicted_connections={}",
         c.broken_connections, c.evicted_connections
     ));
-    for (output, counts) in sinks.counts() {
-        for (k, v) in counts.pairs() {
-            line.push(format!("{output}_{k}={v}"));
-        }
-    }
+    line.extend(output_counters(&sinks.counts()));
     if let Some(contexts) = contexts {
         let a = contexts.counters();
         line.push(format!(

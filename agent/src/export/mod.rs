@@ -6,8 +6,8 @@
 //! makes the agent grow or stall the capture), and one task per sink drains
 //! the queue:
 //! - OTLP and file: batches of at most [`ExportSettings::max_batch_size`]
-//!   spans, sent when full or [`ExportSettings::max_batch_delay`] after the
-//!   first span, retried with exponential backoff up to
+//!   spans (at most [`FILE_MAX_BATCH`] per file line), sent when full or
+//!   [`ExportSettings::max_batch_delay`] after the first span, retried with exponential backoff up to
 //!   [`ExportSettings::max_attempts`] times, then dropped and counted;
 //! - terminal: spans collect by trace in a [`terminal::TraceBuffer`] and a
 //!   trace is printed once it went idle.
@@ -67,9 +67,10 @@ impl ExporterConfig {
 }
 
 /// Spans per OTLP/JSON line at most. Encoding a line takes about 2 µs per
-/// span in one go, which the threads sharing its core wait out: at 512
-/// spans the proxy inside `agent run` saw 1.3 ms p99, at 64 0.35 ms (see
-/// docs/benchmarks.md). A reader takes lines of any length.
+/// span in one go, which the threads sharing its core wait out: with 512
+/// spans per line the proxy inside `agent run` saw 1.19-1.29 ms p99, with
+/// 64 0.35-0.43 ms (see docs/benchmarks.md). A reader takes lines of any
+/// length.
 pub const FILE_MAX_BATCH: usize = 64;
 
 /// Queueing, batching, retry and terminal-view limits.
@@ -80,7 +81,8 @@ pub struct ExportSettings {
     /// Spans per export request at most (per file line, at most
     /// [`FILE_MAX_BATCH`]).
     pub max_batch_size: usize,
-    /// Longest a span waits for its batch to fill.
+    /// Longest a span waits for its batch to fill (counted from the end of
+    /// the 1 ms the task lingers after the batch's first span woke it).
     pub max_batch_delay: Duration,
     /// Tries per batch, the first included, before it is dropped.
     pub max_attempts: u32,

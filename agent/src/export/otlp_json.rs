@@ -173,79 +173,11 @@ impl JsonFileExporter {
 mod tests {
     use std::sync::Arc;
 
-    use rand::rngs::StdRng;
-    use rand::{RngExt, SeedableRng};
     use serde_json::Value;
 
     use super::*;
+    use crate::export::skip_defaults::omit_defaults;
     use crate::span::{SpanId, TraceId};
-
-    /// The pruning rules applied to a finished tree, the plain way: what
-    /// [`skip_defaults`] must give without building one.
-    fn omit_defaults(value: &mut Value) {
-        match value {
-            Value::Object(fields) => fields.retain(|name, field| {
-                if name == "key" || name == "value" {
-                    return true;
-                }
-                omit_defaults(field);
-                !is_default(field)
-            }),
-            Value::Array(items) => items.iter_mut().for_each(omit_defaults),
-            _ => {}
-        }
-    }
-
-    fn is_default(value: &Value) -> bool {
-        match value {
-            Value::Null => true,
-            Value::Bool(b) => !b,
-            Value::Number(n) => n.as_f64() == Some(0.0),
-            Value::String(s) => s.is_empty(),
-            Value::Array(items) => items.is_empty(),
-            Value::Object(fields) => fields.is_empty(),
-        }
-    }
-
-    /// A small JSON tree full of defaults, `key` and `value` members.
-    fn random_tree(rng: &mut StdRng, depth: u32) -> Value {
-        const NAMES: [&str; 5] = ["a", "b", "key", "value", "c"];
-        let leaf = depth == 0 || rng.random_range(0..3) == 0;
-        match rng.random_range(0..if leaf { 6 } else { 8 }) {
-            0 => Value::Null,
-            1 => Value::Bool(rng.random_range(0..2) == 1),
-            2 => Value::from(rng.random_range(0..3) - 1),
-            3 => Value::from(f64::from(rng.random_range(0..3)) / 2.0),
-            4 => Value::from(["", "x"][rng.random_range(0..2)]),
-            5 => Value::Array(vec![]),
-            6 => Value::Array(
-                (0..rng.random_range(0..3))
-                    .map(|_| random_tree(rng, depth - 1))
-                    .collect(),
-            ),
-            _ => Value::Object(
-                (0..rng.random_range(0..4))
-                    .map(|_| {
-                        let name = NAMES[rng.random_range(0..NAMES.len())].to_string();
-                        (name, random_tree(rng, depth - 1))
-                    })
-                    .collect(),
-            ),
-        }
-    }
-
-    #[test]
-    fn pruning_while_serializing_matches_pruning_the_tree() {
-        let mut rng = StdRng::seed_from_u64(0x0715);
-        for _ in 0..5_000 {
-            let tree = random_tree(&mut rng, 4);
-            let mut expected = tree.clone();
-            omit_defaults(&mut expected);
-            let written = skip_defaults::to_string(&tree).unwrap();
-            let written: Value = serde_json::from_str(&written).unwrap();
-            assert_eq!(written, expected, "from {tree}");
-        }
-    }
 
     #[test]
     fn a_request_prunes_as_its_tree_does() {
@@ -334,21 +266,6 @@ mod tests {
         // And it reads back into the same request.
         let decoded: ExportTraceServiceRequest = serde_json::from_str(&line).unwrap();
         assert_eq!(decoded, export_request(&spans));
-    }
-
-    #[test]
-    fn oneof_members_keep_their_zero_values() {
-        let value: Value = serde_json::from_str(
-            r#"{"z":1,"a":0,"b":"","c":null,"d":[],"e":{"f":false},"key":"",
-                "value":{"stringValue":""},"g":[{"h":0,"i":1.5}]}"#,
-        )
-        .unwrap();
-        let written: Value =
-            serde_json::from_str(&skip_defaults::to_string(&value).unwrap()).unwrap();
-        let expected: Value =
-            serde_json::from_str(r#"{"z":1,"key":"","value":{"stringValue":""},"g":[{"i":1.5}]}"#)
-                .unwrap();
-        assert_eq!(written, expected);
     }
 
     #[test]

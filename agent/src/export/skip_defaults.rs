@@ -14,6 +14,11 @@
 //! `with-serde` reader requires it in every `KeyValue`) and `value` (the
 //! `value` of a `KeyValue` holds a oneof member, whose presence is the
 //! information: `{"intValue":"0"}`, `{"stringValue":""}`).
+//!
+//! One difference from pruning a finished tree, in a case the OTLP types
+//! never produce: a struct or tuple enum variant with nothing but defaults
+//! inside, where it is written at all (in a list, at the top), comes out as
+//! `{"variant":{}}` or `{"variant":[]}`, where the tree would give `{}`.
 
 use serde::Serialize;
 use serde::ser::{
@@ -146,11 +151,11 @@ impl<S: Serializer> Serializer for SkipDefaults<S> {
     }
 
     fn serialize_seq(self, len: Option<usize>) -> Result<Self::SerializeSeq, S::Error> {
-        self.0.serialize_seq(len).map(Elements)
+        self.0.serialize_seq(len).map(Elements::pruned)
     }
 
     fn serialize_tuple(self, len: usize) -> Result<Self::SerializeTuple, S::Error> {
-        self.0.serialize_tuple(len).map(Elements)
+        self.0.serialize_tuple(len).map(Elements::pruned)
     }
 
     fn serialize_tuple_struct(
@@ -158,7 +163,9 @@ impl<S: Serializer> Serializer for SkipDefaults<S> {
         name: &'static str,
         len: usize,
     ) -> Result<Self::SerializeTupleStruct, S::Error> {
-        self.0.serialize_tuple_struct(name, len).map(Elements)
+        self.0
+            .serialize_tuple_struct(name, len)
+            .map(Elements::pruned)
     }
 
     fn serialize_tuple_variant(
@@ -168,13 +175,16 @@ impl<S: Serializer> Serializer for SkipDefaults<S> {
         variant: &'static str,
         len: usize,
     ) -> Result<Self::SerializeTupleVariant, S::Error> {
+        let whole = kept_whole(variant);
         self.0
             .serialize_tuple_variant(name, index, variant, len)
-            .map(Elements)
+            .map(|inner| Elements { inner, whole })
     }
 
     fn serialize_map(self, len: Option<usize>) -> Result<Self::SerializeMap, S::Error> {
-        self.0.serialize_map(len).map(Members::new)
+        self.0
+            .serialize_map(len)
+            .map(|inner| Members::new(inner, false))
     }
 
     fn serialize_struct(
@@ -182,7 +192,9 @@ impl<S: Serializer> Serializer for SkipDefaults<S> {
         name: &'static str,
         len: usize,
     ) -> Result<Self::SerializeStruct, S::Error> {
-        self.0.serialize_struct(name, len).map(Members::new)
+        self.0
+            .serialize_struct(name, len)
+            .map(|inner| Members::new(inner, false))
     }
 
     fn serialize_struct_variant(
@@ -192,9 +204,10 @@ impl<S: Serializer> Serializer for SkipDefaults<S> {
         variant: &'static str,
         len: usize,
     ) -> Result<Self::SerializeStructVariant, S::Error> {
+        let whole = kept_whole(variant);
         self.0
             .serialize_struct_variant(name, index, variant, len)
-            .map(Members::new)
+            .map(|inner| Members::new(inner, whole))
     }
 
     fn is_human_readable(&self) -> bool {
@@ -203,11 +216,21 @@ impl<S: Serializer> Serializer for SkipDefaults<S> {
 }
 
 /// The elements of a list: every one is written (a list is left out only
-/// when empty, and only as a whole), each pruned inside. An element that
-/// is a struct or tuple enum variant with nothing but defaults inside is
-/// written as `{"variant":{}}`, not `{}`: the OTLP types have no such
-/// variants.
-struct Elements<C>(C);
+/// when empty, and only as a whole), each pruned inside unless the list is
+/// a variant kept whole.
+struct Elements<C> {
+    inner: C,
+    whole: bool,
+}
+
+impl<C> Elements<C> {
+    fn pruned(inner: C) -> Self {
+        Self {
+            inner,
+            whole: false,
+        }
+    }
+}
 
 macro_rules! elements {
     ($trait:ident, $method:ident) => {
@@ -216,11 +239,15 @@ macro_rules! elements {
             type Error = C::Error;
 
             fn $method<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), C::Error> {
-                self.0.$method(&Pruned(value))
+                if self.whole {
+                    self.inner.$method(value)
+                } else {
+                    self.inner.$method(&Pruned(value))
+                }
             }
 
             fn end(self) -> Result<C::Ok, C::Error> {
-                self.0.end()
+                self.inner.end()
             }
         }
     };
@@ -237,13 +264,30 @@ struct Members<C> {
     inner: C,
     /// A map's key, held until its value says whether the entry is written.
     key: String,
+    /// Inside a variant kept whole: every member is written as it is.
+    whole: bool,
 }
 
 impl<C> Members<C> {
-    fn new(inner: C) -> Self {
+    fn new(inner: C, whole: bool) -> Self {
         Self {
             inner,
             key: String::new(),
+            whole,
+        }
+    }
+
+    fn member<T: Serialize + ?Sized, E: ser::Error>(
+        &self,
+        name: &str,
+        value: &T,
+    ) -> Result<Member, E> {
+        if self.whole || kept_whole(name) {
+            Ok(Member::Whole)
+        } else if is_default(value).map_err(E::custom)? {
+            Ok(Member::LeftOut)
+        } else {
+            Ok(Member::Pruned)
         }
     }
 }
@@ -253,16 +297,6 @@ enum Member {
     Whole,
     Pruned,
     LeftOut,
-}
-
-fn member<T: Serialize + ?Sized, E: ser::Error>(name: &str, value: &T) -> Result<Member, E> {
-    if kept_whole(name) {
-        Ok(Member::Whole)
-    } else if is_default(value).map_err(E::custom)? {
-        Ok(Member::LeftOut)
-    } else {
-        Ok(Member::Pruned)
-    }
 }
 
 macro_rules! struct_members {
@@ -276,7 +310,7 @@ macro_rules! struct_members {
                 name: &'static str,
                 value: &T,
             ) -> Result<(), C::Error> {
-                match member::<_, C::Error>(name, value)? {
+                match self.member::<_, C::Error>(name, value)? {
                     Member::Whole => self.inner.serialize_field(name, value),
                     Member::Pruned => self.inner.serialize_field(name, &Pruned(value)),
                     Member::LeftOut => self.inner.skip_field(name),
@@ -304,7 +338,7 @@ impl<C: SerializeMap> SerializeMap for Members<C> {
     }
 
     fn serialize_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), C::Error> {
-        match member::<_, C::Error>(&self.key, value)? {
+        match self.member::<_, C::Error>(&self.key, value)? {
             Member::Whole => self.inner.serialize_entry(self.key.as_str(), value),
             Member::Pruned => self
                 .inner
@@ -323,7 +357,20 @@ impl<C: SerializeMap> SerializeMap for Members<C> {
 struct KeyText<'a>(&'a mut String);
 
 fn not_a_key<T>() -> serde_json::Result<T> {
-    Err(serde_json::Error::custom("map key must be a string"))
+    Err(serde_json::Error::custom(
+        "a map key must be a string, a number or a boolean",
+    ))
+}
+
+/// A number key's text as serde_json writes it (`1.0`, not `1`).
+fn float_key<F: Serialize>(key: &mut String, v: F, finite: bool) -> serde_json::Result<()> {
+    if !finite {
+        return Err(serde_json::Error::custom(
+            "a map key cannot be NaN or infinite",
+        ));
+    }
+    key.push_str(&serde_json::to_string(&v)?);
+    Ok(())
 }
 
 macro_rules! key_as_text {
@@ -366,11 +413,11 @@ impl Serializer for KeyText<'_> {
         Ok(())
     }
 
-    fn serialize_f32(self, _: f32) -> serde_json::Result<()> {
-        not_a_key()
+    fn serialize_f32(self, v: f32) -> serde_json::Result<()> {
+        float_key(self.0, v, v.is_finite())
     }
-    fn serialize_f64(self, _: f64) -> serde_json::Result<()> {
-        not_a_key()
+    fn serialize_f64(self, v: f64) -> serde_json::Result<()> {
+        float_key(self.0, v, v.is_finite())
     }
     fn serialize_bytes(self, _: &[u8]) -> serde_json::Result<()> {
         not_a_key()
@@ -686,5 +733,210 @@ impl SerializeMap for MembersProbe {
 
     fn end(self) -> serde_json::Result<bool> {
         Ok(self.all_default)
+    }
+}
+
+/// The pruning rules applied to a finished tree, the plain way: what
+/// [`to_string`] must give without building one.
+#[cfg(test)]
+pub(crate) fn omit_defaults(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    fn is_default(value: &Value) -> bool {
+        match value {
+            Value::Null => true,
+            Value::Bool(b) => !b,
+            Value::Number(n) => n.as_f64() == Some(0.0),
+            Value::String(s) => s.is_empty(),
+            Value::Array(items) => items.is_empty(),
+            Value::Object(fields) => fields.is_empty(),
+        }
+    }
+    match value {
+        Value::Object(fields) => fields.retain(|name, field| {
+            if kept_whole(name) {
+                return true;
+            }
+            omit_defaults(field);
+            !is_default(field)
+        }),
+        Value::Array(items) => items.iter_mut().for_each(omit_defaults),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use rand::rngs::StdRng;
+    use rand::{RngExt, SeedableRng};
+    use serde_json::Value;
+
+    use super::*;
+
+    /// What pruning the finished tree of `value` gives.
+    fn expected<T: Serialize>(value: &T) -> Value {
+        let mut tree = serde_json::to_value(value).unwrap();
+        omit_defaults(&mut tree);
+        tree
+    }
+
+    fn written<T: Serialize>(value: &T) -> Value {
+        serde_json::from_str(&to_string(value).unwrap()).unwrap()
+    }
+
+    /// A small JSON tree full of defaults, `key` and `value` members.
+    fn random_tree(rng: &mut StdRng, depth: u32) -> Value {
+        const NAMES: [&str; 5] = ["a", "b", "key", "value", "c"];
+        let leaf = depth == 0 || rng.random_range(0..3) == 0;
+        match rng.random_range(0..if leaf { 6 } else { 8 }) {
+            0 => Value::Null,
+            1 => Value::Bool(rng.random_range(0..2) == 1),
+            2 => Value::from(rng.random_range(0..3) - 1),
+            3 => Value::from(f64::from(rng.random_range(0..3)) / 2.0),
+            4 => Value::from(["", "x"][rng.random_range(0..2)]),
+            5 => Value::Array(vec![]),
+            6 => Value::Array(
+                (0..rng.random_range(0..3))
+                    .map(|_| random_tree(rng, depth - 1))
+                    .collect(),
+            ),
+            _ => Value::Object(
+                (0..rng.random_range(0..4))
+                    .map(|_| {
+                        let name = NAMES[rng.random_range(0..NAMES.len())].to_string();
+                        (name, random_tree(rng, depth - 1))
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    #[test]
+    fn json_trees_prune_as_their_finished_tree_does() {
+        let mut rng = StdRng::seed_from_u64(0x0715);
+        for _ in 0..5_000 {
+            let tree = random_tree(&mut rng, 4);
+            assert_eq!(written(&tree), expected(&tree), "from {tree}");
+        }
+    }
+
+    #[test]
+    fn oneof_members_keep_their_zero_values() {
+        let value: Value = serde_json::from_str(
+            r#"{"z":1,"a":0,"b":"","c":null,"d":[],"e":{"f":false},"key":"",
+                "value":{"stringValue":""},"g":[{"h":0,"i":1.5}]}"#,
+        )
+        .unwrap();
+        let pruned: Value =
+            serde_json::from_str(r#"{"z":1,"key":"","value":{"stringValue":""},"g":[{"i":1.5}]}"#)
+                .unwrap();
+        assert_eq!(written(&value), pruned);
+    }
+
+    #[derive(Serialize, Default)]
+    struct Inner {
+        x: i64,
+        y: String,
+    }
+
+    #[derive(Serialize, Default)]
+    struct Wrapper(Inner);
+
+    #[derive(Serialize)]
+    #[allow(dead_code)]
+    enum Choice {
+        Unit,
+        Newtype(Inner),
+        #[serde(rename = "value")]
+        Whole {
+            x: i64,
+        },
+        Fields {
+            x: i64,
+        },
+        Pair(u8, u8),
+    }
+
+    /// Number keys: written as their text.
+    struct FloatKeys;
+
+    impl Serialize for FloatKeys {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            serializer.collect_map([(1.0f64, 1u8), (0.5, 0), (-2.25, 3)])
+        }
+    }
+
+    #[derive(Serialize, Default)]
+    struct Outer {
+        a: Option<u32>,
+        b: Option<Inner>,
+        c: Wrapper,
+        d: Vec<Choice>,
+        e: f64,
+        f: Option<Choice>,
+        value: Inner,
+        g: Vec<u8>,
+        h: BTreeMap<u32, Inner>,
+        i: (u8, String),
+        j: f32,
+        k: Option<FloatKeys>,
+    }
+
+    #[test]
+    fn rust_types_prune_as_their_finished_tree_does() {
+        let all_defaults = Outer::default();
+        let mixed = Outer {
+            a: Some(0),
+            b: Some(Inner {
+                x: 0,
+                y: "y".into(),
+            }),
+            c: Wrapper(Inner { x: 3, y: "".into() }),
+            d: vec![
+                Choice::Unit,
+                Choice::Newtype(Inner::default()),
+                Choice::Newtype(Inner { x: 1, y: "".into() }),
+                Choice::Whole { x: 0 },
+                Choice::Fields { x: 2 },
+                Choice::Pair(0, 0),
+            ],
+            e: f64::NAN,
+            f: Some(Choice::Whole { x: 0 }),
+            value: Inner::default(),
+            g: vec![0, 1],
+            h: BTreeMap::from([(0, Inner::default()), (7, Inner { x: 7, y: "".into() })]),
+            i: (0, String::new()),
+            j: 0.5,
+            k: Some(FloatKeys),
+        };
+        for value in [&all_defaults, &mixed] {
+            assert_eq!(written(value), expected(value));
+        }
+        // The kept-whole variant keeps its zero inside.
+        assert_eq!(written(&mixed)["f"], serde_json::json!({"value": {"x": 0}}));
+    }
+
+    #[test]
+    fn an_all_default_struct_variant_in_a_list_keeps_its_name() {
+        // The one documented difference from the finished tree, `{}`.
+        assert_eq!(
+            to_string(&[Choice::Fields { x: 0 }]).unwrap(),
+            r#"[{"Fields":{}}]"#
+        );
+    }
+
+    #[test]
+    fn keys_that_json_cannot_hold_are_errors() {
+        struct NanKey;
+        impl Serialize for NanKey {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_map([(f64::NAN, 1u8)])
+            }
+        }
+        let err = to_string(&NanKey).unwrap_err();
+        assert!(err.to_string().contains("NaN or infinite"), "{err}");
+        let err = to_string(&BTreeMap::from([(vec![1u8], 1u8)])).unwrap_err();
+        assert!(err.to_string().contains("map key must be"), "{err}");
     }
 }
