@@ -22,9 +22,8 @@
 
 use serde::Serialize;
 use serde::ser::{
-    self, Error as _, Impossible, SerializeMap, SerializeSeq, SerializeStruct,
-    SerializeStructVariant, SerializeTuple, SerializeTupleStruct, SerializeTupleVariant,
-    Serializer,
+    self, Error as _, SerializeMap, SerializeSeq, SerializeStruct, SerializeStructVariant,
+    SerializeTuple, SerializeTupleStruct, SerializeTupleVariant, Serializer,
 };
 
 /// `value` as JSON, with defaults left out (see the module comment).
@@ -332,9 +331,8 @@ impl<C: SerializeMap> SerializeMap for Members<C> {
     type Error = C::Error;
 
     fn serialize_key<T: Serialize + ?Sized>(&mut self, key: &T) -> Result<(), C::Error> {
-        self.key.clear();
-        key.serialize(KeyText(&mut self.key))
-            .map_err(C::Error::custom)
+        self.key = key_text(key).map_err(C::Error::custom)?;
+        Ok(())
     }
 
     fn serialize_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), C::Error> {
@@ -352,153 +350,19 @@ impl<C: SerializeMap> SerializeMap for Members<C> {
     }
 }
 
-/// Writes a map key as the text JSON would show (keys are strings there;
-/// numbers and booleans are written as their text).
-struct KeyText<'a>(&'a mut String);
-
-fn not_a_key<T>() -> serde_json::Result<T> {
-    Err(serde_json::Error::custom(
-        "a map key must be a string, a number or a boolean",
-    ))
-}
-
-/// A number key's text as serde_json writes it (`1.0`, not `1`).
-fn float_key<F: Serialize>(key: &mut String, v: F, finite: bool) -> serde_json::Result<()> {
-    if !finite {
-        return Err(serde_json::Error::custom(
-            "a map key cannot be NaN or infinite",
-        ));
-    }
-    key.push_str(&serde_json::to_string(&v)?);
-    Ok(())
-}
-
-macro_rules! key_as_text {
-    ($($method:ident($type:ty)),* $(,)?) => {
-        $(fn $method(self, v: $type) -> serde_json::Result<()> {
-            self.0.push_str(&v.to_string());
-            Ok(())
-        })*
-    };
-}
-
-impl Serializer for KeyText<'_> {
-    type Ok = ();
-    type Error = serde_json::Error;
-    type SerializeSeq = Impossible<(), serde_json::Error>;
-    type SerializeTuple = Impossible<(), serde_json::Error>;
-    type SerializeTupleStruct = Impossible<(), serde_json::Error>;
-    type SerializeTupleVariant = Impossible<(), serde_json::Error>;
-    type SerializeMap = Impossible<(), serde_json::Error>;
-    type SerializeStruct = Impossible<(), serde_json::Error>;
-    type SerializeStructVariant = Impossible<(), serde_json::Error>;
-
-    key_as_text!(
-        serialize_bool(bool),
-        serialize_i8(i8),
-        serialize_i16(i16),
-        serialize_i32(i32),
-        serialize_i64(i64),
-        serialize_i128(i128),
-        serialize_u8(u8),
-        serialize_u16(u16),
-        serialize_u32(u32),
-        serialize_u64(u64),
-        serialize_u128(u128),
-        serialize_char(char),
-    );
-
-    fn serialize_str(self, v: &str) -> serde_json::Result<()> {
-        self.0.push_str(v);
-        Ok(())
-    }
-
-    fn serialize_f32(self, v: f32) -> serde_json::Result<()> {
-        float_key(self.0, v, v.is_finite())
-    }
-    fn serialize_f64(self, v: f64) -> serde_json::Result<()> {
-        float_key(self.0, v, v.is_finite())
-    }
-    fn serialize_bytes(self, _: &[u8]) -> serde_json::Result<()> {
-        not_a_key()
-    }
-    fn serialize_none(self) -> serde_json::Result<()> {
-        not_a_key()
-    }
-    fn serialize_some<T: Serialize + ?Sized>(self, _: &T) -> serde_json::Result<()> {
-        not_a_key()
-    }
-    fn serialize_unit(self) -> serde_json::Result<()> {
-        not_a_key()
-    }
-    fn serialize_unit_struct(self, _: &'static str) -> serde_json::Result<()> {
-        not_a_key()
-    }
-    fn serialize_unit_variant(
-        self,
-        _: &'static str,
-        _: u32,
-        variant: &'static str,
-    ) -> serde_json::Result<()> {
-        self.0.push_str(variant);
-        Ok(())
-    }
-    fn serialize_newtype_struct<T: Serialize + ?Sized>(
-        self,
-        _: &'static str,
-        value: &T,
-    ) -> serde_json::Result<()> {
-        value.serialize(self)
-    }
-    fn serialize_newtype_variant<T: Serialize + ?Sized>(
-        self,
-        _: &'static str,
-        _: u32,
-        _: &'static str,
-        _: &T,
-    ) -> serde_json::Result<()> {
-        not_a_key()
-    }
-    fn serialize_seq(self, _: Option<usize>) -> serde_json::Result<Self::SerializeSeq> {
-        not_a_key()
-    }
-    fn serialize_tuple(self, _: usize) -> serde_json::Result<Self::SerializeTuple> {
-        not_a_key()
-    }
-    fn serialize_tuple_struct(
-        self,
-        _: &'static str,
-        _: usize,
-    ) -> serde_json::Result<Self::SerializeTupleStruct> {
-        not_a_key()
-    }
-    fn serialize_tuple_variant(
-        self,
-        _: &'static str,
-        _: u32,
-        _: &'static str,
-        _: usize,
-    ) -> serde_json::Result<Self::SerializeTupleVariant> {
-        not_a_key()
-    }
-    fn serialize_map(self, _: Option<usize>) -> serde_json::Result<Self::SerializeMap> {
-        not_a_key()
-    }
-    fn serialize_struct(
-        self,
-        _: &'static str,
-        _: usize,
-    ) -> serde_json::Result<Self::SerializeStruct> {
-        not_a_key()
-    }
-    fn serialize_struct_variant(
-        self,
-        _: &'static str,
-        _: u32,
-        _: &'static str,
-        _: usize,
-    ) -> serde_json::Result<Self::SerializeStructVariant> {
-        not_a_key()
+/// A map key as the text JSON shows it: serde_json writes the key alone
+/// and a string is read back, so numbers and booleans keep serde_json's own
+/// spelling (`1.0`, `true`). Map keys are rare here (the OTLP types have
+/// none), so the two small allocations do not matter.
+fn key_text<T: Serialize + ?Sized>(key: &T) -> serde_json::Result<String> {
+    let json = serde_json::to_string(key)?;
+    match json.as_bytes().first() {
+        Some(b'"') => serde_json::from_str(&json),
+        Some(b'-' | b'0'..=b'9' | b't' | b'f') => Ok(json),
+        // null (NaN, infinity, None, unit), a list or an object.
+        _ => Err(serde_json::Error::custom(
+            "a map key must be a string, a finite number or a boolean",
+        )),
     }
 }
 
@@ -718,8 +582,7 @@ impl SerializeMap for MembersProbe {
 
     fn serialize_key<T: Serialize + ?Sized>(&mut self, key: &T) -> serde_json::Result<()> {
         if self.all_default {
-            self.key.clear();
-            key.serialize(KeyText(&mut self.key))?;
+            self.key = key_text(key)?;
         }
         Ok(())
     }
@@ -935,7 +798,7 @@ mod tests {
             }
         }
         let err = to_string(&NanKey).unwrap_err();
-        assert!(err.to_string().contains("NaN or infinite"), "{err}");
+        assert!(err.to_string().contains("map key must be"), "{err}");
         let err = to_string(&BTreeMap::from([(vec![1u8], 1u8)])).unwrap_err();
         assert!(err.to_string().contains("map key must be"), "{err}");
     }
