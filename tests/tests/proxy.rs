@@ -652,6 +652,7 @@ cases! {
     unreachable_destination_resets_the_client: node;
     client_reset_reaches_the_server: node;
     idle_connection_is_reset_on_both_sides: node;
+    connection_open_at_shutdown_is_reset_after_the_grace: node;
     original_destination_is_reported_to_the_context_source: node;
 }
 
@@ -1358,6 +1359,37 @@ fn idle_connection_is_reset_on_both_sides(mode: Mode) {
     );
     let waited = started.elapsed();
     assert!(waited < Duration::from_secs(5), "{waited:?}");
+    assert_eq!(lab.counters().errors, 1);
+}
+
+fn connection_open_at_shutdown_is_reset_after_the_grace(mode: Mode) {
+    let mut lab = Lab::start(mode);
+    let listener = lab.listen();
+    let mut client = lab.connect();
+    let mut server = accept(&listener);
+    client.send(b"\0hello");
+    let mut got = [0; 6];
+    server.read_exact(&mut got).unwrap();
+    let started = Instant::now();
+    lab.stop_proxy();
+    let waited = started.elapsed();
+    let mut byte = [0; 1];
+    let at_client = read_some(&mut client.stream, &mut byte);
+    let at_server = read_some(&mut server, &mut byte);
+    assert!(
+        matches!(&at_client, Err(err) if err.kind() == ErrorKind::ConnectionReset),
+        "{at_client:?}"
+    );
+    assert!(
+        matches!(&at_server, Err(err) if err.kind() == ErrorKind::ConnectionReset),
+        "{at_server:?}"
+    );
+    let grace = test_settings().shutdown_grace;
+    assert!(
+        waited >= grace,
+        "open connections get the grace: {waited:?}"
+    );
+    assert!(waited < grace + Duration::from_secs(4), "{waited:?}");
     assert_eq!(lab.counters().errors, 1);
 }
 

@@ -10,12 +10,23 @@
 //! A request head whose field lines are not strictly valid is therefore not
 //! rewritten at all; the connection is forwarded unchanged from there on.
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use crate::tracecontext::{TRACEPARENT_LEN, TraceParent};
 
 /// Header slots tried on the stack; a head with more falls back to the heap.
+/// They are left uninitialized for httparse to fill: zeroing 128 slots for
+/// every head cost more than parsing a small one.
 const STACK_HEADERS: usize = 128;
+
+/// `n` header slots on the heap, for the rare head with more than
+/// [`STACK_HEADERS`] fields.
+fn uninit_headers<'b>(n: usize) -> Vec<MaybeUninit<httparse::Header<'b>>> {
+    std::iter::repeat_with(MaybeUninit::uninit)
+        .take(n)
+        .collect()
+}
 
 /// How a message says its body is delimited (RFC 9112 section 6).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,12 +124,12 @@ fn ascii<'h>(head: &'h [u8], range: &Range<usize>) -> &'h str {
 
 /// Parses the request head at the start of `buf`.
 pub fn parse_request_head(buf: &[u8]) -> HeadParse<RequestHeadInfo> {
-    let mut headers = [httparse::EMPTY_HEADER; STACK_HEADERS];
+    let mut headers = [const { MaybeUninit::uninit() }; STACK_HEADERS];
     match parse_request_line(buf, &mut headers) {
         Err(httparse::Error::TooManyHeaders) => {
             // Rare: a field line takes at least 3 bytes ("a:\n"), which
             // bounds how many slots can be needed.
-            let mut headers = vec![httparse::EMPTY_HEADER; buf.len() / 3 + 1];
+            let mut headers = uninit_headers(buf.len() / 3 + 1);
             finish_request_head(buf, parse_request_line(buf, &mut headers))
         }
         other => finish_request_head(buf, other),
@@ -135,16 +146,16 @@ struct RequestLine {
 
 fn parse_request_line<'b>(
     buf: &'b [u8],
-    headers: &mut [httparse::Header<'b>],
+    headers: &mut [MaybeUninit<httparse::Header<'b>>],
 ) -> Result<Option<RequestLine>, httparse::Error> {
-    let mut request = httparse::Request::new(headers);
+    let mut request = httparse::Request::new(&mut []);
     // Invalid field lines are not skipped in the end: the walk below
     // rejects them. Ignoring them here only lets obs-fold lines through to
     // that walk, which accepts them where RFC 9112 allows them.
     let status = httparse::ParserConfig::default()
         .allow_multiple_spaces_in_request_line_delimiters(true)
         .ignore_invalid_headers_in_requests(true)
-        .parse_request(&mut request, buf)?;
+        .parse_request_with_uninit_headers(&mut request, buf, headers)?;
     let httparse::Status::Complete(len) = status else {
         return Ok(None);
     };
@@ -573,10 +584,10 @@ pub struct ResponseHeadInfo {
 /// made with `method`. Lenient where servers are sloppy: responses are
 /// only observed, never changed.
 pub fn parse_response_head(buf: &[u8], method: AnsweredMethod) -> HeadParse<ResponseHeadInfo> {
-    let mut headers = [httparse::EMPTY_HEADER; STACK_HEADERS];
+    let mut headers = [const { MaybeUninit::uninit() }; STACK_HEADERS];
     match parse_response_with(buf, method, &mut headers) {
         Err(httparse::Error::TooManyHeaders) => {
-            let mut headers = vec![httparse::EMPTY_HEADER; buf.len() / 3 + 1];
+            let mut headers = uninit_headers(buf.len() / 3 + 1);
             finish_response(parse_response_with(buf, method, &mut headers))
         }
         other => finish_response(other),
@@ -596,15 +607,15 @@ fn finish_response(
 fn parse_response_with<'b>(
     buf: &'b [u8],
     method: AnsweredMethod,
-    headers: &mut [httparse::Header<'b>],
+    headers: &mut [MaybeUninit<httparse::Header<'b>>],
 ) -> Result<Option<ResponseHeadInfo>, httparse::Error> {
-    let mut response = httparse::Response::new(headers);
+    let mut response = httparse::Response::new(&mut []);
     let status = httparse::ParserConfig::default()
         .allow_multiple_spaces_in_response_status_delimiters(true)
         .allow_spaces_after_header_name_in_responses(true)
         .allow_obsolete_multiline_headers_in_responses(true)
         .ignore_invalid_headers_in_responses(true)
-        .parse_response(&mut response, buf)?;
+        .parse_response_with_uninit_headers(&mut response, buf, headers)?;
     let httparse::Status::Complete(len) = status else {
         return Ok(None);
     };

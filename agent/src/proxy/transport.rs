@@ -3,15 +3,19 @@
 //! buffers, writes that record progress, and the opaque copy. Nothing here
 //! knows about HTTP.
 
+use std::future::{Future, poll_fn};
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::pin;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::Duration;
+
+use atomic_waker::AtomicWaker;
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::time::Instant;
 
 /// Pending connections the kernel queues per listener; a burst of new
 /// connections (a client pool filling up) must not be refused.
@@ -92,25 +96,51 @@ pub(crate) fn reset_on_close(stream: &TcpStream) {
     let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
-/// Whether bytes moved on a connection, in either direction, for the idle
-/// timeout. Progress is a counter bumped on every read and write rather
-/// than a timestamp, so the relay's hot path reads no clock; the idle check
-/// samples it a few times per timeout instead.
+/// Why a worker gave up on a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Cancel {
+    /// Nothing moved for the idle timeout.
+    Idle,
+    /// The proxy is shutting down and the grace period is over.
+    Shutdown,
+}
+
+impl From<Cancel> for io::Error {
+    fn from(cancel: Cancel) -> Self {
+        match cancel {
+            Cancel::Idle => io::Error::new(io::ErrorKind::TimedOut, "idle timeout"),
+            Cancel::Shutdown => io::Error::new(io::ErrorKind::Interrupted, "proxy shutting down"),
+        }
+    }
+}
+
+/// What a connection shares with the worker that watches it: whether bytes
+/// moved, in either direction, for the idle timeout, and whether the worker
+/// has given up on it.
+///
+/// Progress is a counter bumped on every read and write rather than a
+/// timestamp, so the relay's hot path reads no clock; the worker samples
+/// the counters of all its connections a few times per timeout instead.
+/// That keeps timers and shutdown signals out of the connection's own
+/// future, which is polled twice per request: a timer and a watch channel
+/// polled at every wake cost about 0.4 µs CPU per proxied request (perf
+/// stat, everything on one core).
 #[derive(Debug, Default)]
 pub(crate) struct Activity {
     moves: AtomicU64,
+    /// 0 while running, else 1 + the [`Cancel`] reason's index.
+    cancelled: AtomicU8,
+    /// The connection task, woken when it is cancelled.
+    task: AtomicWaker,
 }
-
-/// Samples of the progress counter per idle timeout: a connection is reset
-/// after between 1 and 1 + 1/IDLE_SAMPLES timeouts of silence.
-const IDLE_SAMPLES: u32 = 4;
 
 impl Activity {
     pub(crate) fn new() -> Self {
         Self::default()
     }
 
-    fn touch(&self) {
+    /// Records that bytes moved.
+    pub(crate) fn touch(&self) {
         // Both directions of a connection are polled by one task, so a
         // plain load and store (no locked increment) cannot lose a move
         // that matters: any change of the value is progress.
@@ -118,26 +148,55 @@ impl Activity {
         self.moves.store(moves.wrapping_add(1), Ordering::Relaxed);
     }
 
-    /// Completes once nothing has moved for at least `limit` (and at most
-    /// `limit` plus a quarter of it).
-    pub(crate) async fn idle_for(&self, limit: Duration) {
-        let period = (limit / IDLE_SAMPLES).max(Duration::from_millis(1));
-        let mut seen = self.moves.load(Ordering::Relaxed);
-        let mut quiet_since = Instant::now();
-        loop {
-            // A limit too large to be a point in time is no limit.
-            let Some(next) = Instant::now().checked_add(period) else {
-                return std::future::pending().await;
-            };
-            tokio::time::sleep_until(next).await;
-            let moves = self.moves.load(Ordering::Relaxed);
-            if moves != seen {
-                seen = moves;
-                quiet_since = Instant::now();
-            } else if quiet_since.elapsed() >= limit {
-                return;
-            }
+    /// The progress counter: any change since the last look is progress.
+    pub(crate) fn moves(&self) -> u64 {
+        self.moves.load(Ordering::Relaxed)
+    }
+
+    /// Makes [`Activity::until_cancelled`] end with `reason` (the first
+    /// reason given wins).
+    pub(crate) fn cancel(&self, reason: Cancel) {
+        let code = match reason {
+            Cancel::Idle => 1,
+            Cancel::Shutdown => 2,
+        };
+        let _ = self
+            .cancelled
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
+        self.task.wake();
+    }
+
+    /// Whether the connection was cancelled.
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.cancelled().is_some()
+    }
+
+    /// Why the connection was cancelled, if it was.
+    pub(crate) fn cancelled(&self) -> Option<Cancel> {
+        match self.cancelled.load(Ordering::Acquire) {
+            0 => None,
+            1 => Some(Cancel::Idle),
+            _ => Some(Cancel::Shutdown),
         }
+    }
+
+    /// Runs `work` until it completes or the connection is cancelled,
+    /// whichever comes first.
+    pub(crate) async fn until_cancelled<T>(
+        &self,
+        work: impl Future<Output = io::Result<T>>,
+    ) -> io::Result<T> {
+        let mut work = pin!(work);
+        poll_fn(|cx| {
+            // Registered before the check, so a cancel in between wakes
+            // this task again instead of being missed.
+            self.task.register(cx.waker());
+            if let Some(reason) = self.cancelled() {
+                return Poll::Ready(Err(reason.into()));
+            }
+            work.as_mut().poll(cx)
+        })
+        .await
     }
 }
 
@@ -297,5 +356,48 @@ where
         if from.fill().await? == Filled::Eof {
             return to.shutdown().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn cancel_wakes_waiting_work_with_the_first_reason() {
+        let activity = Arc::new(Activity::new());
+        let waiting = Arc::clone(&activity);
+        let task = tokio::spawn(async move {
+            waiting
+                .until_cancelled(std::future::pending::<io::Result<()>>())
+                .await
+        });
+        // Lets the task run until it waits, so the cancel has to wake it.
+        tokio::task::yield_now().await;
+        assert!(!task.is_finished());
+        activity.cancel(Cancel::Idle);
+        activity.cancel(Cancel::Shutdown);
+        let err = task.await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(activity.cancelled(), Some(Cancel::Idle));
+    }
+
+    #[tokio::test]
+    async fn work_that_completes_gives_its_result() {
+        let activity = Activity::new();
+        let done = activity.until_cancelled(async { Ok(7) }).await.unwrap();
+        assert_eq!(done, 7);
+        assert!(!activity.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn work_cancelled_before_it_starts_never_runs() {
+        let activity = Activity::new();
+        activity.cancel(Cancel::Shutdown);
+        let work = async { panic!("cancelled work was polled") };
+        let err = activity.until_cancelled::<()>(work).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::Interrupted);
     }
 }
