@@ -97,6 +97,11 @@ pub struct RequestHeadInfo {
     /// An `Upgrade` field: a 101 answer switches the connection to
     /// another protocol.
     pub upgrade: bool,
+    /// Where the blank line that ends the head lies.
+    pub blank_line: Range<usize>,
+    /// Whether any `traceparent` or `tracestate` field is present, which an
+    /// injection drops (see [`write_injected_head`]).
+    pub has_trace_fields: bool,
 }
 
 impl RequestHeadInfo {
@@ -191,11 +196,11 @@ fn finish_request_head(
         return HeadParse::Invalid;
     };
     let mut fields = FieldSummary::default();
-    match walk_fields(head, |field| fields.add(head, field)) {
-        Ok(layout) if layout.end == head.len() => {}
+    let layout = match walk_fields(head, |field| fields.add(head, field)) {
+        Ok(layout) if layout.end == head.len() => layout,
         _ => return HeadParse::Invalid,
-    }
-    let connect = ascii(head, &line.method) == "CONNECT";
+    };
+    let connect = head.get(line.method.clone()) == Some(b"CONNECT".as_slice());
     let framing = if connect {
         // A CONNECT request has no content (RFC 9110 section 9.3.6); one
         // that claims some is read differently by different servers.
@@ -216,6 +221,8 @@ fn finish_request_head(
         traceparent: fields.traceparent(),
         connect,
         upgrade: fields.upgrade,
+        blank_line: layout.blank_line,
+        has_trace_fields: fields.traceparents > 0 || fields.tracestates > 0,
     })
 }
 
@@ -223,6 +230,7 @@ fn finish_request_head(
 #[derive(Default)]
 struct FieldSummary {
     traceparents: usize,
+    tracestates: usize,
     traceparent_valid: bool,
     content_length: Option<Result<u64, ()>>,
     transfer_encoding: Option<Result<bool, ()>>,
@@ -258,6 +266,8 @@ impl FieldSummary {
             };
         } else if name.eq_ignore_ascii_case(b"upgrade") {
             self.upgrade = true;
+        } else if name.eq_ignore_ascii_case(b"tracestate") {
+            self.tracestates += 1;
         }
     }
 
@@ -491,15 +501,42 @@ pub fn write_injected_head(head: &[u8], traceparent: &TraceParent, out: &mut Vec
             return false;
         }
     };
-    let mut value = [0; TRACEPARENT_LEN];
-    traceparent.write_header_value(&mut value);
     // The added line ends the way the client ends its lines.
     let line_end = head.get(layout.blank_line.clone()).unwrap_or(b"\r\n");
+    push_traceparent_line(traceparent, line_end, out);
+    out.extend_from_slice(line_end);
+    true
+}
+
+/// [`write_injected_head`] for a head that [`parse_request_head`] read as
+/// `info`. When there is no trace field to drop, which is nearly always,
+/// the line is spliced in before the blank line without walking the fields
+/// a second time: the parse already checked them.
+pub fn write_injected(
+    head: &[u8],
+    info: &RequestHeadInfo,
+    traceparent: &TraceParent,
+    out: &mut Vec<u8>,
+) -> bool {
+    let fields_end = info.blank_line.start;
+    let line_end = match head.get(info.blank_line.clone()) {
+        Some(line_end) if !info.has_trace_fields && info.len == head.len() => line_end,
+        _ => return write_injected_head(head, traceparent, out),
+    };
+    out.reserve(head.len() + b"traceparent: \r\n".len() + TRACEPARENT_LEN);
+    out.extend_from_slice(&head[..fields_end]);
+    push_traceparent_line(traceparent, line_end, out);
+    out.extend_from_slice(line_end);
+    true
+}
+
+/// Appends `traceparent: <value>` ended by `line_end`.
+fn push_traceparent_line(traceparent: &TraceParent, line_end: &[u8], out: &mut Vec<u8>) {
+    let mut value = [0; TRACEPARENT_LEN];
+    traceparent.write_header_value(&mut value);
     out.extend_from_slice(b"traceparent: ");
     out.extend_from_slice(&value);
     out.extend_from_slice(line_end);
-    out.extend_from_slice(line_end);
-    true
 }
 
 /// What [`rewrite_request_head`] decided.
@@ -539,7 +576,7 @@ pub fn rewrite_request_head(bytes: &[u8], inject: &TraceParent) -> RewriteOutcom
         return RewriteOutcome::Unchanged { head_len };
     }
     let mut head = Vec::new();
-    if !write_injected_head(&bytes[..head_len], inject, &mut head) {
+    if !write_injected(&bytes[..head_len], &info, inject, &mut head) {
         return RewriteOutcome::NotRewritable;
     }
     RewriteOutcome::Injected { head, head_len }
@@ -1028,6 +1065,14 @@ mod tests {
             else {
                 continue;
             };
+            // The splice gives what the walk over every field gives.
+            let mut walked = Vec::new();
+            assert!(write_injected_head(
+                &bytes[..head_len],
+                &inject(),
+                &mut walked
+            ));
+            assert_eq!(head, walked, "{bytes:?}");
             // The output carries exactly the injected context...
             let HeadParse::Complete(again) = parse_request_head(&head) else {
                 panic!("rewritten head does not parse: {head:?}");

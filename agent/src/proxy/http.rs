@@ -23,7 +23,7 @@ use super::body::{Body, Outcome};
 use super::context::{ProxiedRequest, TraceContextSource};
 use super::head::{
     AnsweredMethod, BodyFraming, HeadParse, ResponseKind, parse_request_head, parse_response_head,
-    write_injected_head,
+    write_injected,
 };
 use super::stats::{Counter, ProxyStats};
 use super::transport::{Filled, Inbound, Outbound, relay_opaque};
@@ -300,7 +300,7 @@ where
         };
         let method = if info.connect {
             AnsweredMethod::Connect
-        } else if info.method(head) == "HEAD" {
+        } else if head.get(info.method.clone()) == Some(b"HEAD".as_slice()) {
             AnsweredMethod::Head
         } else {
             AnsweredMethod::Other
@@ -322,7 +322,7 @@ where
             request.target.push_str(info.target(head));
             let traceparent = context.contexts.context_for(request).await;
             rewritten.clear();
-            if !write_injected_head(head, &traceparent, &mut rewritten) {
+            if !write_injected(head, &info, &traceparent, &mut rewritten) {
                 return finish_opaque(from, to, true, stats).await;
             }
             stats.add(Counter::RequestsInjected);
