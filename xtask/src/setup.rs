@@ -23,7 +23,6 @@ pub const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "iptables",
     "wrk",
-    "hey",
     "haproxy",
     // VM tests.
     "qemu-system-x86",
