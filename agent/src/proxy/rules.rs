@@ -689,6 +689,41 @@ impl InstalledRules {
         self.active = false;
         self.rules.remove_leftovers()
     }
+
+    /// Stops redirecting new connections and leaves the rules otherwise in
+    /// place: a `RETURN` goes first in each own chain. The nat table only
+    /// sees a connection's first packet, so connections already redirected
+    /// go on through the proxy, which can drain them.
+    ///
+    /// Deleting the rules instead also ends the translation of those
+    /// connections' replies: the proxy's packets then leave with its own
+    /// address (seen with tshark: a reset at the end of the shutdown grace
+    /// never reached the client) when the rules were the namespace's only
+    /// nat rules.
+    pub fn stop_redirecting(&self) -> Result<(), RulesError> {
+        let mut first_error = None;
+        for family in self.rules.families(kernel_has_ipv6()) {
+            let main = self.rules.backend.program(family, Tool::Main);
+            for hook in HOOKS {
+                let chain = self.rules.chain_name(hook);
+                let result = match run(&main, &["-w", "-t", "nat", "-S", &chain], None) {
+                    // Exit status 1: this mode has no chain at this hook.
+                    Err(RulesError::Failed {
+                        status: Some(1), ..
+                    }) => Ok(()),
+                    Err(e) => Err(e),
+                    Ok(_) => {
+                        let args = ["-w", "-t", "nat", "-I", &chain, "1", "-j", "RETURN"];
+                        run(&main, &args, None).map(|_| ())
+                    }
+                };
+                if let Err(e) = result {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
 }
 
 impl Drop for InstalledRules {

@@ -1,6 +1,8 @@
 //! The proxy as the agent runs it: listening first, then its REDIRECT rules
-//! installed; at stop, the rules removed first (so no new connection is sent
-//! to a proxy that is going away), then the proxy drained.
+//! installed; at stop, the rules first turn new connections away (so none
+//! is sent to a proxy that is going away), then the proxy drains the
+//! connections it has, and only then are the rules removed, since that
+//! ends the translation of those connections' replies.
 
 use std::io;
 use std::sync::Arc;
@@ -88,16 +90,31 @@ impl RunningProxy {
         Arc::clone(&self.stats)
     }
 
-    /// Removes the rules, then stops the proxy after its grace period.
+    /// Stops redirecting new connections, stops the proxy after its grace
+    /// period, then removes the rules.
     pub async fn stop(mut self) -> Result<Arc<ProxyStats>, RulesError> {
-        let removed = match self.rules.take() {
-            Some(rules) => tokio::task::spawn_blocking(move || rules.remove())
-                .await
-                .unwrap_or_else(|e| {
-                    Err(RulesError::Invalid(format!("removing rules panicked: {e}")))
-                }),
-            None => Ok(()),
-        };
+        // New connections go straight to their destination from here on,
+        // while those already redirected keep their translation until the
+        // proxy has drained them. If new ones cannot be turned away, the
+        // rules go at once, as they did before.
+        let mut removed_early = Ok(());
+        let mut rules = None;
+        if let Some(installed) = self.rules.take() {
+            let stopped = tokio::task::spawn_blocking(move || {
+                let stopped = installed.stop_redirecting();
+                (installed, stopped)
+            })
+            .await;
+            match stopped {
+                Ok((installed, Ok(()))) => rules = Some(installed),
+                Ok((installed, Err(e))) => {
+                    log::warn!("proxy: cannot stop redirecting before the drain: {e}");
+                    removed_early = remove_rules(installed).await;
+                }
+                // The guard was dropped in the panic, which removed the rules.
+                Err(_) => {}
+            }
+        }
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -105,6 +122,17 @@ impl RunningProxy {
             Ok(Ok(stats)) => stats,
             _ => Arc::clone(&self.stats),
         };
-        removed.map(|()| stats)
+        let removed = match rules {
+            Some(rules) => remove_rules(rules).await,
+            None => Ok(()),
+        };
+        removed_early.and(removed).map(|()| stats)
     }
+}
+
+/// Removes `rules` on a blocking thread (iptables runs as a child process).
+async fn remove_rules(rules: InstalledRules) -> Result<(), RulesError> {
+    tokio::task::spawn_blocking(move || rules.remove())
+        .await
+        .unwrap_or_else(|e| Err(RulesError::Invalid(format!("removing rules panicked: {e}"))))
 }
