@@ -637,13 +637,9 @@ impl RedirectRules {
     fn remove_chain(&self, family: Family, hook: &str) -> Result<(), RulesError> {
         let main = self.backend.program(family, Tool::Main);
         let chain = self.chain_name(hook);
-        match run(&main, &["-w", "-t", "nat", "-S", &chain], None) {
-            Ok(_) => {}
-            // Exit status 1: no such chain, so no jump to it either.
-            Err(RulesError::Failed {
-                status: Some(1), ..
-            }) => return Ok(()),
-            Err(e) => return Err(e),
+        if !chain_exists(&main, &chain)? {
+            // No such chain, so no jump to it either.
+            return Ok(());
         }
         let listing = run(&main, &["-w", "-t", "nat", "-S", hook], None)?;
         // Deleting by specification rather than by rule number: numbers
@@ -695,28 +691,25 @@ impl InstalledRules {
     /// sees a connection's first packet, so connections already redirected
     /// go on through the proxy, which can drain them.
     ///
-    /// Deleting the rules instead also ends the translation of those
-    /// connections' replies: the proxy's packets then leave with its own
-    /// address (seen with tshark: a reset at the end of the shutdown grace
-    /// never reached the client) when the rules were the namespace's only
-    /// nat rules.
+    /// Deleting the rules instead also ended the translation of those
+    /// connections' replies when they were the namespace's only nat rules:
+    /// the proxy's reset at the end of the shutdown grace left with its own
+    /// address (seen with tshark) and never reached the client.
     pub fn stop_redirecting(&self) -> Result<(), RulesError> {
         let mut first_error = None;
         for family in self.rules.families(kernel_has_ipv6()) {
             let main = self.rules.backend.program(family, Tool::Main);
             for hook in HOOKS {
                 let chain = self.rules.chain_name(hook);
-                let result = match run(&main, &["-w", "-t", "nat", "-S", &chain], None) {
-                    // Exit status 1: this mode has no chain at this hook.
-                    Err(RulesError::Failed {
-                        status: Some(1), ..
-                    }) => Ok(()),
-                    Err(e) => Err(e),
-                    Ok(_) => {
-                        let args = ["-w", "-t", "nat", "-I", &chain, "1", "-j", "RETURN"];
+                // A mode has no chain at some hooks (node mode at OUTPUT).
+                let result = chain_exists(&main, &chain).and_then(|exists| {
+                    let args = ["-w", "-t", "nat", "-I", &chain, "1", "-j", "RETURN"];
+                    if exists {
                         run(&main, &args, None).map(|_| ())
+                    } else {
+                        Ok(())
                     }
-                };
+                });
                 if let Err(e) = result {
                     first_error.get_or_insert(e);
                 }
@@ -733,6 +726,17 @@ impl Drop for InstalledRules {
         {
             log::warn!("could not remove the proxy's iptables rules: {e}");
         }
+    }
+}
+
+/// Whether the nat table has `chain` (`-S` exits with status 1 when not).
+fn chain_exists(program: &str, chain: &str) -> Result<bool, RulesError> {
+    match run(program, &["-w", "-t", "nat", "-S", chain], None) {
+        Ok(_) => Ok(true),
+        Err(RulesError::Failed {
+            status: Some(1), ..
+        }) => Ok(false),
+        Err(e) => Err(e),
     }
 }
 

@@ -499,7 +499,7 @@ async fn proxy_connection(
     let mut upstream = match activity.until_cancelled(connecting).await {
         Ok(upstream) => upstream,
         // Nothing was relayed yet: dropping the client socket is enough.
-        Err(_) if activity.is_cancelled() => return,
+        Err(_) if activity.cancelled().is_some() => return,
         Err(err) => {
             log::debug!("proxy: {peer} -> {destination}: connect failed: {err}");
             stats.add(Counter::Errors);
