@@ -1,16 +1,23 @@
 //! Builds the kernel programs (`agent-ebpf`) for the BPF target and leaves
 //! the object in OUT_DIR, where `capture::loader` embeds it.
 //!
-//! The pinned toolchain (rust-toolchain.toml) is stable 1.98.0; build-std
-//! needs unstable cargo flags, which RUSTC_BOOTSTRAP=1 enables for that
-//! nested build only.
+//! The nested build uses the toolchain this build runs on, as rustup names
+//! it in `RUSTUP_TOOLCHAIN` (the pin lives in xtask/src/toolchain.rs, and
+//! `cargo xtask` selects it). build-std needs unstable cargo flags, which
+//! RUSTC_BOOTSTRAP=1 enables for that nested build only.
 use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {
     println!("cargo::rerun-if-changed=../agent-common/src");
+    println!("cargo::rerun-if-env-changed=RUSTUP_TOOLCHAIN");
+    let toolchain = std::env::var("RUSTUP_TOOLCHAIN").map_err(|_| {
+        anyhow::anyhow!(
+            "RUSTUP_TOOLCHAIN is not set: build through rustup's cargo (`cargo xtask build`, \
+             or cargo with the toolchain pinned in xtask/src/toolchain.rs), which names the toolchain for the kernel build"
+        )
+    })?;
     // SAFETY: build scripts are single-threaded at this point.
     unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "1") };
-    let toolchain = toolchain_from_file().unwrap_or_else(|| "1.98.0".to_string());
     let package = Package {
         name: "agent-ebpf",
         root_dir: "../agent-ebpf",
@@ -20,14 +27,4 @@ fn main() -> anyhow::Result<()> {
         [package],
         Toolchain::Custom(Box::leak(toolchain.into_boxed_str())),
     )
-}
-
-/// The channel named in rust-toolchain.toml, so there is one place to bump it.
-fn toolchain_from_file() -> Option<String> {
-    println!("cargo::rerun-if-changed=../rust-toolchain.toml");
-    let text = std::fs::read_to_string("../rust-toolchain.toml").ok()?;
-    let line = text
-        .lines()
-        .find(|l| l.trim_start().starts_with("channel"))?;
-    Some(line.split('"').nth(1)?.to_string())
 }

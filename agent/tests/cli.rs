@@ -75,7 +75,7 @@ fn run_prints_the_trace_of_a_curl_and_stops_cleanly_on_sigterm() {
         .unwrap()
         .port();
     let _server = KillOnDrop(
-        Command::new("python3")
+        Command::new("/usr/bin/python3")
             .args([
                 "-m",
                 "http.server",

@@ -476,7 +476,7 @@ pub fn start_python(
     args: &[&str],
 ) -> ChildGuard {
     let path = dir.write(script_name, script.as_bytes());
-    let child = Command::new("python3")
+    let child = Command::new("/usr/bin/python3")
         .arg(path)
         .args(args)
         .stdin(Stdio::piped())

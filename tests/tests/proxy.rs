@@ -283,7 +283,7 @@ impl Lab {
         let mut child = self
             .server_ns()
             .spawn(
-                "python3",
+                "/usr/bin/python3",
                 &[
                     "-c",
                     fixtures::REQUEST_RECORDER,
@@ -584,7 +584,7 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
 
 /// SHA-256 of `data` in hex, by python (no hashing crate in this build).
 fn sha256_of(data: &[u8]) -> String {
-    let mut child = Command::new("python3")
+    let mut child = Command::new("/usr/bin/python3")
         .args([
             "-c",
             "import hashlib,sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())",
@@ -1051,7 +1051,7 @@ fn opaque_stream_of_200_mb_arrives_intact(mode: Mode) {
     let mut sink = lab
         .server_ns()
         .spawn(
-            "python3",
+            "/usr/bin/python3",
             &["-c", fixtures::HASHING_STREAM, "sink", &ip, &port],
         )
         .expect("python3");
@@ -1066,7 +1066,7 @@ fn opaque_stream_of_200_mb_arrives_intact(mode: Mode) {
             "timeout",
             &[
                 "120",
-                "python3",
+                "/usr/bin/python3",
                 "-c",
                 fixtures::HASHING_STREAM,
                 "source",

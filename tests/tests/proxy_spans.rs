@@ -38,13 +38,13 @@ fn proxied_request_carries_the_client_span_as_injected_parent() {
     let out = dir.path().to_str().unwrap().to_string();
     let _server = pod_b
         .spawn(
-            "python3",
+            "/usr/bin/python3",
             &[script.to_str().unwrap(), &port.to_string(), &out, "0.0.0.0"],
         )
         .expect("python3 in pod-b");
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while pod_a
-        .exec("python3")
+        .exec("/usr/bin/python3")
         .args(["-c", &connect_probe(server_addr)])
         .status()
         .map(|s| !s.success())

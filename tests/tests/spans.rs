@@ -211,8 +211,9 @@ fn http_framing_cases_each_produce_one_span_per_request_with_its_status() {
     }
 }
 
-/// nginx serving a file to `hey`: every request of the access log has
-/// exactly one SERVER and one CLIENT span; sampling keeps about its share.
+/// nginx serving a file to curl at 50 transfers in parallel: every request
+/// of the access log has exactly one SERVER and one CLIENT span; sampling
+/// keeps about its share.
 #[test]
 fn every_request_under_concurrent_load_has_one_server_and_one_client_span() {
     if !privileged() {
@@ -225,21 +226,26 @@ fn every_request_under_concurrent_load_has_one_server_and_one_client_span() {
     dir.write("www/index.html", b"hello\n");
     let _nginx = start_nginx(&dir, port, 2, "keepalive_requests 100000;");
     let requests = if in_vm() { 200 } else { 2000 };
-    let hey = std::process::Command::new("hey")
+    // One curl process, an exact count of requests (URL globbing), each
+    // answered before curl exits, over up to 50 keep-alive connections.
+    let load = std::process::Command::new("curl")
         .args([
-            "-n",
-            &requests.to_string(),
-            "-c",
+            "--parallel",
+            "--parallel-max",
             "50",
-            "-t",
+            "--no-progress-meter",
+            "--fail",
+            "--max-time",
             "20",
-            &format!("http://127.0.0.1:{port}/index.html"),
+            "--output",
+            "/dev/null",
+            &format!("http://127.0.0.1:{port}/index.html?[1-{requests}]"),
         ])
         .stdout(std::process::Stdio::null())
         .spawn()
-        .expect("hey is installed (cargo xtask setup)");
-    let hey_pid = hey.id();
-    assert!(hey.wait_with_output().unwrap().status.success());
+        .expect("curl is installed (cargo xtask setup)");
+    let load_pid = load.id();
+    assert!(load.wait_with_output().unwrap().status.success());
     // nginx writes the access log line after the response; give it a moment.
     let access_log = || {
         std::fs::read_to_string(dir.path().join("access.log"))
@@ -274,7 +280,7 @@ fn every_request_under_concurrent_load_has_one_server_and_one_client_span() {
         "{:?}",
         servers[0].resource
     );
-    // (hey has exited by now, so its resource is named after its pid.)
+    // (curl has exited by now, so its resource is named after its pid.)
     let pid_of = |s: &Span| {
         s.resource
             .attributes
@@ -285,7 +291,7 @@ fn every_request_under_concurrent_load_has_one_server_and_one_client_span() {
     assert!(
         clients
             .iter()
-            .all(|s| pid_of(s) == Some(agent::span::AttributeValue::Int(hey_pid as i64)))
+            .all(|s| pid_of(s) == Some(agent::span::AttributeValue::Int(load_pid as i64)))
     );
 
     // Sampling decides per trace from the trace id: the same events give
@@ -316,7 +322,7 @@ fn wrk_against_python_http_server_has_one_server_span_per_logged_request() {
     dir.write("index.html", b"hello\n");
     let log = std::fs::File::create(dir.path().join("requests.log")).unwrap();
     let _server = ChildGuard(
-        std::process::Command::new("python3")
+        std::process::Command::new("/usr/bin/python3")
             .args([
                 "-m",
                 "http.server",

@@ -41,11 +41,11 @@ pub enum Part {
 pub fn bench(only: Option<Part>, criterion_args: &[String]) -> Result<()> {
     let runs = |part| only.is_none_or(|only| only == part);
     if runs(Part::Pipeline) {
-        run(Command::new("cargo")
+        run(crate::toolchain::cargo()
             .args(["bench", "--package", "agent", "--bench", "pipeline", "--"])
             .args(criterion_args))?;
     }
-    run(Command::new("cargo").args(["build", "--release", "--package", "agent"]))?;
+    run(crate::toolchain::cargo().args(["build", "--release", "--package", "agent"]))?;
     if runs(Part::Overhead) {
         overhead()?;
     }

@@ -11,10 +11,13 @@
 mod bench;
 mod libtest;
 mod setup;
+mod toolchain;
+mod tools;
 mod vm;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -30,7 +33,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install apt packages and bpf-linker (the toolchain comes from rust-toolchain.toml).
+    /// Install the pinned Rust toolchain, Debian packages and bpf-linker.
     Setup,
     /// Build the agent and its kernel programs in release mode.
     Build,
@@ -109,17 +112,19 @@ fn dispatch(task: Task) -> Result<()> {
             no_lint,
             kernels,
         } => {
-            setup::setup()?;
+            let started = Instant::now();
+            timed("setup", setup::setup)?;
             if !no_lint {
-                lint()?;
+                timed("lint", lint)?;
             }
-            let host = host_tests()?;
+            let host = timed("host tests", host_tests)?;
             println!("host tests (kernel {}): {}", host_kernel(), host.summary());
             let mut total = host;
             if !no_vm {
-                let vm = vm_tests(kernels)?;
+                let vm = timed("vm tests", || vm_tests(kernels))?;
                 total.add(&vm);
             }
+            println!("xtask test: {} s in all", started.elapsed().as_secs());
             println!("total: {} passed, {} failed", total.passed, total.failed);
             if total.failed > 0 {
                 bail!("{} tests failed", total.failed);
@@ -137,6 +142,19 @@ fn dispatch(task: Task) -> Result<()> {
     }
 }
 
+/// Runs one stage of a command and prints its wall time, so that CI's log
+/// shows where its time goes (the CI limit is 90 minutes).
+fn timed<T>(stage: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let started = Instant::now();
+    let result = f();
+    println!(
+        "xtask stage {stage}: {} s{}",
+        started.elapsed().as_secs(),
+        if result.is_err() { " (failed)" } else { "" }
+    );
+    result
+}
+
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -152,12 +170,12 @@ fn host_kernel() -> String {
 }
 
 fn build_agent() -> Result<()> {
-    run(Command::new("cargo").args(["build", "--release", "--package", "agent"]))
+    run(toolchain::cargo().args(["build", "--release", "--package", "agent"]))
 }
 
 fn lint() -> Result<()> {
-    run(Command::new("cargo").args(["fmt", "--all", "--check"]))?;
-    run(Command::new("cargo").args([
+    run(toolchain::cargo().args(["fmt", "--all", "--check"]))?;
+    run(toolchain::cargo().args([
         "clippy",
         "--workspace",
         "--exclude",
@@ -168,7 +186,7 @@ fn lint() -> Result<()> {
         "warnings",
     ]))?;
     // The kernel crate builds only for the BPF target.
-    run(Command::new("cargo")
+    run(toolchain::cargo()
         .args([
             "clippy",
             "--package",
@@ -184,7 +202,7 @@ fn lint() -> Result<()> {
 
 /// Unit tests and the privileged integration tests on this machine's kernel.
 fn host_tests() -> Result<TestCounts> {
-    let mut cmd = Command::new("cargo");
+    let mut cmd = toolchain::cargo();
     cmd.args([
         "test",
         "--workspace",
@@ -217,7 +235,7 @@ fn vm_tests(kernels: Vec<String>) -> Result<TestCounts> {
 
 /// Paths of the `tests` package's integration test executables.
 fn integration_test_binaries() -> Result<Vec<PathBuf>> {
-    let output = Command::new("cargo")
+    let output = toolchain::cargo()
         .args([
             "test",
             "--package",

@@ -8,36 +8,13 @@ use anyhow::{Context, Result, bail};
 
 use crate::{command_output, run};
 
-/// Debian packages: the LLVM that bpf-linker links against, the real
-/// servers and clients the tests drive, and qemu for the VM tests.
-pub const APT_PACKAGES: &[&str] = &[
-    // bpf-linker 0.13 built against LLVM 22, the LLVM of rustc 1.98.
-    "llvm-22-dev",
-    "libpolly-22-dev",
-    "libzstd-dev",
-    "zlib1g-dev",
-    // Real HTTP servers, clients and network tools for the tests.
-    "nginx",
-    "curl",
-    "python3",
-    "iproute2",
-    "iptables",
-    "wrk",
-    "haproxy",
-    // VM tests.
-    "qemu-system-x86",
-    "busybox-static",
-    "cpio",
-    "xz-utils",
-    "kmod",
-];
-
 /// The bpf-linker release whose LLVM matches the pinned rustc.
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Installs whatever is missing.
 pub fn setup() -> Result<()> {
-    install_apt_packages(APT_PACKAGES)?;
+    crate::toolchain::install()?;
+    install_apt_packages(&crate::tools::setup_package_names())?;
     install_bpf_linker()?;
     Ok(())
 }
@@ -82,7 +59,7 @@ fn install_bpf_linker() -> Result<()> {
     eprintln!(
         "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 5 minutes, once)"
     );
-    run(Command::new("cargo")
+    run(crate::toolchain::cargo()
         .args([
             "install",
             "bpf-linker",

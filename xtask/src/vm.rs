@@ -18,7 +18,6 @@
 
 mod console;
 mod cpio;
-mod host;
 mod initramfs;
 mod kernel;
 mod qemu;
@@ -70,7 +69,8 @@ pub fn vm_test(opts: &VmTestOptions) -> Result<TestCounts> {
     let work_dir = std::path::absolute(&opts.work_dir)
         .with_context(|| format!("resolving {}", opts.work_dir.display()))?;
 
-    host::ensure_packages().context("installing the tools vm-test needs")?;
+    // The host tools and the guest's programs come from `cargo xtask setup`
+    // (xtask/src/tools.rs), which every command runs first.
     let kernels = opts
         .kernels
         .iter()

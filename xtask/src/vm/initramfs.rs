@@ -2,7 +2,8 @@
 //!
 //! It comes in three concatenated archives so that only the small part
 //! changes between runs:
-//! 1. the base: busybox, python, curl, hey, wrk, nginx, iproute2, iptables and their
+//! 1. the base: busybox, the programs `xtask/src/tools.rs` marks for the
+//!    guest (python, curl, wrk, nginx, iproute2, iptables) and their
 //!    libraries; cached, rebuilt when host packages or this file change;
 //! 2. the kernel's modules (see `kernel.rs`), cached per kernel;
 //! 3. the tests: `/init`, the test binaries and their extra libraries.
@@ -20,7 +21,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use super::{cpio, host, output};
+use super::{cpio, output};
 
 /// The guest's PID 1; see the script for what it does.
 const INIT_SCRIPT: &str = include_str!("../../assets/vm/init.sh");
@@ -28,6 +29,10 @@ const INIT_SCRIPT: &str = include_str!("../../assets/vm/init.sh");
 /// This file's source: part of the base archive's cache key, so that any
 /// change to how the base is staged rebuilds it.
 const THIS_SOURCE: &str = include_str!("initramfs.rs");
+
+/// The guest's shell and basic tools (package busybox-static in
+/// `xtask/src/tools.rs`; not Debian's dynamically linked busybox).
+const BUSYBOX: &str = "/usr/bin/busybox";
 
 /// Top-level directories that are links into /usr, as on Debian 12.
 const MERGED_USR: &[&str] = &["bin", "sbin", "lib", "lib64"];
@@ -121,21 +126,22 @@ fn stage_base(stage: &mut Stage) -> Result<()> {
     ] {
         stage.add_dir(Path::new(dir))?;
     }
-    stage_python(stage)?;
-    stage.add_program(host::find_file(&["/usr/bin/curl"])?)?;
-    // Load generators of the span tests.
-    stage.add_program(host::find_file(&["/usr/bin/hey"])?)?;
-    stage.add_program(host::find_file(&["/usr/bin/wrk"])?)?;
-    stage_nginx(stage)?;
-    stage.add_program(host::find_file(&["/usr/sbin/ip", "/sbin/ip", "/bin/ip"])?)?;
-    stage_iptables(stage)?;
+    // The programs the tests run, from the one list setup installs.
+    for program in crate::tools::guest_programs() {
+        stage
+            .add_program(Path::new(program))
+            .with_context(|| format!("adding {program} (run `cargo xtask setup`)"))?;
+    }
+    stage_python_stdlib(stage)?;
+    stage_nginx_files(stage)?;
+    stage_iptables_plugins(stage)?;
     stage_etc(stage)?;
     // Last, so that the real programs above win over same-named applets.
     stage_busybox(stage)
 }
 
 fn stage_busybox(stage: &mut Stage) -> Result<()> {
-    let busybox = host::find_file(&["/usr/bin/busybox", "/bin/busybox"])?;
+    let busybox = Path::new(BUSYBOX);
     stage.add_file(busybox, Path::new("/usr/bin/busybox"))?;
     let applets = output(Command::new(busybox).arg("--list-full"))?;
     for applet in applets.lines().map(str::trim).filter(|a| !a.is_empty()) {
@@ -147,9 +153,10 @@ fn stage_busybox(stage: &mut Stage) -> Result<()> {
     Ok(())
 }
 
-/// Debian's python3 (not whatever `python3` is first on PATH, e.g. pyenv's),
-/// with a standard library pruned of what tests never import.
-fn stage_python(stage: &mut Stage) -> Result<()> {
+/// The standard library of Debian's python3 (whose interpreter is a guest
+/// program; not whatever `python3` is first on PATH, e.g. pyenv's), pruned
+/// of what tests never import.
+fn stage_python_stdlib(stage: &mut Stage) -> Result<()> {
     let link = Path::new("/usr/bin/python3");
     let target = fs::read_link(link).with_context(|| format!("reading link {}", link.display()))?;
     let version = target
@@ -164,8 +171,6 @@ fn stage_python(stage: &mut Stage) -> Result<()> {
             )
         })?
         .to_owned();
-    stage.add_program(&Path::new("/usr/bin").join(&version))?;
-    stage.add_symlink(link, &version)?;
 
     let stdlib = Path::new("/usr/lib").join(&version);
     stage.add_tree(&stdlib, &|name, is_dir| {
@@ -214,8 +219,8 @@ fn stage_python(stage: &mut Stage) -> Result<()> {
     Ok(())
 }
 
-fn stage_nginx(stage: &mut Stage) -> Result<()> {
-    stage.add_program(host::find_file(&["/usr/sbin/nginx"])?)?;
+/// nginx's configuration, default site and dynamic modules.
+fn stage_nginx_files(stage: &mut Stage) -> Result<()> {
     let everything = |_: &str, _: bool| true;
     for dir in ["/etc/nginx", "/usr/share/nginx", "/var/www/html"] {
         if Path::new(dir).is_dir() {
@@ -238,26 +243,10 @@ fn stage_nginx(stage: &mut Stage) -> Result<()> {
     Ok(())
 }
 
-/// iptables and friends are links (through /etc/alternatives) to one
-/// multi-call binary that dispatches on its name.
-fn stage_iptables(stage: &mut Stage) -> Result<()> {
-    for name in [
-        "iptables",
-        "iptables-save",
-        "iptables-restore",
-        "ip6tables",
-        "ip6tables-save",
-        "ip6tables-restore",
-        "iptables-legacy",
-        "ip6tables-legacy",
-        "iptables-nft",
-        "ip6tables-nft",
-    ] {
-        let path = Path::new("/usr/sbin").join(name);
-        if path.exists() {
-            stage.add_program(&path)?;
-        }
-    }
+/// The extensions iptables loads (its programs are links, through
+/// /etc/alternatives, to one multi-call binary that dispatches on its name,
+/// and are guest programs).
+fn stage_iptables_plugins(stage: &mut Stage) -> Result<()> {
     let plugins = Path::new("/usr/lib/x86_64-linux-gnu/xtables");
     if plugins.is_dir() {
         for entry in
