@@ -232,16 +232,17 @@ fn shell_spawns(file: &str, text: &str) -> Vec<Spawn> {
         };
         let raw = line.trim();
         let line = &strip_shell_noise(raw);
-        if let Some((name, _)) = raw.split_once("()") {
-            if name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !name.is_empty() {
-                functions.insert(name.to_string());
-            }
+        if let Some((name, _)) = raw.split_once("()")
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && !name.is_empty()
+        {
+            functions.insert(name.to_string());
         }
-        if let Some((name, value)) = raw.split_once("=\"") {
-            if name.chars().all(|c| c.is_ascii_uppercase() || c == '_') {
-                let value = strip_shell_noise(value.trim_end_matches('"'));
-                variables.push((name.to_string(), value));
-            }
+        if let Some((name, value)) = raw.split_once("=\"")
+            && name.chars().all(|c| c.is_ascii_uppercase() || c == '_')
+        {
+            let value = strip_shell_noise(value.trim_end_matches('"'));
+            variables.push((name.to_string(), value));
         }
         let mut current = String::new();
         let mut chars = line.chars().peekable();
@@ -270,11 +271,11 @@ fn shell_spawns(file: &str, text: &str) -> Vec<Spawn> {
             .map(|w| w.trim_matches('"').to_string())
             .collect();
         // A `$VAR` in command position stands for its value's words.
-        if let Some(first) = words.first().and_then(|w| w.strip_prefix('$')) {
-            if let Some((_, value)) = variables.iter().find(|(name, _)| name == first) {
-                let value: Vec<String> = value.split_whitespace().map(String::from).collect();
-                words.splice(0..1, value);
-            }
+        if let Some(first) = words.first().and_then(|w| w.strip_prefix('$'))
+            && let Some((_, value)) = variables.iter().find(|(name, _)| name == first)
+        {
+            let value: Vec<String> = value.split_whitespace().map(String::from).collect();
+            words.splice(0..1, value);
         }
         let mut words = words.into_iter().peekable();
         // Leading assignments and keywords.
