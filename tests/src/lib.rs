@@ -18,6 +18,7 @@ use agent::capture::{Capture, CaptureEvent, Connection, Direction, Message, Prob
 pub use agent::capture;
 
 pub mod chains;
+pub mod links;
 pub mod netns;
 pub mod otlp_receiver;
 
@@ -37,6 +38,11 @@ pub mod fixtures {
     pub const REQUEST_RECORDER: &str = include_str!("../fixtures/request_recorder.py");
     /// A bulk non-HTTP stream whose sink and source both hash what they move.
     pub const HASHING_STREAM: &str = include_str!("../fixtures/hashing_stream.py");
+    /// The backend and the python frontends (thread per request, asyncio)
+    /// of the parent-link tests.
+    pub const LINK_SERVICE_PY: &str = include_str!("../fixtures/link_service.py");
+    /// The Node.js frontend of the parent-link tests.
+    pub const LINK_SERVICE_JS: &str = include_str!("../fixtures/link_service.js");
 }
 
 /// Whether privileged tests can run here. Outside CI a non-root run skips
@@ -138,13 +144,24 @@ impl SharedCapture {
         timeout: Duration,
         done: impl Fn(&[CaptureEvent]) -> bool,
     ) -> Vec<CaptureEvent> {
+        self.wait_for_ports(&[port], timeout, done)
+    }
+
+    /// [`Self::wait_for_port`] for the events touching any of `ports`, in
+    /// capture order (a service's inbound and outbound connections).
+    pub fn wait_for_ports(
+        &self,
+        ports: &[u16],
+        timeout: Duration,
+        done: impl Fn(&[CaptureEvent]) -> bool,
+    ) -> Vec<CaptureEvent> {
         let deadline = Instant::now() + timeout;
         loop {
             let matching: Vec<CaptureEvent> = {
                 let events = self.log.events.lock().unwrap();
                 events
                     .iter()
-                    .filter(|e| touches_port(e.connection(), port))
+                    .filter(|e| ports.iter().any(|&p| touches_port(e.connection(), p)))
                     .cloned()
                     .collect()
             };

@@ -75,6 +75,12 @@ enum Task {
     },
 }
 
+/// Integration test binaries the VMs do not run: what they test does not
+/// depend on the kernel beyond what the other binaries cover there, and
+/// their programs are not in the guest. `links_node`: Node.js (a 100 MB
+/// binary) is not copied into the initramfs.
+const HOST_ONLY_TESTS: &[&str] = &["links_node"];
+
 /// Kernels the VM tests boot besides the host's own.
 const VM_KERNELS: &[&str] = &["6.1", "6.12"];
 
@@ -259,6 +265,12 @@ fn integration_test_binaries() -> Result<Vec<PathBuf>> {
         let is_integration = message["target"]["kind"]
             .as_array()
             .is_some_and(|k| k.iter().any(|k| k == "test"));
+        let host_only = message["target"]["name"]
+            .as_str()
+            .is_some_and(|name| HOST_ONLY_TESTS.contains(&name));
+        if host_only {
+            continue;
+        }
         if let (true, true, Some(path)) = (is_test, is_integration, message["executable"].as_str())
         {
             binaries.push(PathBuf::from(path));

@@ -109,6 +109,9 @@ pub const BASE_PACKAGES: &[Package] = &[
     package("binutils", &["/usr/bin/strip"]),
     package("dpkg", &["/usr/bin/dpkg-deb", "/usr/bin/dpkg-query"]),
     package("apt", &["/usr/bin/apt-get", "/usr/bin/apt-cache"]),
+    // Node.js 20 from the image's nodesource apt source (Debian's own is
+    // 18): the event-loop frontend of the link tests.
+    package("nodejs", &["/usr/bin/node"]),
 ];
 
 /// Names of the packages setup makes sure of: its own, and the base

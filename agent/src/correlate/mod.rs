@@ -12,9 +12,17 @@
 //!   it until its response is sent.
 //! - outbound request (CLIENT span) carrying a `traceparent` on the wire: the
 //!   span takes that trace-id and its span-id is exactly the wire parent-id,
-//!   so the downstream SERVER span links to it. Without one, sent by a thread
-//!   that is serving an inbound request: a child of that SERVER span.
-//!   Otherwise: a new trace.
+//!   so the downstream SERVER span links to it. Without one, it gets a
+//!   parent only from a signal that is exact for the sending process's
+//!   runtime, and otherwise none (a new trace): a wrong parent sends a
+//!   person debugging to the wrong request, a missing one only leaves a gap.
+//!   The thread signal (the thread that sent it serves exactly one inbound
+//!   request, from the read of its head to the end of its response) is
+//!   exact for thread-per-request servers only: never for the runtimes
+//!   [`runtime`] recognizes as multiplexing, and never again for a process
+//!   once one of its threads is seen with two inbound requests in flight, or
+//!   answering a request another thread read. Every span says how its parent
+//!   was decided ([`ParentDecision`], attribute `trace.parent.decision`).
 //! - both ends on this node: the agent sees the client's and the server's
 //!   side of the same TCP connection (the same 4-tuple, reversed). A SERVER
 //!   span without an inbound `traceparent` becomes the child of the CLIENT
@@ -25,19 +33,73 @@
 pub mod attributes;
 pub mod process;
 pub mod proxy_contexts;
+pub mod runtime;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 
 use crate::capture::{CaptureEvent, Connection, ConnectionId, Direction, Message, Role};
 use crate::http::{self, HttpConnection, RequestHead, StreamDirection};
 use crate::sampling::Sampler;
-use crate::span::{Span, SpanId, SpanKind, TraceId, flags};
+use crate::span::{Attribute, Span, SpanId, SpanKind, TraceId, flags};
 use crate::tracecontext::{self, IdGenerator};
 
 pub use attributes::SpanSettings;
 pub use process::{ProcessFilter, ProcessTable};
 pub use proxy_contexts::{AgreementCounters, ProxiedRequestKey, ProxyContexts};
+pub use runtime::{Multiplexer, Runtime};
+
+/// The span attribute that says how the span's parent was decided.
+pub const PARENT_DECISION_ATTRIBUTE: &str = "trace.parent.decision";
+
+/// How a span's parent was decided (or why it has none).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParentDecision {
+    /// From a `traceparent` on the wire: received (SERVER), or sent by the
+    /// application or an upstream hop (CLIENT, whose id it then is).
+    Wire,
+    /// SERVER without a `traceparent`: the child of the CLIENT span of the
+    /// same request, both ends of the connection being on this node.
+    LocalPeer,
+    /// CLIENT: the sending thread serves exactly one inbound request, in a
+    /// process whose runtime makes that exact.
+    Thread,
+    /// SERVER: nothing came in to continue; a new trace.
+    Root,
+    /// CLIENT: the sending thread serves no inbound request.
+    NoInbound,
+    /// CLIENT: the process multiplexes requests on its threads.
+    Multiplexing(Multiplexer),
+    /// CLIENT: a thread of this process was seen serving two requests at
+    /// once, or answering one another thread read.
+    ConcurrentThread,
+    /// CLIENT: the process's runtime could not be read.
+    RuntimeUnknown,
+    /// CLIENT: the proxy had to decide before the probes did (a new trace).
+    ProxyFirst,
+}
+
+impl ParentDecision {
+    /// The attribute value.
+    pub fn name(self) -> &'static str {
+        match self {
+            ParentDecision::Wire => "wire",
+            ParentDecision::LocalPeer => "local-peer",
+            ParentDecision::Thread => "thread",
+            ParentDecision::Root => "root",
+            ParentDecision::NoInbound => "none-no-inbound",
+            ParentDecision::Multiplexing(m) => match m {
+                Multiplexer::JavaScript => "none-event-loop-javascript",
+                Multiplexer::PythonAsyncio => "none-event-loop-python-asyncio",
+                Multiplexer::EventDrivenServer => "none-event-loop-server",
+                Multiplexer::Go => "none-go-scheduler",
+            },
+            ParentDecision::ConcurrentThread => "none-concurrent-thread",
+            ParentDecision::RuntimeUnknown => "none-runtime-unknown",
+            ParentDecision::ProxyFirst => "none-proxy-first",
+        }
+    }
+}
 
 /// The trace context a request got when its head was parsed.
 #[derive(Clone, Debug)]
@@ -57,6 +119,8 @@ struct RequestContext {
     awaiting_local_client: bool,
     /// The ids came from a `traceparent` on the wire.
     from_wire: bool,
+    /// How the parent was decided.
+    decision: ParentDecision,
 }
 
 /// One TCP connection being followed.
@@ -100,6 +164,10 @@ pub struct Correlator {
     by_addresses: HashMap<(SocketAddr, SocketAddr), ConnectionId>,
     /// (pid, tid) -> context of the inbound request that thread serves.
     serving: HashMap<(u32, u32), RequestContext>,
+    /// Processes seen serving two requests on one thread at once, or
+    /// answering on another thread than the one that read: their threads
+    /// never give a parent again.
+    concurrent: HashSet<u32>,
     ids: IdGenerator,
     sampler: Sampler,
     processes: ProcessTable,
@@ -120,6 +188,7 @@ impl Correlator {
             connections: HashMap::new(),
             by_addresses: HashMap::new(),
             serving: HashMap::new(),
+            concurrent: HashSet::new(),
             ids: IdGenerator::new(),
             sampler,
             processes,
@@ -163,6 +232,7 @@ impl Correlator {
                     let now = state.last_activity_ns;
                     state.http.close(now, &mut self.exchanges);
                     self.finish_exchanges(&mut state, out);
+                    self.release_all(&state);
                 }
             }
         }
@@ -198,11 +268,19 @@ impl Correlator {
         );
         if stream == StreamDirection::Requests {
             self.start_new_requests(&mut state, message);
+        } else if let Some(oldest) = state.requests.front()
+            && oldest.kind == SpanKind::Server
+            && oldest.tid != message.tid
+        {
+            // Answered by another thread than the one that read it: the
+            // reading thread may have moved on to other work.
+            self.mark_concurrent(message.connection.pid);
         }
         self.finish_exchanges(&mut state, out);
 
         if state.http.is_broken() {
             self.counters.broken_connections += 1;
+            self.release_all(&state);
             return; // forgotten: nothing more to learn from it
         }
         self.track(state);
@@ -272,8 +350,15 @@ impl Correlator {
             if kind == SpanKind::Client && !context.from_wire {
                 self.agree_with_proxy(&state.connection, &mut context);
             }
-            if kind == SpanKind::Server {
-                self.serving.insert((pid, message.tid), context.clone());
+            if kind == SpanKind::Server
+                && self
+                    .serving
+                    .insert((pid, message.tid), context.clone())
+                    .is_some()
+            {
+                // The thread already served a request that is not answered
+                // yet: it multiplexes.
+                self.mark_concurrent(pid);
             }
             state.requests.push_back(context);
         }
@@ -306,6 +391,34 @@ impl Correlator {
             context.flags = agreed.flags;
             context.parent_span_id = None;
             context.trace_state = String::new();
+            context.decision = ParentDecision::ProxyFirst;
+        }
+    }
+
+    /// Stops trusting the threads of `pid` for parents. Bounded like the
+    /// process table: when full it starts over (losing only distrust that
+    /// the next concurrent request restores).
+    fn mark_concurrent(&mut self, pid: u32) {
+        if self.concurrent.len() >= process::MAX_PROCESSES {
+            self.concurrent.clear();
+        }
+        self.concurrent.insert(pid);
+    }
+
+    /// The parent the thread signal gives a call that `tid` of `pid` sends,
+    /// if that signal is exact for this process, and the decision either way.
+    fn thread_parent(&mut self, pid: u32, tid: u32) -> (Option<RequestContext>, ParentDecision) {
+        let Some(server) = self.serving.get(&(pid, tid)) else {
+            return (None, ParentDecision::NoInbound);
+        };
+        let server = server.clone();
+        if self.concurrent.contains(&pid) {
+            return (None, ParentDecision::ConcurrentThread);
+        }
+        match self.processes.runtime(pid) {
+            Runtime::Threads => (Some(server), ParentDecision::Thread),
+            Runtime::Multiplexing(kind) => (None, ParentDecision::Multiplexing(kind)),
+            Runtime::Unknown => (None, ParentDecision::RuntimeUnknown),
         }
     }
 
@@ -372,17 +485,17 @@ impl Correlator {
                     tid,
                     awaiting_local_client: false,
                     from_wire: true,
+                    decision: ParentDecision::Wire,
                 }
             }
             None => RequestContext {
                 awaiting_local_client: true,
-                ..self.root_context(SpanKind::Server, span_id, tid)
+                ..self.root_context(SpanKind::Server, span_id, tid, ParentDecision::Root)
             },
         }
     }
 
     fn client_context(&mut self, head: &RequestHead, pid: u32, tid: u32) -> RequestContext {
-        let serving = self.serving.get(&(pid, tid)).cloned();
         if let Some(wire) = tracecontext::extract(
             head.headers
                 .iter()
@@ -390,7 +503,11 @@ impl Correlator {
         ) {
             // Someone (the application or our proxy) already chose this
             // call's id: the downstream server's parent is the wire parent-id.
-            let parent = serving
+            // Its own parent: the thread's request, if the thread signal is
+            // exact here and names the same trace.
+            let parent = self
+                .thread_parent(pid, tid)
+                .0
                 .filter(|s| s.trace_id == wire.traceparent.trace_id)
                 .map(|s| s.span_id);
             return RequestContext {
@@ -404,9 +521,11 @@ impl Correlator {
                 tid,
                 awaiting_local_client: false,
                 from_wire: true,
+                decision: ParentDecision::Wire,
             };
         }
         let span_id = self.ids.span_id();
+        let (serving, decision) = self.thread_parent(pid, tid);
         match serving {
             Some(server) => RequestContext {
                 sequence: 0,
@@ -419,12 +538,19 @@ impl Correlator {
                 tid,
                 awaiting_local_client: false,
                 from_wire: false,
+                decision,
             },
-            None => self.root_context(SpanKind::Client, span_id, tid),
+            None => self.root_context(SpanKind::Client, span_id, tid, decision),
         }
     }
 
-    fn root_context(&mut self, kind: SpanKind, span_id: SpanId, tid: u32) -> RequestContext {
+    fn root_context(
+        &mut self,
+        kind: SpanKind,
+        span_id: SpanId,
+        tid: u32,
+        decision: ParentDecision,
+    ) -> RequestContext {
         let trace_id = self.ids.trace_id();
         let sampled = self.sampler.should_sample(trace_id, None);
         RequestContext {
@@ -438,6 +564,7 @@ impl Correlator {
             tid,
             awaiting_local_client: false,
             from_wire: false,
+            decision,
         }
     }
 
@@ -453,7 +580,9 @@ impl Correlator {
                 .front()
                 .is_some_and(|c| c.sequence < exchange.sequence)
             {
-                state.requests.pop_front();
+                if let Some(given_up) = state.requests.pop_front() {
+                    self.release(state.connection.pid, &given_up);
+                }
             }
             if state
                 .requests
@@ -466,14 +595,7 @@ impl Correlator {
                 continue;
             };
             let pid = state.connection.pid;
-            if context.kind == SpanKind::Server
-                && self
-                    .serving
-                    .get(&(pid, context.tid))
-                    .is_some_and(|s| s.span_id == context.span_id)
-            {
-                self.serving.remove(&(pid, context.tid));
-            }
+            self.release(pid, &context);
             if context.flags & flags::SAMPLED == 0 {
                 self.counters.sampled_out += 1;
                 continue;
@@ -487,6 +609,12 @@ impl Correlator {
                 remote: state.connection.remote,
             };
             let end_ns = exchange.response_end_ns.unwrap_or(exchange.request_end_ns);
+            let mut attributes =
+                attributes::attributes(&exchange, context.kind, ends, &self.settings);
+            attributes.push(Attribute::string(
+                PARENT_DECISION_ATTRIBUTE,
+                context.decision.name(),
+            ));
             out.push(Span {
                 trace_id: context.trace_id,
                 span_id: context.span_id,
@@ -497,13 +625,33 @@ impl Correlator {
                 kind: context.kind,
                 start_unix_nano: self.to_unix(exchange.request_start_ns),
                 end_unix_nano: self.to_unix(end_ns),
-                attributes: attributes::attributes(&exchange, context.kind, ends, &self.settings),
+                attributes,
                 status: attributes::status(&exchange, context.kind),
                 resource,
             });
             self.counters.spans += 1;
         }
         self.exchanges = exchanges;
+    }
+
+    /// A server request is answered (or given up): its thread no longer
+    /// serves it.
+    fn release(&mut self, pid: u32, context: &RequestContext) {
+        if context.kind == SpanKind::Server
+            && self
+                .serving
+                .get(&(pid, context.tid))
+                .is_some_and(|s| s.span_id == context.span_id)
+        {
+            self.serving.remove(&(pid, context.tid));
+        }
+    }
+
+    /// A connection is forgotten: its unanswered requests are served no more.
+    fn release_all(&mut self, state: &ConnectionState) {
+        for context in &state.requests {
+            self.release(state.connection.pid, context);
+        }
     }
 
     fn to_unix(&self, monotonic_ns: u64) -> u64 {
@@ -577,6 +725,7 @@ fn adopt_client(server: &mut RequestContext, client: &RequestContext, sampler: &
     server.flags = tracecontext::child_flags(client.flags, sampled);
     server.trace_state = client.trace_state.clone();
     server.awaiting_local_client = false;
+    server.decision = ParentDecision::LocalPeer;
 }
 
 /// CLOCK_REALTIME minus CLOCK_MONOTONIC (what bpf_ktime_get_ns reads).

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::runtime::{self, Runtime};
 use crate::span::{Attribute, Resource};
 
 /// Which processes produce spans, and what their resource may reveal.
@@ -82,9 +83,11 @@ pub struct ProcessTable {
     host_name: String,
     filter: ProcessFilter,
     resources: HashMap<u32, Option<Arc<Resource>>>,
+    runtimes: HashMap<u32, Runtime>,
 }
 
-const MAX_PROCESSES: usize = 65_536;
+/// Processes remembered at most; when full, a table starts over.
+pub(crate) const MAX_PROCESSES: usize = 65_536;
 
 impl ProcessTable {
     /// A table reading `proc_root`.
@@ -98,7 +101,25 @@ impl ProcessTable {
             host_name,
             filter,
             resources: HashMap::new(),
+            runtimes: HashMap::new(),
         }
+    }
+
+    /// How `pid` serves requests ([`runtime::read`]), read once and cached.
+    pub fn runtime(&mut self, pid: u32) -> Runtime {
+        if let Some(known) = self.runtimes.get(&pid) {
+            return *known;
+        }
+        if self.runtimes.len() >= MAX_PROCESSES {
+            self.runtimes.clear();
+        }
+        let runtime = runtime::read(&self.proc_root, pid);
+        // An unreadable process may be readable later (it may still be
+        // starting); only what was read is kept.
+        if runtime != Runtime::Unknown {
+            self.runtimes.insert(pid, runtime);
+        }
+        runtime
     }
 
     /// The resource of `pid`, or None when the filter excludes it.
@@ -118,6 +139,7 @@ impl ProcessTable {
     /// Forgets a process (its pid may be reused).
     pub fn forget(&mut self, pid: u32) {
         self.resources.remove(&pid);
+        self.runtimes.remove(&pid);
     }
 
     fn traced(&self, info: &ProcessInfo) -> bool {

@@ -11,8 +11,37 @@ use crate::span::{SpanStatus, flags};
 const SERVER_PID: u32 = 100;
 const CLIENT_PID: u32 = 200;
 
+/// A process with no event loop in its mappings.
+const THREADED_PID: u32 = SERVER_PID;
+/// A Node.js process.
+const NODE_PID: u32 = 300;
+/// An nginx process.
+const NGINX_PID: u32 = 400;
+
+/// A proc filesystem with the two processes above (made once per test
+/// binary; the pids of other tests are absent, so their runtime is unknown).
+fn fake_proc() -> &'static std::path::Path {
+    static ROOT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    ROOT.get_or_init(|| {
+        let root =
+            std::env::temp_dir().join(format!("agent-correlate-proc-{}", std::process::id()));
+        for (pid, exe) in [
+            (THREADED_PID, "/usr/bin/python3.11"),
+            (NODE_PID, "/usr/bin/node"),
+            (NGINX_PID, "/usr/sbin/nginx"),
+        ] {
+            let dir = root.join(pid.to_string());
+            std::fs::create_dir_all(&dir).unwrap();
+            let _ = std::fs::remove_file(dir.join("exe"));
+            std::os::unix::fs::symlink(exe, dir.join("exe")).unwrap();
+            std::fs::write(dir.join("maps"), "").unwrap();
+        }
+        root
+    })
+}
+
 fn correlator(percentage: f64) -> Correlator {
-    let processes = ProcessTable::new("/nonexistent-proc", ProcessFilter::default());
+    let processes = ProcessTable::new(fake_proc(), ProcessFilter::default());
     Correlator::new(
         Sampler::new(percentage, true).unwrap(),
         SpanSettings::default(),
@@ -129,7 +158,8 @@ fn inbound_request_without_traceparent_starts_a_new_random_sampled_trace() {
         span.attribute("network.protocol.version").as_deref(),
         Some("1.1")
     );
-    assert_eq!(span.resource.service_name, format!("pid-{SERVER_PID}"));
+    // The executable, read from the (fake) /proc.
+    assert_eq!(span.resource.service_name, "python3.11");
 }
 
 #[test]
@@ -233,6 +263,170 @@ fn outbound_call_from_another_thread_starts_its_own_trace() {
     );
     assert_ne!(spans[0].trace_id, spans[1].trace_id);
     assert_eq!(spans[0].parent_span_id, None);
+}
+
+fn decision(span: &Span) -> String {
+    span.attribute(PARENT_DECISION_ATTRIBUTE)
+        .unwrap_or_default()
+}
+
+/// An inbound request read by `tid` of `pid` on connection `id`, and an
+/// outbound call sent by `caller_tid` while it is in flight.
+fn call_while_serving(pid: u32, tid: u32, caller_tid: u32) -> Vec<CaptureEvent> {
+    let s = connection(10, pid, Role::Server, "10.0.0.1:8080", "10.0.0.9:40000");
+    let u = connection(11, pid, Role::Client, "10.0.0.1:50000", "10.0.0.2:9090");
+    vec![
+        message(
+            s,
+            tid,
+            Direction::Ingress,
+            1,
+            b"GET /front HTTP/1.1\r\n\r\n",
+        ),
+        message(
+            u,
+            caller_tid,
+            Direction::Egress,
+            2,
+            b"GET /back HTTP/1.1\r\n\r\n",
+        ),
+        message(u, caller_tid, Direction::Ingress, 3, OK),
+        message(s, tid, Direction::Egress, 4, OK),
+    ]
+}
+
+#[test]
+fn every_span_says_how_its_parent_was_decided() {
+    let spans = run(
+        &mut correlator(100.0),
+        &call_while_serving(THREADED_PID, 11, 11),
+    );
+    assert_eq!(decision(&spans[0]), "thread");
+    assert_eq!(spans[0].parent_span_id, Some(spans[1].span_id));
+    assert_eq!(decision(&spans[1]), "root");
+    let spans = run(
+        &mut correlator(100.0),
+        &call_while_serving(THREADED_PID, 11, 12),
+    );
+    assert_eq!(decision(&spans[0]), "none-no-inbound");
+}
+
+#[test]
+fn an_event_loop_never_gets_the_thread_signal_even_at_concurrency_one() {
+    let spans = run(
+        &mut correlator(100.0),
+        &call_while_serving(NODE_PID, 11, 11),
+    );
+    let (client, server) = (&spans[0], &spans[1]);
+    assert_eq!(client.parent_span_id, None);
+    assert_ne!(client.trace_id, server.trace_id);
+    assert_eq!(decision(client), "none-event-loop-javascript");
+}
+
+#[test]
+fn a_process_whose_runtime_cannot_be_read_gets_no_parent() {
+    let spans = run(&mut correlator(100.0), &call_while_serving(4242, 11, 11));
+    assert_eq!(spans[0].parent_span_id, None);
+    assert_eq!(decision(&spans[0]), "none-runtime-unknown");
+}
+
+#[test]
+fn a_thread_with_two_requests_in_flight_is_never_trusted_again() {
+    let mut c = correlator(100.0);
+    let a = connection(
+        20,
+        THREADED_PID,
+        Role::Server,
+        "10.0.0.1:8080",
+        "10.0.0.9:40001",
+    );
+    let b = connection(
+        21,
+        THREADED_PID,
+        Role::Server,
+        "10.0.0.1:8080",
+        "10.0.0.9:40002",
+    );
+    let u = connection(
+        22,
+        THREADED_PID,
+        Role::Client,
+        "10.0.0.1:50000",
+        "10.0.0.2:9090",
+    );
+    // One thread reads two requests before answering either (an event
+    // loop the runtime check did not recognize): the call it then makes
+    // could be for either.
+    let spans = run(
+        &mut c,
+        &[
+            message(a, 11, Direction::Ingress, 1, b"GET /a HTTP/1.1\r\n\r\n"),
+            message(b, 11, Direction::Ingress, 2, b"GET /b HTTP/1.1\r\n\r\n"),
+            message(u, 11, Direction::Egress, 3, b"GET /back HTTP/1.1\r\n\r\n"),
+            message(u, 11, Direction::Ingress, 4, OK),
+            message(a, 11, Direction::Egress, 5, OK),
+            message(b, 11, Direction::Egress, 6, OK),
+        ],
+    );
+    assert_eq!(spans[0].kind, SpanKind::Client);
+    assert_eq!(spans[0].parent_span_id, None);
+    assert_eq!(decision(&spans[0]), "none-concurrent-thread");
+    // Later, one request at a time on that process: still no parent.
+    let spans = run(&mut c, &call_while_serving(THREADED_PID, 11, 11));
+    assert_eq!(spans[0].parent_span_id, None);
+    assert_eq!(decision(&spans[0]), "none-concurrent-thread");
+}
+
+#[test]
+fn a_request_answered_by_another_thread_ends_the_trust() {
+    let mut c = correlator(100.0);
+    let s = connection(
+        30,
+        THREADED_PID,
+        Role::Server,
+        "10.0.0.1:8080",
+        "10.0.0.9:40003",
+    );
+    run(
+        &mut c,
+        &[
+            message(s, 11, Direction::Ingress, 1, b"GET /a HTTP/1.1\r\n\r\n"),
+            message(s, 12, Direction::Egress, 2, OK),
+        ],
+    );
+    let spans = run(&mut c, &call_while_serving(THREADED_PID, 11, 11));
+    assert_eq!(decision(&spans[0]), "none-concurrent-thread");
+}
+
+#[test]
+fn a_request_left_unanswered_is_not_served_after_its_connection_closes() {
+    let mut c = correlator(100.0);
+    let s = connection(
+        40,
+        THREADED_PID,
+        Role::Server,
+        "10.0.0.1:8080",
+        "10.0.0.9:40004",
+    );
+    let u = connection(
+        41,
+        THREADED_PID,
+        Role::Client,
+        "10.0.0.1:50001",
+        "10.0.0.2:9090",
+    );
+    let spans = run(
+        &mut c,
+        &[
+            message(s, 11, Direction::Ingress, 1, b"GET /a HTTP/1.1\r\n\r\n"),
+            CaptureEvent::Closed(s),
+            message(u, 11, Direction::Egress, 3, b"GET /later HTTP/1.1\r\n\r\n"),
+            message(u, 11, Direction::Ingress, 4, OK),
+        ],
+    );
+    let client = spans.iter().find(|s| s.kind == SpanKind::Client).unwrap();
+    assert_eq!(client.parent_span_id, None);
+    assert_eq!(decision(client), "none-no-inbound");
 }
 
 #[test]
@@ -415,26 +609,26 @@ fn server_end_joins_the_trace_of_the_client_end_on_this_node_server_seen_first()
     assert_eq!(server.parent_span_id, Some(client.span_id));
 }
 
-#[test]
-fn a_chain_of_local_services_forms_one_trace() {
-    // curl -> nginx (server end + upstream client end) -> python
-    let curl = connection(40, 300, Role::Client, "127.0.0.1:5000", "127.0.0.1:80");
-    let nginx_in = connection(41, 400, Role::Server, "127.0.0.1:80", "127.0.0.1:5000");
-    let nginx_out = connection(42, 400, Role::Client, "127.0.0.1:6000", "127.0.0.1:8000");
+/// curl -> `middle` (server end + upstream client end, one thread) ->
+/// python: the spans, each found by its pid and kind.
+fn local_chain(middle: u32) -> impl Fn(u32, SpanKind) -> Span {
+    let curl = connection(40, 600, Role::Client, "127.0.0.1:5000", "127.0.0.1:80");
+    let middle_in = connection(41, middle, Role::Server, "127.0.0.1:80", "127.0.0.1:5000");
+    let middle_out = connection(42, middle, Role::Client, "127.0.0.1:6000", "127.0.0.1:8000");
     let python = connection(43, 500, Role::Server, "127.0.0.1:8000", "127.0.0.1:6000");
     let spans = run(
         &mut correlator(100.0),
         &[
             message(curl, 1, Direction::Egress, 1, b"GET /a HTTP/1.1\r\n\r\n"),
             message(
-                nginx_in,
+                middle_in,
                 2,
                 Direction::Ingress,
                 2,
                 b"GET /a HTTP/1.1\r\n\r\n",
             ),
             message(
-                nginx_out,
+                middle_out,
                 2,
                 Direction::Egress,
                 3,
@@ -442,30 +636,58 @@ fn a_chain_of_local_services_forms_one_trace() {
             ),
             message(python, 3, Direction::Ingress, 4, b"GET /a HTTP/1.0\r\n\r\n"),
             message(python, 3, Direction::Egress, 5, OK),
-            message(nginx_out, 2, Direction::Ingress, 6, OK),
-            message(nginx_in, 2, Direction::Egress, 7, OK),
+            message(middle_out, 2, Direction::Ingress, 6, OK),
+            message(middle_in, 2, Direction::Egress, 7, OK),
             message(curl, 1, Direction::Ingress, 8, OK),
         ],
     );
     assert_eq!(spans.len(), 4);
-    let by_pid_kind = |pid: u32, kind: SpanKind| {
+    move |pid: u32, kind: SpanKind| {
         spans
             .iter()
-            .find(|s| s.resource.service_name == format!("pid-{pid}") && s.kind == kind)
+            .find(|s| {
+                s.kind == kind
+                    && s.resource
+                        .attributes
+                        .contains(&Attribute::int("process.pid", pid as i64))
+            })
+            .cloned()
             .unwrap()
-    };
-    let curl_client = by_pid_kind(300, SpanKind::Client);
-    let nginx_server = by_pid_kind(400, SpanKind::Server);
-    let nginx_client = by_pid_kind(400, SpanKind::Client);
-    let python_server = by_pid_kind(500, SpanKind::Server);
-    assert!(
-        spans.iter().all(|s| s.trace_id == curl_client.trace_id),
-        "one trace"
-    );
+    }
+}
+
+#[test]
+fn a_chain_of_local_services_forms_one_trace() {
+    let span = local_chain(THREADED_PID);
+    let curl_client = span(600, SpanKind::Client);
+    let middle_server = span(THREADED_PID, SpanKind::Server);
+    let middle_client = span(THREADED_PID, SpanKind::Client);
+    let python_server = span(500, SpanKind::Server);
+    for s in [&middle_server, &middle_client, &python_server] {
+        assert_eq!(s.trace_id, curl_client.trace_id, "one trace");
+    }
     assert_eq!(curl_client.parent_span_id, None);
+    assert_eq!(middle_server.parent_span_id, Some(curl_client.span_id));
+    assert_eq!(decision(&middle_server), "local-peer");
+    assert_eq!(middle_client.parent_span_id, Some(middle_server.span_id));
+    assert_eq!(python_server.parent_span_id, Some(middle_client.span_id));
+}
+
+/// nginx is an event loop: its upstream call has no exact parent, so the
+/// chain is two traces, each linked right, rather than one linked by luck.
+#[test]
+fn a_chain_through_an_event_loop_is_cut_there_not_guessed() {
+    let span = local_chain(NGINX_PID);
+    let curl_client = span(600, SpanKind::Client);
+    let nginx_server = span(NGINX_PID, SpanKind::Server);
+    let nginx_client = span(NGINX_PID, SpanKind::Client);
+    let python_server = span(500, SpanKind::Server);
     assert_eq!(nginx_server.parent_span_id, Some(curl_client.span_id));
-    assert_eq!(nginx_client.parent_span_id, Some(nginx_server.span_id));
+    assert_eq!(nginx_client.parent_span_id, None);
+    assert_eq!(decision(&nginx_client), "none-event-loop-server");
+    assert_ne!(nginx_client.trace_id, curl_client.trace_id);
     assert_eq!(python_server.parent_span_id, Some(nginx_client.span_id));
+    assert_eq!(python_server.trace_id, nginx_client.trace_id);
 }
 
 #[test]

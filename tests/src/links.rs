@@ -1,0 +1,171 @@
+//! Parent links measured against a known true tree: curl calls a frontend
+//! with a unique `rid` per request, the frontend calls a backend with the
+//! same `rid`, so every span knows which request it belongs to. The
+//! frontend's CLIENT span is right when its parent is the frontend's SERVER
+//! span of the same `rid`, wrong when it is any other span, and has no
+//! parent when the agent was not sure.
+
+use std::time::Duration;
+
+use agent::span::{Span, SpanKind};
+
+use crate::{ChildGuard, ScratchDir, capture, fixtures, free_port, spans_of, start_python};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Right, missing and wrong parents of the frontend's outbound calls.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct LinkCounts {
+    /// The parent is the frontend's SERVER span of the same request.
+    pub right: usize,
+    /// No parent (the agent was not sure).
+    pub no_parent: usize,
+    /// Any other parent.
+    pub wrong: usize,
+}
+
+fn rid(span: &Span) -> Option<String> {
+    span.attribute("url.query")?
+        .split('&')
+        .find_map(|p| p.strip_prefix("rid=").map(str::to_string))
+}
+
+fn pid(span: &Span) -> Option<i64> {
+    span.resource
+        .attributes
+        .iter()
+        .find(|a| a.key == "process.pid")
+        .and_then(|a| match a.value {
+            agent::span::AttributeValue::Int(pid) => Some(pid),
+            _ => None,
+        })
+}
+
+/// Runs `requests` calls at `concurrency` through `frontend` (already
+/// started on `front_port`, calling the backend on `back_port`), and scores
+/// the links. Also checks the links that are exact by construction: the
+/// frontend's SERVER span is the child of curl's CLIENT span, the backend's
+/// SERVER span the child of the frontend's CLIENT span (both ends on this
+/// node), and every trace is complete.
+pub fn measure(
+    case: &str,
+    frontend: &ChildGuard,
+    front_port: u16,
+    back_port: u16,
+    requests: usize,
+    concurrency: usize,
+) -> LinkCounts {
+    let front_pid = frontend.pid() as i64;
+    let status = std::process::Command::new("curl")
+        .args([
+            "--parallel",
+            "--parallel-max",
+            &concurrency.to_string(),
+            "--no-progress-meter",
+            "--fail",
+            "--max-time",
+            "60",
+            "--output",
+            "/dev/null",
+            &format!("http://127.0.0.1:{front_port}/call?rid={case}-[1-{requests}]"),
+        ])
+        .status()
+        .expect("curl is installed (cargo xtask setup)");
+    assert!(status.success(), "{case}: every call succeeds");
+
+    let counted = |spans: &[Span], wanted_pid: i64, kind: SpanKind| {
+        spans
+            .iter()
+            .filter(|s| s.kind == kind && pid(s) == Some(wanted_pid))
+            .count()
+    };
+    let events = capture().wait_for_ports(&[front_port, back_port], WAIT, |events| {
+        let spans = spans_of(events, 100.0);
+        counted(&spans, front_pid, SpanKind::Client) >= requests
+            && counted(&spans, front_pid, SpanKind::Server) >= requests
+    });
+    let spans = spans_of(&events, 100.0);
+    let find = |kind: SpanKind, front: bool, rid_value: &str| -> Vec<&Span> {
+        spans
+            .iter()
+            .filter(|s| {
+                s.kind == kind
+                    && (pid(s) == Some(front_pid)) == front
+                    && rid(s).as_deref() == Some(rid_value)
+            })
+            .collect()
+    };
+    let by_id = |id| spans.iter().find(|s| s.span_id == id);
+    let mut counts = LinkCounts::default();
+    let mut decisions = std::collections::BTreeMap::<String, usize>::new();
+    for n in 1..=requests {
+        let n = format!("{case}-{n}");
+        let [front_server] = find(SpanKind::Server, true, &n)[..] else {
+            panic!("{case}: rid {n}: not exactly one frontend SERVER span");
+        };
+        let [front_client] = find(SpanKind::Client, true, &n)[..] else {
+            panic!("{case}: rid {n}: not exactly one frontend CLIENT span");
+        };
+        let [back_server] = find(SpanKind::Server, false, &n)[..] else {
+            panic!("{case}: rid {n}: not exactly one backend SERVER span");
+        };
+        let [curl_client] = find(SpanKind::Client, false, &n)[..] else {
+            panic!("{case}: rid {n}: not exactly one curl CLIENT span");
+        };
+        assert_eq!(
+            front_server.parent_span_id,
+            Some(curl_client.span_id),
+            "{case}: rid {n}: the frontend's SERVER span is curl's call's child"
+        );
+        assert_eq!(
+            back_server.parent_span_id,
+            Some(front_client.span_id),
+            "{case}: rid {n}: the backend's SERVER span is the frontend's call's child"
+        );
+        *decisions
+            .entry(
+                front_client
+                    .attribute(agent::correlate::PARENT_DECISION_ATTRIBUTE)
+                    .unwrap_or_default(),
+            )
+            .or_default() += 1;
+        match front_client.parent_span_id {
+            None => counts.no_parent += 1,
+            Some(parent) if parent == front_server.span_id => {
+                assert_eq!(front_client.trace_id, front_server.trace_id);
+                counts.right += 1
+            }
+            Some(parent) => {
+                let other = by_id(parent).map(|s| (s.kind, rid(s)));
+                eprintln!("{case}: rid {n}: WRONG parent {other:?}");
+                counts.wrong += 1
+            }
+        }
+    }
+    // One line per case, for the table in the notes.
+    println!(
+        "links {case}: {requests} calls at concurrency {concurrency}: right {} / no parent {} / wrong {} ; decisions {decisions:?}",
+        counts.right, counts.no_parent, counts.wrong
+    );
+    counts
+}
+
+/// The backend, and a frontend of `mode` calling it.
+pub fn python_services(dir: &ScratchDir, mode: &str) -> (ChildGuard, u16, ChildGuard, u16) {
+    let (back_port, front_port) = (free_port(), free_port());
+    let mut backend = start_python(
+        dir,
+        "link_service.py",
+        fixtures::LINK_SERVICE_PY,
+        &["backend", &back_port.to_string()],
+    );
+    assert_eq!(backend.read_line(), "READY");
+    let mut frontend = start_python(
+        dir,
+        "link_service.py",
+        fixtures::LINK_SERVICE_PY,
+        &[mode, &front_port.to_string(), &back_port.to_string()],
+    );
+    assert_eq!(frontend.read_line(), "READY");
+    (backend, back_port, frontend, front_port)
+}
