@@ -169,3 +169,27 @@ pub fn python_services(dir: &ScratchDir, mode: &str) -> (ChildGuard, u16, ChildG
     assert_eq!(frontend.read_line(), "READY");
     (backend, back_port, frontend, front_port)
 }
+
+/// Measures `frontend` at each (requests, concurrency) of `rounds`, for a
+/// runtime whose calls must never get a parent from the thread signal:
+/// fails on any wrong parent and on any parent at all.
+pub fn assert_never_linked_by_thread(
+    runtime: &str,
+    frontend: &ChildGuard,
+    front_port: u16,
+    back_port: u16,
+    rounds: &[(usize, usize)],
+) {
+    for &(requests, concurrency) in rounds {
+        let counts = measure(
+            &format!("{runtime}-c{concurrency}"),
+            frontend,
+            front_port,
+            back_port,
+            requests,
+            concurrency,
+        );
+        assert_eq!(counts.wrong, 0, "{runtime}: {counts:?}");
+        assert_eq!(counts.no_parent, requests, "{runtime}: {counts:?}");
+    }
+}

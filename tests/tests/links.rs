@@ -3,7 +3,7 @@
 //! parent. Thread-per-request servers get every link right; event loops
 //! get no parent from the thread signal.
 
-use tests::links::{LinkCounts, measure, python_services};
+use tests::links::{LinkCounts, assert_never_linked_by_thread, measure, python_services};
 use tests::{ScratchDir, capture, in_vm, privileged};
 
 /// A thread-per-request frontend: every link right, every trace whole.
@@ -44,16 +44,6 @@ fn asyncio_frontend_gets_no_wrong_parent() {
     capture();
     let dir = ScratchDir::new("links-asyncio");
     let (_backend, back_port, frontend, front_port) = python_services(&dir, "asyncio");
-    for (requests, concurrency) in [(20, 1), (if in_vm() { 50 } else { 200 }, 8)] {
-        let counts = measure(
-            &format!("python-asyncio-c{concurrency}"),
-            &frontend,
-            front_port,
-            back_port,
-            requests,
-            concurrency,
-        );
-        assert_eq!(counts.wrong, 0, "{counts:?}");
-        assert_eq!(counts.no_parent, requests, "{counts:?}");
-    }
+    let rounds = [(20, 1), (if in_vm() { 50 } else { 200 }, 8)];
+    assert_never_linked_by_thread("python-asyncio", &frontend, front_port, back_port, &rounds);
 }

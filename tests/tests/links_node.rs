@@ -2,7 +2,7 @@
 //! wrong parent (an event loop: no thread signal). Its own binary because
 //! the VM guest has no Node.js (see `HOST_ONLY_TESTS` in xtask).
 
-use tests::links::{measure, python_services};
+use tests::links::{assert_never_linked_by_thread, python_services};
 use tests::{ChildGuard, ScratchDir, capture, fixtures, free_port, privileged};
 
 #[test]
@@ -25,16 +25,11 @@ fn node_frontend_gets_no_wrong_parent() {
             .expect("node is installed (cargo xtask setup)"),
     );
     assert_eq!(frontend.read_line(), "READY");
-    for (requests, concurrency) in [(20, 1), (200, 8)] {
-        let counts = measure(
-            &format!("node-c{concurrency}"),
-            &frontend,
-            front_port,
-            back_port,
-            requests,
-            concurrency,
-        );
-        assert_eq!(counts.wrong, 0, "{counts:?}");
-        assert_eq!(counts.no_parent, requests, "{counts:?}");
-    }
+    assert_never_linked_by_thread(
+        "node",
+        &frontend,
+        front_port,
+        back_port,
+        &[(20, 1), (200, 8)],
+    );
 }
