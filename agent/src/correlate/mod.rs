@@ -77,6 +77,9 @@ pub enum ParentDecision {
     RuntimeUnknown,
     /// CLIENT: the proxy had to decide before the probes did (a new trace).
     ProxyFirst,
+    /// CLIENT: the inbound request's client is on this node but its side
+    /// was not seen yet, so the inbound trace may still change.
+    TracePending,
 }
 
 impl ParentDecision {
@@ -97,6 +100,7 @@ impl ParentDecision {
             ParentDecision::ConcurrentThread => "none-concurrent-thread",
             ParentDecision::RuntimeUnknown => "none-runtime-unknown",
             ParentDecision::ProxyFirst => "none-proxy-first",
+            ParentDecision::TracePending => "none-trace-pending",
         }
     }
 }
@@ -121,6 +125,8 @@ struct RequestContext {
     from_wire: bool,
     /// How the parent was decided.
     decision: ParentDecision,
+    /// The connection's (local, remote) addresses, to find its other end.
+    addresses: (SocketAddr, SocketAddr),
 }
 
 /// One TCP connection being followed.
@@ -150,6 +156,12 @@ pub struct CorrelateCounters {
     /// Connections forgotten because the table was full of idle ones.
     pub evicted_connections: u64,
 }
+
+/// Placeholder addresses of a context until its connection's are set.
+const UNSPECIFIED_ADDRESSES: (SocketAddr, SocketAddr) = (
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0),
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0),
+);
 
 /// Connections followed at most before idle ones are evicted.
 const MAX_CONNECTIONS: usize = 100_000;
@@ -225,6 +237,10 @@ impl Correlator {
                 // for the same fd is keyed by another id and ages out.
                 self.connections
                     .insert(connection.id, ConnectionState::new(*connection, 0));
+                // Known at once, so the other end on this node can tell a
+                // local client will come (see `thread_parent`).
+                self.by_addresses
+                    .insert((connection.local, connection.remote), connection.id);
             }
             CaptureEvent::Data(message) => self.on_message(message, out),
             CaptureEvent::Closed(connection) => {
@@ -346,6 +362,7 @@ impl Correlator {
                 SpanKind::Client => self.client_context(head, pid, message.tid),
             };
             context.sequence = sequence;
+            context.addresses = (state.connection.local, state.connection.remote);
             self.link_local_ends(&state.connection, &mut context);
             if kind == SpanKind::Client && !context.from_wire {
                 self.agree_with_proxy(&state.connection, &mut context);
@@ -414,6 +431,14 @@ impl Correlator {
         let server = server.clone();
         if self.concurrent.contains(&pid) {
             return (None, ParentDecision::ConcurrentThread);
+        }
+        // The inbound request's client is a connection on this node whose
+        // request was not seen yet: when it is, the server's trace becomes
+        // the client's, and a call given the current one would point into
+        // another trace.
+        let (local, remote) = server.addresses;
+        if server.awaiting_local_client && self.by_addresses.contains_key(&(remote, local)) {
+            return (None, ParentDecision::TracePending);
         }
         match self.processes.runtime(pid) {
             Runtime::Threads => (Some(server), ParentDecision::Thread),
@@ -486,6 +511,7 @@ impl Correlator {
                     awaiting_local_client: false,
                     from_wire: true,
                     decision: ParentDecision::Wire,
+                    addresses: UNSPECIFIED_ADDRESSES,
                 }
             }
             None => RequestContext {
@@ -522,6 +548,7 @@ impl Correlator {
                 awaiting_local_client: false,
                 from_wire: true,
                 decision: ParentDecision::Wire,
+                addresses: UNSPECIFIED_ADDRESSES,
             };
         }
         let span_id = self.ids.span_id();
@@ -539,6 +566,7 @@ impl Correlator {
                 awaiting_local_client: false,
                 from_wire: false,
                 decision,
+                addresses: UNSPECIFIED_ADDRESSES,
             },
             None => self.root_context(SpanKind::Client, span_id, tid, decision),
         }
@@ -565,6 +593,7 @@ impl Correlator {
             awaiting_local_client: false,
             from_wire: false,
             decision,
+            addresses: UNSPECIFIED_ADDRESSES,
         }
     }
 

@@ -794,3 +794,43 @@ async fn requests_to_ports_the_proxy_does_not_handle_are_not_shared() {
         .await;
     assert_ne!(spans[0].span_id, injected.parent_id);
 }
+
+/// The server's read is delivered before its local client's write: the
+/// server's trace will still change to the client's, so a call its thread
+/// makes meanwhile gets no parent (it would point into another trace).
+#[test]
+fn a_call_made_before_the_local_client_is_seen_gets_no_parent() {
+    let (c, s) = local_pair(50);
+    let u = connection(
+        52,
+        SERVER_PID,
+        Role::Client,
+        "10.0.0.1:50000",
+        "10.0.0.2:9090",
+    );
+    let spans = run(
+        &mut correlator(100.0),
+        &[
+            CaptureEvent::Opened(c),
+            CaptureEvent::Opened(s),
+            message(s, 11, Direction::Ingress, 2, b"GET / HTTP/1.1\r\n\r\n"),
+            message(u, 11, Direction::Egress, 3, b"GET /back HTTP/1.1\r\n\r\n"),
+            message(c, 7, Direction::Egress, 1, b"GET / HTTP/1.1\r\n\r\n"),
+            message(u, 11, Direction::Ingress, 4, OK),
+            message(s, 11, Direction::Egress, 5, OK),
+            message(c, 7, Direction::Ingress, 6, OK),
+        ],
+    );
+    let call = spans
+        .iter()
+        .find(|s| s.resource.service_name == "python3.11" && s.kind == SpanKind::Client)
+        .unwrap();
+    assert_eq!(call.parent_span_id, None);
+    assert_eq!(decision(call), "none-trace-pending");
+    let server = spans.iter().find(|s| s.kind == SpanKind::Server).unwrap();
+    let client = spans
+        .iter()
+        .find(|s| s.kind == SpanKind::Client && s.span_id != call.span_id)
+        .unwrap();
+    assert_eq!(server.parent_span_id, Some(client.span_id));
+}
