@@ -6,7 +6,54 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
+use crate::tools::{Package, guest_package, package};
 use crate::{command_output, run};
+
+/// What setup installs with apt-get: each package with the programs the
+/// project runs from it (see `crate::tools`, which checks the code against
+/// this list and the base image's).
+pub const SETUP_PACKAGES: &[Package] = &[
+    // bpf-linker 0.13 is built against LLVM 22, the LLVM of rustc 1.98.
+    package("llvm-22-dev", &[]),
+    package("libpolly-22-dev", &[]),
+    package("libzstd-dev", &[]),
+    package("zlib1g-dev", &[]),
+    // Real servers and clients the tests and benchmarks drive.
+    guest_package("nginx", &["/usr/sbin/nginx"]),
+    guest_package("curl", &["/usr/bin/curl"]),
+    // Debian's interpreter, spawned by absolute path so that host and VM
+    // run the same one (pyenv's python3 comes first on PATH here).
+    guest_package("python3", &["/usr/bin/python3"]),
+    guest_package("wrk", &["/usr/bin/wrk"]),
+    package("haproxy", &["/usr/sbin/haproxy"]),
+    // Network namespaces, veths and the proxy's rules.
+    guest_package("iproute2", &["/usr/sbin/ip"]),
+    guest_package(
+        "iptables",
+        &[
+            "/usr/sbin/iptables",
+            "/usr/sbin/iptables-save",
+            "/usr/sbin/iptables-restore",
+            "/usr/sbin/ip6tables",
+            "/usr/sbin/ip6tables-save",
+            "/usr/sbin/ip6tables-restore",
+            "/usr/sbin/iptables-legacy",
+            "/usr/sbin/ip6tables-legacy",
+            "/usr/sbin/iptables-nft",
+            "/usr/sbin/ip6tables-nft",
+        ],
+    ),
+    // Benchmarks: CPU time of a process (xtask/scripts/proxy-ab.sh).
+    package("linux-perf", &["/usr/bin/perf"]),
+    // VM tests: the emulator, the guest's shell and tools, the initramfs,
+    // the kernel modules (decompressed, indexed).
+    package("qemu-system-x86", &["/usr/bin/qemu-system-x86_64"]),
+    package("busybox-static", &["/usr/bin/busybox"]),
+    package("cpio", &["/usr/bin/cpio"]),
+    package("xz-utils", &["/usr/bin/xz"]),
+    package("zstd", &["/usr/bin/zstd"]),
+    package("kmod", &["/usr/sbin/depmod"]),
+];
 
 /// The bpf-linker release whose LLVM matches the pinned rustc.
 pub const BPF_LINKER_VERSION: &str = "0.13.0";

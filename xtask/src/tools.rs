@@ -21,7 +21,7 @@ pub struct Package {
     pub in_guest: bool,
 }
 
-const fn package(name: &'static str, programs: &'static [&'static str]) -> Package {
+pub(crate) const fn package(name: &'static str, programs: &'static [&'static str]) -> Package {
     Package {
         name,
         programs,
@@ -29,7 +29,10 @@ const fn package(name: &'static str, programs: &'static [&'static str]) -> Packa
     }
 }
 
-const fn guest_package(name: &'static str, programs: &'static [&'static str]) -> Package {
+pub(crate) const fn guest_package(
+    name: &'static str,
+    programs: &'static [&'static str],
+) -> Package {
     Package {
         name,
         programs,
@@ -37,49 +40,7 @@ const fn guest_package(name: &'static str, programs: &'static [&'static str]) ->
     }
 }
 
-/// What `cargo xtask setup` installs with apt-get.
-pub const SETUP_PACKAGES: &[Package] = &[
-    // bpf-linker 0.13 is built against LLVM 22, the LLVM of rustc 1.98.
-    package("llvm-22-dev", &[]),
-    package("libpolly-22-dev", &[]),
-    package("libzstd-dev", &[]),
-    package("zlib1g-dev", &[]),
-    // Real servers and clients the tests and benchmarks drive.
-    guest_package("nginx", &["/usr/sbin/nginx"]),
-    guest_package("curl", &["/usr/bin/curl"]),
-    // Debian's interpreter, spawned by absolute path so that host and VM
-    // run the same one (pyenv's python3 comes first on PATH here).
-    guest_package("python3", &["/usr/bin/python3"]),
-    guest_package("wrk", &["/usr/bin/wrk"]),
-    package("haproxy", &["/usr/sbin/haproxy"]),
-    // Network namespaces, veths and the proxy's rules.
-    guest_package("iproute2", &["/usr/sbin/ip"]),
-    guest_package(
-        "iptables",
-        &[
-            "/usr/sbin/iptables",
-            "/usr/sbin/iptables-save",
-            "/usr/sbin/iptables-restore",
-            "/usr/sbin/ip6tables",
-            "/usr/sbin/ip6tables-save",
-            "/usr/sbin/ip6tables-restore",
-            "/usr/sbin/iptables-legacy",
-            "/usr/sbin/ip6tables-legacy",
-            "/usr/sbin/iptables-nft",
-            "/usr/sbin/ip6tables-nft",
-        ],
-    ),
-    // Benchmarks: CPU time of a process (xtask/scripts/proxy-ab.sh).
-    package("linux-perf", &["/usr/bin/perf"]),
-    // VM tests: the emulator, the guest's shell and tools, the initramfs,
-    // the kernel modules (decompressed, indexed).
-    package("qemu-system-x86", &["/usr/bin/qemu-system-x86_64"]),
-    package("busybox-static", &["/usr/bin/busybox"]),
-    package("cpio", &["/usr/bin/cpio"]),
-    package("xz-utils", &["/usr/bin/xz"]),
-    package("zstd", &["/usr/bin/zstd"]),
-    package("kmod", &["/usr/sbin/depmod"]),
-];
+pub use crate::setup::SETUP_PACKAGES;
 
 /// What the base image of this machine kind ships and the project relies
 /// on without installing: kept short on purpose, essential packages only.
