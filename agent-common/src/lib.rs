@@ -28,6 +28,15 @@ pub enum EventKind {
     Open = 2,
     /// A tracked TCP connection's file descriptor was closed.
     Close = 3,
+    /// A watched Python interpreter copied the thread's current context
+    /// (`PyContext_CopyCurrent`: asyncio task and callback creation,
+    /// `contextvars.copy_context()`): `python_context` is the context that
+    /// was copied, `python_context_copy` the new one. No connection fields.
+    PythonContextCopy = 4,
+    /// A watched Python interpreter entered a context (`PyContext_Enter`,
+    /// as uvloop does around every callback): `python_context` is the
+    /// context entered. No connection fields.
+    PythonContextEnter = 5,
 }
 
 /// Which way bytes moved, seen from the traced process.
@@ -135,13 +144,19 @@ pub struct EventHeader {
     pub _pad: [u8; 3],
     /// The connection's addresses.
     pub tuple: ConnTuple,
+    /// In a watched Python interpreter ([`PythonProcess`]), the address of
+    /// the context (`PyThreadState.context`) current on the thread when the
+    /// syscall ran; 0 when not watched or unreadable.
+    pub python_context: u64,
+    /// [`EventKind::PythonContextCopy`] records only: the new context.
+    pub python_context_copy: u64,
 }
 
 /// Size of [`EventHeader`] in bytes.
 pub const EVENT_HEADER_SIZE: usize = core::mem::size_of::<EventHeader>();
 
 // The layout is part of the kernel/user contract (and of docs/architecture.md).
-const _: () = assert!(EVENT_HEADER_SIZE == 88);
+const _: () = assert!(EVENT_HEADER_SIZE == 104);
 
 /// A data record as the kernel builds it in a per-CPU scratch slot before
 /// sending only `EVENT_HEADER_SIZE + captured_len` bytes of it.
@@ -244,6 +259,34 @@ pub struct CaptureConfig {
     pub offsets: KernelOffsets,
 }
 
+/// Most threads of one Python interpreter searched for the calling thread's
+/// state; a thread further down the interpreter's list reads as unknown
+/// (its calls get no parent from the interpreter).
+pub const MAX_PYTHON_THREADS: u32 = 128;
+
+/// Where, in a watched Python process, the kernel finds the current
+/// context of a thread: the `PYTHON_PROCESSES` map's value, by pid.
+///
+/// The kernel follows `*interpreters_head` (the main interpreter) ->
+/// `threads_head` -> each thread state's `next` until `native_thread_id`
+/// is the calling thread, then reads its `context`. The offsets depend on
+/// the interpreter's version; user space takes them from a table checked
+/// against the version's headers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PythonProcess {
+    /// Address of `_PyRuntime.interpreters.head` in the process.
+    pub interpreters_head: u64,
+    /// `PyInterpreterState.threads.head`.
+    pub interpreter_threads_head: u32,
+    /// `PyThreadState.next`.
+    pub thread_next: u32,
+    /// `PyThreadState.native_thread_id` (the kernel's thread id).
+    pub thread_native_id: u32,
+    /// `PyThreadState.context`.
+    pub thread_context: u32,
+}
+
 /// Indices of the per-CPU `COUNTERS` map. The `DROP_*` ones count places
 /// where data is lost; the rest describe normal operation.
 pub mod counter {
@@ -265,8 +308,11 @@ pub mod counter {
     pub const RECORDS_SENT: u32 = 7;
     /// Messages on TCP connections not copied because they are not HTTP.
     pub const MESSAGES_NOT_HTTP: u32 = 8;
+    /// Messages of a watched Python process whose thread's context could not
+    /// be read (its thread state was not found or not readable).
+    pub const PYTHON_CONTEXT_UNREAD: u32 = 9;
     /// Number of counters.
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 10;
 
     /// Names, by index, as user space exposes them.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -279,6 +325,7 @@ pub mod counter {
         "drop_kernel_read_failed",
         "records_sent",
         "messages_not_http",
+        "python_context_unread",
     ];
 }
 
@@ -288,4 +335,5 @@ mod pod {
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::ConnInfo {}
     unsafe impl aya::Pod for super::CaptureConfig {}
+    unsafe impl aya::Pod for super::PythonProcess {}
 }

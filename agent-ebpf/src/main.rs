@@ -6,13 +6,19 @@
 //! fewer bytes than asked). A file descriptor is resolved to its socket once,
 //! by following task -> files -> fdtable -> file -> socket -> sock with field
 //! offsets user space took from BTF, and the result is cached per (pid, fd).
+//!
+//! In Python processes user space chose to watch, each data record also
+//! carries the context current on the calling thread, read from the
+//! interpreter's thread states, and two uprobes report context copies and
+//! enters: what correlation needs to follow asyncio tasks.
 #![no_std]
 #![no_main]
 
 use agent_common::{
     AF_INET, AF_INET6, CLASSIFY_ATTEMPTS, CaptureConfig, ConnInfo, ConnKey, ConnTuple, DataEvent,
     Direction, EVENT_HEADER_SIZE, EventHeader, EventKind, FLAG_NO_PAYLOAD, FLAG_TRUNCATED, FdKind,
-    KernelOffsets, MAX_IOVECS, MAX_MESSAGE_BYTES, Protocol, Role, Syscall, counter,
+    KernelOffsets, MAX_IOVECS, MAX_MESSAGE_BYTES, MAX_PYTHON_THREADS, Protocol, PythonProcess,
+    Role, Syscall, counter,
 };
 use aya_ebpf::{
     EbpfContext,
@@ -21,9 +27,9 @@ use aya_ebpf::{
         bpf_probe_read_kernel, bpf_probe_read_user,
         generated::bpf_probe_read_user as raw_probe_read_user,
     },
-    macros::{map, tracepoint},
+    macros::{map, tracepoint, uprobe, uretprobe},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 use aya_log_ebpf::warn;
 
@@ -57,6 +63,16 @@ static INFLIGHT: HashMap<u64, InflightCall> = HashMap::with_max_entries(16384, 0
 /// sized by user space to the number of possible CPUs.
 #[map]
 static SCRATCH: Array<DataEvent> = Array::with_max_entries(256, 0);
+
+/// Python processes whose threads' contexts are read, by pid: written by
+/// user space when it attaches the context uprobes to the process.
+#[map]
+static PYTHON_PROCESSES: HashMap<u32, PythonProcess> = HashMap::with_max_entries(4096, 0);
+
+/// Thread state address of each thread of a watched Python process, by
+/// pid_tgid, found once by walking the interpreter's thread list.
+#[map]
+static PYTHON_THREADS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
 
 /// Per-CPU sequence for connection ids.
 #[map]
@@ -509,6 +525,122 @@ fn scratch() -> Option<*mut DataEvent> {
     SCRATCH.get_ptr_mut(cpu)
 }
 
+/// Reads a user-space value at `address`.
+#[inline(always)]
+fn uread<T>(address: u64) -> Option<T> {
+    // SAFETY: bpf_probe_read_user checks the address; failure is an Err.
+    unsafe { bpf_probe_read_user(address as *const T).ok() }
+}
+
+/// The thread state of the calling thread in a watched interpreter.
+#[inline(always)]
+fn python_thread_state(pid_tgid: u64, process: &PythonProcess) -> Option<u64> {
+    let tid = pid_tgid as u32 as u64;
+    // SAFETY: the value is a plain u64, copied out.
+    if let Some(&cached) = unsafe { PYTHON_THREADS.get(&pid_tgid) } {
+        // A thread state is freed when its thread ends and may be reused
+        // by another thread: trust the cache only while it names us.
+        if uread::<u64>(cached + process.thread_native_id as u64) == Some(tid) {
+            return Some(cached);
+        }
+    }
+    let interpreter: u64 = uread(process.interpreters_head)?;
+    let mut state: u64 = uread(interpreter + process.interpreter_threads_head as u64)?;
+    for _ in 0..MAX_PYTHON_THREADS {
+        if state == 0 {
+            return None;
+        }
+        if uread::<u64>(state + process.thread_native_id as u64) == Some(tid) {
+            let _ = PYTHON_THREADS.insert(&pid_tgid, &state, 0);
+            return Some(state);
+        }
+        state = uread(state + process.thread_next as u64)?;
+    }
+    None
+}
+
+/// The context current on the calling thread, when its process is a
+/// watched Python interpreter; 0 otherwise or when it cannot be read.
+#[inline(always)]
+fn python_context(pid_tgid: u64) -> u64 {
+    let pid = (pid_tgid >> 32) as u32;
+    // SAFETY: the value is plain data, copied out.
+    let Some(process) = (unsafe { PYTHON_PROCESSES.get(&pid) }).copied() else {
+        return 0;
+    };
+    let context = python_thread_state(pid_tgid, &process)
+        .and_then(|state| uread::<u64>(state + process.thread_context as u64));
+    match context {
+        Some(context) => context,
+        None => {
+            count(counter::PYTHON_CONTEXT_UNREAD, 1);
+            0
+        }
+    }
+}
+
+/// Sends a context record (no connection, no payload) of a watched Python
+/// process.
+#[inline(always)]
+fn send_python_record(kind: EventKind, context: u64, copy: u64) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let header = EventHeader {
+        // SAFETY: helper call with no arguments.
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        conn_id: 0,
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        fd: -1,
+        message_len: 0,
+        captured_len: 0,
+        kind: kind as u8,
+        direction: Direction::Egress as u8,
+        role: Role::Unknown as u8,
+        syscall: Syscall::None as u8,
+        flags: 0,
+        _pad: [0; 3],
+        tuple: ConnTuple::default(),
+        python_context: context,
+        python_context_copy: copy,
+    };
+    if EVENTS.output(&header, 0).is_err() {
+        count(counter::DROP_RINGBUF_FULL, 1);
+    } else {
+        count(counter::RECORDS_SENT, 1);
+    }
+}
+
+/// `PyContext_CopyCurrent` returned: the new context and, still current,
+/// the one it copies.
+#[uretprobe]
+pub fn python_context_copy(ctx: RetProbeContext) -> u32 {
+    let copy: u64 = ctx.ret();
+    if copy == 0 {
+        return 0; // failed (out of memory): nothing was created
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: presence check only.
+    if unsafe { PYTHON_PROCESSES.get(&((pid_tgid >> 32) as u32)) }.is_none() {
+        return 0;
+    }
+    send_python_record(EventKind::PythonContextCopy, python_context(pid_tgid), copy);
+    0
+}
+
+/// `PyContext_Enter(context)` is called.
+#[uprobe]
+pub fn python_context_enter(ctx: ProbeContext) -> u32 {
+    let Some(context) = ctx.arg::<u64>(0) else {
+        return 0;
+    };
+    // SAFETY: presence check only.
+    if unsafe { PYTHON_PROCESSES.get(&((bpf_get_current_pid_tgid() >> 32) as u32)) }.is_none() {
+        return 0;
+    }
+    send_python_record(EventKind::PythonContextEnter, context, 0);
+    0
+}
+
 /// Fills the common header fields of a record.
 #[inline(always)]
 fn fill_header(
@@ -534,6 +666,8 @@ fn fill_header(
     header.tuple = conn.tuple;
     header.message_len = 0;
     header.captured_len = 0;
+    header.python_context = 0;
+    header.python_context_copy = 0;
 }
 
 #[inline(always)]
@@ -598,6 +732,7 @@ fn on_data_exit(ctx: &TracePointContext, direction: Direction, shape: BufferShap
         );
         header.message_len = message_len;
         header.captured_len = captured;
+        header.python_context = python_context(pid_tgid);
         // Sends are stamped when they began and receives when they ended, so
         // that a client's span always encloses its server's, even when the
         // server's read returns before the client's write does.

@@ -81,6 +81,8 @@ fn recorded_traffic() -> Vec<Vec<u8>> {
                 flags: 0,
                 _pad: [0; 3],
                 tuple: t,
+                python_context: 0,
+                python_context_copy: 0,
             };
             let mut record = Vec::new();
             encode_record(&header, payload, &mut record);

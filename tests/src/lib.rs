@@ -43,6 +43,11 @@ pub mod fixtures {
     pub const LINK_SERVICE_PY: &str = include_str!("../fixtures/link_service.py");
     /// The Node.js frontend of the parent-link tests.
     pub const LINK_SERVICE_JS: &str = include_str!("../fixtures/link_service.js");
+    /// FastAPI on uvicorn (plain asyncio loop or uvloop; `async def` or
+    /// `def` endpoint) as a frontend of the parent-link tests.
+    pub const ASGI_SERVICE_PY: &str = include_str!("../fixtures/asgi_service.py");
+    /// aiohttp as a frontend of the parent-link tests.
+    pub const AIOHTTP_SERVICE_PY: &str = include_str!("../fixtures/aiohttp_service.py");
 }
 
 /// Whether privileged tests can run here. Outside CI a non-root run skips
@@ -72,7 +77,12 @@ struct EventLog {
 static WATCHED_PORTS: Mutex<Vec<u16>> = Mutex::new(Vec::new());
 
 fn watched(event: &CaptureEvent) -> bool {
-    let c = event.connection();
+    // Python context records name no connection; they come only from the
+    // Python processes on this machine that moved HTTP, and
+    // `wait_for_ports` keeps those of the processes it returns.
+    let Some(c) = event.connection() else {
+        return true;
+    };
     let ports = WATCHED_PORTS.lock().unwrap();
     ports.contains(&c.local.port()) || ports.contains(&c.remote.port())
 }
@@ -159,9 +169,20 @@ impl SharedCapture {
         loop {
             let matching: Vec<CaptureEvent> = {
                 let events = self.log.events.lock().unwrap();
+                let touches = |e: &CaptureEvent| {
+                    e.connection()
+                        .is_some_and(|c| ports.iter().any(|&p| touches_port(c, p)))
+                };
+                // The Python context records of the processes whose
+                // connections match, in their place among the others.
+                let pids: std::collections::HashSet<u32> = events
+                    .iter()
+                    .filter(|e| touches(e))
+                    .map(|e| e.pid())
+                    .collect();
                 events
                     .iter()
-                    .filter(|e| ports.iter().any(|&p| touches_port(e.connection(), p)))
+                    .filter(|e| touches(e) || (e.connection().is_none() && pids.contains(&e.pid())))
                     .cloned()
                     .collect()
             };
@@ -501,6 +522,26 @@ pub fn start_python(
         .stderr(Stdio::inherit())
         .spawn()
         .expect("python3 must be installed (cargo xtask setup)");
+    ChildGuard(child)
+}
+
+/// Starts a Python fixture script under the tests' venv (FastAPI, uvicorn,
+/// uvloop, aiohttp, httpx; installed by `cargo xtask setup`).
+pub fn start_venv_python(
+    dir: &ScratchDir,
+    script_name: &str,
+    script: &str,
+    args: &[&str],
+) -> ChildGuard {
+    let path = dir.write(script_name, script.as_bytes());
+    let child = Command::new("/opt/agent-tests/venv/bin/python")
+        .arg(path)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the tests' Python venv must be installed (cargo xtask setup)");
     ChildGuard(child)
 }
 

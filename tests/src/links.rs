@@ -73,16 +73,15 @@ pub fn measure(
         .expect("curl is installed (cargo xtask setup)");
     assert!(status.success(), "{case}: every call succeeds");
 
-    let counted = |spans: &[Span], wanted_pid: i64, kind: SpanKind| {
-        spans
-            .iter()
-            .filter(|s| s.kind == kind && pid(s) == Some(wanted_pid))
-            .count()
-    };
+    // Every span of this round: the four of each request (curl's call,
+    // the frontend's SERVER and CLIENT spans, the backend's SERVER span).
+    let prefix = format!("{case}-");
     let events = capture().wait_for_ports(&[front_port, back_port], WAIT, |events| {
-        let spans = spans_of(events, 100.0);
-        counted(&spans, front_pid, SpanKind::Client) >= requests
-            && counted(&spans, front_pid, SpanKind::Server) >= requests
+        spans_of(events, 100.0)
+            .iter()
+            .filter(|s| rid(s).is_some_and(|r| r.starts_with(&prefix)))
+            .count()
+            >= 4 * requests
     });
     let spans = spans_of(&events, 100.0);
     let find = |kind: SpanKind, front: bool, rid_value: &str| -> Vec<&Span> {
@@ -166,6 +165,33 @@ pub fn python_services(dir: &ScratchDir, mode: &str) -> (ChildGuard, u16, ChildG
         fixtures::LINK_SERVICE_PY,
         &[mode, &front_port.to_string(), &back_port.to_string()],
     );
+    assert_eq!(frontend.read_line(), "READY");
+    (backend, back_port, frontend, front_port)
+}
+
+/// The backend, and a frontend from the tests' venv (`script` with `args`
+/// before the two ports) calling it.
+pub fn venv_services(
+    dir: &ScratchDir,
+    script_name: &str,
+    script: &str,
+    args: &[&str],
+) -> (ChildGuard, u16, ChildGuard, u16) {
+    let (back_port, front_port) = (free_port(), free_port());
+    let mut backend = start_python(
+        dir,
+        "link_service.py",
+        fixtures::LINK_SERVICE_PY,
+        &["backend", &back_port.to_string()],
+    );
+    assert_eq!(backend.read_line(), "READY");
+    let ports = [front_port.to_string(), back_port.to_string()];
+    let all: Vec<&str> = args
+        .iter()
+        .copied()
+        .chain(ports.iter().map(String::as_str))
+        .collect();
+    let mut frontend = crate::start_venv_python(dir, script_name, script, &all);
     assert_eq!(frontend.read_line(), "READY");
     (backend, back_port, frontend, front_port)
 }

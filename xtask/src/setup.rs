@@ -2,6 +2,8 @@
 //! machine. Every step checks first, so a second run costs a few process
 //! spawns and no downloads.
 
+use std::fs;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
@@ -24,6 +26,12 @@ pub const SETUP_PACKAGES: &[Package] = &[
     // Debian's interpreter, spawned by absolute path so that host and VM
     // run the same one (pyenv's python3 comes first on PATH here).
     guest_package("python3", &["/usr/bin/python3"]),
+    // The same interpreter by its versioned name, which makes the tests'
+    // venv (`install_test_venv`); its `venv` module needs ensurepip's
+    // wheels, from the -venv packages.
+    package("python3.11", &["/usr/bin/python3.11"]),
+    package("python3.11-venv", &[]),
+    package("python3-venv", &[]),
     guest_package("wrk", &["/usr/bin/wrk"]),
     package("haproxy", &["/usr/sbin/haproxy"]),
     // Network namespaces, veths and the proxy's rules.
@@ -55,6 +63,37 @@ pub const SETUP_PACKAGES: &[Package] = &[
     package("kmod", &["/usr/sbin/depmod"]),
 ];
 
+/// Programs setup installs without apt-get, by absolute path: the code
+/// spawns them by that path (`crate::tools` accepts them there, and asks
+/// dpkg about none of them).
+pub const SETUP_PROGRAMS_OUTSIDE_APT: &[&str] = &[TEST_VENV_PYTHON];
+
+/// The Python venv of the tests' asyncio web frameworks (FastAPI on
+/// uvicorn, aiohttp, httpx), made with Debian's python3.11 from the pins of
+/// [`PYTHON_REQUIREMENTS`].
+pub const TEST_VENV: &str = "/opt/agent-tests/venv";
+
+/// The venv's interpreter, the one the tests run the framework fixtures
+/// with (`tests/fixtures/asgi_service.py`, `aiohttp_service.py`).
+pub const TEST_VENV_PYTHON: &str = "/opt/agent-tests/venv/bin/python";
+
+/// The venv's exact pins, relative to the workspace root.
+pub const PYTHON_REQUIREMENTS: &str = "tests/fixtures/python-requirements.txt";
+
+/// The modules the tests import from the venv.
+pub const TEST_VENV_MODULES: &[&str] = &[
+    "fastapi",
+    "uvicorn",
+    "uvloop",
+    "httptools",
+    "aiohttp",
+    "httpx",
+];
+
+/// Inside the venv: the content of [`PYTHON_REQUIREMENTS`] it was
+/// installed from, written once the install succeeded.
+const TEST_VENV_STAMP: &str = "/opt/agent-tests/venv/installed-requirements.txt";
+
 /// The bpf-linker release whose LLVM matches the pinned rustc.
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -62,7 +101,13 @@ pub const BPF_LINKER_VERSION: &str = "0.13.0";
 pub fn setup() -> Result<()> {
     crate::toolchain::install()?;
     install_apt_packages(&crate::tools::setup_package_names())?;
+    install_test_venv()?;
     install_bpf_linker()?;
+    for program in SETUP_PROGRAMS_OUTSIDE_APT {
+        if !Path::new(program).exists() {
+            bail!("setup did not install {program}");
+        }
+    }
     Ok(())
 }
 
@@ -96,6 +141,81 @@ pub fn install_apt_packages(packages: &[&str]) -> Result<()> {
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn python_requirements() -> PathBuf {
+    crate::workspace_root().join(PYTHON_REQUIREMENTS)
+}
+
+/// What is wrong with the tests' venv, or None when it holds exactly the
+/// pins of [`PYTHON_REQUIREMENTS`] and its modules import.
+pub fn test_venv_problem() -> Option<String> {
+    let wanted = match fs::read_to_string(python_requirements()) {
+        Ok(text) => text,
+        Err(e) => return Some(format!("cannot read {PYTHON_REQUIREMENTS}: {e}")),
+    };
+    if !Path::new(TEST_VENV_PYTHON).exists() {
+        return Some(format!("{TEST_VENV_PYTHON} is missing"));
+    }
+    match fs::read_to_string(TEST_VENV_STAMP) {
+        Ok(installed) if installed == wanted => {}
+        Ok(_) => {
+            return Some(format!(
+                "{TEST_VENV} holds other pins than {PYTHON_REQUIREMENTS}"
+            ));
+        }
+        Err(_) => return Some(format!("{TEST_VENV} was not installed completely")),
+    }
+    let imports = format!("import {}", TEST_VENV_MODULES.join(", "));
+    match Command::new(TEST_VENV_PYTHON)
+        .args(["-c", &imports])
+        .output()
+    {
+        Ok(output) if output.status.success() => None,
+        Ok(output) => Some(format!(
+            "`{TEST_VENV_PYTHON} -c '{imports}'` failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )),
+        Err(e) => Some(format!("cannot run {TEST_VENV_PYTHON}: {e}")),
+    }
+}
+
+/// Makes the tests' venv anew when it is missing, broken or installed from
+/// other pins: a fresh venv, so that a pin taken out of the file is gone
+/// too. Wheels only (no compiler, no build step).
+fn install_test_venv() -> Result<()> {
+    let Some(problem) = test_venv_problem() else {
+        return Ok(());
+    };
+    if !is_root() {
+        bail!("{problem} (run `cargo xtask setup` as root)");
+    }
+    eprintln!("setup: installing the tests' Python venv {TEST_VENV} ({problem})");
+    let requirements = python_requirements();
+    // What the stamp will say: the file as it was before pip read it.
+    let wanted = fs::read_to_string(&requirements)
+        .with_context(|| format!("reading {}", requirements.display()))?;
+    if Path::new(TEST_VENV).exists() {
+        fs::remove_dir_all(TEST_VENV).with_context(|| format!("removing {TEST_VENV}"))?;
+    }
+    run(Command::new("/usr/bin/python3.11").args(["-m", "venv", TEST_VENV]))
+        .context("creating the tests' venv")?;
+    run(Command::new(TEST_VENV_PYTHON)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--no-input",
+            "--disable-pip-version-check",
+        ])
+        .args(["--only-binary=:all:", "-r"])
+        .arg(&requirements))
+    .with_context(|| format!("installing {PYTHON_REQUIREMENTS} into {TEST_VENV}"))?;
+    fs::write(TEST_VENV_STAMP, wanted).with_context(|| format!("writing {TEST_VENV_STAMP}"))?;
+    if let Some(problem) = test_venv_problem() {
+        bail!("after installing the tests' venv: {problem}");
+    }
+    Ok(())
 }
 
 fn install_bpf_linker() -> Result<()> {

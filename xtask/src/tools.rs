@@ -8,6 +8,11 @@
 //! missing install step goes unnoticed: `spawned_programs_come_from_setup`
 //! reads the code for every program it spawns and fails when one is in
 //! neither list.
+//!
+//! A few programs setup installs without apt-get
+//! ([`crate::setup::SETUP_PROGRAMS_OUTSIDE_APT`]: the interpreter of the
+//! tests' Python venv). The check accepts them by their absolute path only;
+//! dpkg owns none of them, so their own test runs them instead.
 
 /// A Debian package and the programs of it that the project runs.
 #[derive(Debug)]

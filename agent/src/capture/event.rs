@@ -52,6 +52,28 @@ pub struct Message {
     pub bytes: Bytes,
     /// The kernel stopped copying at its limit.
     pub truncated: bool,
+    /// In a watched Python interpreter, the context current on the thread
+    /// (see [`PythonContextEvent`]); 0 otherwise.
+    pub python_context: u64,
+}
+
+/// What a watched Python interpreter did with its contexts (`contextvars`;
+/// every asyncio task runs in one). Contexts are named by address, which a
+/// context created later may reuse: a copy always names a new one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PythonContextEvent {
+    /// `parent`, current on the thread, was copied into the new `copy`.
+    Copied {
+        /// The context current when the copy was made (0: unreadable).
+        parent: u64,
+        /// The new context.
+        copy: u64,
+    },
+    /// The thread entered `context` (uvloop does, around each callback).
+    Entered {
+        /// The context entered.
+        context: u64,
+    },
 }
 
 /// What the capture reports.
@@ -64,14 +86,35 @@ pub enum CaptureEvent {
     /// The process closed a connection that carried HTTP (or was not yet
     /// classified).
     Closed(Connection),
+    /// A watched Python interpreter copied or entered a context.
+    PythonContext {
+        /// Process id.
+        pid: u32,
+        /// Thread id.
+        tid: u32,
+        /// Kernel monotonic time.
+        timestamp_ns: u64,
+        /// What happened.
+        event: PythonContextEvent,
+    },
 }
 
 impl CaptureEvent {
-    /// The connection the event is about.
-    pub fn connection(&self) -> &Connection {
+    /// The connection the event is about, if it is about one.
+    pub fn connection(&self) -> Option<&Connection> {
         match self {
-            Self::Opened(c) | Self::Closed(c) => c,
-            Self::Data(m) => &m.connection,
+            Self::Opened(c) | Self::Closed(c) => Some(c),
+            Self::Data(m) => Some(&m.connection),
+            Self::PythonContext { .. } => None,
+        }
+    }
+
+    /// The process the event comes from.
+    pub fn pid(&self) -> u32 {
+        match self {
+            Self::Opened(c) | Self::Closed(c) => c.pid,
+            Self::Data(m) => m.connection.pid,
+            Self::PythonContext { pid, .. } => *pid,
         }
     }
 }
@@ -145,6 +188,28 @@ impl RecordDecoder {
         let payload = record
             .get(EVENT_HEADER_SIZE..end)
             .ok_or(DecodeError::Short { len: record.len() })?;
+        let python = |event| {
+            Ok(CaptureEvent::PythonContext {
+                pid: header.pid,
+                tid: header.tid,
+                timestamp_ns: header.timestamp_ns,
+                event,
+            })
+        };
+        match header.kind {
+            4 => {
+                return python(PythonContextEvent::Copied {
+                    parent: header.python_context,
+                    copy: header.python_context_copy,
+                });
+            }
+            5 => {
+                return python(PythonContextEvent::Entered {
+                    context: header.python_context,
+                });
+            }
+            _ => {}
+        }
         let connection = connection(&header)?;
         match header.kind {
             1 => {}
@@ -166,6 +231,7 @@ impl RecordDecoder {
             len: header.message_len,
             bytes: self.take_bytes(payload),
             truncated: header.flags & FLAG_TRUNCATED != 0,
+            python_context: header.python_context,
         }))
     }
 
@@ -260,6 +326,8 @@ mod tests {
             },
             _pad: [0; 3],
             tuple,
+            python_context: 0x7f00_0000_1000,
+            python_context_copy: 0,
         };
         let mut out = Vec::new();
         encode_record(&header, message, &mut out);
@@ -290,6 +358,44 @@ mod tests {
         assert_eq!(m.direction, Direction::Ingress);
         assert_eq!(m.connection.role, Role::Server);
         assert_eq!(m.syscall, Syscall::Read);
+        assert_eq!(m.python_context, 0x7f00_0000_1000);
+    }
+
+    #[test]
+    fn python_context_records_decode_without_a_connection() {
+        let mut decoder = RecordDecoder::new();
+        let mut copy = record(EventKind::PythonContextCopy, b"", 0);
+        let at = std::mem::offset_of!(EventHeader, python_context_copy);
+        copy[at..at + 8].copy_from_slice(&0x7f00_0000_2000u64.to_ne_bytes());
+        // No address family: a context record names no connection.
+        copy[std::mem::offset_of!(EventHeader, tuple)] = 0;
+        let event = decoder.decode(&copy).unwrap();
+        assert_eq!(
+            event,
+            CaptureEvent::PythonContext {
+                pid: 7,
+                tid: 9,
+                timestamp_ns: 42,
+                event: PythonContextEvent::Copied {
+                    parent: 0x7f00_0000_1000,
+                    copy: 0x7f00_0000_2000
+                }
+            }
+        );
+        assert_eq!(event.connection(), None);
+        assert_eq!(event.pid(), 7);
+        let enter = decoder
+            .decode(&record(EventKind::PythonContextEnter, b"", 0))
+            .unwrap();
+        assert!(matches!(
+            enter,
+            CaptureEvent::PythonContext {
+                event: PythonContextEvent::Entered {
+                    context: 0x7f00_0000_1000
+                },
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -331,7 +437,7 @@ mod tests {
         assert!(matches!(opened, CaptureEvent::Opened(c) if c.id == ConnectionId(5)));
         let closed = decoder.decode(&record(EventKind::Close, b"", 0)).unwrap();
         assert_eq!(
-            closed.connection().remote,
+            closed.connection().unwrap().remote,
             "127.0.0.2:40000".parse().unwrap()
         );
     }

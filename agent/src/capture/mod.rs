@@ -10,9 +10,12 @@
 pub mod event;
 pub mod kernel_offsets;
 pub mod probes;
+pub mod python;
 
-use std::sync::Arc;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
@@ -20,7 +23,8 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
 pub use event::{
-    CaptureEvent, Connection, ConnectionId, Direction, Message, RecordDecoder, Role, Syscall,
+    CaptureEvent, Connection, ConnectionId, Direction, Message, PythonContextEvent, RecordDecoder,
+    Role, Syscall,
 };
 pub use probes::{ProbeSettings, Probes};
 
@@ -31,11 +35,15 @@ pub struct UserCounters {
     pub decode_errors: AtomicU64,
     /// Events produced.
     pub events: AtomicU64,
+    /// Python processes whose contexts were read from (see [`python`]).
+    pub python_watched: AtomicU64,
+    /// Python processes that could not be watched.
+    pub python_not_watched: AtomicU64,
 }
 
 /// A running capture. Dropping it detaches the probes.
 pub struct Capture {
-    probes: Probes,
+    probes: Arc<Mutex<Probes>>,
     user: Arc<UserCounters>,
 }
 
@@ -45,7 +53,18 @@ pub struct CaptureReader {
     ring: AsyncFd<RingBuf<MapData>>,
     decoder: RecordDecoder,
     user: Arc<UserCounters>,
+    /// To watch the Python processes that show up.
+    probes: Arc<Mutex<Probes>>,
+    /// Processes already considered for watching.
+    seen_pids: HashSet<u32>,
+    last_sweep: Instant,
 }
+
+/// Processes remembered as considered at most; then the set starts over
+/// (a process considered again costs one read of its maps).
+const MAX_SEEN_PIDS: usize = 65_536;
+/// How often exited Python processes are unwatched.
+const PYTHON_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Records decoded per [`CaptureReader::read`] at most: a bound on the work
 /// between two awaits, so the consumer's other duties are not starved.
@@ -60,6 +79,7 @@ impl Capture {
     /// kernel drops (and counts) what no longer fits.
     pub fn start(settings: ProbeSettings) -> Result<(Self, CaptureReader)> {
         let (probes, ring) = Probes::attach(settings)?;
+        let probes = Arc::new(Mutex::new(probes));
         let user = Arc::new(UserCounters::default());
         // SAFETY: the ring buffer owns its map fd, which stays open and the
         // same until the AsyncFd (which owns the ring buffer) is dropped.
@@ -67,25 +87,40 @@ impl Capture {
             .map_err(|e| anyhow::anyhow!("registering the ring buffer with tokio: {e}"))?;
         Ok((
             Self {
-                probes,
+                probes: probes.clone(),
                 user: user.clone(),
             },
             CaptureReader {
                 ring,
                 decoder: RecordDecoder::new(),
                 user,
+                probes,
+                seen_pids: HashSet::new(),
+                last_sweep: Instant::now(),
             },
         ))
     }
 
     /// Kernel and user-space counters, by name.
     pub fn counters(&self) -> Result<Vec<(&'static str, u64)>> {
-        let mut all = self.probes.counters()?;
+        let mut all = self
+            .probes
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the probes' lock is poisoned"))?
+            .counters()?;
         all.push((
             "user_decode_errors",
             self.user.decode_errors.load(Ordering::Relaxed),
         ));
         all.push(("user_events", self.user.events.load(Ordering::Relaxed)));
+        all.push((
+            "python_watched",
+            self.user.python_watched.load(Ordering::Relaxed),
+        ));
+        all.push((
+            "python_not_watched",
+            self.user.python_not_watched.load(Ordering::Relaxed),
+        ));
         Ok(all)
     }
 }
@@ -99,11 +134,17 @@ impl CaptureReader {
         let rb = guard.get_inner_mut();
         let before = batch.len();
         let mut decoded = 0;
+        let mut new_pids = Vec::new();
         while decoded < MAX_BATCH {
             let Some(item) = rb.next() else { break };
             decoded += 1;
             match self.decoder.decode(&item) {
-                Ok(event) => batch.push(event),
+                Ok(event) => {
+                    if !self.seen_pids.contains(&event.pid()) {
+                        new_pids.push(event.pid());
+                    }
+                    batch.push(event)
+                }
                 Err(e) => {
                     self.user.decode_errors.fetch_add(1, Ordering::Relaxed);
                     log::debug!("dropping ring record: {e}");
@@ -115,9 +156,49 @@ impl CaptureReader {
         if decoded < MAX_BATCH {
             guard.clear_ready();
         }
+        for pid in new_pids {
+            if !self.seen_pids.contains(&pid) {
+                self.consider(pid);
+            }
+        }
         self.user
             .events
             .fetch_add((batch.len() - before) as u64, Ordering::Relaxed);
+        if self.last_sweep.elapsed() >= PYTHON_SWEEP_INTERVAL {
+            self.last_sweep = Instant::now();
+            if let Ok(mut probes) = self.probes.lock() {
+                probes.forget_exited_python();
+            }
+        }
         Ok(())
+    }
+
+    /// A process seen for the first time: watch its contexts if it is a
+    /// Python interpreter (once; its first records come before the watch).
+    fn consider(&mut self, pid: u32) {
+        if self.seen_pids.len() >= MAX_SEEN_PIDS {
+            self.seen_pids.clear();
+        }
+        self.seen_pids.insert(pid);
+        let Ok(mut probes) = self.probes.lock() else {
+            return;
+        };
+        let started = Instant::now();
+        match probes.watch_python(pid) {
+            Ok(Some(interpreter)) => {
+                self.user.python_watched.fetch_add(1, Ordering::Relaxed);
+                let (major, minor, micro) = interpreter.version;
+                log::info!(
+                    "reading the contexts of Python {major}.{minor}.{micro} in pid {pid} ({}), set up in {:?}",
+                    interpreter.object.display(),
+                    started.elapsed()
+                );
+            }
+            Ok(None) | Err(python::NotWatched::NotPython) => {}
+            Err(e) => {
+                self.user.python_not_watched.fetch_add(1, Ordering::Relaxed);
+                log::info!("pid {pid}: Python contexts not read: {e}");
+            }
+        }
     }
 }

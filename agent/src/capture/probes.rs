@@ -1,17 +1,28 @@
 //! Loading the kernel programs, configuring them, and attaching them to the
 //! syscall tracepoints. The only part of the capture that needs a kernel.
 
+use std::collections::HashMap;
+use std::num::NonZeroU32;
 use std::path::Path;
 
-use agent_common::{CaptureConfig, MAX_MESSAGE_BYTES, counter};
+use agent_common::{CaptureConfig, MAX_MESSAGE_BYTES, PythonProcess, counter};
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::{TracePoint, UProbe, uprobe::UProbeLinkId, uprobe::UProbeScope},
 };
 
 use super::kernel_offsets;
+use super::python::{self, Interpreter, NotWatched};
+
+/// The uprobe programs of Python watching: the copy program runs when
+/// `python::COPY_FUNCTION` returns, the enter program when
+/// `python::ENTER_FUNCTION` is called.
+pub const PYTHON_PROGRAMS: [&str; 2] = ["python_context_copy", "python_context_enter"];
+
+/// Python processes watched at most at once.
+const MAX_PYTHON_PROCESSES: usize = 4096;
 
 /// The kernel programs, built by agent/build.rs.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
@@ -86,6 +97,16 @@ impl ProbeSettings {
 pub struct Probes {
     ebpf: Ebpf,
     counters: PerCpuArray<MapData, u64>,
+    python: PythonWatch,
+}
+
+/// The Python processes whose contexts the kernel reads.
+struct PythonWatch {
+    /// The kernel's table of watched processes; None when the uprobe
+    /// programs could not be loaded (watching is then off).
+    processes: Option<BpfHashMap<MapData, u32, PythonProcess>>,
+    /// The uprobe links of each watched process, by program.
+    links: HashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
 }
 
 /// Where tracefs is mounted, mounting it first if it is not (as on this
@@ -192,10 +213,112 @@ impl Probes {
                 .with_context(|| format!("attaching to tracepoint syscalls/{name}"))?;
         }
 
+        let python = match load_python_programs(&mut ebpf) {
+            Ok(processes) => PythonWatch {
+                processes: Some(processes),
+                links: HashMap::new(),
+            },
+            Err(e) => {
+                eprintln!(
+                    "agent: Python contexts will not be read (asyncio calls get no parent): {e:#}"
+                );
+                PythonWatch {
+                    processes: None,
+                    links: HashMap::new(),
+                }
+            }
+        };
         let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map missing")?)?;
         let counters =
             PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("COUNTERS map missing")?)?;
-        Ok((Self { ebpf, counters }, events))
+        Ok((
+            Self {
+                ebpf,
+                counters,
+                python,
+            },
+            events,
+        ))
+    }
+
+    /// Starts reading the contexts of process `pid` if it is a Python
+    /// interpreter this agent knows how to read. Already watched: Ok(None).
+    pub fn watch_python(&mut self, pid: u32) -> Result<Option<Interpreter>, NotWatched> {
+        let Some(processes) = self.python.processes.as_mut() else {
+            return Err(NotWatched::Unreadable("uprobes unavailable".into()));
+        };
+        if self.python.links.contains_key(&pid) {
+            return Ok(None);
+        }
+        if self.python.links.len() >= MAX_PYTHON_PROCESSES {
+            return Err(NotWatched::Unreadable(
+                "too many Python processes watched".into(),
+            ));
+        }
+        let interpreter = python::locate(Path::new("/proc"), pid)?;
+        processes
+            .insert(&pid, &interpreter.kernel, 0)
+            .map_err(|e| NotWatched::Unreadable(format!("PYTHON_PROCESSES: {e}")))?;
+        let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).expect("pid 0 is not a process"));
+        let mut links = Vec::new();
+        let offsets = [interpreter.copy_offset, interpreter.enter_offset];
+        for (name, offset) in PYTHON_PROGRAMS.into_iter().zip(offsets) {
+            let attached = self
+                .ebpf
+                .program_mut(name)
+                .ok_or_else(|| format!("program {name} missing"))
+                .and_then(|p| <&mut UProbe>::try_from(p).map_err(|e| e.to_string()))
+                .and_then(|p| {
+                    p.attach([offset], &interpreter.object, scope)
+                        .map_err(|e| format!("{e:#}"))
+                });
+            match attached {
+                Ok(link) => links.push((name, link)),
+                Err(e) => {
+                    self.python.links.insert(pid, links);
+                    self.unwatch_python(pid);
+                    return Err(NotWatched::Unreadable(format!("attaching {name}: {e}")));
+                }
+            }
+        }
+        self.python.links.insert(pid, links);
+        Ok(Some(interpreter))
+    }
+
+    /// Stops watching `pid` (it exited).
+    pub fn unwatch_python(&mut self, pid: u32) {
+        let Some(links) = self.python.links.remove(&pid) else {
+            return;
+        };
+        for (name, link) in links {
+            if let Some(program) = self.ebpf.program_mut(name)
+                && let Ok(program) = <&mut UProbe>::try_from(program)
+            {
+                let _ = program.detach(link);
+            }
+        }
+        if let Some(processes) = self.python.processes.as_mut() {
+            let _ = processes.remove(&pid);
+        }
+    }
+
+    /// Stops watching the Python processes that exited.
+    pub fn forget_exited_python(&mut self) {
+        let exited: Vec<u32> = self
+            .python
+            .links
+            .keys()
+            .copied()
+            .filter(|pid| !Path::new("/proc").join(pid.to_string()).exists())
+            .collect();
+        for pid in exited {
+            self.unwatch_python(pid);
+        }
+    }
+
+    /// Python processes watched now.
+    pub fn python_watched(&self) -> usize {
+        self.python.links.len()
     }
 
     /// The kernel counters, summed over CPUs, by name.
@@ -212,6 +335,24 @@ impl Probes {
     pub fn program_count(&self) -> usize {
         self.ebpf.programs().count()
     }
+}
+
+/// Loads (without attaching) the Python uprobe programs, and takes the
+/// table of watched processes.
+fn load_python_programs(ebpf: &mut Ebpf) -> Result<BpfHashMap<MapData, u32, PythonProcess>> {
+    for name in PYTHON_PROGRAMS {
+        let program: &mut UProbe = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the object"))?
+            .try_into()?;
+        program
+            .load()
+            .with_context(|| format!("the kernel verifier rejected {name}"))?;
+    }
+    Ok(BpfHashMap::try_from(
+        ebpf.take_map("PYTHON_PROCESSES")
+            .context("PYTHON_PROCESSES map missing")?,
+    )?)
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones to the
@@ -280,6 +421,12 @@ mod tests {
         let object = aya_obj::Object::parse(PROGRAMS).unwrap();
         for tp in TRACEPOINTS {
             assert!(object.programs.contains_key(*tp), "no program {tp}");
+        }
+        for program in PYTHON_PROGRAMS {
+            assert!(
+                object.programs.contains_key(program),
+                "no program {program}"
+            );
         }
     }
 }

@@ -33,12 +33,15 @@
 pub mod attributes;
 pub mod process;
 pub mod proxy_contexts;
+pub mod python_contexts;
 pub mod runtime;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 
-use crate::capture::{CaptureEvent, Connection, ConnectionId, Direction, Message, Role};
+use crate::capture::{
+    CaptureEvent, Connection, ConnectionId, Direction, Message, PythonContextEvent, Role,
+};
 use crate::http::{self, HttpConnection, RequestHead, StreamDirection};
 use crate::sampling::Sampler;
 use crate::span::{Attribute, Span, SpanId, SpanKind, TraceId, flags};
@@ -47,6 +50,7 @@ use crate::tracecontext::{self, IdGenerator};
 pub use attributes::SpanSettings;
 pub use process::{ProcessFilter, ProcessTable};
 pub use proxy_contexts::{AgreementCounters, ProxiedRequestKey, ProxyContexts};
+pub use python_contexts::{ContextParent, PythonContexts, RequestKey};
 pub use runtime::{Multiplexer, Runtime};
 
 /// The span attribute that says how the span's parent was decided.
@@ -80,6 +84,19 @@ pub enum ParentDecision {
     /// CLIENT: the inbound request's client is on this node but its side
     /// was not seen yet, so the inbound trace may still change.
     TracePending,
+    /// CLIENT: a Python event loop's context current when the call was
+    /// sent serves exactly this inbound request ([`python_contexts`]).
+    PythonContext,
+    /// CLIENT: a Python event loop whose thread's context was not read.
+    PythonContextUnread,
+    /// CLIENT: the Python context current when the call was sent serves no
+    /// inbound request known to the agent.
+    PythonContextUnbound,
+    /// CLIENT: this Python process once answered a request from a context
+    /// serving another; its contexts give no parent any more.
+    PythonContextDistrusted,
+    /// CLIENT: the context serves an inbound request already answered.
+    PythonRequestFinished,
 }
 
 impl ParentDecision {
@@ -94,6 +111,7 @@ impl ParentDecision {
             ParentDecision::Multiplexing(m) => match m {
                 Multiplexer::JavaScript => "none-event-loop-javascript",
                 Multiplexer::PythonAsyncio => "none-event-loop-python-asyncio",
+                Multiplexer::PythonUvloop => "none-event-loop-python-uvloop",
                 Multiplexer::EventDrivenServer => "none-event-loop-server",
                 Multiplexer::Go => "none-go-scheduler",
             },
@@ -101,6 +119,11 @@ impl ParentDecision {
             ParentDecision::RuntimeUnknown => "none-runtime-unknown",
             ParentDecision::ProxyFirst => "none-proxy-first",
             ParentDecision::TracePending => "none-trace-pending",
+            ParentDecision::PythonContext => "python-context",
+            ParentDecision::PythonContextUnread => "none-python-context-unread",
+            ParentDecision::PythonContextUnbound => "none-python-context-unbound",
+            ParentDecision::PythonContextDistrusted => "none-python-context-distrusted",
+            ParentDecision::PythonRequestFinished => "none-python-request-finished",
         }
     }
 }
@@ -180,6 +203,8 @@ pub struct Correlator {
     /// answering on another thread than the one that read: their threads
     /// never give a parent again.
     concurrent: HashSet<u32>,
+    /// The requests the contexts of Python event loops serve.
+    python: PythonContexts,
     ids: IdGenerator,
     sampler: Sampler,
     processes: ProcessTable,
@@ -201,6 +226,7 @@ impl Correlator {
             by_addresses: HashMap::new(),
             serving: HashMap::new(),
             concurrent: HashSet::new(),
+            python: PythonContexts::new(),
             ids: IdGenerator::new(),
             sampler,
             processes,
@@ -243,6 +269,14 @@ impl Correlator {
                     .insert((connection.local, connection.remote), connection.id);
             }
             CaptureEvent::Data(message) => self.on_message(message, out),
+            CaptureEvent::PythonContext {
+                pid, tid, event, ..
+            } => match *event {
+                PythonContextEvent::Copied { parent, copy } => {
+                    self.python.copied(*pid, *tid, parent, copy)
+                }
+                PythonContextEvent::Entered { context } => self.python.entered(*pid, *tid, context),
+            },
             CaptureEvent::Closed(connection) => {
                 if let Some(mut state) = self.untrack(connection.id) {
                     let now = state.last_activity_ns;
@@ -255,6 +289,8 @@ impl Correlator {
     }
 
     fn on_message(&mut self, message: &Message, out: &mut Vec<Span>) {
+        self.python
+            .thread_event(message.connection.pid, message.tid);
         let id = message.connection.id;
         if !self.connections.contains_key(&id) {
             self.make_room(message.timestamp_ns);
@@ -286,11 +322,20 @@ impl Correlator {
             self.start_new_requests(&mut state, message);
         } else if let Some(oldest) = state.requests.front()
             && oldest.kind == SpanKind::Server
-            && oldest.tid != message.tid
         {
-            // Answered by another thread than the one that read it: the
-            // reading thread may have moved on to other work.
-            self.mark_concurrent(message.connection.pid);
+            if oldest.tid != message.tid {
+                // Answered by another thread than the one that read it: the
+                // reading thread may have moved on to other work.
+                self.mark_concurrent(message.connection.pid);
+            }
+            if message.python_context != 0 {
+                let key = RequestKey {
+                    connection: id,
+                    sequence: oldest.sequence,
+                };
+                self.python
+                    .responding(message.connection.pid, message.python_context, key);
+            }
         }
         self.finish_exchanges(&mut state, out);
 
@@ -352,6 +397,10 @@ impl Correlator {
             SpanKind::Client
         };
         let pid = message.connection.pid;
+        let python_loop = match self.processes.runtime(pid) {
+            Runtime::Multiplexing(m) if kind == SpanKind::Server && m.is_python() => Some(m),
+            _ => None,
+        };
         for sequence in state.heads_seen..parsed {
             // A request the parser already gave up (bounded queue) has no head.
             let Some(head) = state.http.request_head(sequence) else {
@@ -359,10 +408,30 @@ impl Correlator {
             };
             let mut context = match kind {
                 SpanKind::Server => self.server_context(head, message.tid),
-                SpanKind::Client => self.client_context(head, pid, message.tid),
+                SpanKind::Client => {
+                    self.client_context(head, pid, message.tid, message.python_context)
+                }
             };
             context.sequence = sequence;
             context.addresses = (state.connection.local, state.connection.remote);
+            // One read completing several heads (pipelining) would bind the
+            // reading context to the last one while tasks for the first are
+            // still being created: bind only a read that completed one.
+            if let Some(multiplexer) = python_loop
+                && parsed - state.heads_seen == 1
+            {
+                let key = RequestKey {
+                    connection: state.connection.id,
+                    sequence,
+                };
+                self.python.request_read(
+                    pid,
+                    message.tid,
+                    message.python_context,
+                    key,
+                    multiplexer == Multiplexer::PythonUvloop,
+                );
+            }
             self.link_local_ends(&state.connection, &mut context);
             if kind == SpanKind::Client && !context.from_wire {
                 self.agree_with_proxy(&state.connection, &mut context);
@@ -422,6 +491,60 @@ impl Correlator {
         self.concurrent.insert(pid);
     }
 
+    /// The parent of a call that `tid` of `pid` sends (with `python_context`
+    /// current, in a watched Python process), from the signal exact for the
+    /// process's runtime, and the decision either way.
+    fn call_parent(
+        &mut self,
+        pid: u32,
+        tid: u32,
+        python_context: u64,
+    ) -> (Option<RequestContext>, ParentDecision) {
+        if let Runtime::Multiplexing(m) = self.processes.runtime(pid)
+            && m.is_python()
+        {
+            return self.python_parent(pid, python_context);
+        }
+        self.thread_parent(pid, tid)
+    }
+
+    /// The parent a Python event loop's current context gives a call.
+    fn python_parent(
+        &mut self,
+        pid: u32,
+        python_context: u64,
+    ) -> (Option<RequestContext>, ParentDecision) {
+        let key = match self.python.parent(pid, python_context) {
+            ContextParent::Request(key) => key,
+            ContextParent::Unread => return (None, ParentDecision::PythonContextUnread),
+            ContextParent::Unbound => return (None, ParentDecision::PythonContextUnbound),
+            ContextParent::Distrusted => {
+                return (None, ParentDecision::PythonContextDistrusted);
+            }
+        };
+        let Some(server) = self.connections.get(&key.connection).and_then(|c| {
+            c.requests
+                .iter()
+                .find(|r| r.sequence == key.sequence && r.kind == SpanKind::Server)
+        }) else {
+            return (None, ParentDecision::PythonRequestFinished);
+        };
+        let server = server.clone();
+        if self.trace_pending(&server) {
+            return (None, ParentDecision::TracePending);
+        }
+        (Some(server), ParentDecision::PythonContext)
+    }
+
+    /// Whether `server`'s client is a connection on this node whose request
+    /// was not seen yet: when it is, the server's trace becomes the
+    /// client's, and a call given the current one would point into another
+    /// trace.
+    fn trace_pending(&self, server: &RequestContext) -> bool {
+        let (local, remote) = server.addresses;
+        server.awaiting_local_client && self.by_addresses.contains_key(&(remote, local))
+    }
+
     /// The parent the thread signal gives a call that `tid` of `pid` sends,
     /// if that signal is exact for this process, and the decision either way.
     fn thread_parent(&mut self, pid: u32, tid: u32) -> (Option<RequestContext>, ParentDecision) {
@@ -432,12 +555,7 @@ impl Correlator {
         if self.concurrent.contains(&pid) {
             return (None, ParentDecision::ConcurrentThread);
         }
-        // The inbound request's client is a connection on this node whose
-        // request was not seen yet: when it is, the server's trace becomes
-        // the client's, and a call given the current one would point into
-        // another trace.
-        let (local, remote) = server.addresses;
-        if server.awaiting_local_client && self.by_addresses.contains_key(&(remote, local)) {
+        if self.trace_pending(&server) {
             return (None, ParentDecision::TracePending);
         }
         match self.processes.runtime(pid) {
@@ -521,7 +639,13 @@ impl Correlator {
         }
     }
 
-    fn client_context(&mut self, head: &RequestHead, pid: u32, tid: u32) -> RequestContext {
+    fn client_context(
+        &mut self,
+        head: &RequestHead,
+        pid: u32,
+        tid: u32,
+        python_context: u64,
+    ) -> RequestContext {
         if let Some(wire) = tracecontext::extract(
             head.headers
                 .iter()
@@ -532,7 +656,7 @@ impl Correlator {
             // Its own parent: the thread's request, if the thread signal is
             // exact here and names the same trace.
             let parent = self
-                .thread_parent(pid, tid)
+                .call_parent(pid, tid, python_context)
                 .0
                 .filter(|s| s.trace_id == wire.traceparent.trace_id)
                 .map(|s| s.span_id);
@@ -552,7 +676,7 @@ impl Correlator {
             };
         }
         let span_id = self.ids.span_id();
-        let (serving, decision) = self.thread_parent(pid, tid);
+        let (serving, decision) = self.call_parent(pid, tid, python_context);
         match serving {
             Some(server) => RequestContext {
                 sequence: 0,
@@ -611,6 +735,7 @@ impl Correlator {
             {
                 if let Some(given_up) = state.requests.pop_front() {
                     self.release(state.connection.pid, &given_up);
+                    self.python_finished(&state.connection, &given_up);
                 }
             }
             if state
@@ -625,6 +750,7 @@ impl Correlator {
             };
             let pid = state.connection.pid;
             self.release(pid, &context);
+            self.python_finished(&state.connection, &context);
             if context.flags & flags::SAMPLED == 0 {
                 self.counters.sampled_out += 1;
                 continue;
@@ -680,6 +806,23 @@ impl Correlator {
     fn release_all(&mut self, state: &ConnectionState) {
         for context in &state.requests {
             self.release(state.connection.pid, context);
+            self.python_finished(&state.connection, context);
+        }
+    }
+
+    /// A server request of a Python event loop is answered or given up:
+    /// contexts copied from now on do not serve it.
+    fn python_finished(&mut self, connection: &Connection, context: &RequestContext) {
+        if context.kind != SpanKind::Server {
+            return;
+        }
+        if let Runtime::Multiplexing(m) = self.processes.runtime(connection.pid)
+            && m.is_python()
+        {
+            self.python.finished(RequestKey {
+                connection: connection.id,
+                sequence: context.sequence,
+            });
         }
     }
 

@@ -32,8 +32,11 @@ pub enum Runtime {
 pub enum Multiplexer {
     /// Node.js, Deno, Bun (libuv or their own loop).
     JavaScript,
-    /// A Python interpreter with asyncio (or uvloop) loaded.
+    /// A Python interpreter with asyncio loaded (the plain event loop).
     PythonAsyncio,
+    /// A Python interpreter with uvloop loaded (libuv's loop, which enters
+    /// each callback's context through `PyContext_Enter`).
+    PythonUvloop,
     /// nginx, haproxy, envoy: event-driven proxies.
     EventDrivenServer,
     /// A Go binary: goroutines on an M:N scheduler.
@@ -46,6 +49,7 @@ impl Multiplexer {
         match self {
             Multiplexer::JavaScript => "javascript",
             Multiplexer::PythonAsyncio => "python-asyncio",
+            Multiplexer::PythonUvloop => "python-uvloop",
             Multiplexer::EventDrivenServer => "event-driven-server",
             Multiplexer::Go => "go",
         }
@@ -64,11 +68,20 @@ const EVENT_LOOP_EXECUTABLES: &[(&str, Multiplexer)] = &[
 ];
 
 /// Shared objects whose presence in a process's mappings means an event
-/// loop runs there: CPython's asyncio accelerator and uvloop's loop.
+/// loop runs there: uvloop's loop (checked first: it loads asyncio too) and
+/// CPython's asyncio accelerator.
 const EVENT_LOOP_LIBRARIES: &[(&str, Multiplexer)] = &[
+    ("/uvloop/", Multiplexer::PythonUvloop),
     ("/_asyncio.", Multiplexer::PythonAsyncio),
-    ("/uvloop/", Multiplexer::PythonAsyncio),
 ];
+
+impl Multiplexer {
+    /// Whether the runtime is a Python interpreter, whose contexts the
+    /// capture may read.
+    pub fn is_python(self) -> bool {
+        matches!(self, Multiplexer::PythonAsyncio | Multiplexer::PythonUvloop)
+    }
+}
 
 /// Classifies a process from what /proc shows: its executable's file name,
 /// the text of its memory mappings, and whether the executable is a Go
@@ -187,7 +200,7 @@ mod tests {
                 "7f00-7f10 r-xp 0 08:01 1 /venv/lib/python3.11/site-packages/uvloop/loop.cpython-311-x86_64-linux-gnu.so\n",
                 false
             ),
-            Runtime::Multiplexing(Multiplexer::PythonAsyncio)
+            Runtime::Multiplexing(Multiplexer::PythonUvloop)
         );
         assert_eq!(
             classify("node", "", false),

@@ -76,6 +76,7 @@ fn message(
         len: bytes.len() as u32,
         bytes: Bytes::copy_from_slice(bytes),
         truncated: false,
+        python_context: 0,
     })
 }
 

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::*;
+use crate::setup::SETUP_PROGRAMS_OUTSIDE_APT;
 
 /// Where the code that spawns programs lives, relative to the workspace.
 const SCANNED: &[&str] = &["tests", "agent/tests", "xtask/src", "xtask/scripts"];
@@ -31,6 +32,12 @@ const INDIRECT: &[(&str, &str, &[&str])] = &[
         "tests/tests/export.rs",
         "std::env::current_exe().unwrap()",
         &[],
+    ),
+    // Setup's import check and pip, in the tests' venv.
+    (
+        "xtask/src/setup.rs",
+        "TEST_VENV_PYTHON",
+        &[crate::setup::TEST_VENV_PYTHON],
     ),
 ];
 
@@ -373,16 +380,19 @@ fn programs_of(spawn: &Spawn) -> Result<Vec<String>, String> {
         })
 }
 
-/// Whether `program` is accounted for when setup installs every package
-/// of its list but `dropped`.
+/// Whether `program` is accounted for when setup installs everything of
+/// its lists but `dropped`: a package name, or a program of
+/// [`SETUP_PROGRAMS_OUTSIDE_APT`], which counts by its absolute path only
+/// (a bare `python` is whatever comes first on PATH).
 fn accounted(program: &str, dropped: Option<&str>) -> bool {
     let built_here = program.starts_with("target/");
     built_here
         || NOT_PACKAGED.contains(&program)
+        || SETUP_PROGRAMS_OUTSIDE_APT.contains(&program) && Some(program) != dropped
         || provider(program).is_some_and(|p| Some(p.name) != dropped)
 }
 
-/// What is wrong with the spawns if setup installed every package but
+/// What is wrong with the spawns if setup installed everything but
 /// `dropped`.
 fn problems(spawns: &[Spawn], dropped: Option<&str>) -> Vec<String> {
     let mut problems = Vec::new();
@@ -422,8 +432,10 @@ fn spawned_programs_come_from_setup() {
     }
     assert!(
         problems.is_empty(),
-        "add each program's Debian package to SETUP_PACKAGES in xtask/src/tools.rs \
-         (or to BASE_PACKAGES if every machine of this kind ships it):\n{}",
+        "add each program's Debian package to SETUP_PACKAGES in xtask/src/setup.rs \
+         (or to BASE_PACKAGES in xtask/src/tools.rs if every machine of this kind ships it; \
+         a program setup installs without apt goes to SETUP_PROGRAMS_OUTSIDE_APT, by its \
+         absolute path):\n{}",
         problems.join("\n")
     );
 }
@@ -457,6 +469,20 @@ fn dropping_a_package_the_code_needs_fails_the_check() {
     // wrk, nginx, haproxy, curl, iproute2, iptables, perf, qemu, cpio,
     // busybox, xz, zstd, kmod at least.
     assert!(checked >= 10, "only {checked} packages are checked");
+    // The same for what setup installs without apt: setup's own import
+    // check spawns the venv's python at least.
+    let mut checked = 0;
+    for program in SETUP_PROGRAMS_OUTSIDE_APT {
+        if !spawned.contains(*program) {
+            continue;
+        }
+        assert!(
+            !problems(&spawns, Some(program)).is_empty(),
+            "dropping {program} from setup went unnoticed"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 1, "no program installed outside apt is checked");
 }
 
 /// The scan sees what these files really spawn: wrk, nginx and the others
@@ -501,6 +527,12 @@ fn a_program_setup_does_not_install_is_reported() {
     assert!(!accounted("hey", None));
     assert!(accounted("taskset", None));
     assert!(!accounted("wrk", Some("wrk")));
+    // The venv's python by its path, not by a bare name, not its pip.
+    let venv_python = crate::setup::TEST_VENV_PYTHON;
+    assert!(accounted(venv_python, None));
+    assert!(!accounted(venv_python, Some(venv_python)));
+    assert!(!accounted("python", None));
+    assert!(!accounted("/opt/agent-tests/venv/bin/pip", None));
     let rust = rust_spawns(
         "t.rs",
         "Command::new(\"hey\").arg(x); tokio::process::Command::new(path_of(\"a\"))",
@@ -546,6 +578,29 @@ fn listed_programs_are_installed_by_their_packages() {
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// What setup installs without apt-get is there and works: each program
+/// exists, and the tests' venv holds exactly the pins of
+/// `tests/fixtures/python-requirements.txt` with its modules importing
+/// (`venv/bin/python -c 'import fastapi, …'`). dpkg is not asked: no
+/// package owns these.
+#[test]
+fn programs_setup_installs_outside_apt_are_installed() {
+    let mut problems = Vec::new();
+    for program in SETUP_PROGRAMS_OUTSIDE_APT {
+        if !Path::new(program).exists() {
+            problems.push(format!("{program} is missing"));
+        }
+    }
+    if problems.is_empty() {
+        problems.extend(crate::setup::test_venv_problem());
+    }
+    assert!(
+        problems.is_empty(),
+        "{}\nrun `cargo xtask setup` (as root) to install the tests' Python venv",
+        problems.join("\n")
+    );
 }
 
 /// The package owning `path`, trying the spellings dpkg may have recorded
