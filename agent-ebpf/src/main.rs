@@ -764,9 +764,10 @@ fn on_data_exit(ctx: &TracePointContext, direction: Direction, shape: BufferShap
     send_record(event, copied);
 }
 
-/// Sends an open or close record for a tracked connection.
+/// Sends an open or close record for a tracked connection, with the Python
+/// context current on the thread (0 when not watched).
 #[inline(always)]
-fn send_lifecycle(kind: EventKind, key: &ConnKey, conn: &ConnInfo) {
+fn send_lifecycle(kind: EventKind, key: &ConnKey, conn: &ConnInfo, python_context: u64) {
     let Some(event) = scratch() else { return };
     // SAFETY: scratch value pointer valid for this run.
     unsafe {
@@ -777,7 +778,8 @@ fn send_lifecycle(kind: EventKind, key: &ConnKey, conn: &ConnInfo) {
             conn,
             Direction::Egress,
             Syscall::None as u8,
-        )
+        );
+        (*event).header.python_context = python_context;
     };
     send_record(event, 0);
 }
@@ -818,7 +820,12 @@ fn on_connection_established(ctx: &TracePointContext, fd: i32, role: Role) {
     let _ = OTHER_FDS.remove(&key);
     if let Some(conn) = track_fd(ctx, &key, cfg, role) {
         // SAFETY: map value pointer valid for this run.
-        send_lifecycle(EventKind::Open, &key, unsafe { &*conn });
+        send_lifecycle(
+            EventKind::Open,
+            &key,
+            unsafe { &*conn },
+            python_context(bpf_get_current_pid_tgid()),
+        );
     }
 }
 
@@ -863,7 +870,7 @@ fn on_close_enter(ctx: &TracePointContext) {
         // SAFETY: map value pointer valid for this run.
         let info = unsafe { *conn };
         if info.protocol != Protocol::NotHttp as u8 {
-            send_lifecycle(EventKind::Close, &key, &info);
+            send_lifecycle(EventKind::Close, &key, &info, 0);
         }
         let _ = CONNS.remove(&key);
     } else {

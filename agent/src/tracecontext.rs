@@ -482,6 +482,29 @@ pub struct TraceContext {
     pub tracestate: TraceState,
 }
 
+/// The trace context a hop writes into an outbound request: its
+/// `traceparent`, and the `tracestate` it continues (the header value as
+/// [`TraceState::to_header_value`] gives it: valid, cut to
+/// [`MAX_PROPAGATED_LEN`]; empty for none).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PropagatedContext {
+    /// The outbound request's traceparent (its parent-id is the hop's
+    /// CLIENT span).
+    pub traceparent: TraceParent,
+    /// The tracestate header value, or empty.
+    pub tracestate: String,
+}
+
+impl PropagatedContext {
+    /// A context with no tracestate (a new trace, or one that had none).
+    pub fn without_state(traceparent: TraceParent) -> Self {
+        Self {
+            traceparent,
+            tracestate: String::new(),
+        }
+    }
+}
+
 /// Why a request has no usable inbound context.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExtractError {

@@ -43,6 +43,8 @@ pub mod fixtures {
     pub const LINK_SERVICE_PY: &str = include_str!("../fixtures/link_service.py");
     /// The Node.js frontend of the parent-link tests.
     pub const LINK_SERVICE_JS: &str = include_str!("../fixtures/link_service.js");
+    /// The Go net/http frontend of the parent-link tests (built by the test).
+    pub const LINK_SERVICE_GO: &str = include_str!("../fixtures/link_service.go");
     /// FastAPI on uvicorn (plain asyncio loop or uvloop; `async def` or
     /// `def` endpoint) as a frontend of the parent-link tests.
     pub const ASGI_SERVICE_PY: &str = include_str!("../fixtures/asgi_service.py");
@@ -313,7 +315,29 @@ pub fn spans_of(events: &[CaptureEvent], percentage: f64) -> Vec<agent::span::Sp
     for event in events {
         correlator.handle(event, &mut spans);
     }
+    assert_span_ids_unique(&spans);
     spans
+}
+
+/// No two spans share an id, except spans that both took theirs from a
+/// `traceparent` the application sent (decision `wire`; a test may send the
+/// same one twice). Every trace the tests build goes through this.
+pub fn assert_span_ids_unique(spans: &[agent::span::Span]) {
+    use agent::correlate::PARENT_DECISION_ATTRIBUTE;
+    let mut seen: std::collections::HashMap<agent::span::SpanId, &agent::span::Span> =
+        std::collections::HashMap::new();
+    for span in spans {
+        if let Some(other) = seen.insert(span.span_id, span) {
+            let from_wire = |s: &agent::span::Span| {
+                s.attribute(PARENT_DECISION_ATTRIBUTE).as_deref() == Some("wire")
+            };
+            assert!(
+                from_wire(span) && from_wire(other),
+                "two spans share the id {:?}: {other:#?} and {span:#?}",
+                span.span_id
+            );
+        }
+    }
 }
 
 /// Whether the tests run inside the qemu VMs, where emulation is slow and

@@ -24,13 +24,15 @@ pub struct LinkCounts {
     pub wrong: usize,
 }
 
-fn rid(span: &Span) -> Option<String> {
+/// The `rid` query parameter of a span's request (the test's request id).
+pub fn rid(span: &Span) -> Option<String> {
     span.attribute("url.query")?
         .split('&')
         .find_map(|p| p.strip_prefix("rid=").map(str::to_string))
 }
 
-fn pid(span: &Span) -> Option<i64> {
+/// The `process.pid` of a span's resource.
+pub fn pid(span: &Span) -> Option<i64> {
     span.resource
         .attributes
         .iter()

@@ -144,10 +144,10 @@ fn curl_to_python_server_is_captured_exactly_with_pids_ports_and_directions() {
     );
     // connect() and accept() were seen as they happened.
     assert!(events.iter().any(
-        |e| matches!(e, CaptureEvent::Opened(c) if c.pid == curl_pid && c.role == Role::Client)
+        |e| matches!(e, CaptureEvent::Opened { connection: c, .. } if c.pid == curl_pid && c.role == Role::Client)
     ));
     assert!(events.iter().any(
-        |e| matches!(e, CaptureEvent::Opened(c) if c.pid == server.pid() && c.role == Role::Server)
+        |e| matches!(e, CaptureEvent::Opened { connection: c, .. } if c.pid == server.pid() && c.role == Role::Server)
     ));
 }
 

@@ -1404,14 +1404,19 @@ fn original_destination_is_reported_to_the_context_source(mode: Mode) {
         fn context_for<'a>(
             &'a self,
             request: &'a ProxiedRequest,
-        ) -> Pin<Box<dyn Future<Output = TraceParent> + Send + 'a>> {
+        ) -> Pin<Box<dyn Future<Output = agent::tracecontext::PropagatedContext> + Send + 'a>>
+        {
             self.0.lock().unwrap().push((
                 request.original_destination,
                 request.index,
                 request.method.clone(),
                 request.target.clone(),
             ));
-            Box::pin(async { TraceParent::parse(VALID.as_bytes()).unwrap() })
+            Box::pin(async {
+                agent::tracecontext::PropagatedContext::without_state(
+                    TraceParent::parse(VALID.as_bytes()).unwrap(),
+                )
+            })
         }
     }
 

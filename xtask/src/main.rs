@@ -78,8 +78,9 @@ enum Task {
 /// Integration test binaries the VMs do not run: what they test does not
 /// depend on the kernel beyond what the other binaries cover there, and
 /// their programs are not in the guest. `links_node`: Node.js (a 100 MB
-/// binary) is not copied into the initramfs.
-const HOST_ONLY_TESTS: &[&str] = &["links_node"];
+/// binary) is not copied into the initramfs; `links_go`: neither is the Go
+/// toolchain that builds its frontend.
+const HOST_ONLY_TESTS: &[&str] = &["links_node", "links_go"];
 
 /// Kernels the VM tests boot besides the host's own.
 const VM_KERNELS: &[&str] = &["6.1", "6.12"];

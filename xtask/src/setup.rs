@@ -34,6 +34,8 @@ pub const SETUP_PACKAGES: &[Package] = &[
     package("python3-venv", &[]),
     guest_package("wrk", &["/usr/bin/wrk"]),
     package("haproxy", &["/usr/sbin/haproxy"]),
+    // Builds the Go net/http frontend of the parent-link tests.
+    package("golang-go", &["/usr/bin/go"]),
     // Network namespaces, veths and the proxy's rules.
     guest_package("iproute2", &["/usr/sbin/ip"]),
     guest_package(

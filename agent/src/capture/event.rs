@@ -80,7 +80,15 @@ pub enum PythonContextEvent {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CaptureEvent {
     /// connect() or accept() produced a TCP connection.
-    Opened(Connection),
+    Opened {
+        /// The connection.
+        connection: Connection,
+        /// The thread that connected or accepted.
+        tid: u32,
+        /// In a watched Python interpreter, the context current on the
+        /// thread that connected or accepted; 0 otherwise.
+        python_context: u64,
+    },
     /// Bytes moved.
     Data(Message),
     /// The process closed a connection that carried HTTP (or was not yet
@@ -103,7 +111,7 @@ impl CaptureEvent {
     /// The connection the event is about, if it is about one.
     pub fn connection(&self) -> Option<&Connection> {
         match self {
-            Self::Opened(c) | Self::Closed(c) => Some(c),
+            Self::Opened { connection: c, .. } | Self::Closed(c) => Some(c),
             Self::Data(m) => Some(&m.connection),
             Self::PythonContext { .. } => None,
         }
@@ -112,7 +120,7 @@ impl CaptureEvent {
     /// The process the event comes from.
     pub fn pid(&self) -> u32 {
         match self {
-            Self::Opened(c) | Self::Closed(c) => c.pid,
+            Self::Opened { connection: c, .. } | Self::Closed(c) => c.pid,
             Self::Data(m) => m.connection.pid,
             Self::PythonContext { pid, .. } => *pid,
         }
@@ -213,7 +221,13 @@ impl RecordDecoder {
         let connection = connection(&header)?;
         match header.kind {
             1 => {}
-            2 => return Ok(CaptureEvent::Opened(connection)),
+            2 => {
+                return Ok(CaptureEvent::Opened {
+                    connection,
+                    tid: header.tid,
+                    python_context: header.python_context,
+                });
+            }
             3 => return Ok(CaptureEvent::Closed(connection)),
             _ => return Err(DecodeError::Invalid("kind")),
         }
@@ -434,7 +448,11 @@ mod tests {
     fn open_and_close_records_carry_the_connection() {
         let mut decoder = RecordDecoder::new();
         let opened = decoder.decode(&record(EventKind::Open, b"", 0)).unwrap();
-        assert!(matches!(opened, CaptureEvent::Opened(c) if c.id == ConnectionId(5)));
+        assert!(matches!(
+            opened,
+            CaptureEvent::Opened { connection: c, tid: 9, python_context: 0x7f00_0000_1000 }
+                if c.id == ConnectionId(5)
+        ));
         let closed = decoder.decode(&record(EventKind::Close, b"", 0)).unwrap();
         assert_eq!(
             closed.connection().unwrap().remote,

@@ -12,9 +12,9 @@ pub mod kernel_offsets;
 pub mod probes;
 pub mod python;
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -53,18 +53,24 @@ pub struct CaptureReader {
     ring: AsyncFd<RingBuf<MapData>>,
     decoder: RecordDecoder,
     user: Arc<UserCounters>,
-    /// To watch the Python processes that show up.
-    probes: Arc<Mutex<Probes>>,
-    /// Processes already considered for watching.
-    seen_pids: HashSet<u32>,
-    last_sweep: Instant,
+    /// New processes, to the thread that watches the Python ones (reading
+    /// an interpreter takes tens of ms: not on the capture's path).
+    to_watcher: mpsc::SyncSender<u32>,
+    /// Processes sent to the watcher, and when: a pid is sent again after
+    /// [`RECONSIDER_AFTER`], since it may now be another process's.
+    seen_pids: HashMap<u32, Instant>,
 }
 
 /// Processes remembered as considered at most; then the set starts over
 /// (a process considered again costs one read of its maps).
 const MAX_SEEN_PIDS: usize = 65_536;
+/// How long a pid found not to be a Python interpreter stays so.
+const RECONSIDER_AFTER: Duration = Duration::from_secs(10);
 /// How often exited Python processes are unwatched.
 const PYTHON_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+/// New processes waiting for the watcher at most; more are sent again
+/// after [`RECONSIDER_AFTER`].
+const WATCH_QUEUE: usize = 4096;
 
 /// Records decoded per [`CaptureReader::read`] at most: a bound on the work
 /// between two awaits, so the consumer's other duties are not starved.
@@ -85,6 +91,8 @@ impl Capture {
         // same until the AsyncFd (which owns the ring buffer) is dropped.
         let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
             .map_err(|e| anyhow::anyhow!("registering the ring buffer with tokio: {e}"))?;
+        let (to_watcher, new_pids) = mpsc::sync_channel(WATCH_QUEUE);
+        spawn_python_watcher(probes.clone(), user.clone(), new_pids)?;
         Ok((
             Self {
                 probes: probes.clone(),
@@ -94,9 +102,8 @@ impl Capture {
                 ring,
                 decoder: RecordDecoder::new(),
                 user,
-                probes,
-                seen_pids: HashSet::new(),
-                last_sweep: Instant::now(),
+                to_watcher,
+                seen_pids: HashMap::new(),
             },
         ))
     }
@@ -135,13 +142,19 @@ impl CaptureReader {
         let before = batch.len();
         let mut decoded = 0;
         let mut new_pids = Vec::new();
+        let now = Instant::now();
         while decoded < MAX_BATCH {
             let Some(item) = rb.next() else { break };
             decoded += 1;
             match self.decoder.decode(&item) {
                 Ok(event) => {
-                    if !self.seen_pids.contains(&event.pid()) {
-                        new_pids.push(event.pid());
+                    let pid = event.pid();
+                    if self
+                        .seen_pids
+                        .get(&pid)
+                        .is_none_or(|seen| now.duration_since(*seen) >= RECONSIDER_AFTER)
+                    {
+                        new_pids.push(pid);
                     }
                     batch.push(event)
                 }
@@ -157,48 +170,77 @@ impl CaptureReader {
             guard.clear_ready();
         }
         for pid in new_pids {
-            if !self.seen_pids.contains(&pid) {
-                self.consider(pid);
+            if self
+                .seen_pids
+                .get(&pid)
+                .is_none_or(|seen| now.duration_since(*seen) >= RECONSIDER_AFTER)
+            {
+                if self.seen_pids.len() >= MAX_SEEN_PIDS {
+                    self.seen_pids.clear();
+                }
+                self.seen_pids.insert(pid, now);
+                // Full: this pid is sent again after RECONSIDER_AFTER.
+                let _ = self.to_watcher.try_send(pid);
             }
         }
         self.user
             .events
             .fetch_add((batch.len() - before) as u64, Ordering::Relaxed);
-        if self.last_sweep.elapsed() >= PYTHON_SWEEP_INTERVAL {
-            self.last_sweep = Instant::now();
-            if let Ok(mut probes) = self.probes.lock() {
-                probes.forget_exited_python();
-            }
-        }
         Ok(())
     }
+}
 
-    /// A process seen for the first time: watch its contexts if it is a
-    /// Python interpreter (once; its first records come before the watch).
-    fn consider(&mut self, pid: u32) {
-        if self.seen_pids.len() >= MAX_SEEN_PIDS {
-            self.seen_pids.clear();
+/// Starts the thread that watches the Python processes among the new
+/// processes the reader sends (see [`python`]), and unwatches the ones that
+/// exited. It ends when the reader is dropped.
+fn spawn_python_watcher(
+    probes: Arc<Mutex<Probes>>,
+    user: Arc<UserCounters>,
+    new_pids: mpsc::Receiver<u32>,
+) -> Result<()> {
+    std::thread::Builder::new()
+        .name("python-watch".into())
+        .spawn(move || {
+            let mut last_sweep = Instant::now();
+            loop {
+                match new_pids.recv_timeout(PYTHON_SWEEP_INTERVAL) {
+                    Ok(pid) => consider(&probes, &user, pid),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+                if last_sweep.elapsed() >= PYTHON_SWEEP_INTERVAL {
+                    last_sweep = Instant::now();
+                    if let Ok(mut probes) = probes.lock() {
+                        probes.forget_exited_python();
+                    }
+                }
+            }
+        })
+        .map_err(|e| anyhow::anyhow!("starting the Python watcher thread: {e}"))?;
+    Ok(())
+}
+
+/// A process seen for the first time: watch its contexts if it is a
+/// Python interpreter (its first records come before the watch).
+fn consider(probes: &Mutex<Probes>, user: &UserCounters, pid: u32) {
+    let Ok(mut probes) = probes.lock() else {
+        return;
+    };
+    let started = Instant::now();
+    match probes.watch_python(pid) {
+        Ok(Some(interpreter)) => {
+            user.python_watched.fetch_add(1, Ordering::Relaxed);
+            let (major, minor, micro) = interpreter.version;
+            log::info!(
+                "reading the contexts of Python {major}.{minor}.{micro} in pid {pid} ({}), set up in {:?}",
+                interpreter.object.display(),
+                started.elapsed()
+            );
         }
-        self.seen_pids.insert(pid);
-        let Ok(mut probes) = self.probes.lock() else {
-            return;
-        };
-        let started = Instant::now();
-        match probes.watch_python(pid) {
-            Ok(Some(interpreter)) => {
-                self.user.python_watched.fetch_add(1, Ordering::Relaxed);
-                let (major, minor, micro) = interpreter.version;
-                log::info!(
-                    "reading the contexts of Python {major}.{minor}.{micro} in pid {pid} ({}), set up in {:?}",
-                    interpreter.object.display(),
-                    started.elapsed()
-                );
-            }
-            Ok(None) | Err(python::NotWatched::NotPython) => {}
-            Err(e) => {
-                self.user.python_not_watched.fetch_add(1, Ordering::Relaxed);
-                log::info!("pid {pid}: Python contexts not read: {e}");
-            }
+        Ok(None) | Err(python::NotWatched::NotPython | python::NotWatched::Gone) => {}
+        Err(e) => {
+            user.python_not_watched.fetch_add(1, Ordering::Relaxed);
+            log::info!("pid {pid}: Python contexts not read: {e}");
         }
     }
 }

@@ -1,8 +1,8 @@
 //! Loading the kernel programs, configuring them, and attaching them to the
 //! syscall tracepoints. The only part of the capture that needs a kernel.
 
-use std::collections::HashMap;
-use std::num::NonZeroU32;
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use agent_common::{CaptureConfig, MAX_MESSAGE_BYTES, PythonProcess, counter};
@@ -100,13 +100,30 @@ pub struct Probes {
     python: PythonWatch,
 }
 
+/// An interpreter file, by device and inode (as the kernel places uprobes).
+type ObjectKey = (u64, u64);
+
+/// The uprobes on one interpreter file, and the watched processes using it.
+struct WatchedObject {
+    links: Vec<(&'static str, UProbeLinkId)>,
+    pids: HashSet<u32>,
+}
+
 /// The Python processes whose contexts the kernel reads.
+///
+/// The uprobes are attached once per interpreter file, for every process
+/// (the programs skip the processes not in `PYTHON_PROCESSES`): kernels
+/// that implement a per-process uprobe as a filter on one shared trace
+/// event (6.1) run every attached program on each hit, so one attachment
+/// per watched process would report each copy once per such process.
 struct PythonWatch {
     /// The kernel's table of watched processes; None when the uprobe
     /// programs could not be loaded (watching is then off).
     processes: Option<BpfHashMap<MapData, u32, PythonProcess>>,
-    /// The uprobe links of each watched process, by program.
-    links: HashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
+    /// Each watched process: its start time (a pid reused by a later
+    /// process is another process) and its interpreter file.
+    watched: HashMap<u32, (Option<u64>, ObjectKey)>,
+    objects: HashMap<ObjectKey, WatchedObject>,
 }
 
 /// Where tracefs is mounted, mounting it first if it is not (as on this
@@ -216,7 +233,8 @@ impl Probes {
         let python = match load_python_programs(&mut ebpf) {
             Ok(processes) => PythonWatch {
                 processes: Some(processes),
-                links: HashMap::new(),
+                watched: HashMap::new(),
+                objects: HashMap::new(),
             },
             Err(e) => {
                 eprintln!(
@@ -224,7 +242,8 @@ impl Probes {
                 );
                 PythonWatch {
                     processes: None,
-                    links: HashMap::new(),
+                    watched: HashMap::new(),
+                    objects: HashMap::new(),
                 }
             }
         };
@@ -244,22 +263,59 @@ impl Probes {
     /// Starts reading the contexts of process `pid` if it is a Python
     /// interpreter this agent knows how to read. Already watched: Ok(None).
     pub fn watch_python(&mut self, pid: u32) -> Result<Option<Interpreter>, NotWatched> {
-        let Some(processes) = self.python.processes.as_mut() else {
+        if self.python.processes.is_none() {
             return Err(NotWatched::Unreadable("uprobes unavailable".into()));
-        };
-        if self.python.links.contains_key(&pid) {
-            return Ok(None);
         }
-        if self.python.links.len() >= MAX_PYTHON_PROCESSES {
+        let started = python::start_time(Path::new("/proc"), pid);
+        match self.python.watched.get(&pid) {
+            Some((watched_start, _)) if *watched_start == started => return Ok(None),
+            Some(_) => self.unwatch_python(pid),
+            None => {}
+        }
+        if self.python.watched.len() >= MAX_PYTHON_PROCESSES {
             return Err(NotWatched::Unreadable(
                 "too many Python processes watched".into(),
             ));
         }
         let interpreter = python::locate(Path::new("/proc"), pid)?;
-        processes
+        let meta = std::fs::metadata(&interpreter.object).map_err(|e| {
+            NotWatched::Unreadable(format!("{}: {e}", interpreter.object.display()))
+        })?;
+        let object = (meta.dev(), meta.ino());
+        if !self.python.objects.contains_key(&object) {
+            let links = self
+                .attach_python_programs(&interpreter)
+                .map_err(NotWatched::Unreadable)?;
+            self.python.objects.insert(
+                object,
+                WatchedObject {
+                    links,
+                    pids: HashSet::new(),
+                },
+            );
+        }
+        if let Some(watched) = self.python.objects.get_mut(&object) {
+            watched.pids.insert(pid);
+        }
+        self.python.watched.insert(pid, (started, object));
+        self.python
+            .processes
+            .as_mut()
+            .ok_or_else(|| NotWatched::Unreadable("uprobes unavailable".into()))?
             .insert(&pid, &interpreter.kernel, 0)
-            .map_err(|e| NotWatched::Unreadable(format!("PYTHON_PROCESSES: {e}")))?;
-        let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).expect("pid 0 is not a process"));
+            .map_err(|e| {
+                self.unwatch_python(pid);
+                NotWatched::Unreadable(format!("PYTHON_PROCESSES: {e}"))
+            })?;
+        Ok(Some(interpreter))
+    }
+
+    /// Attaches both uprobe programs to `interpreter`'s file, for every
+    /// process; all or none.
+    fn attach_python_programs(
+        &mut self,
+        interpreter: &Interpreter,
+    ) -> Result<Vec<(&'static str, UProbeLinkId)>, String> {
         let mut links = Vec::new();
         let offsets = [interpreter.copy_offset, interpreter.enter_offset];
         for (name, offset) in PYTHON_PROGRAMS.into_iter().zip(offsets) {
@@ -269,27 +325,21 @@ impl Probes {
                 .ok_or_else(|| format!("program {name} missing"))
                 .and_then(|p| <&mut UProbe>::try_from(p).map_err(|e| e.to_string()))
                 .and_then(|p| {
-                    p.attach([offset], &interpreter.object, scope)
-                        .map_err(|e| format!("{e:#}"))
+                    p.attach([offset], &interpreter.object, UProbeScope::AllProcesses)
+                        .map_err(|e| format!("attaching {name}: {e:#}"))
                 });
             match attached {
                 Ok(link) => links.push((name, link)),
                 Err(e) => {
-                    self.python.links.insert(pid, links);
-                    self.unwatch_python(pid);
-                    return Err(NotWatched::Unreadable(format!("attaching {name}: {e}")));
+                    self.detach_python_programs(links);
+                    return Err(e);
                 }
             }
         }
-        self.python.links.insert(pid, links);
-        Ok(Some(interpreter))
+        Ok(links)
     }
 
-    /// Stops watching `pid` (it exited).
-    pub fn unwatch_python(&mut self, pid: u32) {
-        let Some(links) = self.python.links.remove(&pid) else {
-            return;
-        };
+    fn detach_python_programs(&mut self, links: Vec<(&'static str, UProbeLinkId)>) {
         for (name, link) in links {
             if let Some(program) = self.ebpf.program_mut(name)
                 && let Ok(program) = <&mut UProbe>::try_from(program)
@@ -297,19 +347,38 @@ impl Probes {
                 let _ = program.detach(link);
             }
         }
+    }
+
+    /// Stops watching `pid` (it exited); the uprobes go with the last
+    /// watched process using their file.
+    pub fn unwatch_python(&mut self, pid: u32) {
+        let Some((_, object)) = self.python.watched.remove(&pid) else {
+            return;
+        };
         if let Some(processes) = self.python.processes.as_mut() {
             let _ = processes.remove(&pid);
         }
+        let unused = self.python.objects.get_mut(&object).is_some_and(|watched| {
+            watched.pids.remove(&pid);
+            watched.pids.is_empty()
+        });
+        if unused && let Some(watched) = self.python.objects.remove(&object) {
+            self.detach_python_programs(watched.links);
+        }
     }
 
-    /// Stops watching the Python processes that exited.
+    /// Stops watching the Python processes that exited (also those whose
+    /// pid a later process was given).
     pub fn forget_exited_python(&mut self) {
         let exited: Vec<u32> = self
             .python
-            .links
-            .keys()
-            .copied()
-            .filter(|pid| !Path::new("/proc").join(pid.to_string()).exists())
+            .watched
+            .iter()
+            .filter(|(pid, (started, _))| {
+                python::start_time(Path::new("/proc"), **pid)
+                    .is_none_or(|now| Some(now) != *started)
+            })
+            .map(|(pid, _)| *pid)
             .collect();
         for pid in exited {
             self.unwatch_python(pid);
@@ -318,7 +387,7 @@ impl Probes {
 
     /// Python processes watched now.
     pub fn python_watched(&self) -> usize {
-        self.python.links.len()
+        self.python.watched.len()
     }
 
     /// The kernel counters, summed over CPUs, by name.

@@ -98,11 +98,23 @@ pub struct Interpreter {
     pub enter_offset: u64,
 }
 
+/// When process `pid` started (clock ticks after boot, from its stat), to
+/// tell it from a later process given the same pid.
+pub fn start_time(proc_root: &Path, pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(proc_root.join(pid.to_string()).join("stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields count from
+    // the last ')'. starttime is field 22, the 20th after it.
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
 /// Why a process's interpreter is not watched.
 #[derive(Debug, PartialEq, Eq)]
 pub enum NotWatched {
     /// The process has no Python interpreter mapped.
     NotPython,
+    /// The process exited.
+    Gone,
     /// The interpreter's version has no known layout.
     UnsupportedVersion(u8, u8),
     /// A free-threaded build (no GIL), whose structures differ.
@@ -120,6 +132,7 @@ impl std::fmt::Display for NotWatched {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::NotPython => write!(f, "not a Python process"),
+            Self::Gone => write!(f, "the process exited"),
             Self::UnsupportedVersion(major, minor) => {
                 write!(f, "Python {major}.{minor} has no known layout")
             }
@@ -246,8 +259,13 @@ impl ElfFacts {
 /// its threads' contexts, and checks it against the live process.
 pub fn locate(proc_root: &Path, pid: u32) -> Result<Interpreter, NotWatched> {
     let dir = proc_root.join(pid.to_string());
-    let maps = std::fs::read_to_string(dir.join("maps"))
-        .map_err(|e| NotWatched::Unreadable(format!("maps: {e}")))?;
+    let maps = std::fs::read_to_string(dir.join("maps")).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            NotWatched::Gone
+        } else {
+            NotWatched::Unreadable(format!("maps: {e}"))
+        }
+    })?;
     let candidates = interpreter_mappings(&maps);
     if candidates.is_empty() {
         return Err(NotWatched::NotPython);
@@ -401,6 +419,15 @@ mod tests {
             ]
         );
         assert!(interpreter_mappings("7f00-7f01 r--p 00000000 08:01 5 /usr/bin/node\n").is_empty());
+    }
+
+    #[test]
+    fn start_time_is_read_after_the_command_name() {
+        let me = std::process::id();
+        let first = start_time(Path::new("/proc"), me).expect("own stat");
+        assert!(first > 0);
+        assert_eq!(start_time(Path::new("/proc"), me), Some(first));
+        assert_eq!(start_time(Path::new("/nonexistent"), me), None);
     }
 
     #[test]

@@ -50,7 +50,7 @@ use crate::tracecontext::{self, IdGenerator};
 pub use attributes::SpanSettings;
 pub use process::{ProcessFilter, ProcessTable};
 pub use proxy_contexts::{AgreementCounters, ProxiedRequestKey, ProxyContexts};
-pub use python_contexts::{ContextParent, PythonContexts, RequestKey};
+pub use python_contexts::{ContextParent, OpenRequests, PythonContexts, RequestKey};
 pub use runtime::{Multiplexer, Runtime};
 
 /// The span attribute that says how the span's parent was decided.
@@ -97,6 +97,13 @@ pub enum ParentDecision {
     PythonContextDistrusted,
     /// CLIENT: the context serves an inbound request already answered.
     PythonRequestFinished,
+    /// CLIENT: the process forwards the `traceparent` exactly one of its
+    /// inbound requests in flight brought: that request's child, with an id
+    /// of its own.
+    Forwarded,
+    /// CLIENT: the forwarded `traceparent` came with several inbound
+    /// requests in flight (a client retrying): an id of its own, no parent.
+    ForwardedAmbiguous,
 }
 
 impl ParentDecision {
@@ -124,6 +131,8 @@ impl ParentDecision {
             ParentDecision::PythonContextUnbound => "none-python-context-unbound",
             ParentDecision::PythonContextDistrusted => "none-python-context-distrusted",
             ParentDecision::PythonRequestFinished => "none-python-request-finished",
+            ParentDecision::Forwarded => "forwarded",
+            ParentDecision::ForwardedAmbiguous => "none-forwarded-ambiguous",
         }
     }
 }
@@ -146,11 +155,30 @@ struct RequestContext {
     awaiting_local_client: bool,
     /// The ids came from a `traceparent` on the wire.
     from_wire: bool,
+    /// CLIENT: the request carries the `traceparent` an inbound request of
+    /// the same process brought, forwarded as it was (a gateway, nginx's
+    /// `proxy_pass`): its parent-id, which the span does not take as its own.
+    forwarded_parent: Option<SpanId>,
     /// How the parent was decided.
     decision: ParentDecision,
     /// The connection's (local, remote) addresses, to find its other end.
     addresses: (SocketAddr, SocketAddr),
 }
+
+/// The inbound requests in flight of one process that brought the same
+/// `traceparent`.
+#[derive(Clone, Debug)]
+enum InboundWithTraceparent {
+    /// One: its SERVER span.
+    One(SpanId),
+    /// Several (a client that retried, or reused its span id).
+    Several,
+}
+
+/// Inbound requests with a traceparent remembered at most; when full, the
+/// table starts over (calls forwarding the ones forgotten are then taken
+/// for the application's own: their span takes the wire parent-id).
+const MAX_INBOUND_FROM_WIRE: usize = 100_000;
 
 /// One TCP connection being followed.
 struct ConnectionState {
@@ -205,6 +233,9 @@ pub struct Correlator {
     concurrent: HashSet<u32>,
     /// The requests the contexts of Python event loops serve.
     python: PythonContexts,
+    /// Inbound requests in flight that brought a `traceparent`, by (pid,
+    /// trace-id, parent-id): a call carrying the same one forwards it.
+    inbound_from_wire: HashMap<(u32, TraceId, SpanId), InboundWithTraceparent>,
     ids: IdGenerator,
     sampler: Sampler,
     processes: ProcessTable,
@@ -227,6 +258,7 @@ impl Correlator {
             serving: HashMap::new(),
             concurrent: HashSet::new(),
             python: PythonContexts::new(),
+            inbound_from_wire: HashMap::new(),
             ids: IdGenerator::new(),
             sampler,
             processes,
@@ -258,7 +290,21 @@ impl Correlator {
     /// Feeds one capture event; finished spans are pushed to `out`.
     pub fn handle(&mut self, event: &CaptureEvent, out: &mut Vec<Span>) {
         match event {
-            CaptureEvent::Opened(connection) => {
+            CaptureEvent::Opened {
+                connection,
+                tid,
+                python_context,
+            } => {
+                if connection.role == Role::Server
+                    && *python_context != 0
+                    && self.processes.runtime(connection.pid)
+                        == Runtime::Multiplexing(Multiplexer::PythonAsyncio)
+                {
+                    // The accepting thread: the set-up task it creates next
+                    // is this connection's (plain asyncio loop only).
+                    self.python
+                        .accepted(connection.pid, *tid, *python_context, connection.id);
+                }
                 // A reused id cannot happen (ids are unique); a stale entry
                 // for the same fd is keyed by another id and ages out.
                 self.connections
@@ -273,7 +319,10 @@ impl Correlator {
                 pid, tid, event, ..
             } => match *event {
                 PythonContextEvent::Copied { parent, copy } => {
-                    self.python.copied(*pid, *tid, parent, copy)
+                    let connections = &self.connections;
+                    self.python.copied(*pid, *tid, parent, copy, |id| {
+                        open_server_requests(connections, id)
+                    })
                 }
                 PythonContextEvent::Entered { context } => self.python.entered(*pid, *tid, context),
             },
@@ -436,6 +485,9 @@ impl Correlator {
             if kind == SpanKind::Client && !context.from_wire {
                 self.agree_with_proxy(&state.connection, &mut context);
             }
+            if kind == SpanKind::Server && context.from_wire {
+                self.note_inbound_from_wire(pid, &context);
+            }
             if kind == SpanKind::Server
                 && self
                     .serving
@@ -469,12 +521,18 @@ impl Correlator {
             parent_id: context.span_id,
             flags: context.flags,
         };
-        let agreed = contexts.settle_client_context(key, chosen);
-        if agreed != chosen {
+        let agreed = contexts.settle_client_context(
+            key,
+            tracecontext::PropagatedContext {
+                traceparent: chosen,
+                tracestate: context.trace_state.clone(),
+            },
+        );
+        if agreed.traceparent != chosen {
             // The proxy could not wait and started a trace of its own.
-            context.trace_id = agreed.trace_id;
-            context.span_id = agreed.parent_id;
-            context.flags = agreed.flags;
+            context.trace_id = agreed.traceparent.trace_id;
+            context.span_id = agreed.traceparent.parent_id;
+            context.flags = agreed.traceparent.flags;
             context.parent_span_id = None;
             context.trace_state = String::new();
             context.decision = ParentDecision::ProxyFirst;
@@ -500,12 +558,12 @@ impl Correlator {
         tid: u32,
         python_context: u64,
     ) -> (Option<RequestContext>, ParentDecision) {
-        if let Runtime::Multiplexing(m) = self.processes.runtime(pid)
-            && m.is_python()
-        {
-            return self.python_parent(pid, python_context);
+        match self.processes.runtime(pid) {
+            Runtime::Multiplexing(m) if m.is_python() => self.python_parent(pid, python_context),
+            // Said first: whatever the threads show, they are not the signal.
+            Runtime::Multiplexing(m) => (None, ParentDecision::Multiplexing(m)),
+            Runtime::Threads | Runtime::Unknown => self.thread_parent(pid, tid),
         }
-        self.thread_parent(pid, tid)
     }
 
     /// The parent a Python event loop's current context gives a call.
@@ -514,7 +572,10 @@ impl Correlator {
         pid: u32,
         python_context: u64,
     ) -> (Option<RequestContext>, ParentDecision) {
-        let key = match self.python.parent(pid, python_context) {
+        let connections = &self.connections;
+        let key = match self.python.parent(pid, python_context, |id| {
+            open_server_requests(connections, id)
+        }) {
             ContextParent::Request(key) => key,
             ContextParent::Unread => return (None, ParentDecision::PythonContextUnread),
             ContextParent::Unbound => return (None, ParentDecision::PythonContextUnbound),
@@ -577,6 +638,28 @@ impl Correlator {
                 let client = client.clone();
                 adopt_client(context, &client, &sampler);
             }
+            SpanKind::Server if context.from_wire => {
+                // The request's client on this node forwarded a traceparent
+                // it received: the server is its CLIENT span's child, not
+                // the caller's the parent-id names.
+                let Some(client) = self.local_peer_request(connection, context.sequence) else {
+                    return;
+                };
+                if let Some(parent) = forwarder_of(client, context) {
+                    context.parent_span_id = Some(parent);
+                    context.decision = ParentDecision::LocalPeer;
+                }
+            }
+            SpanKind::Client if context.forwarded_parent.is_some() => {
+                let client = context.clone();
+                let Some(server) = self.local_peer_request(connection, context.sequence) else {
+                    return;
+                };
+                if let Some(parent) = forwarder_of(&client, server) {
+                    server.parent_span_id = Some(parent);
+                    server.decision = ParentDecision::LocalPeer;
+                }
+            }
             SpanKind::Client => {
                 let client = context.clone();
                 let Some(server) = self.local_peer_request(connection, context.sequence) else {
@@ -628,6 +711,7 @@ impl Correlator {
                     tid,
                     awaiting_local_client: false,
                     from_wire: true,
+                    forwarded_parent: None,
                     decision: ParentDecision::Wire,
                     addresses: UNSPECIFIED_ADDRESSES,
                 }
@@ -651,6 +735,33 @@ impl Correlator {
                 .iter()
                 .map(|h| (h.name.as_str(), h.value.as_slice())),
         ) {
+            let received = (wire.traceparent.trace_id, wire.traceparent.parent_id);
+            if let Some(forwarded) = self.inbound_from_wire.get(&(pid, received.0, received.1)) {
+                // The process forwards the traceparent one of its inbound
+                // requests brought: the call is that request's child, with
+                // an id of its own (the wire parent-id is the caller's).
+                let (parent, decision) = match forwarded {
+                    InboundWithTraceparent::One(server) => {
+                        (Some(*server), ParentDecision::Forwarded)
+                    }
+                    InboundWithTraceparent::Several => (None, ParentDecision::ForwardedAmbiguous),
+                };
+                return RequestContext {
+                    sequence: 0,
+                    kind: SpanKind::Client,
+                    trace_id: wire.traceparent.trace_id,
+                    span_id: self.ids.span_id(),
+                    parent_span_id: parent,
+                    flags: wire.traceparent.flags,
+                    trace_state: wire.tracestate.to_header_value(),
+                    tid,
+                    awaiting_local_client: false,
+                    from_wire: false,
+                    forwarded_parent: Some(wire.traceparent.parent_id),
+                    decision,
+                    addresses: UNSPECIFIED_ADDRESSES,
+                };
+            }
             // Someone (the application or our proxy) already chose this
             // call's id: the downstream server's parent is the wire parent-id.
             // Its own parent: the thread's request, if the thread signal is
@@ -671,6 +782,7 @@ impl Correlator {
                 tid,
                 awaiting_local_client: false,
                 from_wire: true,
+                forwarded_parent: None,
                 decision: ParentDecision::Wire,
                 addresses: UNSPECIFIED_ADDRESSES,
             };
@@ -689,6 +801,7 @@ impl Correlator {
                 tid,
                 awaiting_local_client: false,
                 from_wire: false,
+                forwarded_parent: None,
                 decision,
                 addresses: UNSPECIFIED_ADDRESSES,
             },
@@ -716,6 +829,7 @@ impl Correlator {
             tid,
             awaiting_local_client: false,
             from_wire: false,
+            forwarded_parent: None,
             decision,
             addresses: UNSPECIFIED_ADDRESSES,
         }
@@ -789,9 +903,43 @@ impl Correlator {
         self.exchanges = exchanges;
     }
 
+    /// An inbound request brought a traceparent: calls of `pid` carrying
+    /// it are forwarding it.
+    fn note_inbound_from_wire(&mut self, pid: u32, context: &RequestContext) {
+        let Some(parent) = context.parent_span_id else {
+            return;
+        };
+        if self.inbound_from_wire.len() >= MAX_INBOUND_FROM_WIRE {
+            self.inbound_from_wire.clear();
+        }
+        if let Some((contexts, _)) = &self.proxy {
+            contexts.note_forwardable(context.trace_id, parent);
+        }
+        self.inbound_from_wire
+            .entry((pid, context.trace_id, parent))
+            .and_modify(|e| *e = InboundWithTraceparent::Several)
+            .or_insert(InboundWithTraceparent::One(context.span_id));
+    }
+
     /// A server request is answered (or given up): its thread no longer
     /// serves it.
     fn release(&mut self, pid: u32, context: &RequestContext) {
+        if context.kind == SpanKind::Server
+            && context.from_wire
+            && let Some(parent) = context.parent_span_id
+        {
+            // A Several entry stays until the table starts over: which of
+            // its requests remain is not counted.
+            let key = (pid, context.trace_id, parent);
+            if let Some(InboundWithTraceparent::One(one)) = self.inbound_from_wire.get(&key)
+                && *one == context.span_id
+            {
+                self.inbound_from_wire.remove(&key);
+                if let Some((contexts, _)) = &self.proxy {
+                    contexts.forget_forwardable(context.trace_id, parent);
+                }
+            }
+        }
         if context.kind == SpanKind::Server
             && self
                 .serving
@@ -885,6 +1033,36 @@ impl ConnectionState {
             self.request_direction = Some(message.direction);
         }
         self.request_direction
+    }
+}
+
+/// The span a server whose request came from `client` (the other end of
+/// its connection, on this node) is the child of, when `client` forwarded
+/// the traceparent the server received.
+fn forwarder_of(client: &RequestContext, server: &RequestContext) -> Option<SpanId> {
+    let forwarded = client.forwarded_parent?;
+    (server.from_wire
+        && server.trace_id == client.trace_id
+        && server.parent_span_id == Some(forwarded))
+    .then_some(client.span_id)
+}
+
+/// The requests open on server connection `id`.
+fn open_server_requests(
+    connections: &HashMap<ConnectionId, ConnectionState>,
+    id: ConnectionId,
+) -> OpenRequests {
+    let Some(state) = connections.get(&id) else {
+        return OpenRequests::None;
+    };
+    let mut open = state.requests.iter().filter(|r| r.kind == SpanKind::Server);
+    match (open.next(), open.next()) {
+        (None, _) => OpenRequests::None,
+        (Some(one), None) => OpenRequests::One(RequestKey {
+            connection: id,
+            sequence: one.sequence,
+        }),
+        (Some(_), Some(_)) => OpenRequests::Several,
     }
 }
 

@@ -10,7 +10,7 @@
 //! The check-and-record is one step under a lock, so the two can never
 //! decide differently.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use crate::tracecontext::{IdGenerator, TraceParent, root_flags};
+use crate::span::{SpanId, TraceId};
+use crate::tracecontext::{IdGenerator, PropagatedContext, TraceParent, root_flags};
 
 /// A request as both sides can name it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -38,13 +39,17 @@ const MAX_PENDING: usize = 65_536;
 #[derive(Default)]
 struct Decisions {
     /// Decided by the correlator, not yet taken by the proxy.
-    by_correlator: HashMap<ProxiedRequestKey, TraceParent>,
+    by_correlator: HashMap<ProxiedRequestKey, PropagatedContext>,
     /// Decided by the proxy (it could not wait longer), for the correlator
     /// to adopt.
     by_proxy: HashMap<ProxiedRequestKey, TraceParent>,
     /// Requests the proxy is waiting on, each with its own channel, so a
     /// decision wakes exactly the request it is for (not every waiter).
-    waiting: HashMap<ProxiedRequestKey, oneshot::Sender<TraceParent>>,
+    waiting: HashMap<ProxiedRequestKey, oneshot::Sender<PropagatedContext>>,
+    /// The (trace-id, parent-id) of inbound requests in flight on this node
+    /// that brought a traceparent: a proxied request carrying one forwards
+    /// it, and gets its sender's CLIENT span as parent instead.
+    forwardable: HashSet<(TraceId, SpanId)>,
     ids: IdGenerator,
 }
 
@@ -87,37 +92,99 @@ impl ProxyContexts {
         }
     }
 
-    /// Correlator side: the context it chose for the CLIENT span of `key`.
-    /// Returns the proxy's decision instead when the proxy decided first;
+    /// Correlator side: the context it chose for the CLIENT span of `key`
+    /// (and the tracestate it continues). Returns the proxy's decision
+    /// instead when the proxy decided first (a new trace, no tracestate);
     /// the caller must then use that one.
     pub fn settle_client_context(
         &self,
         key: ProxiedRequestKey,
-        chosen: TraceParent,
-    ) -> TraceParent {
+        chosen: PropagatedContext,
+    ) -> PropagatedContext {
         let mut d = self.lock();
         if let Some(by_proxy) = d.by_proxy.remove(&key) {
-            return by_proxy;
+            return PropagatedContext::without_state(by_proxy);
         }
         if let Some(waiter) = d.waiting.remove(&key) {
             // Sent under the lock: a proxy whose wait just ran out finds
             // its entry gone and takes this value, never deciding itself.
-            if waiter.send(chosen).is_ok() {
+            if waiter.send(chosen.clone()).is_ok() {
                 return chosen;
             }
         }
         if d.by_correlator.len() >= MAX_PENDING {
             d.by_correlator.clear();
         }
-        d.by_correlator.insert(key, chosen);
+        d.by_correlator.insert(key, chosen.clone());
         chosen
+    }
+
+    /// Correlator side: an inbound request brought this traceparent (one
+    /// entry per traceparent: a retry's second request shares it).
+    pub fn note_forwardable(&self, trace_id: TraceId, parent_id: SpanId) {
+        let mut d = self.lock();
+        if d.forwardable.len() >= MAX_PENDING {
+            d.forwardable.clear();
+        }
+        d.forwardable.insert((trace_id, parent_id));
+    }
+
+    /// Correlator side: the inbound request that brought this traceparent
+    /// is answered.
+    pub fn forget_forwardable(&self, trace_id: TraceId, parent_id: SpanId) {
+        self.lock().forwardable.remove(&(trace_id, parent_id));
+    }
+
+    /// Proxy side, for request `key` carrying the valid traceparent
+    /// `received`: when an inbound request on this node brought it (the
+    /// sender forwards it), the context the correlator gives the sender's
+    /// CLIENT span, waiting up to `wait` for it; None (pass the request
+    /// unchanged) otherwise, or when the wait runs out. Never decides ids
+    /// of its own: the trace is the sender's.
+    pub async fn forwarded_context_for(
+        &self,
+        key: ProxiedRequestKey,
+        received: TraceParent,
+        wait: Duration,
+    ) -> Option<PropagatedContext> {
+        let mut decided = {
+            let mut d = self.lock();
+            if !d
+                .forwardable
+                .contains(&(received.trace_id, received.parent_id))
+            {
+                return None;
+            }
+            if let Some(by_correlator) = d.by_correlator.remove(&key) {
+                self.ready.fetch_add(1, Ordering::Relaxed);
+                return Some(by_correlator);
+            }
+            let (sender, receiver) = oneshot::channel();
+            if d.waiting.len() >= MAX_PENDING {
+                d.waiting.retain(|_, sender| !sender.is_closed());
+            }
+            d.waiting.insert(key, sender);
+            receiver
+        };
+        if let Ok(Ok(by_correlator)) = tokio::time::timeout(wait, &mut decided).await {
+            self.waited.fetch_add(1, Ordering::Relaxed);
+            return Some(by_correlator);
+        }
+        let mut d = self.lock();
+        if d.waiting.remove(&key).is_none()
+            && let Ok(by_correlator) = decided.try_recv()
+        {
+            self.waited.fetch_add(1, Ordering::Relaxed);
+            return Some(by_correlator);
+        }
+        None
     }
 
     /// Proxy side: the context to inject into `key`. Waits up to `wait` for
     /// the correlator to see the application's request (its probes and the
     /// proxy race); then decides a new trace itself, which the correlator
     /// will adopt.
-    pub async fn context_for(&self, key: ProxiedRequestKey, wait: Duration) -> TraceParent {
+    pub async fn context_for(&self, key: ProxiedRequestKey, wait: Duration) -> PropagatedContext {
         let mut decided = {
             let mut d = self.lock();
             if let Some(by_correlator) = d.by_correlator.remove(&key) {
@@ -156,7 +223,7 @@ impl ProxyContexts {
         }
         d.by_proxy.insert(key, decision);
         self.decided_by_proxy.fetch_add(1, Ordering::Relaxed);
-        decision
+        PropagatedContext::without_state(decision)
     }
 }
 
@@ -172,13 +239,32 @@ impl crate::proxy::context::TraceContextSource for ProxyContexts {
     fn context_for<'a>(
         &'a self,
         request: &'a crate::proxy::context::ProxiedRequest,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = TraceParent> + Send + 'a>> {
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = PropagatedContext> + Send + 'a>> {
         let key = ProxiedRequestKey {
             client: request.client,
             original_destination: request.original_destination,
             index: request.index,
         };
         Box::pin(ProxyContexts::context_for(self, key, AGREEMENT_WAIT))
+    }
+
+    fn forwarded_context_for<'a>(
+        &'a self,
+        request: &'a crate::proxy::context::ProxiedRequest,
+        received: TraceParent,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<PropagatedContext>> + Send + 'a>>
+    {
+        let key = ProxiedRequestKey {
+            client: request.client,
+            original_destination: request.original_destination,
+            index: request.index,
+        };
+        Box::pin(ProxyContexts::forwarded_context_for(
+            self,
+            key,
+            received,
+            AGREEMENT_WAIT,
+        ))
     }
 }
 
@@ -195,11 +281,14 @@ mod tests {
         }
     }
 
-    fn context(n: u8) -> TraceParent {
-        TraceParent {
-            trace_id: TraceId([n; 16]),
-            parent_id: SpanId([n; 8]),
-            flags: 1,
+    fn context(n: u8) -> PropagatedContext {
+        PropagatedContext {
+            traceparent: TraceParent {
+                trace_id: TraceId([n; 16]),
+                parent_id: SpanId([n; 8]),
+                flags: 1,
+            },
+            tracestate: format!("k{n}=v{n}"),
         }
     }
 
@@ -228,11 +317,50 @@ mod tests {
     async fn correlator_adopts_what_the_proxy_decided_after_waiting() {
         let table = ProxyContexts::new();
         let injected = table.context_for(key(2), Duration::from_millis(5)).await;
-        assert!(injected.trace_id.is_valid() && injected.parent_id.is_valid());
+        assert!(
+            injected.traceparent.trace_id.is_valid() && injected.traceparent.parent_id.is_valid()
+        );
+        assert_eq!(injected.tracestate, "", "a new trace continues no state");
         assert_eq!(
             table.settle_client_context(key(2), context(3)),
             injected,
             "the proxy's ids win"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_forwarded_traceparent_is_replaced_by_the_correlators_context() {
+        let table = ProxyContexts::new();
+        let received = context(4).traceparent;
+        // Nothing on this node brought it: the application's own, unchanged.
+        assert_eq!(
+            table
+                .forwarded_context_for(key(5), received, Duration::from_millis(5))
+                .await,
+            None
+        );
+        table.note_forwardable(received.trace_id, received.parent_id);
+        table.settle_client_context(key(5), context(6));
+        assert_eq!(
+            table
+                .forwarded_context_for(key(5), received, Duration::from_millis(5))
+                .await,
+            Some(context(6))
+        );
+        // The wait runs out: unchanged, and nothing decided by the proxy.
+        assert_eq!(
+            table
+                .forwarded_context_for(key(6), received, Duration::from_millis(5))
+                .await,
+            None
+        );
+        assert_eq!(table.settle_client_context(key(6), context(7)), context(7));
+        table.forget_forwardable(received.trace_id, received.parent_id);
+        assert_eq!(
+            table
+                .forwarded_context_for(key(7), received, Duration::from_millis(5))
+                .await,
+            None
         );
     }
 

@@ -17,14 +17,24 @@
 //!   context it shares between the connections of a server: there, the
 //!   first context the thread enters after the read reads for the request
 //!   only until the thread enters another (the callback has returned).
+//! - **The accepting callback.** The plain asyncio loop accepts a
+//!   connection and at once creates the task that sets it up (transport,
+//!   protocol, the server's per-connection task, as aiohttp's): the first
+//!   copy a thread makes right after an accept, of the context current at
+//!   the accept, *belongs to* that connection, and so do its copies.
 //! - **Copies.** A context copied from one that reads for or serves a
 //!   request whose response is not complete yet serves that request (the
 //!   task a server creates for a request, the tasks and thread-pool calls it
 //!   creates in turn). A copy made after the response is complete serves
 //!   nothing: it is the next pipelined request's task, created by the
-//!   previous one's.
+//!   previous one's. A copy of a context that belongs to a connection
+//!   serves the connection's request when exactly one is open on it (a
+//!   per-connection task handles its requests one by one), belongs to the
+//!   connection when none is, and is unknown when several are.
 //! - **Calls.** A call sent while its thread's current context serves (or
-//!   reads for) a request is that request's child.
+//!   reads for) a request is that request's child; so is a call sent from
+//!   a context that belongs to a connection with exactly one request open
+//!   (a per-connection handler, as `asyncio.start_server`'s).
 //! - **Check.** A response written while a context serving another request
 //!   is current contradicts the rules for this process: its calls get no
 //!   parent from contexts from then on.
@@ -53,6 +63,9 @@ enum Binding {
     Reads(RequestKey),
     /// Created for this request.
     Serves(RequestKey),
+    /// Created for this connection (by its accepting callback, or a copy
+    /// of such a context while no request was open on it).
+    Connection(ConnectionId),
     /// Seen reading for two connections: no request's.
     Shared,
 }
@@ -61,9 +74,29 @@ impl Binding {
     fn request(self) -> Option<RequestKey> {
         match self {
             Binding::Reads(key) | Binding::Serves(key) => Some(key),
+            Binding::Connection(_) | Binding::Shared => None,
+        }
+    }
+
+    fn connection(self) -> Option<ConnectionId> {
+        match self {
+            Binding::Reads(key) | Binding::Serves(key) => Some(key.connection),
+            Binding::Connection(connection) => Some(connection),
             Binding::Shared => None,
         }
     }
+}
+
+/// The requests open (head read, response not complete) on a server
+/// connection, as correlation knows them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpenRequests {
+    /// None.
+    None,
+    /// Exactly this one.
+    One(RequestKey),
+    /// More than one (pipelined).
+    Several,
 }
 
 /// What the contexts of a call's thread say about its parent.
@@ -100,6 +133,9 @@ pub struct PythonContexts {
     /// the request it reads for), from its enter to the thread's next
     /// event.
     callbacks: HashMap<(u32, u32), (u64, RequestKey)>,
+    /// Plain loop: the connection a thread just accepted and the context
+    /// current then, until the thread's next syscall or copy.
+    accepts: HashMap<(u32, u32), (u64, ConnectionId)>,
     /// Processes whose responses contradicted the rules.
     distrusted: HashSet<u32>,
 }
@@ -120,6 +156,22 @@ impl PythonContexts {
         if !self.callbacks.is_empty() {
             self.callbacks.remove(&(pid, tid));
         }
+        if !self.accepts.is_empty() {
+            self.accepts.remove(&(pid, tid));
+        }
+    }
+
+    /// Thread `tid` of a plain asyncio loop accepted `connection` while
+    /// `context` (0: unread) was current.
+    pub fn accepted(&mut self, pid: u32, tid: u32, context: u64, connection: ConnectionId) {
+        if context == 0 {
+            self.accepts.remove(&(pid, tid));
+            return;
+        }
+        if self.accepts.len() >= MAX_CONTEXTS {
+            self.accepts.clear();
+        }
+        self.accepts.insert((pid, tid), (context, connection));
     }
 
     /// A read by `tid` completed the head of request `key`. `context` is the
@@ -158,48 +210,80 @@ impl PythonContexts {
     fn bind_reader(&mut self, pid: u32, context: u64, key: RequestKey) {
         let binding = match self.contexts.get(&(pid, context)) {
             Some(Binding::Shared) => Binding::Shared,
-            Some(Binding::Reads(other)) | Some(Binding::Serves(other))
-                if other.connection != key.connection =>
-            {
-                Binding::Shared
-            }
+            Some(binding) if binding.connection() != Some(key.connection) => Binding::Shared,
             _ => Binding::Reads(key),
         };
         self.insert(pid, context, binding);
     }
 
     /// On thread `tid`, `parent` (0: unread) was copied into the new
-    /// context `copy`.
-    pub fn copied(&mut self, pid: u32, tid: u32, parent: u64, copy: u64) {
+    /// context `copy`. `open` tells which requests are open on a server
+    /// connection.
+    pub fn copied(
+        &mut self,
+        pid: u32,
+        tid: u32,
+        parent: u64,
+        copy: u64,
+        open: impl Fn(ConnectionId) -> OpenRequests,
+    ) {
+        // A new context at a reused address: what was known of the old one
+        // is void, whatever comes next.
+        self.contexts.remove(&(pid, copy));
+        if parent == 0 {
+            return;
+        }
+        if let Some((context, connection)) = self.accepts.remove(&(pid, tid))
+            && context == parent
+        {
+            self.insert(pid, copy, Binding::Connection(connection));
+            return;
+        }
         let in_callback = self
             .callbacks
             .get(&(pid, tid))
             .filter(|(context, _)| *context == parent)
-            .map(|(_, key)| *key);
-        let inherited = in_callback
-            .or_else(|| self.contexts.get(&(pid, parent)).and_then(|b| b.request()))
-            .filter(|key| !self.finished.contains(key));
-        match inherited {
-            Some(key) if parent != 0 => self.insert(pid, copy, Binding::Serves(key)),
-            _ => {
-                // A new context at a reused address: what was known of the
-                // old one is void.
-                self.contexts.remove(&(pid, copy));
+            .map(|(_, key)| Binding::Serves(*key));
+        let Some(from) = in_callback.or_else(|| self.contexts.get(&(pid, parent)).copied()) else {
+            return;
+        };
+        let inherited = match from {
+            Binding::Reads(key) | Binding::Serves(key) => {
+                (!self.finished.contains(&key)).then_some(Binding::Serves(key))
             }
+            Binding::Connection(connection) => match open(connection) {
+                OpenRequests::None => Some(Binding::Connection(connection)),
+                OpenRequests::One(key) => Some(Binding::Serves(key)),
+                OpenRequests::Several => None,
+            },
+            Binding::Shared => None,
+        };
+        if let Some(binding) = inherited {
+            self.insert(pid, copy, binding);
         }
     }
 
     /// The request a call sent while `context` was current belongs to.
-    pub fn parent(&self, pid: u32, context: u64) -> ContextParent {
+    /// `open` tells which requests are open on a server connection.
+    pub fn parent(
+        &self,
+        pid: u32,
+        context: u64,
+        open: impl Fn(ConnectionId) -> OpenRequests,
+    ) -> ContextParent {
         if self.distrusted.contains(&pid) {
             return ContextParent::Distrusted;
         }
         if context == 0 {
             return ContextParent::Unread;
         }
-        match self.contexts.get(&(pid, context)).and_then(|b| b.request()) {
-            Some(key) => ContextParent::Request(key),
-            None => ContextParent::Unbound,
+        match self.contexts.get(&(pid, context)) {
+            Some(Binding::Reads(key) | Binding::Serves(key)) => ContextParent::Request(*key),
+            Some(Binding::Connection(connection)) => match open(*connection) {
+                OpenRequests::One(key) => ContextParent::Request(key),
+                OpenRequests::None | OpenRequests::Several => ContextParent::Unbound,
+            },
+            Some(Binding::Shared) | None => ContextParent::Unbound,
         }
     }
 
@@ -209,10 +293,13 @@ impl PythonContexts {
         if context == 0 {
             return;
         }
-        if let Some(other) = self.contexts.get(&(pid, context)).and_then(|b| b.request())
-            && other != key
-        {
-            log::debug!("pid {pid}: response to {key:?} written by a context serving {other:?}");
+        let contradicts = match self.contexts.get(&(pid, context)) {
+            Some(Binding::Reads(other)) | Some(Binding::Serves(other)) => *other != key,
+            Some(Binding::Connection(other)) => *other != key.connection,
+            Some(Binding::Shared) | None => false,
+        };
+        if contradicts {
+            log::debug!("pid {pid}: response to {key:?} written by a context bound elsewhere");
             self.distrusted.insert(pid);
         }
     }
@@ -263,6 +350,10 @@ mod tests {
     const PID: u32 = 10;
     const LOOP_TID: u32 = 10;
 
+    fn none_open(_: ConnectionId) -> OpenRequests {
+        OpenRequests::None
+    }
+
     fn key(connection: u64, sequence: u64) -> RequestKey {
         RequestKey {
             connection: ConnectionId(connection),
@@ -275,20 +366,35 @@ mod tests {
         let mut p = PythonContexts::new();
         // Plain loop: the reading callback's context is current at the read.
         p.request_read(PID, LOOP_TID, 0xA0, key(1, 0), false);
-        p.copied(PID, LOOP_TID, 0xA0, 0xB0); // the request's task
-        p.copied(PID, LOOP_TID, 0xB0, 0xC0); // a thread-pool call it makes
-        assert_eq!(p.parent(PID, 0xB0), ContextParent::Request(key(1, 0)));
-        assert_eq!(p.parent(PID, 0xC0), ContextParent::Request(key(1, 0)));
+        p.copied(PID, LOOP_TID, 0xA0, 0xB0, none_open); // the request's task
+        p.copied(PID, LOOP_TID, 0xB0, 0xC0, none_open); // a thread-pool call it makes
+        assert_eq!(
+            p.parent(PID, 0xB0, none_open),
+            ContextParent::Request(key(1, 0))
+        );
+        assert_eq!(
+            p.parent(PID, 0xC0, none_open),
+            ContextParent::Request(key(1, 0))
+        );
         // Another connection's request, concurrently.
         p.request_read(PID, LOOP_TID, 0xA1, key(2, 0), false);
-        p.copied(PID, LOOP_TID, 0xA1, 0xB1);
-        assert_eq!(p.parent(PID, 0xB1), ContextParent::Request(key(2, 0)));
-        assert_eq!(p.parent(PID, 0xB0), ContextParent::Request(key(1, 0)));
+        p.copied(PID, LOOP_TID, 0xA1, 0xB1, none_open);
+        assert_eq!(
+            p.parent(PID, 0xB1, none_open),
+            ContextParent::Request(key(2, 0))
+        );
+        assert_eq!(
+            p.parent(PID, 0xB0, none_open),
+            ContextParent::Request(key(1, 0))
+        );
         // Keep-alive: the next request on connection 1 rebinds its reader.
         p.finished(key(1, 0));
         p.request_read(PID, LOOP_TID, 0xA0, key(1, 1), false);
-        p.copied(PID, LOOP_TID, 0xA0, 0xB2);
-        assert_eq!(p.parent(PID, 0xB2), ContextParent::Request(key(1, 1)));
+        p.copied(PID, LOOP_TID, 0xA0, 0xB2, none_open);
+        assert_eq!(
+            p.parent(PID, 0xB2, none_open),
+            ContextParent::Request(key(1, 1))
+        );
     }
 
     #[test]
@@ -298,33 +404,42 @@ mod tests {
         // the server's context, the same for every connection.
         p.request_read(PID, LOOP_TID, 0x50, key(1, 0), true);
         p.entered(PID, LOOP_TID, 0xA0);
-        p.copied(PID, LOOP_TID, 0xA0, 0xB0);
-        assert_eq!(p.parent(PID, 0xB0), ContextParent::Request(key(1, 0)));
+        p.copied(PID, LOOP_TID, 0xA0, 0xB0, none_open);
+        assert_eq!(
+            p.parent(PID, 0xB0, none_open),
+            ContextParent::Request(key(1, 0))
+        );
         // Neither the base context nor the callback's is bound.
-        assert_eq!(p.parent(PID, 0x50), ContextParent::Unbound);
-        assert_eq!(p.parent(PID, 0xA0), ContextParent::Unbound);
+        assert_eq!(p.parent(PID, 0x50, none_open), ContextParent::Unbound);
+        assert_eq!(p.parent(PID, 0xA0, none_open), ContextParent::Unbound);
         // The callback returned: the next task's enter ends it, and a later
         // copy of the server's context (another callback) serves nothing.
         p.entered(PID, LOOP_TID, 0xB0);
-        p.copied(PID, LOOP_TID, 0xA0, 0xB1);
-        assert_eq!(p.parent(PID, 0xB1), ContextParent::Unbound);
+        p.copied(PID, LOOP_TID, 0xA0, 0xB1, none_open);
+        assert_eq!(p.parent(PID, 0xB1, none_open), ContextParent::Unbound);
         // The next connection's request, through the same context.
         p.request_read(PID, LOOP_TID, 0x50, key(2, 0), true);
         p.entered(PID, LOOP_TID, 0xA0);
-        p.copied(PID, LOOP_TID, 0xA0, 0xB2);
-        assert_eq!(p.parent(PID, 0xB2), ContextParent::Request(key(2, 0)));
-        assert_eq!(p.parent(PID, 0xB0), ContextParent::Request(key(1, 0)));
+        p.copied(PID, LOOP_TID, 0xA0, 0xB2, none_open);
+        assert_eq!(
+            p.parent(PID, 0xB2, none_open),
+            ContextParent::Request(key(2, 0))
+        );
+        assert_eq!(
+            p.parent(PID, 0xB0, none_open),
+            ContextParent::Request(key(1, 0))
+        );
         // A read followed by another syscall before any enter binds nothing.
         p.request_read(PID, LOOP_TID, 0x50, key(3, 0), true);
         p.thread_event(PID, LOOP_TID);
         p.entered(PID, LOOP_TID, 0xA0);
-        p.copied(PID, LOOP_TID, 0xA0, 0xB3);
-        assert_eq!(p.parent(PID, 0xB3), ContextParent::Unbound);
+        p.copied(PID, LOOP_TID, 0xA0, 0xB3, none_open);
+        assert_eq!(p.parent(PID, 0xB3, none_open), ContextParent::Unbound);
         // Copies on another thread are not the callback's.
         p.request_read(PID, LOOP_TID, 0x50, key(4, 0), true);
         p.entered(PID, LOOP_TID, 0xA0);
-        p.copied(PID, LOOP_TID + 1, 0xA0, 0xB4);
-        assert_eq!(p.parent(PID, 0xB4), ContextParent::Unbound);
+        p.copied(PID, LOOP_TID + 1, 0xA0, 0xB4, none_open);
+        assert_eq!(p.parent(PID, 0xB4, none_open), ContextParent::Unbound);
     }
 
     #[test]
@@ -332,56 +447,110 @@ mod tests {
         let mut p = PythonContexts::new();
         p.request_read(PID, LOOP_TID, 0x50, key(1, 0), false);
         p.request_read(PID, LOOP_TID, 0x50, key(2, 0), false);
-        p.copied(PID, LOOP_TID, 0x50, 0xB0);
-        assert_eq!(p.parent(PID, 0x50), ContextParent::Unbound);
-        assert_eq!(p.parent(PID, 0xB0), ContextParent::Unbound);
+        p.copied(PID, LOOP_TID, 0x50, 0xB0, none_open);
+        assert_eq!(p.parent(PID, 0x50, none_open), ContextParent::Unbound);
+        assert_eq!(p.parent(PID, 0xB0, none_open), ContextParent::Unbound);
     }
 
     #[test]
     fn copies_after_the_response_serve_nothing() {
         let mut p = PythonContexts::new();
         p.request_read(PID, LOOP_TID, 0xA0, key(1, 0), false);
-        p.copied(PID, LOOP_TID, 0xA0, 0xB0);
+        p.copied(PID, LOOP_TID, 0xA0, 0xB0, none_open);
         p.finished(key(1, 0));
         // The pipelined next request's task, created by the previous one.
-        p.copied(PID, LOOP_TID, 0xB0, 0xB1);
-        assert_eq!(p.parent(PID, 0xB1), ContextParent::Unbound);
+        p.copied(PID, LOOP_TID, 0xB0, 0xB1, none_open);
+        assert_eq!(p.parent(PID, 0xB1, none_open), ContextParent::Unbound);
         // The finished request's own context still names it (work it does
         // after responding, such as background tasks, is its own).
-        assert_eq!(p.parent(PID, 0xB0), ContextParent::Request(key(1, 0)));
+        assert_eq!(
+            p.parent(PID, 0xB0, none_open),
+            ContextParent::Request(key(1, 0))
+        );
     }
 
     #[test]
     fn a_reused_address_forgets_the_old_context() {
         let mut p = PythonContexts::new();
         p.request_read(PID, LOOP_TID, 0xA0, key(1, 0), false);
-        p.copied(PID, LOOP_TID, 0xA0, 0xB0);
+        p.copied(PID, LOOP_TID, 0xA0, 0xB0, none_open);
         // 0xB0 freed, and a copy of an unbound context lands there.
-        p.copied(PID, LOOP_TID, 0x99, 0xB0);
-        assert_eq!(p.parent(PID, 0xB0), ContextParent::Unbound);
+        p.copied(PID, LOOP_TID, 0x99, 0xB0, none_open);
+        assert_eq!(p.parent(PID, 0xB0, none_open), ContextParent::Unbound);
         // Unread parents give nothing either.
-        p.copied(PID, LOOP_TID, 0, 0xB1);
-        assert_eq!(p.parent(PID, 0xB1), ContextParent::Unbound);
-        assert_eq!(p.parent(PID, 0), ContextParent::Unread);
+        p.copied(PID, LOOP_TID, 0, 0xB1, none_open);
+        assert_eq!(p.parent(PID, 0xB1, none_open), ContextParent::Unbound);
+        assert_eq!(p.parent(PID, 0, none_open), ContextParent::Unread);
     }
 
     #[test]
     fn a_response_written_by_another_requests_context_distrusts_the_process() {
         let mut p = PythonContexts::new();
         p.request_read(PID, LOOP_TID, 0xA0, key(1, 0), false);
-        p.copied(PID, LOOP_TID, 0xA0, 0xB0);
+        p.copied(PID, LOOP_TID, 0xA0, 0xB0, none_open);
         p.request_read(PID, LOOP_TID, 0xA1, key(2, 0), false);
-        p.copied(PID, LOOP_TID, 0xA1, 0xB1);
+        p.copied(PID, LOOP_TID, 0xA1, 0xB1, none_open);
         p.responding(PID, 0xB0, key(1, 0));
         assert!(!p.is_distrusted(PID));
         p.responding(PID, 0xB0, key(2, 0));
         assert!(p.is_distrusted(PID));
-        assert_eq!(p.parent(PID, 0xB1), ContextParent::Distrusted);
+        assert_eq!(p.parent(PID, 0xB1, none_open), ContextParent::Distrusted);
         assert_eq!(
-            p.parent(PID + 1, 0xB1),
+            p.parent(PID + 1, 0xB1, none_open),
             ContextParent::Unbound,
             "other processes are not affected"
         );
+    }
+
+    #[test]
+    fn a_per_connection_task_serves_its_connections_requests_one_by_one() {
+        let mut p = PythonContexts::new();
+        let conn = ConnectionId(7);
+        // Accepted in the listening callback's context; the set-up task.
+        p.accepted(PID, LOOP_TID, 0x40, conn);
+        p.copied(PID, LOOP_TID, 0x40, 0x41, none_open);
+        // A second copy of the listening context is not the connection's.
+        p.copied(PID, LOOP_TID, 0x40, 0x42, none_open);
+        // The set-up task creates the connection's task (nothing open yet).
+        p.copied(PID, LOOP_TID, 0x41, 0x43, none_open);
+        // The connection's task calls out itself while its one request is
+        // open (a per-connection handler).
+        assert_eq!(
+            p.parent(PID, 0x43, |_| OpenRequests::One(key(7, 0))),
+            ContextParent::Request(key(7, 0))
+        );
+        assert_eq!(
+            p.parent(PID, 0x43, |_| OpenRequests::Several),
+            ContextParent::Unbound
+        );
+        assert_eq!(
+            p.parent(PID, 0x43, none_open),
+            ContextParent::Unbound,
+            "no request yet"
+        );
+        // A request is open: the task it creates serves it.
+        let one = |_: ConnectionId| OpenRequests::One(key(7, 0));
+        p.copied(PID, LOOP_TID, 0x43, 0x44, one);
+        assert_eq!(
+            p.parent(PID, 0x44, none_open),
+            ContextParent::Request(key(7, 0))
+        );
+        assert_eq!(p.parent(PID, 0x42, none_open), ContextParent::Unbound);
+        // Two open (pipelined): which one is unknown.
+        let several = |_: ConnectionId| OpenRequests::Several;
+        p.copied(PID, LOOP_TID, 0x43, 0x45, several);
+        assert_eq!(p.parent(PID, 0x45, none_open), ContextParent::Unbound);
+        // A syscall between the accept and the copy ends the accept.
+        p.accepted(PID, LOOP_TID, 0x40, ConnectionId(8));
+        p.thread_event(PID, LOOP_TID);
+        p.copied(PID, LOOP_TID, 0x40, 0x46, none_open);
+        p.copied(PID, LOOP_TID, 0x46, 0x47, |_| OpenRequests::One(key(8, 0)));
+        assert_eq!(p.parent(PID, 0x47, none_open), ContextParent::Unbound);
+        // Its response written by a context of another connection: distrust.
+        p.responding(PID, 0x44, key(7, 0));
+        assert!(!p.is_distrusted(PID));
+        p.responding(PID, 0x43, key(9, 0));
+        assert!(p.is_distrusted(PID));
     }
 
     #[test]
@@ -389,7 +558,7 @@ mod tests {
         let mut p = PythonContexts::new();
         for n in 0..(MAX_FINISHED as u64 + 10) {
             p.request_read(PID, LOOP_TID, 0x1000 + n, key(n, 0), false);
-            p.copied(PID, LOOP_TID, 0x1000 + n, 0x10_0000_0000 + n);
+            p.copied(PID, LOOP_TID, 0x1000 + n, 0x10_0000_0000 + n, none_open);
             p.finished(key(n, 0));
         }
         assert!(p.finished.len() <= MAX_FINISHED);

@@ -597,8 +597,16 @@ fn server_end_joins_the_trace_of_the_client_end_on_this_node_server_seen_first()
         &mut correlator(100.0),
         &[
             // The server's read can be delivered before the client's write.
-            CaptureEvent::Opened(s),
-            CaptureEvent::Opened(c),
+            CaptureEvent::Opened {
+                connection: s,
+                tid: 1,
+                python_context: 0,
+            },
+            CaptureEvent::Opened {
+                connection: c,
+                tid: 1,
+                python_context: 0,
+            },
             message(s, 11, Direction::Ingress, 2, b"GET / HTTP/1.1\r\n\r\n"),
             message(c, 7, Direction::Egress, 1, b"GET / HTTP/1.1\r\n\r\n"),
             message(s, 11, Direction::Egress, 3, OK),
@@ -751,7 +759,10 @@ async fn proxied_request_client_span_is_the_parent_the_proxy_injects_correlator_
     assert_eq!(spans.len(), 1);
     assert_eq!(
         (spans[0].trace_id, spans[0].span_id),
-        (injected.trace_id, injected.parent_id)
+        (
+            injected.traceparent.trace_id,
+            injected.traceparent.parent_id
+        )
     );
 }
 
@@ -773,7 +784,10 @@ async fn proxied_request_client_span_is_the_parent_the_proxy_injects_proxy_first
     );
     assert_eq!(
         (spans[0].trace_id, spans[0].span_id),
-        (injected.trace_id, injected.parent_id)
+        (
+            injected.traceparent.trace_id,
+            injected.traceparent.parent_id
+        )
     );
 }
 
@@ -793,7 +807,7 @@ async fn requests_to_ports_the_proxy_does_not_handle_are_not_shared() {
     let injected = contexts
         .context_for(proxied_key(), std::time::Duration::ZERO)
         .await;
-    assert_ne!(spans[0].span_id, injected.parent_id);
+    assert_ne!(spans[0].span_id, injected.traceparent.parent_id);
 }
 
 /// The server's read is delivered before its local client's write: the
@@ -812,8 +826,16 @@ fn a_call_made_before_the_local_client_is_seen_gets_no_parent() {
     let spans = run(
         &mut correlator(100.0),
         &[
-            CaptureEvent::Opened(c),
-            CaptureEvent::Opened(s),
+            CaptureEvent::Opened {
+                connection: c,
+                tid: 1,
+                python_context: 0,
+            },
+            CaptureEvent::Opened {
+                connection: s,
+                tid: 1,
+                python_context: 0,
+            },
             message(s, 11, Direction::Ingress, 2, b"GET / HTTP/1.1\r\n\r\n"),
             message(u, 11, Direction::Egress, 3, b"GET /back HTTP/1.1\r\n\r\n"),
             message(c, 7, Direction::Egress, 1, b"GET / HTTP/1.1\r\n\r\n"),
@@ -834,4 +856,160 @@ fn a_call_made_before_the_local_client_is_seen_gets_no_parent() {
         .find(|s| s.kind == SpanKind::Client && s.span_id != call.span_id)
         .unwrap();
     assert_eq!(server.parent_span_id, Some(client.span_id));
+}
+
+#[tokio::test]
+async fn the_proxy_injects_the_inbound_tracestate_with_the_parent() {
+    let contexts = std::sync::Arc::new(ProxyContexts::new());
+    let mut c = correlator(100.0);
+    c.share_with_proxy(contexts.clone(), vec![9090]);
+    let (s, u) = (server_conn(), upstream_conn());
+    let mut spans = run(
+        &mut c,
+        &[
+            message(
+                s,
+                11,
+                Direction::Ingress,
+                1,
+                b"GET /in HTTP/1.1\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\ntracestate: congo=t61rcWkgMzE\r\ntracestate: rojo=00f067aa0ba902b7\r\n\r\n",
+            ),
+            message(u, 11, Direction::Egress, 2, b"GET /p HTTP/1.1\r\n\r\n"),
+        ],
+    );
+    let injected = contexts
+        .context_for(proxied_key(), std::time::Duration::from_millis(10))
+        .await;
+    assert_eq!(
+        injected.tracestate, "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7",
+        "both fields, in order"
+    );
+    spans.extend(run(
+        &mut c,
+        &[
+            message(u, 11, Direction::Ingress, 3, OK),
+            message(s, 11, Direction::Egress, 4, OK),
+        ],
+    ));
+    let client = spans.iter().find(|s| s.kind == SpanKind::Client).unwrap();
+    assert_eq!(client.span_id, injected.traceparent.parent_id);
+    assert_eq!(
+        client.trace_state, injected.tracestate,
+        "the span records it"
+    );
+}
+
+/// An nginx-like forwarder on this node: it receives a traceparent and
+/// sends it on unchanged to a server also on this node.
+#[test]
+fn a_forwarded_traceparent_gives_the_forwarder_a_span_of_its_own() {
+    const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let received = SpanId([0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]);
+    let inbound = connection(1, NGINX_PID, Role::Server, "10.0.0.1:80", "10.0.0.9:40000");
+    let upstream = connection(
+        2,
+        NGINX_PID,
+        Role::Client,
+        "10.0.0.1:50000",
+        "10.0.0.1:9090",
+    );
+    let backend = connection(
+        3,
+        SERVER_PID,
+        Role::Server,
+        "10.0.0.1:9090",
+        "10.0.0.1:50000",
+    );
+    let request = format!("GET /a HTTP/1.1\r\ntraceparent: {TP}\r\ntracestate: v=1\r\n\r\n");
+    // The backend's side may be seen before or after the forwarder's call.
+    for backend_first in [false, true] {
+        let mut events = vec![
+            CaptureEvent::Opened {
+                connection: upstream,
+                tid: 1,
+                python_context: 0,
+            },
+            CaptureEvent::Opened {
+                connection: backend,
+                tid: 1,
+                python_context: 0,
+            },
+            message(inbound, 21, Direction::Ingress, 1, request.as_bytes()),
+        ];
+        let forwarded = message(upstream, 21, Direction::Egress, 2, request.as_bytes());
+        let received_by_backend = message(backend, 31, Direction::Ingress, 3, request.as_bytes());
+        if backend_first {
+            events.extend([received_by_backend, forwarded]);
+        } else {
+            events.extend([forwarded, received_by_backend]);
+        }
+        events.extend([
+            message(backend, 31, Direction::Egress, 4, OK),
+            message(upstream, 21, Direction::Ingress, 5, OK),
+            message(inbound, 21, Direction::Egress, 6, OK),
+        ]);
+        let spans = run(&mut correlator(100.0), &events);
+        assert_eq!(spans.len(), 3, "{spans:#?}");
+        let find = |pid: u32, kind: SpanKind| {
+            spans
+                .iter()
+                .find(|s| {
+                    s.kind == kind
+                        && s.resource.attributes.iter().any(|a| {
+                            a.key == "process.pid"
+                                && a.value == crate::span::AttributeValue::Int(pid as i64)
+                        })
+                })
+                .unwrap_or_else(|| panic!("no {kind:?} span of {pid}: {spans:#?}"))
+        };
+        let (nginx_server, nginx_client, backend_server) = (
+            find(NGINX_PID, SpanKind::Server),
+            find(NGINX_PID, SpanKind::Client),
+            find(SERVER_PID, SpanKind::Server),
+        );
+        assert_eq!(nginx_server.parent_span_id, Some(received));
+        assert_ne!(nginx_client.span_id, received, "an id of its own");
+        assert_eq!(nginx_client.parent_span_id, Some(nginx_server.span_id));
+        assert_eq!(
+            nginx_client.attribute(PARENT_DECISION_ATTRIBUTE).as_deref(),
+            Some("forwarded")
+        );
+        assert_eq!(nginx_client.trace_state, "v=1");
+        assert_eq!(
+            backend_server.parent_span_id,
+            Some(nginx_client.span_id),
+            "backend first: {backend_first}"
+        );
+        let ids: HashSet<SpanId> = spans.iter().map(|s| s.span_id).collect();
+        assert_eq!(ids.len(), spans.len(), "no two spans share an id");
+        assert!(spans.iter().all(|s| s.trace_id == nginx_server.trace_id));
+    }
+}
+
+/// A traceparent the application chose itself (no inbound request brought
+/// it) names the call's span, as before.
+#[test]
+fn a_traceparent_no_inbound_request_brought_is_the_calls_own() {
+    let u = upstream_conn();
+    let spans = run(
+        &mut correlator(100.0),
+        &[
+            message(
+                u,
+                11,
+                Direction::Egress,
+                1,
+                b"GET /p HTTP/1.1\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\r\n",
+            ),
+            message(u, 11, Direction::Ingress, 2, OK),
+        ],
+    );
+    assert_eq!(
+        spans[0].span_id,
+        SpanId([0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7])
+    );
+    assert_eq!(
+        spans[0].attribute(PARENT_DECISION_ATTRIBUTE).as_deref(),
+        Some("wire")
+    );
 }

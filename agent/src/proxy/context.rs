@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Mutex, PoisonError};
 
-use crate::tracecontext::{IdGenerator, TraceParent};
+use crate::tracecontext::{IdGenerator, PropagatedContext, TraceParent};
 
 /// A request the proxy is about to forward without a valid traceparent.
 ///
@@ -27,13 +27,26 @@ pub struct ProxiedRequest {
 
 /// Supplies the context injected into requests that arrive without one.
 pub trait TraceContextSource: Send + Sync {
-    /// The traceparent to inject into this request (a new CLIENT span's
-    /// context). May wait briefly (bounded) for the agent to learn of the
-    /// request.
+    /// The traceparent (a new CLIENT span's context) and tracestate to
+    /// inject into this request. May wait briefly (bounded) for the agent
+    /// to learn of the request.
     fn context_for<'a>(
         &'a self,
         request: &'a ProxiedRequest,
-    ) -> Pin<Box<dyn Future<Output = TraceParent> + Send + 'a>>;
+    ) -> Pin<Box<dyn Future<Output = PropagatedContext> + Send + 'a>>;
+
+    /// For a request that carries a valid `received` traceparent: the
+    /// context to write instead when its sender forwards a traceparent it
+    /// received itself (a gateway), so that the next service becomes the
+    /// child of the sender's own CLIENT span; None to pass it unchanged.
+    /// Decides nothing of its own: without the agent's view it is None.
+    fn forwarded_context_for<'a>(
+        &'a self,
+        _request: &'a ProxiedRequest,
+        _received: TraceParent,
+    ) -> Pin<Box<dyn Future<Output = Option<PropagatedContext>> + Send + 'a>> {
+        Box::pin(std::future::ready(None))
+    }
 }
 
 /// Contexts for the proxy running alone (`agent proxy` without the
@@ -80,8 +93,10 @@ impl TraceContextSource for StandaloneContexts {
     fn context_for<'a>(
         &'a self,
         _request: &'a ProxiedRequest,
-    ) -> Pin<Box<dyn Future<Output = TraceParent> + Send + 'a>> {
-        Box::pin(std::future::ready(self.next_context()))
+    ) -> Pin<Box<dyn Future<Output = PropagatedContext> + Send + 'a>> {
+        Box::pin(std::future::ready(PropagatedContext::without_state(
+            self.next_context(),
+        )))
     }
 }
 

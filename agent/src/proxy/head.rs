@@ -13,7 +13,7 @@
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
-use crate::tracecontext::{TRACEPARENT_LEN, TraceParent};
+use crate::tracecontext::{PropagatedContext, TRACEPARENT_LEN, TraceParent};
 
 /// Header slots tried on the stack; a head with more falls back to the heap.
 /// They are left uninitialized for httparse to fill: zeroing 128 slots for
@@ -92,6 +92,8 @@ pub struct RequestHeadInfo {
     pub framing: BodyFraming,
     /// Whether the request carries a traceparent the proxy must keep.
     pub traceparent: TraceparentField,
+    /// The traceparent, when [`TraceparentField::Valid`].
+    pub received_traceparent: Option<TraceParent>,
     /// `CONNECT`: a 2xx answer turns the connection into a tunnel.
     pub connect: bool,
     /// An `Upgrade` field: a 101 answer switches the connection to
@@ -219,6 +221,10 @@ fn finish_request_head(
         minor_version: line.minor_version,
         framing,
         traceparent: fields.traceparent(),
+        received_traceparent: match fields.traceparent() {
+            TraceparentField::Valid => fields.traceparent_value,
+            _ => None,
+        },
         connect,
         upgrade: fields.upgrade,
         blank_line: layout.blank_line,
@@ -232,6 +238,7 @@ struct FieldSummary {
     traceparents: usize,
     tracestates: usize,
     traceparent_valid: bool,
+    traceparent_value: Option<TraceParent>,
     content_length: Option<Result<u64, ()>>,
     transfer_encoding: Option<Result<bool, ()>>,
     upgrade: bool,
@@ -244,7 +251,10 @@ impl FieldSummary {
             self.traceparents += 1;
             // A folded value is not something the specification's parsers
             // accept; it is replaced like any invalid one.
-            self.traceparent_valid = !field.folded && TraceParent::parse(field.value(head)).is_ok();
+            self.traceparent_value = (!field.folded)
+                .then(|| TraceParent::parse(field.value(head)).ok())
+                .flatten();
+            self.traceparent_valid = self.traceparent_value.is_some();
         } else if name.eq_ignore_ascii_case(b"content-length") {
             let value = if field.folded {
                 Err(())
@@ -472,18 +482,19 @@ fn is_value_byte(b: u8) -> bool {
 }
 
 /// Writes `head` (a complete request head) to `out` with exactly one
-/// `traceparent` field of value `traceparent` added just before the blank
-/// line, every other `traceparent` field and every `tracestate` field left
-/// out (a tracestate only means something alongside the traceparent it came
-/// with), and all other bytes as they were. Appends to `out`, so a reused
-/// buffer makes this allocation-free. False, with `out` unchanged, when the
-/// head is malformed (see [`parse_request_head`], which rejects such heads).
-pub fn write_injected_head(head: &[u8], traceparent: &TraceParent, out: &mut Vec<u8>) -> bool {
+/// `traceparent` field of `context`'s value added just before the blank
+/// line, followed by a `tracestate` field when `context` continues one;
+/// every other `traceparent` and `tracestate` field left out (a tracestate
+/// only means something alongside the traceparent it came with), and all
+/// other bytes as they were. Appends to `out`, so a reused buffer makes
+/// this allocation-free. False, with `out` unchanged, when the head is
+/// malformed (see [`parse_request_head`], which rejects such heads).
+pub fn write_injected_head(head: &[u8], context: &PropagatedContext, out: &mut Vec<u8>) -> bool {
     let Ok(fields_start) = start_line_end(head) else {
         return false;
     };
     let mark = out.len();
-    out.reserve(head.len() + b"traceparent: \r\n".len() + TRACEPARENT_LEN);
+    out.reserve(head.len() + added_len(context));
     out.extend_from_slice(&head[..fields_start]);
     let walked = walk_fields(head, |field| {
         let name = field.name(head);
@@ -503,7 +514,7 @@ pub fn write_injected_head(head: &[u8], traceparent: &TraceParent, out: &mut Vec
     };
     // The added line ends the way the client ends its lines.
     let line_end = head.get(layout.blank_line.clone()).unwrap_or(b"\r\n");
-    push_traceparent_line(traceparent, line_end, out);
+    push_context_lines(context, line_end, out);
     out.extend_from_slice(line_end);
     true
 }
@@ -515,28 +526,45 @@ pub fn write_injected_head(head: &[u8], traceparent: &TraceParent, out: &mut Vec
 pub fn write_injected(
     head: &[u8],
     info: &RequestHeadInfo,
-    traceparent: &TraceParent,
+    context: &PropagatedContext,
     out: &mut Vec<u8>,
 ) -> bool {
     let fields_end = info.blank_line.start;
     let line_end = match head.get(info.blank_line.clone()) {
         Some(line_end) if !info.has_trace_fields && info.len == head.len() => line_end,
-        _ => return write_injected_head(head, traceparent, out),
+        _ => return write_injected_head(head, context, out),
     };
-    out.reserve(head.len() + b"traceparent: \r\n".len() + TRACEPARENT_LEN);
+    out.reserve(head.len() + added_len(context));
     out.extend_from_slice(&head[..fields_end]);
-    push_traceparent_line(traceparent, line_end, out);
+    push_context_lines(context, line_end, out);
     out.extend_from_slice(line_end);
     true
 }
 
-/// Appends `traceparent: <value>` ended by `line_end`.
-fn push_traceparent_line(traceparent: &TraceParent, line_end: &[u8], out: &mut Vec<u8>) {
+/// Bytes the added lines take at most.
+fn added_len(context: &PropagatedContext) -> usize {
+    b"traceparent: \r\n".len()
+        + TRACEPARENT_LEN
+        + b"tracestate: \r\n".len()
+        + context.tracestate.len()
+}
+
+/// Appends `traceparent: <value>` and, when there is one, `tracestate:
+/// <value>`, each ended by `line_end`. A tracestate that is not a valid
+/// field value (it always is, coming from a parsed one) is left out rather
+/// than let it break the head.
+fn push_context_lines(context: &PropagatedContext, line_end: &[u8], out: &mut Vec<u8>) {
     let mut value = [0; TRACEPARENT_LEN];
-    traceparent.write_header_value(&mut value);
+    context.traceparent.write_header_value(&mut value);
     out.extend_from_slice(b"traceparent: ");
     out.extend_from_slice(&value);
     out.extend_from_slice(line_end);
+    let state = context.tracestate.as_bytes();
+    if !state.is_empty() && state.iter().all(|&b| is_value_byte(b) && b != b'\t') {
+        out.extend_from_slice(b"tracestate: ");
+        out.extend_from_slice(state);
+        out.extend_from_slice(line_end);
+    }
 }
 
 /// What [`rewrite_request_head`] decided.
@@ -565,7 +593,7 @@ pub enum RewriteOutcome {
 /// the start of `bytes` either passes unchanged (valid traceparent) or gets
 /// `inject` (see [`write_injected_head`]). Bytes after the head are not
 /// looked at.
-pub fn rewrite_request_head(bytes: &[u8], inject: &TraceParent) -> RewriteOutcome {
+pub fn rewrite_request_head(bytes: &[u8], inject: &PropagatedContext) -> RewriteOutcome {
     let info = match parse_request_head(bytes) {
         HeadParse::Complete(info) => info,
         HeadParse::Partial => return RewriteOutcome::Incomplete,
@@ -701,16 +729,60 @@ mod tests {
 
     const VALID: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
-    fn inject() -> TraceParent {
-        TraceParent {
+    fn inject() -> PropagatedContext {
+        PropagatedContext::without_state(TraceParent {
             trace_id: TraceId([0xab; 16]),
             parent_id: SpanId([0xcd; 8]),
             flags: 0x03,
-        }
+        })
     }
 
     fn injected_line() -> String {
-        format!("traceparent: {}\r\n", inject().to_header_value())
+        format!(
+            "traceparent: {}\r\n",
+            inject().traceparent.to_header_value()
+        )
+    }
+
+    #[test]
+    fn a_continued_tracestate_follows_the_injected_traceparent() {
+        let context = PropagatedContext {
+            tracestate: "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7".into(),
+            ..inject()
+        };
+        // The application's own tracestate (without a traceparent it means
+        // nothing) is replaced, on the fast path and the walking one.
+        for head in [
+            "GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\ntracestate: stale=1\r\n\r\n",
+        ] {
+            let RewriteOutcome::Injected { head, .. } =
+                rewrite_request_head(head.as_bytes(), &context)
+            else {
+                panic!("not injected");
+            };
+            assert_eq!(
+                String::from_utf8(head).unwrap(),
+                format!(
+                    "GET / HTTP/1.1\r\nHost: a\r\n{}tracestate: congo=t61rcWkgMzE,rojo=00f067aa0ba902b7\r\n\r\n",
+                    injected_line()
+                )
+            );
+        }
+        // A value that could break the head is never written.
+        let broken = PropagatedContext {
+            tracestate: "a=1\r\nx-injected: 1".into(),
+            ..inject()
+        };
+        let RewriteOutcome::Injected { head, .. } =
+            rewrite_request_head(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", &broken)
+        else {
+            panic!("not injected");
+        };
+        assert_eq!(
+            String::from_utf8(head).unwrap(),
+            format!("GET / HTTP/1.1\r\nHost: a\r\n{}\r\n", injected_line())
+        );
     }
 
     fn rewrite(head: &str) -> RewriteOutcome {
@@ -773,7 +845,7 @@ mod tests {
             out,
             format!(
                 "GET / HTTP/1.1\nHost: a\ntraceparent: {}\n\n",
-                inject().to_header_value()
+                inject().traceparent.to_header_value()
             )
         );
     }
@@ -1088,7 +1160,7 @@ mod tests {
             };
             let added = [
                 b"traceparent: ".as_slice(),
-                inject().to_header_value().as_bytes(),
+                inject().traceparent.to_header_value().as_bytes(),
                 line_end,
             ]
             .concat();

@@ -313,24 +313,37 @@ where
                 verdict: verdict_tx,
             })
             .await;
-        let injected = if info.traceparent.needs_injection() {
-            let request = &mut context.request;
-            request.index = index;
-            request.method.clear();
-            request.method.push_str(info.method(head));
-            request.target.clear();
-            request.target.push_str(info.target(head));
-            let traceparent = context.contexts.context_for(request).await;
-            rewritten.clear();
-            if !write_injected(head, &info, &traceparent, &mut rewritten) {
-                return finish_opaque(from, to, true, stats).await;
-            }
-            stats.add(Counter::RequestsInjected);
-            Some(rewritten.as_slice())
-        } else {
-            stats.add(Counter::RequestsUnchanged);
-            None
+        let request = &mut context.request;
+        request.index = index;
+        request.method.clear();
+        request.method.push_str(info.method(head));
+        request.target.clear();
+        request.target.push_str(info.target(head));
+        let (propagated, counter) = match info.received_traceparent {
+            None => (
+                Some(context.contexts.context_for(request).await),
+                Counter::RequestsInjected,
+            ),
+            Some(received) => match context
+                .contexts
+                .forwarded_context_for(request, received)
+                .await
+            {
+                Some(reparented) => (Some(reparented), Counter::RequestsReparented),
+                None => (None, Counter::RequestsUnchanged),
+            },
         };
+        let injected = match propagated {
+            Some(propagated) => {
+                rewritten.clear();
+                if !write_injected(head, &info, &propagated, &mut rewritten) {
+                    return finish_opaque(from, to, true, stats).await;
+                }
+                Some(rewritten.as_slice())
+            }
+            None => None,
+        };
+        stats.add(counter);
         index += 1;
         match forward_message(from, to, info.len, injected, info.framing).await? {
             None => {}
@@ -426,7 +439,7 @@ mod tests {
     use super::*;
     use crate::proxy::stats::ProxyCounters;
     use crate::proxy::transport::Activity;
-    use crate::tracecontext::{SpanId, TraceId, TraceParent};
+    use crate::tracecontext::{PropagatedContext, SpanId, TraceId, TraceParent};
 
     const INJECTED: &str = "00-abababababababababababababababab-cdcdcdcdcdcdcdcd-03";
     const VALID: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -437,12 +450,14 @@ mod tests {
         fn context_for<'a>(
             &'a self,
             _request: &'a ProxiedRequest,
-        ) -> Pin<Box<dyn Future<Output = TraceParent> + Send + 'a>> {
-            Box::pin(std::future::ready(TraceParent {
-                trace_id: TraceId([0xab; 16]),
-                parent_id: SpanId([0xcd; 8]),
-                flags: 0x03,
-            }))
+        ) -> Pin<Box<dyn Future<Output = PropagatedContext> + Send + 'a>> {
+            Box::pin(std::future::ready(PropagatedContext::without_state(
+                TraceParent {
+                    trace_id: TraceId([0xab; 16]),
+                    parent_id: SpanId([0xcd; 8]),
+                    flags: 0x03,
+                },
+            )))
         }
     }
 

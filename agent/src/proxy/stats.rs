@@ -12,6 +12,7 @@ pub struct ProxyStats {
     connections_active: AtomicU64,
     requests_injected: AtomicU64,
     requests_unchanged: AtomicU64,
+    requests_reparented: AtomicU64,
     fallbacks: AtomicU64,
     errors: AtomicU64,
 }
@@ -33,6 +34,9 @@ pub struct ProxyCounters {
     pub requests_injected: u64,
     /// Requests that already had a valid traceparent and passed unchanged.
     pub requests_unchanged: u64,
+    /// Requests forwarding a traceparent their sender received (a
+    /// gateway): the proxy wrote the sender's own CLIENT span as parent.
+    pub requests_reparented: u64,
     /// HTTP connections that stopped being interpreted (a head or body the
     /// proxy could not follow) and were copied unchanged from there on.
     pub fallbacks: u64,
@@ -48,6 +52,7 @@ pub(crate) enum Counter {
     ConnectionsRefused,
     RequestsInjected,
     RequestsUnchanged,
+    RequestsReparented,
     Fallbacks,
     Errors,
 }
@@ -63,6 +68,7 @@ impl ProxyStats {
             connections_active: get(&self.connections_active),
             requests_injected: get(&self.requests_injected),
             requests_unchanged: get(&self.requests_unchanged),
+            requests_reparented: get(&self.requests_reparented),
             fallbacks: get(&self.fallbacks),
             errors: get(&self.errors),
         }
@@ -75,6 +81,7 @@ impl ProxyStats {
             Counter::ConnectionsRefused => &self.connections_refused,
             Counter::RequestsInjected => &self.requests_injected,
             Counter::RequestsUnchanged => &self.requests_unchanged,
+            Counter::RequestsReparented => &self.requests_reparented,
             Counter::Fallbacks => &self.fallbacks,
             Counter::Errors => &self.errors,
         };
@@ -102,13 +109,14 @@ impl fmt::Display for ProxyCounters {
         write!(
             f,
             "connections: {} http, {} opaque, {} refused, {} active; \
-             requests: {} injected, {} unchanged; {} fallbacks, {} errors",
+             requests: {} injected, {} unchanged, {} reparented; {} fallbacks, {} errors",
             self.connections_http,
             self.connections_opaque,
             self.connections_refused,
             self.connections_active,
             self.requests_injected,
             self.requests_unchanged,
+            self.requests_reparented,
             self.fallbacks,
             self.errors
         )

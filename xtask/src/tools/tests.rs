@@ -33,6 +33,8 @@ const INDIRECT: &[(&str, &str, &[&str])] = &[
         "std::env::current_exe().unwrap()",
         &[],
     ),
+    // The Go frontend the test builds with go (itself listed).
+    ("tests/tests/links_go.rs", "&binary", &[]),
     // Setup's import check and pip, in the tests' venv.
     (
         "xtask/src/setup.rs",

@@ -133,6 +133,7 @@ fn stage_base(stage: &mut Stage) -> Result<()> {
             .with_context(|| format!("adding {program} (run `cargo xtask setup`)"))?;
     }
     stage_python_stdlib(stage)?;
+    stage_test_venv(stage)?;
     stage_nginx_files(stage)?;
     stage_iptables_plugins(stage)?;
     stage_etc(stage)?;
@@ -217,6 +218,56 @@ fn stage_python_stdlib(stage: &mut Stage) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The tests' Python venv (FastAPI, uvicorn, uvloop, aiohttp, httpx),
+/// without the installer and caches; its interpreter stays a link to
+/// Debian's, as on the host.
+fn stage_test_venv(stage: &mut Stage) -> Result<()> {
+    if let Some(problem) = crate::setup::test_venv_problem() {
+        bail!("the tests' Python venv is not usable ({problem}): run `cargo xtask setup`");
+    }
+    let venv = Path::new(crate::setup::TEST_VENV);
+    stage.add_tree(venv, &|name, is_dir| {
+        if is_dir {
+            !matches!(
+                name,
+                "bin" | "pip" | "setuptools" | "pkg_resources" | "_distutils_hack" | "__pycache__"
+            )
+        } else {
+            // The .pth that imports setuptools' _distutils_hack, left out.
+            !name.ends_with(".pyc") && name != "distutils-precedence.pth"
+        }
+    })?;
+    // Extension modules need their shared libraries too.
+    for module in files_under(&venv.join("lib"), ".so")? {
+        stage.add_libraries_of(&module)?;
+    }
+    let python = Path::new(crate::setup::TEST_VENV_PYTHON);
+    // The interpreter it links to (through bin/python3.11), Debian's.
+    let interpreter =
+        fs::canonicalize(python).with_context(|| format!("resolving {}", python.display()))?;
+    stage.add_dir(&venv.join("bin"))?;
+    stage.add_symlink(python, &interpreter.to_string_lossy())?;
+    stage.add_program(&interpreter)
+}
+
+/// The files under `dir` (recursively) whose names end with `suffix`.
+fn files_under(dir: &Path, suffix: &str) -> Result<Vec<PathBuf>> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+            let path = entry?.path();
+            let meta = fs::symlink_metadata(&path)?;
+            if meta.is_dir() {
+                pending.push(path);
+            } else if meta.is_file() && path.to_string_lossy().ends_with(suffix) {
+                found.push(path);
+            }
+        }
+    }
+    Ok(found)
 }
 
 /// nginx's configuration, default site and dynamic modules.
