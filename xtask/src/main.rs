@@ -6,9 +6,11 @@
 //! - `lint`: rustfmt and clippy on host and kernel crates;
 //! - `test`: lint, unit tests, privileged host tests, VM tests;
 //! - `vm-test`: the privileged tests inside VMs with other kernels;
-//! - `bench`: benchmarks (see docs/benchmarks.md).
+//! - `bench`: benchmarks (see docs/benchmarks.md);
+//! - `demo`: the walkthrough (bands-api -> reviews-api) in namespaces.
 
 mod bench;
+mod demo;
 mod libtest;
 mod setup;
 mod toolchain;
@@ -35,6 +37,20 @@ struct Cli {
 enum Task {
     /// Install the pinned Rust toolchain, Debian packages and bpf-linker.
     Setup,
+    /// The walkthrough: bands-api calling reviews-api (FastAPI, no tracing
+    /// code) in network namespaces, the agent with its proxy, a few calls,
+    /// their traces (as root).
+    Demo {
+        /// How many calls to make.
+        #[arg(long, default_value_t = 3)]
+        calls: usize,
+        /// Send the spans to this OTLP collector instead of the terminal.
+        #[arg(long, value_name = "URL")]
+        otlp: Option<String>,
+        /// The collector's protocol, grpc or http (default grpc).
+        #[arg(long, value_name = "PROTOCOL", requires = "otlp")]
+        otlp_protocol: Option<String>,
+    },
     /// Build the agent and its kernel programs in release mode.
     Build,
     /// Build and run the agent; arguments after `--` go to `agent run`.
@@ -97,6 +113,18 @@ fn dispatch(task: Task) -> Result<()> {
     std::env::set_current_dir(workspace_root())?;
     match task {
         Task::Setup => setup::setup(),
+        Task::Demo {
+            calls,
+            otlp,
+            otlp_protocol,
+        } => {
+            setup::setup()?;
+            demo::demo(&demo::DemoOptions {
+                calls,
+                otlp,
+                otlp_protocol,
+            })
+        }
         Task::Build => {
             setup::setup()?;
             build_agent()

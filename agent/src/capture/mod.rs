@@ -190,8 +190,10 @@ impl CaptureReader {
     }
 }
 
-/// Starts the thread that watches the Python processes among the new
-/// processes the reader sends (see [`python`]), and unwatches the ones that
+/// Starts the thread that watches the Python processes: first those
+/// running already (a restarted agent, or one deployed onto a busy node,
+/// reads them before their next request, not after), then the new
+/// processes the reader sends (see [`python`]); it unwatches the ones that
 /// exited. It ends when the reader is dropped.
 fn spawn_python_watcher(
     probes: Arc<Mutex<Probes>>,
@@ -201,6 +203,9 @@ fn spawn_python_watcher(
     std::thread::Builder::new()
         .name("python-watch".into())
         .spawn(move || {
+            for pid in running_pids() {
+                consider(&probes, &user, pid);
+            }
             let mut last_sweep = Instant::now();
             loop {
                 match new_pids.recv_timeout(PYTHON_SWEEP_INTERVAL) {
@@ -218,6 +223,19 @@ fn spawn_python_watcher(
         })
         .map_err(|e| anyhow::anyhow!("starting the Python watcher thread: {e}"))?;
     Ok(())
+}
+
+/// The processes running now, from /proc.
+fn running_pids() -> Vec<u32> {
+    let own = std::process::id();
+    std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| *pid != own)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// A process seen for the first time: watch its contexts if it is a

@@ -113,7 +113,7 @@ pub fn start_time(proc_root: &Path, pid: u32) -> Option<u64> {
 pub enum NotWatched {
     /// The process has no Python interpreter mapped.
     NotPython,
-    /// The process exited.
+    /// The process exited, or its memory map is not visible to the agent.
     Gone,
     /// The interpreter's version has no known layout.
     UnsupportedVersion(u8, u8),
@@ -132,7 +132,7 @@ impl std::fmt::Display for NotWatched {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::NotPython => write!(f, "not a Python process"),
-            Self::Gone => write!(f, "the process exited"),
+            Self::Gone => write!(f, "the process exited or is not visible"),
             Self::UnsupportedVersion(major, minor) => {
                 write!(f, "Python {major}.{minor} has no known layout")
             }
@@ -260,7 +260,12 @@ impl ElfFacts {
 pub fn locate(proc_root: &Path, pid: u32) -> Result<Interpreter, NotWatched> {
     let dir = proc_root.join(pid.to_string());
     let maps = std::fs::read_to_string(dir.join("maps")).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
+        // Gone, or not ours to read (the init of another user namespace):
+        // nothing to watch either way.
+        if matches!(
+            e.kind(),
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+        ) {
             NotWatched::Gone
         } else {
             NotWatched::Unreadable(format!("maps: {e}"))
