@@ -298,8 +298,8 @@ fn report_counters(
     if let Some(contexts) = contexts {
         let a = contexts.counters();
         line.push(format!(
-            "proxy_context_ready={} proxy_context_waited={} proxy_context_decided_by_proxy={}",
-            a.ready, a.waited, a.decided_by_proxy
+            "proxy_context_ready={} proxy_context_waited={} proxy_context_decided_by_proxy={} proxy_traceparent_unknown={}",
+            a.ready, a.waited, a.decided_by_proxy, a.traceparent_unknown
         ));
     }
     eprintln!("agent: counters {}", line.join(" "));

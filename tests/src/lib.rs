@@ -19,6 +19,7 @@ pub use agent::capture;
 
 pub mod chains;
 pub mod links;
+pub mod live;
 pub mod netns;
 pub mod otlp_receiver;
 
@@ -70,7 +71,15 @@ pub fn privileged() -> bool {
 /// Events seen so far by the shared capture, with a condition variable to
 /// wait for more.
 struct EventLog {
-    events: Mutex<Vec<CaptureEvent>>,
+    events: Mutex<KeptEvents>,
+}
+
+/// The events kept, and how many older ones were dropped to keep them
+/// bounded (so that positions in the whole stream stay meaningful).
+#[derive(Default)]
+struct KeptEvents {
+    events: Vec<CaptureEvent>,
+    dropped: usize,
 }
 
 /// Ports the tests of this binary use (see [`free_port`]): the shared
@@ -105,7 +114,7 @@ static SHARED: OnceLock<SharedCapture> = OnceLock::new();
 pub fn capture() -> &'static SharedCapture {
     SHARED.get_or_init(|| {
         let log = Arc::new(EventLog {
-            events: Mutex::new(Vec::new()),
+            events: Mutex::new(KeptEvents::default()),
         });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread_log = log.clone();
@@ -128,12 +137,13 @@ pub fn capture() -> &'static SharedCapture {
                     // Filtered before taking the log's lock: `watched` takes
                     // the ports' lock, never while the log's is held.
                     batch.retain(watched);
-                    let mut events = thread_log.events.lock().unwrap();
+                    let mut kept = thread_log.events.lock().unwrap();
                     for event in batch.drain(..) {
-                        if events.len() >= MAX_KEPT_EVENTS {
-                            events.drain(..MAX_KEPT_EVENTS / 2);
+                        if kept.events.len() >= MAX_KEPT_EVENTS {
+                            kept.events.drain(..MAX_KEPT_EVENTS / 2);
+                            kept.dropped += MAX_KEPT_EVENTS / 2;
                         }
-                        events.push(event);
+                        kept.events.push(event);
                     }
                 }
                 drop(capture);
@@ -148,6 +158,19 @@ pub fn capture() -> &'static SharedCapture {
 }
 
 impl SharedCapture {
+    /// The events kept from position `from` of the whole stream on (all
+    /// of them, not only those of some ports), and the position after the
+    /// last: for a consumer that follows the capture as it goes (see
+    /// [`live`]). Events dropped to keep the log bounded are skipped.
+    pub fn events_since(&self, from: usize) -> (Vec<CaptureEvent>, usize) {
+        let kept = self.log.events.lock().unwrap();
+        let start = from.saturating_sub(kept.dropped).min(kept.events.len());
+        (
+            kept.events[start..].to_vec(),
+            kept.dropped + kept.events.len(),
+        )
+    }
+
     /// Waits until `done` holds for the events touching `port` (as local or
     /// remote port), or the timeout passes. Returns those events either way.
     pub fn wait_for_port(
@@ -170,7 +193,8 @@ impl SharedCapture {
         let deadline = Instant::now() + timeout;
         loop {
             let matching: Vec<CaptureEvent> = {
-                let events = self.log.events.lock().unwrap();
+                let kept = self.log.events.lock().unwrap();
+                let events = &kept.events;
                 let touches = |e: &CaptureEvent| {
                     e.connection()
                         .is_some_and(|c| ports.iter().any(|&p| touches_port(c, p)))

@@ -104,6 +104,9 @@ pub enum ParentDecision {
     /// CLIENT: the forwarded `traceparent` came with several inbound
     /// requests in flight (a client retrying): an id of its own, no parent.
     ForwardedAmbiguous,
+    /// SERVER: its `traceparent` is one a CLIENT on this node forwarded
+    /// (whatever carried it there, the proxy included): that CLIENT's child.
+    ViaForwarder,
 }
 
 impl ParentDecision {
@@ -133,6 +136,7 @@ impl ParentDecision {
             ParentDecision::PythonRequestFinished => "none-python-request-finished",
             ParentDecision::Forwarded => "forwarded",
             ParentDecision::ForwardedAmbiguous => "none-forwarded-ambiguous",
+            ParentDecision::ViaForwarder => "via-forwarder",
         }
     }
 }
@@ -159,6 +163,9 @@ struct RequestContext {
     /// the same process brought, forwarded as it was (a gateway, nginx's
     /// `proxy_pass`): its parent-id, which the span does not take as its own.
     forwarded_parent: Option<SpanId>,
+    /// SERVER: the parent-id its `traceparent` named (before a forwarder
+    /// on this node is found to be its parent).
+    wire_parent: Option<SpanId>,
     /// How the parent was decided.
     decision: ParentDecision,
     /// The connection's (local, remote) addresses, to find its other end.
@@ -236,6 +243,9 @@ pub struct Correlator {
     /// Inbound requests in flight that brought a `traceparent`, by (pid,
     /// trace-id, parent-id): a call carrying the same one forwards it.
     inbound_from_wire: HashMap<(u32, TraceId, SpanId), InboundWithTraceparent>,
+    /// Calls in flight that forward a `traceparent`, by the (trace-id,
+    /// parent-id) they forward: a server receiving it is their child.
+    forwarding_calls: HashMap<(TraceId, SpanId), InboundWithTraceparent>,
     ids: IdGenerator,
     sampler: Sampler,
     processes: ProcessTable,
@@ -259,6 +269,7 @@ impl Correlator {
             concurrent: HashSet::new(),
             python: PythonContexts::new(),
             inbound_from_wire: HashMap::new(),
+            forwarding_calls: HashMap::new(),
             ids: IdGenerator::new(),
             sampler,
             processes,
@@ -482,11 +493,21 @@ impl Correlator {
                 );
             }
             self.link_local_ends(&state.connection, &mut context);
-            if kind == SpanKind::Client && !context.from_wire {
+            if kind == SpanKind::Client {
                 self.agree_with_proxy(&state.connection, &mut context);
             }
             if kind == SpanKind::Server && context.from_wire {
+                self.adopt_forwarder(&mut context);
                 self.note_inbound_from_wire(pid, &context);
+            }
+            if let Some(forwarded) = context.forwarded_parent {
+                if self.forwarding_calls.len() >= MAX_INBOUND_FROM_WIRE {
+                    self.forwarding_calls.clear();
+                }
+                self.forwarding_calls
+                    .entry((context.trace_id, forwarded))
+                    .and_modify(|e| *e = InboundWithTraceparent::Several)
+                    .or_insert(InboundWithTraceparent::One(context.span_id));
             }
             if kind == SpanKind::Server
                 && self
@@ -521,6 +542,21 @@ impl Correlator {
             parent_id: context.span_id,
             flags: context.flags,
         };
+        if context.from_wire || context.forwarded_parent.is_some() {
+            // The request carries a traceparent: the proxy leaves the
+            // application's own, and writes a forwarder's own span instead
+            // of the one it forwards.
+            let forward =
+                context
+                    .forwarded_parent
+                    .is_some()
+                    .then(|| tracecontext::PropagatedContext {
+                        traceparent: chosen,
+                        tracestate: context.trace_state.clone(),
+                    });
+            contexts.settle_wire_request(key, forward);
+            return;
+        }
         let agreed = contexts.settle_client_context(
             key,
             tracecontext::PropagatedContext {
@@ -712,6 +748,7 @@ impl Correlator {
                     awaiting_local_client: false,
                     from_wire: true,
                     forwarded_parent: None,
+                    wire_parent: Some(parent.traceparent.parent_id),
                     decision: ParentDecision::Wire,
                     addresses: UNSPECIFIED_ADDRESSES,
                 }
@@ -758,6 +795,7 @@ impl Correlator {
                     awaiting_local_client: false,
                     from_wire: false,
                     forwarded_parent: Some(wire.traceparent.parent_id),
+                    wire_parent: None,
                     decision,
                     addresses: UNSPECIFIED_ADDRESSES,
                 };
@@ -783,6 +821,7 @@ impl Correlator {
                 awaiting_local_client: false,
                 from_wire: true,
                 forwarded_parent: None,
+                wire_parent: None,
                 decision: ParentDecision::Wire,
                 addresses: UNSPECIFIED_ADDRESSES,
             };
@@ -802,6 +841,7 @@ impl Correlator {
                 awaiting_local_client: false,
                 from_wire: false,
                 forwarded_parent: None,
+                wire_parent: None,
                 decision,
                 addresses: UNSPECIFIED_ADDRESSES,
             },
@@ -830,6 +870,7 @@ impl Correlator {
             awaiting_local_client: false,
             from_wire: false,
             forwarded_parent: None,
+            wire_parent: None,
             decision,
             addresses: UNSPECIFIED_ADDRESSES,
         }
@@ -903,18 +944,32 @@ impl Correlator {
         self.exchanges = exchanges;
     }
 
+    /// A server's traceparent that a call in flight on this node forwarded
+    /// (through the proxy too, when it could not rewrite it in time): the
+    /// server is that call's child, not the child of the span the
+    /// parent-id names (the caller of the forwarder).
+    fn adopt_forwarder(&self, server: &mut RequestContext) {
+        let Some(parent) = server.wire_parent else {
+            return;
+        };
+        if let Some(InboundWithTraceparent::One(forwarder)) =
+            self.forwarding_calls.get(&(server.trace_id, parent))
+        {
+            server.parent_span_id = Some(*forwarder);
+            server.decision = ParentDecision::ViaForwarder;
+        }
+    }
+
     /// An inbound request brought a traceparent: calls of `pid` carrying
     /// it are forwarding it.
     fn note_inbound_from_wire(&mut self, pid: u32, context: &RequestContext) {
-        let Some(parent) = context.parent_span_id else {
+        let Some(parent) = context.wire_parent else {
             return;
         };
         if self.inbound_from_wire.len() >= MAX_INBOUND_FROM_WIRE {
             self.inbound_from_wire.clear();
         }
-        if let Some((contexts, _)) = &self.proxy {
-            contexts.note_forwardable(context.trace_id, parent);
-        }
+
         self.inbound_from_wire
             .entry((pid, context.trace_id, parent))
             .and_modify(|e| *e = InboundWithTraceparent::Several)
@@ -924,9 +979,17 @@ impl Correlator {
     /// A server request is answered (or given up): its thread no longer
     /// serves it.
     fn release(&mut self, pid: u32, context: &RequestContext) {
+        if let Some(forwarded) = context.forwarded_parent {
+            let key = (context.trace_id, forwarded);
+            if let Some(InboundWithTraceparent::One(one)) = self.forwarding_calls.get(&key)
+                && *one == context.span_id
+            {
+                self.forwarding_calls.remove(&key);
+            }
+        }
         if context.kind == SpanKind::Server
             && context.from_wire
-            && let Some(parent) = context.parent_span_id
+            && let Some(parent) = context.wire_parent
         {
             // A Several entry stays until the table starts over: which of
             // its requests remain is not counted.
@@ -935,9 +998,6 @@ impl Correlator {
                 && *one == context.span_id
             {
                 self.inbound_from_wire.remove(&key);
-                if let Some((contexts, _)) = &self.proxy {
-                    contexts.forget_forwardable(context.trace_id, parent);
-                }
             }
         }
         if context.kind == SpanKind::Server
@@ -1043,7 +1103,7 @@ fn forwarder_of(client: &RequestContext, server: &RequestContext) -> Option<Span
     let forwarded = client.forwarded_parent?;
     (server.from_wire
         && server.trace_id == client.trace_id
-        && server.parent_span_id == Some(forwarded))
+        && server.wire_parent == Some(forwarded))
     .then_some(client.span_id)
 }
 

@@ -10,7 +10,7 @@
 //! The check-and-record is one step under a lock, so the two can never
 //! decide differently.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use crate::span::{SpanId, TraceId};
 use crate::tracecontext::{IdGenerator, PropagatedContext, TraceParent, root_flags};
 
 /// A request as both sides can name it.
@@ -46,10 +45,13 @@ struct Decisions {
     /// Requests the proxy is waiting on, each with its own channel, so a
     /// decision wakes exactly the request it is for (not every waiter).
     waiting: HashMap<ProxiedRequestKey, oneshot::Sender<PropagatedContext>>,
-    /// The (trace-id, parent-id) of inbound requests in flight on this node
-    /// that brought a traceparent: a proxied request carrying one forwards
-    /// it, and gets its sender's CLIENT span as parent instead.
-    forwardable: HashSet<(TraceId, SpanId)>,
+    /// Requests that carry a valid traceparent, as the correlator saw them:
+    /// Some(context) when the sender forwards one an inbound request of its
+    /// own brought (the proxy writes the sender's CLIENT span instead), None
+    /// when it is the application's own (the request passes unchanged).
+    wire_decisions: HashMap<ProxiedRequestKey, Option<PropagatedContext>>,
+    /// Proxied requests with a traceparent waiting for that decision.
+    wire_waiting: HashMap<ProxiedRequestKey, oneshot::Sender<Option<PropagatedContext>>>,
     ids: IdGenerator,
 }
 
@@ -62,6 +64,9 @@ pub struct AgreementCounters {
     pub waited: u64,
     /// The wait ran out; the proxy decided and the correlator adopts it.
     pub decided_by_proxy: u64,
+    /// A request with a traceparent whose wait ran out: passed unchanged,
+    /// whether or not its sender forwarded it.
+    pub traceparent_unknown: u64,
 }
 
 /// The table both sides share (behind an `Arc`).
@@ -71,6 +76,7 @@ pub struct ProxyContexts {
     ready: AtomicU64,
     waited: AtomicU64,
     decided_by_proxy: AtomicU64,
+    wire_unknown: AtomicU64,
 }
 
 impl ProxyContexts {
@@ -89,6 +95,7 @@ impl ProxyContexts {
             ready: self.ready.load(Ordering::Relaxed),
             waited: self.waited.load(Ordering::Relaxed),
             decided_by_proxy: self.decided_by_proxy.load(Ordering::Relaxed),
+            traceparent_unknown: self.wire_unknown.load(Ordering::Relaxed),
         }
     }
 
@@ -119,64 +126,62 @@ impl ProxyContexts {
         chosen
     }
 
-    /// Correlator side: an inbound request brought this traceparent (one
-    /// entry per traceparent: a retry's second request shares it).
-    pub fn note_forwardable(&self, trace_id: TraceId, parent_id: SpanId) {
+    /// Correlator side: request `key` carries a valid traceparent; `forward`
+    /// is the context to write instead when its sender forwards one it
+    /// received (see [`Self::forwarded_context_for`]), None to leave it.
+    pub fn settle_wire_request(&self, key: ProxiedRequestKey, forward: Option<PropagatedContext>) {
         let mut d = self.lock();
-        if d.forwardable.len() >= MAX_PENDING {
-            d.forwardable.clear();
+        let forward = match d.wire_waiting.remove(&key) {
+            Some(waiter) => match waiter.send(forward) {
+                Ok(()) => return,
+                Err(forward) => forward,
+            },
+            None => forward,
+        };
+        if d.wire_decisions.len() >= MAX_PENDING {
+            d.wire_decisions.clear();
         }
-        d.forwardable.insert((trace_id, parent_id));
+        d.wire_decisions.insert(key, forward);
     }
 
-    /// Correlator side: the inbound request that brought this traceparent
-    /// is answered.
-    pub fn forget_forwardable(&self, trace_id: TraceId, parent_id: SpanId) {
-        self.lock().forwardable.remove(&(trace_id, parent_id));
-    }
-
-    /// Proxy side, for request `key` carrying the valid traceparent
-    /// `received`: when an inbound request on this node brought it (the
-    /// sender forwards it), the context the correlator gives the sender's
-    /// CLIENT span, waiting up to `wait` for it; None (pass the request
-    /// unchanged) otherwise, or when the wait runs out. Never decides ids
-    /// of its own: the trace is the sender's.
+    /// Proxy side, for request `key` carrying a valid traceparent: the
+    /// context to write instead when its sender forwards a traceparent it
+    /// received itself (a gateway), so that the next service becomes the
+    /// child of the sender's own CLIENT span; None to pass it unchanged.
+    /// Waits up to `wait` for the correlator's view of the request (it
+    /// cannot tell a forward from the application's own traceparent
+    /// without it); None when the wait runs out. Never decides ids of its
+    /// own: the trace is the sender's.
     pub async fn forwarded_context_for(
         &self,
         key: ProxiedRequestKey,
-        received: TraceParent,
         wait: Duration,
     ) -> Option<PropagatedContext> {
         let mut decided = {
             let mut d = self.lock();
-            if !d
-                .forwardable
-                .contains(&(received.trace_id, received.parent_id))
-            {
-                return None;
-            }
-            if let Some(by_correlator) = d.by_correlator.remove(&key) {
+            if let Some(decision) = d.wire_decisions.remove(&key) {
                 self.ready.fetch_add(1, Ordering::Relaxed);
-                return Some(by_correlator);
+                return decision;
             }
             let (sender, receiver) = oneshot::channel();
-            if d.waiting.len() >= MAX_PENDING {
-                d.waiting.retain(|_, sender| !sender.is_closed());
+            if d.wire_waiting.len() >= MAX_PENDING {
+                d.wire_waiting.retain(|_, sender| !sender.is_closed());
             }
-            d.waiting.insert(key, sender);
+            d.wire_waiting.insert(key, sender);
             receiver
         };
-        if let Ok(Ok(by_correlator)) = tokio::time::timeout(wait, &mut decided).await {
+        if let Ok(Ok(decision)) = tokio::time::timeout(wait, &mut decided).await {
             self.waited.fetch_add(1, Ordering::Relaxed);
-            return Some(by_correlator);
+            return decision;
         }
         let mut d = self.lock();
-        if d.waiting.remove(&key).is_none()
-            && let Ok(by_correlator) = decided.try_recv()
+        if d.wire_waiting.remove(&key).is_none()
+            && let Ok(decision) = decided.try_recv()
         {
             self.waited.fetch_add(1, Ordering::Relaxed);
-            return Some(by_correlator);
+            return decision;
         }
+        self.wire_unknown.fetch_add(1, Ordering::Relaxed);
         None
     }
 
@@ -259,10 +264,10 @@ impl crate::proxy::context::TraceContextSource for ProxyContexts {
             original_destination: request.original_destination,
             index: request.index,
         };
+        let _ = received;
         Box::pin(ProxyContexts::forwarded_context_for(
             self,
             key,
-            received,
             AGREEMENT_WAIT,
         ))
     }
@@ -331,37 +336,39 @@ mod tests {
     #[tokio::test]
     async fn a_forwarded_traceparent_is_replaced_by_the_correlators_context() {
         let table = ProxyContexts::new();
-        let received = context(4).traceparent;
-        // Nothing on this node brought it: the application's own, unchanged.
+        // The application's own traceparent: unchanged.
+        table.settle_wire_request(key(5), None);
         assert_eq!(
             table
-                .forwarded_context_for(key(5), received, Duration::from_millis(5))
+                .forwarded_context_for(key(5), Duration::from_millis(5))
                 .await,
             None
         );
-        table.note_forwardable(received.trace_id, received.parent_id);
-        table.settle_client_context(key(5), context(6));
+        // A forward, decided before or while the proxy waits.
+        table.settle_wire_request(key(6), Some(context(6)));
         assert_eq!(
             table
-                .forwarded_context_for(key(5), received, Duration::from_millis(5))
+                .forwarded_context_for(key(6), Duration::from_millis(5))
                 .await,
             Some(context(6))
         );
-        // The wait runs out: unchanged, and nothing decided by the proxy.
+        let table = std::sync::Arc::new(table);
+        let t = table.clone();
+        let waiter = tokio::spawn(async move {
+            t.forwarded_context_for(key(7), Duration::from_secs(5))
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        table.settle_wire_request(key(7), Some(context(7)));
+        assert_eq!(waiter.await.unwrap(), Some(context(7)));
+        // The wait runs out: unchanged, and counted.
         assert_eq!(
             table
-                .forwarded_context_for(key(6), received, Duration::from_millis(5))
+                .forwarded_context_for(key(8), Duration::from_millis(5))
                 .await,
             None
         );
-        assert_eq!(table.settle_client_context(key(6), context(7)), context(7));
-        table.forget_forwardable(received.trace_id, received.parent_id);
-        assert_eq!(
-            table
-                .forwarded_context_for(key(7), received, Duration::from_millis(5))
-                .await,
-            None
-        );
+        assert_eq!(table.counters().traceparent_unknown, 1);
     }
 
     #[tokio::test]

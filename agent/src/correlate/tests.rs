@@ -1013,3 +1013,54 @@ fn a_traceparent_no_inbound_request_brought_is_the_calls_own() {
         Some("wire")
     );
 }
+
+/// The forwarder's call reaches the server through something the agent
+/// does not see (the proxy could not rewrite it in time): the server still
+/// becomes the forwarder's call's child, by the traceparent it forwarded.
+#[test]
+fn a_server_receiving_a_forwarded_traceparent_is_the_forwarders_child() {
+    const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let inbound = connection(1, NGINX_PID, Role::Server, "10.0.0.1:80", "10.0.0.9:40000");
+    let upstream = connection(
+        2,
+        NGINX_PID,
+        Role::Client,
+        "10.0.0.1:50000",
+        "10.0.0.7:9090",
+    );
+    // The backend's peer is the proxy's upstream socket, not nginx's.
+    let backend = connection(
+        3,
+        SERVER_PID,
+        Role::Server,
+        "10.0.0.7:9090",
+        "10.0.0.1:60000",
+    );
+    let request = format!("GET /a HTTP/1.1\r\ntraceparent: {TP}\r\n\r\n");
+    let spans = run(
+        &mut correlator(100.0),
+        &[
+            message(inbound, 21, Direction::Ingress, 1, request.as_bytes()),
+            message(upstream, 21, Direction::Egress, 2, request.as_bytes()),
+            message(backend, 31, Direction::Ingress, 3, request.as_bytes()),
+            message(backend, 31, Direction::Egress, 4, OK),
+            message(upstream, 21, Direction::Ingress, 5, OK),
+            message(inbound, 21, Direction::Egress, 6, OK),
+        ],
+    );
+    let forwarder = spans
+        .iter()
+        .find(|s| s.kind == SpanKind::Client)
+        .expect("nginx's call");
+    let backend_server = spans
+        .iter()
+        .find(|s| s.kind == SpanKind::Server && s.span_id != forwarder.parent_span_id.unwrap())
+        .expect("the backend's span");
+    assert_eq!(backend_server.parent_span_id, Some(forwarder.span_id));
+    assert_eq!(
+        backend_server
+            .attribute(PARENT_DECISION_ATTRIBUTE)
+            .as_deref(),
+        Some("via-forwarder")
+    );
+}
