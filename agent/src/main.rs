@@ -194,7 +194,9 @@ async fn run(args: RunArgs, export: &tokio::runtime::Handle) -> Result<()> {
     if let Some(proxy) = proxy {
         stop_proxy(proxy).await;
     }
-    // Dropping the capture detaches every probe; then deliver what is queued.
+    // Dropping the reader (which ends the Python watcher's thread) and the
+    // capture detaches every probe; then deliver what is queued.
+    drop(reader);
     drop(capture);
     let delivered = sinks.shutdown().await;
     // The counters above were read before the outputs delivered what was

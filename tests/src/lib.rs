@@ -561,15 +561,23 @@ pub fn start_python(
     script: &str,
     args: &[&str],
 ) -> ChildGuard {
-    let path = dir.write(script_name, script.as_bytes());
-    let child = Command::new("/usr/bin/python3")
-        .arg(path)
+    start_script(
+        Command::new("/usr/bin/python3"),
+        dir.write(script_name, script.as_bytes()),
+        args,
+    )
+}
+
+/// Runs `interpreter script args`, stdin and stdout piped.
+fn start_script(mut interpreter: Command, script: PathBuf, args: &[&str]) -> ChildGuard {
+    let child = interpreter
+        .arg(script)
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .expect("python3 must be installed (cargo xtask setup)");
+        .expect("the interpreter is installed (cargo xtask setup)");
     ChildGuard(child)
 }
 
@@ -581,16 +589,11 @@ pub fn start_venv_python(
     script: &str,
     args: &[&str],
 ) -> ChildGuard {
-    let path = dir.write(script_name, script.as_bytes());
-    let child = Command::new("/opt/agent-tests/venv/bin/python")
-        .arg(path)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("the tests' Python venv must be installed (cargo xtask setup)");
-    ChildGuard(child)
+    start_script(
+        Command::new("/opt/agent-tests/venv/bin/python"),
+        dir.write(script_name, script.as_bytes()),
+        args,
+    )
 }
 
 /// Runs curl to completion and returns its pid and stdout. Fails the test

@@ -151,16 +151,33 @@ pub fn measure(
     counts
 }
 
-/// The backend, and a frontend of `mode` calling it.
-pub fn python_services(dir: &ScratchDir, mode: &str) -> (ChildGuard, u16, ChildGuard, u16) {
-    let (back_port, front_port) = (free_port(), free_port());
+/// The backend of the link tests (answers every request), on a free port.
+fn start_backend(dir: &ScratchDir) -> (ChildGuard, u16) {
+    let port = free_port();
     let mut backend = start_python(
         dir,
         "link_service.py",
         fixtures::LINK_SERVICE_PY,
-        &["backend", &back_port.to_string()],
+        &["backend", &port.to_string()],
     );
     assert_eq!(backend.read_line(), "READY");
+    (backend, port)
+}
+
+/// The rounds (requests, concurrency) of the event-loop frontends: 8 and
+/// 32 concurrent callers (fewer requests in the VMs).
+pub fn event_loop_rounds() -> &'static [(usize, usize)] {
+    if crate::in_vm() {
+        &[(40, 8)]
+    } else {
+        &[(200, 8), (400, 32)]
+    }
+}
+
+/// The backend, and a frontend of `mode` calling it.
+pub fn python_services(dir: &ScratchDir, mode: &str) -> (ChildGuard, u16, ChildGuard, u16) {
+    let (backend, back_port) = start_backend(dir);
+    let front_port = free_port();
     let mut frontend = start_python(
         dir,
         "link_service.py",
@@ -179,14 +196,8 @@ pub fn venv_services(
     script: &str,
     args: &[&str],
 ) -> (ChildGuard, u16, ChildGuard, u16) {
-    let (back_port, front_port) = (free_port(), free_port());
-    let mut backend = start_python(
-        dir,
-        "link_service.py",
-        fixtures::LINK_SERVICE_PY,
-        &["backend", &back_port.to_string()],
-    );
-    assert_eq!(backend.read_line(), "READY");
+    let (backend, back_port) = start_backend(dir);
+    let front_port = free_port();
     let ports = [front_port.to_string(), back_port.to_string()];
     let all: Vec<&str> = args
         .iter()

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use agent::correlate::PARENT_DECISION_ATTRIBUTE;
 use agent::span::{Span, SpanKind};
-use tests::links::{measure, pid, python_services, rid, venv_services};
+use tests::links::{event_loop_rounds, measure, pid, python_services, rid, venv_services};
 use tests::{ChildGuard, ScratchDir, capture, in_vm, privileged};
 
 /// How long spans may take to arrive.
@@ -115,15 +115,6 @@ fn measure_rounds(
         }
     }
     failures
-}
-
-/// The rounds of the event-loop frontends: 8 and 32 concurrent callers.
-fn event_loop_rounds() -> &'static [(usize, usize)] {
-    if in_vm() {
-        &[(40, 8)]
-    } else {
-        &[(200, 8), (400, 32)]
-    }
 }
 
 /// FastAPI on uvicorn, with each event loop and each kind of endpoint:

@@ -68,6 +68,8 @@ const MAX_SEEN_PIDS: usize = 65_536;
 const RECONSIDER_AFTER: Duration = Duration::from_secs(10);
 /// How often exited Python processes are unwatched.
 const PYTHON_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the watcher lists /proc for processes started since.
+const PROCESS_SCAN_INTERVAL: Duration = Duration::from_millis(500);
 /// New processes waiting for the watcher at most; more are sent again
 /// after [`RECONSIDER_AFTER`].
 const WATCH_QUEUE: usize = 4096;
@@ -190,11 +192,13 @@ impl CaptureReader {
     }
 }
 
-/// Starts the thread that watches the Python processes: first those
-/// running already (a restarted agent, or one deployed onto a busy node,
-/// reads them before their next request, not after), then the new
-/// processes the reader sends (see [`python`]); it unwatches the ones that
-/// exited. It ends when the reader is dropped.
+/// Starts the thread that watches the Python processes (see [`python`]):
+/// those running already (a restarted agent, or one deployed onto a busy
+/// node, reads them before their next request, not after), those started
+/// since (found by listing /proc every [`PROCESS_SCAN_INTERVAL`], so that a
+/// new service is read before its first requests, not when the capture's
+/// reader gets to them), and the ones the reader sends; it unwatches the
+/// ones that exited. It ends when the reader is dropped.
 fn spawn_python_watcher(
     probes: Arc<Mutex<Probes>>,
     user: Arc<UserCounters>,
@@ -203,12 +207,20 @@ fn spawn_python_watcher(
     std::thread::Builder::new()
         .name("python-watch".into())
         .spawn(move || {
-            for pid in running_pids() {
-                consider(&probes, &user, pid);
-            }
+            let mut known = std::collections::HashSet::new();
+            let mut last_scan = Instant::now() - PROCESS_SCAN_INTERVAL;
             let mut last_sweep = Instant::now();
             loop {
-                match new_pids.recv_timeout(PYTHON_SWEEP_INTERVAL) {
+                if last_scan.elapsed() >= PROCESS_SCAN_INTERVAL {
+                    last_scan = Instant::now();
+                    let running: std::collections::HashSet<u32> =
+                        running_pids().into_iter().collect();
+                    for &pid in running.difference(&known) {
+                        consider(&probes, &user, pid);
+                    }
+                    known = running;
+                }
+                match new_pids.recv_timeout(PROCESS_SCAN_INTERVAL) {
                     Ok(pid) => consider(&probes, &user, pid),
                     Err(mpsc::RecvTimeoutError::Timeout) => {}
                     Err(mpsc::RecvTimeoutError::Disconnected) => return,

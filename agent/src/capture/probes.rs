@@ -124,6 +124,7 @@ struct PythonWatch {
     /// process is another process) and its interpreter file.
     watched: HashMap<u32, (Option<u64>, ObjectKey)>,
     objects: HashMap<ObjectKey, WatchedObject>,
+    files: python::InterpreterFiles,
 }
 
 /// Where tracefs is mounted, mounting it first if it is not (as on this
@@ -235,6 +236,7 @@ impl Probes {
                 processes: Some(processes),
                 watched: HashMap::new(),
                 objects: HashMap::new(),
+                files: python::InterpreterFiles::new(),
             },
             Err(e) => {
                 eprintln!(
@@ -244,6 +246,7 @@ impl Probes {
                     processes: None,
                     watched: HashMap::new(),
                     objects: HashMap::new(),
+                    files: python::InterpreterFiles::new(),
                 }
             }
         };
@@ -277,7 +280,7 @@ impl Probes {
                 "too many Python processes watched".into(),
             ));
         }
-        let interpreter = python::locate(Path::new("/proc"), pid)?;
+        let interpreter = python::locate(Path::new("/proc"), pid, &mut self.python.files)?;
         let meta = std::fs::metadata(&interpreter.object).map_err(|e| {
             NotWatched::Unreadable(format!("{}: {e}", interpreter.object.display()))
         })?;

@@ -187,6 +187,50 @@ fn is_free_threaded(name: &str) -> bool {
     rest.starts_with('t')
 }
 
+/// What was read of interpreter files, by (device, inode, size, mtime): a
+/// node runs many processes of the same interpreter, whose file (7 MB and
+/// more) is then read once.
+#[derive(Default)]
+pub struct InterpreterFiles {
+    read: HashMap<FileKey, Result<ElfFacts, String>>,
+}
+
+/// A file's device, inode, size and modification time.
+type FileKey = (u64, u64, u64, i64);
+
+/// Files remembered at most; then the cache starts over.
+const MAX_INTERPRETER_FILES: usize = 256;
+
+impl InterpreterFiles {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn facts(&mut self, object: &Path) -> Result<&ElfFacts, NotWatched> {
+        use std::os::unix::fs::MetadataExt;
+        let unreadable =
+            |e: std::io::Error| NotWatched::Unreadable(format!("{}: {e}", object.display()));
+        let meta = std::fs::metadata(object).map_err(unreadable)?;
+        let key = (meta.dev(), meta.ino(), meta.size(), meta.mtime());
+        if !self.read.contains_key(&key) {
+            let mut data = Vec::new();
+            std::fs::File::open(object)
+                .and_then(|mut f| f.read_to_end(&mut data))
+                .map_err(unreadable)?;
+            if self.read.len() >= MAX_INTERPRETER_FILES {
+                self.read.clear();
+            }
+            self.read.insert(key, elf_facts(&data));
+        }
+        match self.read.get(&key) {
+            Some(Ok(facts)) => Ok(facts),
+            Some(Err(e)) => Err(NotWatched::Unreadable(e.clone())),
+            None => Err(NotWatched::Unreadable("interpreter file cache".into())),
+        }
+    }
+}
+
 /// Symbols of an ELF file and where its first loadable segment starts.
 struct ElfFacts {
     symbols: HashMap<&'static str, u64>,
@@ -257,7 +301,11 @@ impl ElfFacts {
 
 /// Finds the interpreter of process `pid` and what the kernel needs to read
 /// its threads' contexts, and checks it against the live process.
-pub fn locate(proc_root: &Path, pid: u32) -> Result<Interpreter, NotWatched> {
+pub fn locate(
+    proc_root: &Path,
+    pid: u32,
+    files: &mut InterpreterFiles,
+) -> Result<Interpreter, NotWatched> {
     let dir = proc_root.join(pid.to_string());
     let maps = std::fs::read_to_string(dir.join("maps")).map_err(|e| {
         // Gone, or not ours to read (the init of another user namespace):
@@ -277,7 +325,7 @@ pub fn locate(proc_root: &Path, pid: u32) -> Result<Interpreter, NotWatched> {
     }
     let mut last_error = NotWatched::MissingSymbol("_PyRuntime");
     for (path, start) in candidates {
-        match locate_in(&dir, pid, path, start) {
+        match locate_in(&dir, pid, path, start, files) {
             Ok(found) => return Ok(found),
             Err(e) => last_error = e,
         }
@@ -287,18 +335,20 @@ pub fn locate(proc_root: &Path, pid: u32) -> Result<Interpreter, NotWatched> {
 
 /// [`locate`] in one mapped file (`path` as the process sees it, mapped
 /// from offset 0 at `start`).
-fn locate_in(dir: &Path, pid: u32, path: &str, start: u64) -> Result<Interpreter, NotWatched> {
+fn locate_in(
+    dir: &Path,
+    pid: u32,
+    path: &str,
+    start: u64,
+    files: &mut InterpreterFiles,
+) -> Result<Interpreter, NotWatched> {
     let name = path.rsplit('/').next().unwrap_or(path);
     if is_free_threaded(name) {
         return Err(NotWatched::FreeThreaded);
     }
     // Through the process's root: a container's files are not the host's.
     let object = dir.join("root").join(path.trim_start_matches('/'));
-    let mut data = Vec::new();
-    std::fs::File::open(&object)
-        .and_then(|mut f| f.read_to_end(&mut data))
-        .map_err(|e| NotWatched::Unreadable(format!("{}: {e}", object.display())))?;
-    let facts = elf_facts(&data).map_err(NotWatched::Unreadable)?;
+    let facts = files.facts(&object)?;
     let symbol = |name: &'static str| {
         facts
             .symbols
@@ -447,7 +497,7 @@ mod tests {
     fn a_process_that_is_not_python_is_not_watched() {
         let me = std::process::id();
         assert_eq!(
-            locate(Path::new("/proc"), me),
+            locate(Path::new("/proc"), me, &mut InterpreterFiles::new()),
             Err(NotWatched::NotPython),
             "the test binary is not a Python interpreter"
         );
