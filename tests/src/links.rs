@@ -58,22 +58,13 @@ pub fn measure(
     concurrency: usize,
 ) -> LinkCounts {
     let front_pid = frontend.pid() as i64;
-    let status = std::process::Command::new("curl")
-        .args([
-            "--parallel",
-            "--parallel-max",
-            &concurrency.to_string(),
-            "--no-progress-meter",
-            "--fail",
-            "--max-time",
-            "60",
-            "--output",
-            "/dev/null",
-            &format!("http://127.0.0.1:{front_port}/call?rid={case}-[1-{requests}]"),
-        ])
-        .status()
-        .expect("curl is installed (cargo xtask setup)");
-    assert!(status.success(), "{case}: every call succeeds");
+    call_in_parallel(
+        std::process::Command::new("curl"),
+        &format!("127.0.0.1:{front_port}"),
+        case,
+        requests,
+        concurrency,
+    );
 
     // Every span of this round: the four of each request (curl's call,
     // the frontend's SERVER and CLIENT spans, the backend's SERVER span).
@@ -149,6 +140,34 @@ pub fn measure(
         counts.right, counts.no_parent, counts.wrong
     );
     counts
+}
+
+/// Makes `requests` calls `GET /call?rid=<case>-N` to `authority` with
+/// `curl` (a command that runs curl, possibly in a namespace), at most
+/// `concurrency` at once, and fails unless every call succeeds.
+pub fn call_in_parallel(
+    mut curl: std::process::Command,
+    authority: &str,
+    case: &str,
+    requests: usize,
+    concurrency: usize,
+) {
+    let status = curl
+        .args([
+            "--parallel",
+            "--parallel-max",
+            &concurrency.to_string(),
+            "--no-progress-meter",
+            "--fail",
+            "--max-time",
+            "60",
+            "--output",
+            "/dev/null",
+            &format!("http://{authority}/call?rid={case}-[1-{requests}]"),
+        ])
+        .status()
+        .expect("curl is installed (cargo xtask setup)");
+    assert!(status.success(), "{case}: every call succeeds");
 }
 
 /// The backend of the link tests (answers every request), on a free port.

@@ -213,15 +213,21 @@ fn spawn_python_watcher(
             loop {
                 if last_scan.elapsed() >= PROCESS_SCAN_INTERVAL {
                     last_scan = Instant::now();
-                    let running: std::collections::HashSet<u32> =
+                    let mut running: std::collections::HashSet<u32> =
                         running_pids().into_iter().collect();
-                    for &pid in running.difference(&known) {
-                        consider(&probes, &user, pid);
+                    let new: Vec<u32> = running.difference(&known).copied().collect();
+                    for pid in new {
+                        if !consider(&probes, &user, pid) {
+                            // Looked at again on the next listing.
+                            running.remove(&pid);
+                        }
                     }
                     known = running;
                 }
                 match new_pids.recv_timeout(PROCESS_SCAN_INTERVAL) {
-                    Ok(pid) => consider(&probes, &user, pid),
+                    Ok(pid) => {
+                        consider(&probes, &user, pid);
+                    }
                     Err(mpsc::RecvTimeoutError::Timeout) => {}
                     Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 }
@@ -251,10 +257,12 @@ fn running_pids() -> Vec<u32> {
 }
 
 /// A process seen for the first time: watch its contexts if it is a
-/// Python interpreter (its first records come before the watch).
-fn consider(probes: &Mutex<Probes>, user: &UserCounters, pid: u32) {
+/// Python interpreter (its first records come before the watch). False
+/// when it could not be settled (a failure that may pass, such as a read
+/// racing a thread's exit): worth another look.
+fn consider(probes: &Mutex<Probes>, user: &UserCounters, pid: u32) -> bool {
     let Ok(mut probes) = probes.lock() else {
-        return;
+        return true;
     };
     let started = Instant::now();
     match probes.watch_python(pid) {
@@ -268,9 +276,14 @@ fn consider(probes: &Mutex<Probes>, user: &UserCounters, pid: u32) {
             );
         }
         Ok(None) | Err(python::NotWatched::NotPython | python::NotWatched::Gone) => {}
+        Err(e @ (python::NotWatched::Unreadable(_) | python::NotWatched::LayoutMismatch)) => {
+            log::debug!("pid {pid}: Python contexts not read yet: {e}");
+            return false;
+        }
         Err(e) => {
             user.python_not_watched.fetch_add(1, Ordering::Relaxed);
             log::info!("pid {pid}: Python contexts not read: {e}");
         }
     }
+    true
 }

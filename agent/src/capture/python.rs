@@ -393,10 +393,12 @@ fn locate_in(
     })
 }
 
+/// The largest thread id Linux gives (`PID_MAX_LIMIT` on 64-bit).
+const MAX_THREAD_ID: u64 = 4 * 1024 * 1024;
+
 /// Follows the thread list the way the kernel will, in the live process:
-/// it must end, every thread id on it must be one of the process's threads,
-/// and the main thread must be on it (a wrong offset reads other data and
-/// fails one of these).
+/// every thread id on it must look like one, and the main thread must be on
+/// it (a wrong offset reads other data and fails this).
 pub fn check_layout(dir: &Path, pid: u32, kernel: &PythonProcess) -> Result<(), NotWatched> {
     let mem = std::fs::File::open(dir.join("mem"))
         .map_err(|e| NotWatched::Unreadable(format!("mem: {e}")))?;
@@ -418,13 +420,11 @@ pub fn check_layout(dir: &Path, pid: u32, kernel: &PythonProcess) -> Result<(), 
             };
         }
         let tid = read(state + kernel.thread_native_id as u64)?;
-        // Threads may end meanwhile; a thread state not yet bound to a
-        // thread reads 0.
-        let is_thread = tid == 0
-            || u32::try_from(tid)
-                .ok()
-                .is_some_and(|tid| dir.join("task").join(tid.to_string()).exists());
-        if !is_thread {
+        // A thread state not yet bound to a thread reads 0. A thread may
+        // have ended meanwhile (its state is removed just after), so only
+        // the shape of a thread id is required of the others; the main
+        // thread, always there, is what a wrong offset would not find.
+        if tid > MAX_THREAD_ID {
             return Err(NotWatched::LayoutMismatch);
         }
         main_found |= tid == pid as u64;

@@ -157,7 +157,7 @@ impl ProxyContexts {
         key: ProxiedRequestKey,
         wait: Duration,
     ) -> Option<PropagatedContext> {
-        let mut decided = {
+        let decided = {
             let mut d = self.lock();
             if let Some(decision) = d.wire_decisions.remove(&key) {
                 self.ready.fetch_add(1, Ordering::Relaxed);
@@ -170,19 +170,42 @@ impl ProxyContexts {
             d.wire_waiting.insert(key, sender);
             receiver
         };
+        match self
+            .await_decision(decided, wait, |d| d.wire_waiting.remove(&key).is_some())
+            .await
+        {
+            Ok(decision) => decision,
+            Err(_) => {
+                self.wire_unknown.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    /// Waits up to `wait` for the correlator's decision on a request the
+    /// proxy registered as waiting. When the wait runs out, `unregister`
+    /// takes the request out of its waiting table under the lock (true if
+    /// it was still there); a decision sent meanwhile is still taken.
+    /// Otherwise returns the lock, for the caller to decide under it.
+    async fn await_decision<T>(
+        &self,
+        mut decided: oneshot::Receiver<T>,
+        wait: Duration,
+        unregister: impl FnOnce(&mut Decisions) -> bool,
+    ) -> Result<T, std::sync::MutexGuard<'_, Decisions>> {
         if let Ok(Ok(decision)) = tokio::time::timeout(wait, &mut decided).await {
             self.waited.fetch_add(1, Ordering::Relaxed);
-            return decision;
+            return Ok(decision);
         }
         let mut d = self.lock();
-        if d.wire_waiting.remove(&key).is_none()
+        if !unregister(&mut d)
             && let Ok(decision) = decided.try_recv()
         {
+            // The correlator decided while the wait was running out.
             self.waited.fetch_add(1, Ordering::Relaxed);
-            return decision;
+            return Ok(decision);
         }
-        self.wire_unknown.fetch_add(1, Ordering::Relaxed);
-        None
+        Err(d)
     }
 
     /// Proxy side: the context to inject into `key`. Waits up to `wait` for
@@ -190,7 +213,7 @@ impl ProxyContexts {
     /// proxy race); then decides a new trace itself, which the correlator
     /// will adopt.
     pub async fn context_for(&self, key: ProxiedRequestKey, wait: Duration) -> PropagatedContext {
-        let mut decided = {
+        let decided = {
             let mut d = self.lock();
             if let Some(by_correlator) = d.by_correlator.remove(&key) {
                 self.ready.fetch_add(1, Ordering::Relaxed);
@@ -205,19 +228,13 @@ impl ProxyContexts {
             d.waiting.insert(key, sender);
             receiver
         };
-        let waited = tokio::time::timeout(wait, &mut decided).await;
-        if let Ok(Ok(by_correlator)) = waited {
-            self.waited.fetch_add(1, Ordering::Relaxed);
-            return by_correlator;
-        }
-        let mut d = self.lock();
-        if d.waiting.remove(&key).is_none() {
-            // The correlator decided while the wait was running out.
-            if let Ok(by_correlator) = decided.try_recv() {
-                self.waited.fetch_add(1, Ordering::Relaxed);
-                return by_correlator;
-            }
-        }
+        let mut d = match self
+            .await_decision(decided, wait, |d| d.waiting.remove(&key).is_some())
+            .await
+        {
+            Ok(by_correlator) => return by_correlator,
+            Err(d) => d,
+        };
         let decision = TraceParent {
             trace_id: d.ids.trace_id(),
             parent_id: d.ids.span_id(),
