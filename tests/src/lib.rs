@@ -17,6 +17,7 @@ use agent::capture::{Capture, CaptureEvent, Connection, Direction, Message, Prob
 
 pub use agent::capture;
 
+pub mod acceptance;
 pub mod chains;
 pub mod links;
 pub mod live;
@@ -581,8 +582,11 @@ fn start_script(mut interpreter: Command, script: PathBuf, args: &[&str]) -> Chi
     ChildGuard(child)
 }
 
-/// Starts a Python fixture script under the tests' venv (FastAPI, uvicorn,
-/// uvloop, aiohttp, httpx; installed by `cargo xtask setup`).
+/// The tests' venv's interpreter (FastAPI, uvicorn, uvloop, aiohttp, httpx;
+/// made by `cargo xtask setup`, whose `TEST_VENV_PYTHON` this must match).
+pub const TEST_VENV_PYTHON: &str = "/opt/agent-tests/venv/bin/python";
+
+/// Starts a Python fixture script under the tests' venv.
 pub fn start_venv_python(
     dir: &ScratchDir,
     script_name: &str,
@@ -590,7 +594,7 @@ pub fn start_venv_python(
     args: &[&str],
 ) -> ChildGuard {
     start_script(
-        Command::new("/opt/agent-tests/venv/bin/python"),
+        Command::new(TEST_VENV_PYTHON),
         dir.write(script_name, script.as_bytes()),
         args,
     )

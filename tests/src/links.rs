@@ -195,13 +195,26 @@ pub fn event_loop_rounds() -> &'static [(usize, usize)] {
 
 /// The backend, and a frontend of `mode` calling it.
 pub fn python_services(dir: &ScratchDir, mode: &str) -> (ChildGuard, u16, ChildGuard, u16) {
+    services_under(dir, std::path::Path::new("/usr/bin/python3"), mode)
+}
+
+/// The backend, and a frontend of `mode` under `python` calling it.
+pub fn services_under(
+    dir: &ScratchDir,
+    python: &std::path::Path,
+    mode: &str,
+) -> (ChildGuard, u16, ChildGuard, u16) {
     let (backend, back_port) = start_backend(dir);
     let front_port = free_port();
-    let mut frontend = start_python(
-        dir,
-        "link_service.py",
-        fixtures::LINK_SERVICE_PY,
-        &[mode, &front_port.to_string(), &back_port.to_string()],
+    let script = dir.write("link_service.py", fixtures::LINK_SERVICE_PY.as_bytes());
+    let mut frontend = ChildGuard(
+        std::process::Command::new(python)
+            .arg(script)
+            .args([mode, &front_port.to_string(), &back_port.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("the interpreter is installed"),
     );
     assert_eq!(frontend.read_line(), "READY");
     (backend, back_port, frontend, front_port)
@@ -250,4 +263,24 @@ pub fn assert_never_linked_by_thread(
         assert_eq!(counts.wrong, 0, "{runtime}: {counts:?}");
         assert_eq!(counts.no_parent, requests, "{runtime}: {counts:?}");
     }
+}
+
+/// Builds the Go frontend (`link_service.go`) into `dir` with the system's
+/// Go (installed by `cargo xtask setup`) and returns the binary's path.
+pub fn build_go_link_service(dir: &ScratchDir) -> std::path::PathBuf {
+    let source = dir.write("link_service.go", fixtures::LINK_SERVICE_GO.as_bytes());
+    let binary = dir.path().join("link_service");
+    let built = std::process::Command::new("/usr/bin/go")
+        .arg("build")
+        .arg("-o")
+        .arg(&binary)
+        .arg(&source)
+        // Offline and outside any module: the standard library only.
+        .env("GO111MODULE", "off")
+        .env("GOFLAGS", "")
+        .env("GOCACHE", dir.path().join("go-cache"))
+        .status()
+        .expect("go is installed (cargo xtask setup)");
+    assert!(built.success(), "go build failed");
+    binary
 }

@@ -63,6 +63,62 @@ fn asyncio_streams_frontend_links_calls_through_python_contexts() {
     assert!(failures.is_empty(), "{failures:#?}");
 }
 
+/// The stdlib asyncio frontend under each interpreter built from upstream
+/// sources that the agent has a layout for (3.11 to 3.13), and those it
+/// has none for (3.8 to 3.10: never a parent, never a wrong one). Ignored:
+/// the interpreters are the image's pyenv builds, which `cargo xtask setup`
+/// does not install; run by hand with
+/// `cargo test -p tests --test links -- --ignored pyenv --nocapture`.
+#[test]
+#[ignore = "needs the image's pyenv interpreters, not installed by setup"]
+fn asyncio_streams_frontend_on_pyenv_interpreters() {
+    assert!(privileged(), "run as root");
+    capture();
+    let root = std::path::Path::new("/root/.pyenv/versions");
+    let mut versions: Vec<_> = std::fs::read_dir(root)
+        .expect("pyenv's interpreters")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|v| {
+            v.starts_with("3.")
+                && v.split('.')
+                    .nth(1)
+                    .is_some_and(|m| m.parse::<u32>().is_ok_and(|m| m >= 8))
+        })
+        .collect();
+    versions.sort();
+    let mut failures = Vec::new();
+    for version in versions {
+        let minor: u32 = version.split('.').nth(1).unwrap().parse().unwrap();
+        let dir = ScratchDir::new("links-pyenv");
+        let (_backend, back_port, frontend, front_port) =
+            tests::links::services_under(&dir, &root.join(&version).join("bin/python3"), "asyncio");
+        let name = format!("pyenv-{version}-asyncio-streams");
+        if minor >= 11 {
+            failures.extend(measure_rounds(
+                &name,
+                &frontend,
+                front_port,
+                back_port,
+                &[(200, 8)],
+            ));
+        } else {
+            let counts = measure(
+                &format!("{name}-c8"),
+                &frontend,
+                front_port,
+                back_port,
+                200,
+                8,
+            );
+            if counts.wrong != 0 || counts.right != 0 {
+                failures.push(format!("{name}: {counts:?}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
 /// Measures a frontend from the tests' venv (see [`measure_rounds`]).
 fn measure_python_frontend(
     name: &str,

@@ -3,8 +3,8 @@
 //! own binary because the VM guest has no Go toolchain (see
 //! `HOST_ONLY_TESTS` in xtask).
 
-use tests::links::{assert_never_linked_by_thread, python_services};
-use tests::{ChildGuard, ScratchDir, capture, fixtures, free_port, privileged};
+use tests::links::{assert_never_linked_by_thread, build_go_link_service, python_services};
+use tests::{ChildGuard, ScratchDir, capture, free_port, privileged};
 
 #[test]
 fn go_frontend_gets_no_wrong_parent() {
@@ -15,20 +15,7 @@ fn go_frontend_gets_no_wrong_parent() {
     let dir = ScratchDir::new("links-go");
     // The python backend; its own frontend is not used.
     let (_backend, back_port, _python_front, _) = python_services(&dir, "threads");
-    let source = dir.write("link_service.go", fixtures::LINK_SERVICE_GO.as_bytes());
-    let binary = dir.path().join("link_service");
-    let built = std::process::Command::new("/usr/bin/go")
-        .arg("build")
-        .arg("-o")
-        .arg(&binary)
-        .arg(&source)
-        // Offline and outside any module: the standard library only.
-        .env("GO111MODULE", "off")
-        .env("GOFLAGS", "")
-        .env("GOCACHE", dir.path().join("go-cache"))
-        .status()
-        .expect("go is installed (cargo xtask setup)");
-    assert!(built.success(), "go build failed");
+    let binary = build_go_link_service(&dir);
     let front_port = free_port();
     let mut frontend = ChildGuard(
         std::process::Command::new(&binary)

@@ -96,7 +96,7 @@ enum Task {
 /// their programs are not in the guest. `links_node`: Node.js (a 100 MB
 /// binary) is not copied into the initramfs; `links_go`: neither is the Go
 /// toolchain that builds its frontend.
-const HOST_ONLY_TESTS: &[&str] = &["links_node", "links_go"];
+const HOST_ONLY_TESTS: &[&str] = &["links_node", "links_go", "acceptance_go_node"];
 
 /// Kernels the VM tests boot besides the host's own.
 const VM_KERNELS: &[&str] = &["6.1", "6.12"];

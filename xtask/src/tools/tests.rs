@@ -35,6 +35,15 @@ const INDIRECT: &[(&str, &str, &[&str])] = &[
     ),
     // The Go frontend the test builds with go (itself listed).
     ("tests/tests/links_go.rs", "&binary", &[]),
+    // `services_under`: Debian's python3; the image's pyenv interpreters
+    // only in an ignored test run by hand (setup does not install them).
+    ("tests/src/links.rs", "python", &["/usr/bin/python3"]),
+    // The tests' venv's interpreter (the tests crate's copy of the path).
+    (
+        "tests/src/lib.rs",
+        "TEST_VENV_PYTHON",
+        &[crate::setup::TEST_VENV_PYTHON],
+    ),
     // Setup's import check and pip, in the tests' venv.
     (
         "xtask/src/setup.rs",
