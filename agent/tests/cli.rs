@@ -304,12 +304,23 @@ fn proxy_rules_exist_while_running_go_on_sigterm_and_survive_kill_9_once() {
         proxy_rules_in_nat()
     );
 
-    // kill -9 leaves the rules; a restart installs exactly one copy.
+    // kill -9 leaves the rules, but their lease runs out: within a second
+    // new connections to the port reach it directly (tests/tests/fail_open.rs
+    // measures the window); a restart installs exactly one copy.
+    let server = TcpListener::bind(("127.0.0.1", port)).unwrap();
     let proxy = start_proxy(&config);
     let first = proxy_rules_in_nat();
+    let client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let (_upstream, peer) = server.accept().unwrap();
+    assert_ne!(peer, client.local_addr().unwrap(), "through the proxy");
     // SAFETY: signal to our own child.
     unsafe { libc::kill(proxy.0.id() as i32, libc::SIGKILL) };
     drop(proxy);
+    std::thread::sleep(Duration::from_secs(1));
+    let client = std::net::TcpStream::connect(("127.0.0.1", port))
+        .expect("a second after the kill, the port is reached, not refused");
+    let (_direct, peer) = server.accept().unwrap();
+    assert_eq!(peer, client.local_addr().unwrap(), "directly");
     assert_eq!(
         proxy_rules_in_nat(),
         first,

@@ -588,6 +588,8 @@ fn node_mode_redirects_pod_traffic_to_the_proxy_port() {
         prefix_len: 32,
     }];
     let installed = r.install().expect("install node-mode rules");
+    // The proxy's part: keep the rules' lease (see agent::proxy::guard).
+    let renewed = installed.lease().expect("a guard").keep_renewed();
 
     // pod-a -> pod-b:redirected arrives at the proxy port, from pod-a, and
     // the original destination is recoverable.
@@ -631,6 +633,7 @@ fn node_mode_redirects_pod_traffic_to_the_proxy_port() {
     assert!(accepted_within(&c_redirected, ARRIVAL).is_some());
     assert!(proxy.accept_within(Duration::from_millis(200)).is_none());
 
+    drop(renewed);
     installed.remove().expect("remove");
     // Without the rules pod-b:redirected reaches pod-b.
     let _client = a
@@ -661,7 +664,8 @@ fn host_mode_redirects_local_traffic_but_not_marked_traffic() {
         let real = server(SocketAddr::from((Ipv4Addr::LOCALHOST, redirected_port)));
         let real_v6 = server(SocketAddr::from((Ipv6Addr::LOCALHOST, redirected_port)));
         let other = server(SocketAddr::from((Ipv4Addr::LOCALHOST, other_port)));
-        let _installed = r.install().expect("install host-mode rules");
+        let installed = r.install().expect("install host-mode rules");
+        let _renewed = installed.lease().expect("a guard").keep_renewed();
 
         for (target, real) in [
             (

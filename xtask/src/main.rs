@@ -79,6 +79,18 @@ enum Task {
         /// Run only this part: pipeline, overhead or proxy.
         #[arg(long, value_enum)]
         only: Option<bench::Part>,
+        /// Overhead: requests/s asked for in the fixed-rate runs.
+        #[arg(long, default_value_t = 4500)]
+        rate: u32,
+        /// Overhead: wrk connections of the fixed-rate runs.
+        #[arg(long, default_value_t = 20)]
+        connections: u32,
+        /// Overhead: seconds of each fixed-rate run.
+        #[arg(long, default_value_t = 10)]
+        seconds: u32,
+        /// Overhead: rounds (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
         /// Arguments for criterion, e.g. a benchmark name filter.
         #[arg(last = true)]
         args: Vec<String>,
@@ -166,9 +178,22 @@ fn dispatch(task: Task) -> Result<()> {
             }
             Ok(())
         }
-        Task::Bench { only, args } => {
+        Task::Bench {
+            only,
+            rate,
+            connections,
+            seconds,
+            rounds,
+            args,
+        } => {
             setup::setup()?;
-            bench::bench(only, &args)
+            let overhead = bench::OverheadOptions {
+                rate,
+                connections,
+                seconds,
+                rounds: rounds.max(1),
+            };
+            bench::bench(only, overhead, &args)
         }
         Task::VmTest { kernels } => {
             setup::setup()?;

@@ -18,10 +18,13 @@
 //! - `http`: the relay of one HTTP/1.x connection (both directions);
 //! - [`head`]: pure parsing and rewriting of heads;
 //! - `body`: body framing, shared with the tracer (`crate::http::body`);
-//! - [`context`] (where injected contexts come from) and [`stats`].
+//! - [`context`] (where injected contexts come from) and [`stats`];
+//! - [`rules`] (the REDIRECT rules) and [`guard`] (their lease: the rules
+//!   stop redirecting within a second of the proxy's death).
 
 pub mod context;
 mod detect;
+pub mod guard;
 pub mod head;
 mod http;
 pub mod rules;

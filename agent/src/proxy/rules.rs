@@ -27,6 +27,21 @@
 //! IPv4 rules go to `iptables` and IPv6 ones to `ip6tables`; CIDR lists are
 //! split by family.
 //!
+//! # Failing open when the proxy dies
+//!
+//! Every REDIRECT rule also matches the proxy's guard (`-m bpf
+//! --object-pinned`, see [`super::guard`]): a lease the running proxy
+//! renews. If the proxy dies, however it dies, the lease runs out and the
+//! rules stop redirecting new connections within [`super::guard::LEASE`],
+//! although they are still installed; a restart replaces the guard and the
+//! rules.
+//!
+//! Not with iptables-legacy: there every change to a table re-checks all of
+//! its rules in the mount namespace of whoever makes the change, and the
+//! guard's pin would not resolve in, say, kube-proxy's container, failing
+//! its updates. Legacy rules go without the guard (a warning says so), and
+//! outlive a killed proxy as they did before.
+//!
 //! # Loops in host mode
 //!
 //! In host mode the proxy's own upstream connections are local traffic to a
@@ -42,6 +57,7 @@ use std::io::Write;
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
 
+use super::guard::{GuardError, Lease, ProxyGuard};
 use crate::config::{Cidr, ProxyConfig, ProxyMode};
 
 /// Firewall mark the proxy puts (`SO_MARK`) on its own upstream
@@ -120,6 +136,18 @@ impl Backend {
         format!("{base}{variant}{suffix}")
     }
 
+    /// Whether this back end is iptables-legacy (x_tables), where the
+    /// rules cannot carry the proxy's guard (see [`super::guard`]).
+    pub fn is_legacy(self) -> bool {
+        match self {
+            Self::Legacy => true,
+            Self::Nft => false,
+            Self::System => {
+                run("iptables", &["--version"], None).is_ok_and(|out| out.contains("legacy"))
+            }
+        }
+    }
+
     /// The back end the host's existing `nat` rules use: if the other back
     /// end than the one `iptables` runs holds more `nat` rules (say
     /// kube-proxy runs in legacy mode while `iptables` is iptables-nft), that
@@ -187,6 +215,8 @@ pub enum RulesError {
         /// What was fed to its standard input (restore files), if anything.
         input: Option<String>,
     },
+    /// The guard (the rules' lease on the proxy's life) could not be set up.
+    Guard(GuardError),
 }
 
 impl fmt::Display for RulesError {
@@ -220,6 +250,7 @@ impl fmt::Display for RulesError {
                 }
                 Ok(())
             }
+            Self::Guard(e) => e.fmt(f),
         }
     }
 }
@@ -228,6 +259,7 @@ impl std::error::Error for RulesError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Self::Spawn { source, .. } => Some(source),
+            Self::Guard(e) => Some(e),
             _ => None,
         }
     }
@@ -268,6 +300,10 @@ pub struct RedirectRules {
     pub ipv6: bool,
     /// Which iptables implementation is run.
     pub backend: Backend,
+    /// Whether the REDIRECT rules carry the proxy's guard, so that they
+    /// stop redirecting when the proxy dies: with every back end but
+    /// iptables-legacy (see the module documentation).
+    pub guarded: bool,
 }
 
 impl From<&ProxyConfig> for RedirectRules {
@@ -284,6 +320,7 @@ impl From<&ProxyConfig> for RedirectRules {
             chain_prefix: DEFAULT_CHAIN_PREFIX.to_string(),
             ipv6: true,
             backend: Backend::System,
+            guarded: true,
         }
     }
 }
@@ -434,6 +471,7 @@ impl RedirectRules {
             ProxyMode::Host => vec![None],
         };
         let ports = dedup(self.ports.iter().copied());
+        let guarded = self.guarded;
         // The option order is iptables-save's (-d, -i, -p, matches, -j), so
         // the rendered rules compare equal to what the kernel reports.
         for destination in &destinations {
@@ -447,10 +485,16 @@ impl RedirectRules {
                         rule.push_str(&format!(" -i {name}"));
                     }
                     rule.push_str(&format!(
-                        " -p tcp -m multiport --dports {} -j REDIRECT --to-ports {}",
-                        port_list(chunk),
-                        self.listen_port
+                        " -p tcp -m multiport --dports {}",
+                        port_list(chunk)
                     ));
+                    if guarded {
+                        rule.push_str(&format!(
+                            " -m bpf --object-pinned {}",
+                            self.guard_pin().display()
+                        ));
+                    }
+                    rule.push_str(&format!(" -j REDIRECT --to-ports {}", self.listen_port));
                     rules.push(rule);
                 }
             }
@@ -461,6 +505,11 @@ impl RedirectRules {
             chain,
             rules,
         })
+    }
+
+    /// Where the guard program the rules match is pinned.
+    pub fn guard_pin(&self) -> std::path::PathBuf {
+        super::guard::pin_path(&self.chain_prefix)
     }
 
     fn plans(&self) -> Vec<ChainPlan> {
@@ -562,9 +611,21 @@ impl RedirectRules {
             .into_iter()
             .filter(|p| p.family == Family::V4 || ipv6_present)
             .collect();
+        // The guard first: the rules name its pin, and the kernel resolves
+        // the pin when a rule is added.
+        let proxy_guard = if self.guarded {
+            Some(ProxyGuard::load(&self.guard_pin()).map_err(RulesError::Guard)?)
+        } else {
+            log::warn!(
+                "proxy: iptables-legacy: the rules go without their guard, so if the agent \
+                 is killed they keep redirecting to its port until it restarts (see docs/proxy.md)"
+            );
+            None
+        };
         let guard = InstalledRules {
             rules: self.clone(),
             active: true,
+            guard: proxy_guard,
         };
         // From here on, a failure drops `guard`, which removes whatever part
         // was already installed.
@@ -630,6 +691,10 @@ impl RedirectRules {
                 }
             }
         }
+        if first_error.is_none() {
+            // The rules that named it are gone.
+            super::guard::remove_pin(&self.guard_pin());
+        }
         first_error.map_or(Ok(()), Err)
     }
 
@@ -672,6 +737,8 @@ impl RedirectRules {
 pub struct InstalledRules {
     rules: RedirectRules,
     active: bool,
+    /// The rules' lease on the proxy's life; removed with the rules.
+    guard: Option<ProxyGuard>,
 }
 
 impl InstalledRules {
@@ -680,14 +747,23 @@ impl InstalledRules {
         &self.rules
     }
 
-    /// Removes the rules now.
-    pub fn remove(mut self) -> Result<(), RulesError> {
-        self.active = false;
-        self.rules.remove_leftovers()
+    /// The lease the running proxy renews (see [`super::guard`]).
+    pub fn lease(&self) -> Option<Lease> {
+        self.guard.as_ref().map(ProxyGuard::lease)
     }
 
-    /// Stops redirecting new connections and leaves the rules otherwise in
-    /// place: a `RETURN` goes first in each own chain. The nat table only
+    /// Removes the rules now, then their guard.
+    pub fn remove(mut self) -> Result<(), RulesError> {
+        self.active = false;
+        let removed = self.rules.remove_leftovers();
+        if let Some(guard) = self.guard.take() {
+            guard.remove();
+        }
+        removed
+    }
+
+    /// Stops redirecting new connections and leaves the rules in place: the
+    /// guard's lease ends now (stop renewing it first). The nat table only
     /// sees a connection's first packet, so connections already redirected
     /// go on through the proxy, which can drain them.
     ///
@@ -695,27 +771,10 @@ impl InstalledRules {
     /// connections' replies when they were the namespace's only nat rules:
     /// the proxy's reset at the end of the shutdown grace left with its own
     /// address (seen with tshark) and never reached the client.
-    pub fn stop_redirecting(&self) -> Result<(), RulesError> {
-        let mut first_error = None;
-        for family in self.rules.families(kernel_has_ipv6()) {
-            let main = self.rules.backend.program(family, Tool::Main);
-            for hook in HOOKS {
-                let chain = self.rules.chain_name(hook);
-                // A mode has no chain at some hooks (node mode at OUTPUT).
-                let result = chain_exists(&main, &chain).and_then(|exists| {
-                    let args = ["-w", "-t", "nat", "-I", &chain, "1", "-j", "RETURN"];
-                    if exists {
-                        run(&main, &args, None).map(|_| ())
-                    } else {
-                        Ok(())
-                    }
-                });
-                if let Err(e) = result {
-                    first_error.get_or_insert(e);
-                }
-            }
+    pub fn stop_redirecting(&self) {
+        if let Some(guard) = &self.guard {
+            guard.lease().expire();
         }
-        first_error.map_or(Ok(()), Err)
     }
 }
 
@@ -725,6 +784,9 @@ impl Drop for InstalledRules {
             && let Err(e) = self.rules.remove_leftovers()
         {
             log::warn!("could not remove the proxy's iptables rules: {e}");
+        }
+        if let Some(guard) = self.guard.take() {
+            guard.remove();
         }
     }
 }
@@ -905,7 +967,7 @@ mod tests {
         let r = node();
         assert_eq!(r.chain(), "TTA_PREROUTING");
         let expected = [
-            "-A TTA_PREROUTING -i veth+ -p tcp -m multiport --dports 80,8080 -j REDIRECT --to-ports 15001",
+            "-A TTA_PREROUTING -i veth+ -p tcp -m multiport --dports 80,8080 -m bpf --object-pinned /sys/fs/bpf/tta_proxy_guard -j REDIRECT --to-ports 15001",
         ];
         assert_eq!(rules_of(&r, Family::V4), expected);
         assert_eq!(rules_of(&r, Family::V6), expected);
@@ -917,18 +979,40 @@ mod tests {
 iptables-restore -w --noflush <<'EOF'
 *nat
 :TTA_PREROUTING - [0:0]
--A TTA_PREROUTING -i veth+ -p tcp -m multiport --dports 80,8080 -j REDIRECT --to-ports 15001
+-A TTA_PREROUTING -i veth+ -p tcp -m multiport --dports 80,8080 -m bpf --object-pinned /sys/fs/bpf/tta_proxy_guard -j REDIRECT --to-ports 15001
 COMMIT
 EOF
 iptables -w -t nat -C PREROUTING -j TTA_PREROUTING 2>/dev/null || iptables -w -t nat -I PREROUTING 1 -j TTA_PREROUTING
 ip6tables-restore -w --noflush <<'EOF'
 *nat
 :TTA_PREROUTING - [0:0]
--A TTA_PREROUTING -i veth+ -p tcp -m multiport --dports 80,8080 -j REDIRECT --to-ports 15001
+-A TTA_PREROUTING -i veth+ -p tcp -m multiport --dports 80,8080 -m bpf --object-pinned /sys/fs/bpf/tta_proxy_guard -j REDIRECT --to-ports 15001
 COMMIT
 EOF
 ip6tables -w -t nat -C PREROUTING -j TTA_PREROUTING 2>/dev/null || ip6tables -w -t nat -I PREROUTING 1 -j TTA_PREROUTING
 "
+        );
+    }
+
+    #[test]
+    fn legacy_rules_go_without_the_guard_and_the_pin_follows_the_prefix() {
+        let legacy = RedirectRules {
+            guarded: false,
+            ..node()
+        };
+        assert_eq!(
+            rules_of(&legacy, Family::V4),
+            [
+                "-A TTA_PREROUTING -i veth+ -p tcp -m multiport --dports 80,8080 -j REDIRECT --to-ports 15001"
+            ]
+        );
+        let other = RedirectRules {
+            chain_prefix: "TEST7".into(),
+            ..node()
+        };
+        assert_eq!(
+            other.guard_pin(),
+            std::path::Path::new("/sys/fs/bpf/test7_proxy_guard")
         );
     }
 
@@ -942,8 +1026,8 @@ ip6tables -w -t nat -C PREROUTING -j TTA_PREROUTING 2>/dev/null || ip6tables -w 
         assert_eq!(
             rules_of(&r, Family::V4),
             [
-                "-A TTA_PREROUTING -i cali+ -p tcp -m multiport --dports 80 -j REDIRECT --to-ports 15001",
-                "-A TTA_PREROUTING -i eth1 -p tcp -m multiport --dports 80 -j REDIRECT --to-ports 15001",
+                "-A TTA_PREROUTING -i cali+ -p tcp -m multiport --dports 80 -m bpf --object-pinned /sys/fs/bpf/tta_proxy_guard -j REDIRECT --to-ports 15001",
+                "-A TTA_PREROUTING -i eth1 -p tcp -m multiport --dports 80 -m bpf --object-pinned /sys/fs/bpf/tta_proxy_guard -j REDIRECT --to-ports 15001",
             ]
         );
     }
@@ -957,7 +1041,7 @@ ip6tables -w -t nat -C PREROUTING -j TTA_PREROUTING 2>/dev/null || ip6tables -w 
         assert_eq!(r.chain(), "TTA_OUTPUT");
         let expected = [
             "-A TTA_OUTPUT -m mark --mark 0x2a -j RETURN",
-            "-A TTA_OUTPUT -p tcp -m multiport --dports 80,8080 -j REDIRECT --to-ports 15001",
+            "-A TTA_OUTPUT -p tcp -m multiport --dports 80,8080 -m bpf --object-pinned /sys/fs/bpf/tta_proxy_guard -j REDIRECT --to-ports 15001",
         ];
         assert_eq!(rules_of(&r, Family::V4), expected);
         assert_eq!(rules_of(&r, Family::V6), expected);
@@ -990,8 +1074,8 @@ ip6tables -w -t nat -C PREROUTING -j TTA_PREROUTING 2>/dev/null || ip6tables -w 
                 "-A TTA_OUTPUT -p tcp -m multiport --dports 22,8081 -j RETURN",
                 "-A TTA_OUTPUT -d 10.96.0.0/12 -j RETURN",
                 "-A TTA_OUTPUT -d 10.1.2.3/32 -j RETURN",
-                "-A TTA_OUTPUT -d 10.0.0.0/8 -p tcp -m multiport --dports 80,8080 -j REDIRECT --to-ports 15001",
-                "-A TTA_OUTPUT -d 192.168.0.0/16 -p tcp -m multiport --dports 80,8080 -j REDIRECT --to-ports 15001",
+                "-A TTA_OUTPUT -d 10.0.0.0/8 -p tcp -m multiport --dports 80,8080 -m bpf --object-pinned /sys/fs/bpf/tta_proxy_guard -j REDIRECT --to-ports 15001",
+                "-A TTA_OUTPUT -d 192.168.0.0/16 -p tcp -m multiport --dports 80,8080 -m bpf --object-pinned /sys/fs/bpf/tta_proxy_guard -j REDIRECT --to-ports 15001",
             ]
         );
         assert_eq!(
@@ -1000,7 +1084,7 @@ ip6tables -w -t nat -C PREROUTING -j TTA_PREROUTING 2>/dev/null || ip6tables -w 
                 "-A TTA_OUTPUT -m mark --mark 0x1e7 -j RETURN",
                 "-A TTA_OUTPUT -p tcp -m multiport --dports 22,8081 -j RETURN",
                 "-A TTA_OUTPUT -d fd00:1::/32 -j RETURN",
-                "-A TTA_OUTPUT -d fd00::/8 -p tcp -m multiport --dports 80,8080 -j REDIRECT --to-ports 15001",
+                "-A TTA_OUTPUT -d fd00::/8 -p tcp -m multiport --dports 80,8080 -m bpf --object-pinned /sys/fs/bpf/tta_proxy_guard -j REDIRECT --to-ports 15001",
             ]
         );
     }
@@ -1016,8 +1100,8 @@ ip6tables -w -t nat -C PREROUTING -j TTA_PREROUTING 2>/dev/null || ip6tables -w 
         assert_eq!(
             rules_of(&r, Family::V4),
             [
-                "-A TTA_PREROUTING -d 10.0.0.0/8 -i veth+ -p tcp -m multiport --dports 80 -j REDIRECT --to-ports 15001",
-                "-A TTA_PREROUTING -d 10.0.0.0/8 -i cni0 -p tcp -m multiport --dports 80 -j REDIRECT --to-ports 15001",
+                "-A TTA_PREROUTING -d 10.0.0.0/8 -i veth+ -p tcp -m multiport --dports 80 -m bpf --object-pinned /sys/fs/bpf/tta_proxy_guard -j REDIRECT --to-ports 15001",
+                "-A TTA_PREROUTING -d 10.0.0.0/8 -i cni0 -p tcp -m multiport --dports 80 -m bpf --object-pinned /sys/fs/bpf/tta_proxy_guard -j REDIRECT --to-ports 15001",
             ]
         );
     }
@@ -1045,7 +1129,7 @@ ip6tables -w -t nat -C PREROUTING -j TTA_PREROUTING 2>/dev/null || ip6tables -w 
         assert_eq!(
             rules_of(&r, Family::V6),
             [
-                "-A TTA_PREROUTING -i veth+ -p tcp -m multiport --dports 80,8080 -j REDIRECT --to-ports 15001"
+                "-A TTA_PREROUTING -i veth+ -p tcp -m multiport --dports 80,8080 -m bpf --object-pinned /sys/fs/bpf/tta_proxy_guard -j REDIRECT --to-ports 15001"
             ]
         );
         let r = RedirectRules {
@@ -1072,11 +1156,11 @@ ip6tables -w -t nat -C PREROUTING -j TTA_PREROUTING 2>/dev/null || ip6tables -w 
         );
         assert_eq!(
             rules[2],
-            "-A TTA_OUTPUT -p tcp -m multiport --dports 1000,1001,1002,1003,1004,1005,1006,1007,1008,1009,1010,1011,1012,1013,1014 -j REDIRECT --to-ports 15001"
+            "-A TTA_OUTPUT -p tcp -m multiport --dports 1000,1001,1002,1003,1004,1005,1006,1007,1008,1009,1010,1011,1012,1013,1014 -m bpf --object-pinned /sys/fs/bpf/tta_proxy_guard -j REDIRECT --to-ports 15001"
         );
         assert_eq!(
             rules[3],
-            "-A TTA_OUTPUT -p tcp -m multiport --dports 1015,1016,1017,1018,1019 -j REDIRECT --to-ports 15001"
+            "-A TTA_OUTPUT -p tcp -m multiport --dports 1015,1016,1017,1018,1019 -m bpf --object-pinned /sys/fs/bpf/tta_proxy_guard -j REDIRECT --to-ports 15001"
         );
         assert_eq!(rules.len(), 4);
     }

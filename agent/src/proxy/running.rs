@@ -1,15 +1,19 @@
 //! The proxy as the agent runs it: listening first, then its REDIRECT rules
-//! installed; at stop, the rules first turn new connections away (so none
-//! is sent to a proxy that is going away), then the proxy drains the
-//! connections it has, and only then are the rules removed, since that
-//! ends the translation of those connections' replies.
+//! installed, and their lease renewed while the proxy serves (see
+//! [`super::guard`]: if the proxy dies, the rules stop redirecting by
+//! themselves); at stop, the lease ends first (so no new connection is sent
+//! to a proxy that is going away), then the proxy drains the connections it
+//! has, and only then are the rules removed, since that ends the
+//! translation of those connections' replies.
 
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use super::guard::{Lease, RENEW_EVERY};
 use super::rules::{Backend, InstalledRules, RedirectRules, RulesError};
 use super::{Proxy, ProxySettings, ProxyStats, TraceContextSource};
 
@@ -38,7 +42,29 @@ pub struct RunningProxy {
     rules: Option<InstalledRules>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<io::Result<Arc<ProxyStats>>>,
+    /// Renews the rules' lease while the proxy serves.
+    renewal: Option<JoinHandle<()>>,
     stats: Arc<ProxyStats>,
+}
+
+/// Whether the proxy's accept loop still runs: false once it returns or
+/// unwinds (the flag is dropped with it), which stops the lease's renewal.
+struct Serving(Arc<AtomicBool>);
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// Renews `lease` every [`RENEW_EVERY`] while `serving` holds.
+async fn renew_while_serving(lease: Lease, serving: Arc<AtomicBool>) {
+    let mut every = tokio::time::interval(RENEW_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    while serving.load(Ordering::Acquire) {
+        lease.renew();
+        every.tick().await;
+    }
 }
 
 impl RunningProxy {
@@ -52,12 +78,20 @@ impl RunningProxy {
         let proxy = Proxy::bind(settings).map_err(ProxyStartError::Listen)?;
         let stats = proxy.stats();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(proxy.run(contexts, async move {
-            let _ = stopped.await;
-        }));
+        let serving = Arc::new(AtomicBool::new(true));
+        let flag = Serving(Arc::clone(&serving));
+        let task = tokio::spawn(async move {
+            let _flag = flag;
+            proxy
+                .run(contexts, async move {
+                    let _ = stopped.await;
+                })
+                .await
+        });
         let installed = match rules {
             Some(mut rules) => {
                 rules.backend = Backend::detect();
+                rules.guarded = !rules.backend.is_legacy();
                 // iptables is a blocking process spawn.
                 let installed = tokio::task::spawn_blocking(move || {
                     // A crashed predecessor may have left its rules behind.
@@ -77,10 +111,15 @@ impl RunningProxy {
             }
             None => None,
         };
+        let renewal = installed
+            .as_ref()
+            .and_then(InstalledRules::lease)
+            .map(|lease| tokio::spawn(renew_while_serving(lease, serving)));
         Ok(Self {
             rules: installed,
             stop: Some(stop),
             task,
+            renewal,
             stats,
         })
     }
@@ -95,25 +134,14 @@ impl RunningProxy {
     pub async fn stop(mut self) -> Result<Arc<ProxyStats>, RulesError> {
         // New connections go straight to their destination from here on,
         // while those already redirected keep their translation until the
-        // proxy has drained them. If new ones cannot be turned away, the
-        // rules go at once, as they did before.
-        let mut removed_early = Ok(());
-        let mut rules = None;
-        if let Some(installed) = self.rules.take() {
-            let stopped = tokio::task::spawn_blocking(move || {
-                let stopped = installed.stop_redirecting();
-                (installed, stopped)
-            })
-            .await;
-            match stopped {
-                Ok((installed, Ok(()))) => rules = Some(installed),
-                Ok((installed, Err(e))) => {
-                    log::warn!("proxy: cannot stop redirecting before the drain: {e}");
-                    removed_early = remove_rules(installed).await;
-                }
-                // The guard was dropped in the panic, which removed the rules.
-                Err(_) => {}
-            }
+        // proxy has drained them.
+        if let Some(renewal) = self.renewal.take() {
+            renewal.abort();
+            let _ = renewal.await;
+        }
+        let rules = self.rules.take();
+        if let Some(installed) = &rules {
+            installed.stop_redirecting();
         }
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -122,11 +150,10 @@ impl RunningProxy {
             Ok(Ok(stats)) => stats,
             _ => Arc::clone(&self.stats),
         };
-        let removed = match rules {
-            Some(rules) => remove_rules(rules).await,
-            None => Ok(()),
-        };
-        removed_early.and(removed).map(|()| stats)
+        match rules {
+            Some(rules) => remove_rules(rules).await.map(|()| stats),
+            None => Ok(stats),
+        }
     }
 }
 

@@ -12,11 +12,12 @@ use anyhow::{Context, Result, bail};
 
 use crate::run;
 
-/// Rounds per configuration; the median is reported.
-const ROUNDS: usize = 3;
+mod overhead;
+
+pub use overhead::OverheadOptions;
+
 /// wrk settings: bounded by duration, so the load stops by itself.
 const WRK_ARGS: &[&str] = &["-t2", "-c50", "-d5s", "--latency"];
-const NGINX_PORT: u16 = 18280;
 
 /// One wrk run's figures.
 #[derive(Clone, Copy, Debug, Default)]
@@ -38,7 +39,11 @@ pub enum Part {
 }
 
 /// Runs every benchmark, or only `only`; `criterion_args` go to criterion.
-pub fn bench(only: Option<Part>, criterion_args: &[String]) -> Result<()> {
+pub fn bench(
+    only: Option<Part>,
+    overhead_options: OverheadOptions,
+    criterion_args: &[String],
+) -> Result<()> {
     let runs = |part| only.is_none_or(|only| only == part);
     if runs(Part::Pipeline) {
         run(crate::toolchain::cargo()
@@ -47,7 +52,7 @@ pub fn bench(only: Option<Part>, criterion_args: &[String]) -> Result<()> {
     }
     run(crate::toolchain::cargo().args(["build", "--release", "--package", "agent"]))?;
     if runs(Part::Overhead) {
-        overhead()?;
+        overhead::overhead(overhead_options)?;
     }
     if runs(Part::Proxy) {
         proxies()?;
@@ -76,73 +81,6 @@ impl Drop for KillOnDrop {
 unsafe extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, signal: i32) -> i32;
-}
-
-fn overhead() -> Result<()> {
-    let dir = PathBuf::from("target/bench-overhead");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("www"))?;
-    let dir = std::path::absolute(&dir)?;
-    std::fs::write(dir.join("www/index.html"), "x".repeat(512))?;
-    let conf = write_nginx_conf(
-        &dir,
-        "nginx",
-        "1",
-        &format!(
-            "server {{ listen 127.0.0.1:{NGINX_PORT}; root {}/www; }}",
-            dir.display()
-        ),
-    )?;
-    let _nginx = start_nginx(&dir, &conf)?;
-    std::thread::sleep(Duration::from_millis(500));
-    let url = format!("http://127.0.0.1:{NGINX_PORT}/index.html");
-
-    let (mut off, mut on) = (Vec::new(), Vec::new());
-    for round in 1..=ROUNDS {
-        eprintln!("bench: round {round}/{ROUNDS}, agent off");
-        off.push(wrk(&url)?);
-        eprintln!("bench: round {round}/{ROUNDS}, agent on");
-        let agent = KillOnDrop(
-            Command::new("target/release/agent")
-                // Every span is built and written as OTLP/JSON, as a real
-                // exporter would encode it, then discarded.
-                .args(["run", "--output-file", "/dev/null", "--no-terminal"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .context("starting the agent")?,
-        );
-        std::thread::sleep(Duration::from_secs(3));
-        on.push(wrk(&url)?);
-        drop(agent);
-    }
-    let rows = [
-        (
-            "requests/s",
-            median(&off, |r| r.requests_per_sec),
-            median(&on, |r| r.requests_per_sec),
-        ),
-        (
-            "p50 latency (ms)",
-            median(&off, |r| r.p50_ms),
-            median(&on, |r| r.p50_ms),
-        ),
-        (
-            "p99 latency (ms)",
-            median(&off, |r| r.p99_ms),
-            median(&on, |r| r.p99_ms),
-        ),
-    ];
-    println!(
-        "\nagent overhead: nginx static file, wrk {} (median of {ROUNDS} rounds)",
-        WRK_ARGS.join(" ")
-    );
-    println!("| metric | agent off | agent on | on / off |");
-    println!("| --- | --- | --- | --- |");
-    for (name, off, on) in rows {
-        println!("| {name} | {off:.2} | {on:.2} | {:.3} |", on / off);
-    }
-    Ok(())
 }
 
 /// Ports of the proxy comparison: the backend, nginx and haproxy as
@@ -595,7 +533,7 @@ fn measure_hop(url: &str, pacing_script: &Path) -> Result<HopResult> {
 }
 
 /// The median of `f` over the rounds' results.
-fn median<T>(results: &[T], f: fn(&T) -> f64) -> f64 {
+fn median<T>(results: &[T], f: impl Fn(&T) -> f64) -> f64 {
     let mut values: Vec<f64> = results.iter().map(f).collect();
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]

@@ -1,0 +1,515 @@
+//! Privileged: a dead proxy must not break the node's traffic. Its REDIRECT
+//! rules carry a lease the proxy renews (`agent::proxy::guard`); however
+//! the proxy dies, new connections reach their real destination within a
+//! second, and a restarted proxy takes over again with one copy of the
+//! rules.
+//!
+//! The proxy runs as `agent run` runs it (its rules, their guard, the
+//! renewal) in a child process: this test binary again ([`proxy_child`]),
+//! so that it can be killed. A steady loop of requests goes through the
+//! redirected port while the child is killed with SIGKILL, then by its
+//! memory limit (a memory cgroup it exceeds); each request is scored by
+//! what the server saw: traced (the proxy injected a `traceparent`),
+//! direct (no proxy) or failed. In node mode the client and the server are
+//! pods and the proxy runs in the root namespace; in host mode all three
+//! share a namespace of their own.
+
+use std::io::{BufRead, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use agent::config::{ProxyConfig, ProxyMode};
+use agent::proxy::guard::LEASE;
+use agent::proxy::rules::RedirectRules;
+use agent::proxy::{ProxySettings, RunningProxy, StandaloneContexts};
+use tests::cgroup::MemoryCgroup;
+use tests::chains::{remove_stale_chains, unique_chain_prefix};
+use tests::netns::{Netns, Topology, pod_interface_wildcard, run_in};
+use tests::{ChildGuard, free_port, privileged};
+
+/// Set (to the child's settings) in the environment of [`proxy_child`].
+const CHILD_MARKER: &str = "TTA_FAIL_OPEN_CHILD";
+
+/// The most a dead proxy may keep new connections from their destination.
+const WINDOW: Duration = Duration::from_secs(1);
+
+/// How often the loop starts a request.
+const EVERY: Duration = Duration::from_millis(10);
+
+/// Tag of this binary's chain prefixes (see `tests::chains`).
+const CHAIN_TAG: &str = "F";
+
+/// The proxy process: starts the proxy with its rules for one port, says
+/// READY, then reads one line: `allocate` makes it grow until its memory
+/// limit kills it; end of input stops it cleanly (the rules go with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the proxy process of the fail-open tests, run by them"]
+async fn proxy_child() {
+    let Ok(spec) = std::env::var(CHILD_MARKER) else {
+        return;
+    };
+    let words: Vec<&str> = spec.split(' ').collect();
+    let [mode, listen_port, port, prefix, interface] = words[..] else {
+        panic!("{CHILD_MARKER}: {spec:?}");
+    };
+    let config = ProxyConfig {
+        enabled: true,
+        listen_port: listen_port.parse().unwrap(),
+        mode: if mode == "node" {
+            ProxyMode::Node
+        } else {
+            ProxyMode::Host
+        },
+        ports: vec![port.parse().unwrap()],
+        pod_interfaces: vec![interface.to_string()],
+        ..ProxyConfig::default()
+    };
+    let rules = RedirectRules {
+        chain_prefix: prefix.to_string(),
+        ..RedirectRules::from(&config)
+    };
+    let settings = ProxySettings {
+        listen: config.proxy_settings().listen,
+        ..ProxySettings::default()
+    };
+    let proxy = RunningProxy::start(settings, Some(rules), Arc::new(StandaloneContexts::new()))
+        .await
+        .expect("the proxy starts with its rules");
+    println!("READY");
+    let line = tokio::task::spawn_blocking(|| {
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line).map(|_| line)
+    })
+    .await
+    .unwrap()
+    .unwrap_or_default();
+    if line.trim() == "allocate" {
+        // A leak, as fast as it goes: the kernel kills the process when
+        // the cgroup's limit is reached.
+        let mut hog: Vec<Vec<u8>> = Vec::new();
+        loop {
+            hog.push(vec![1u8; 1 << 20]);
+            std::hint::black_box(&hog);
+        }
+    }
+    proxy.stop().await.expect("the rules are removed");
+}
+
+/// What the server saw of one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    /// Through the proxy: it carried a traceparent.
+    Traced,
+    /// Straight to the server.
+    Direct,
+    /// Refused, reset or timed out.
+    Failed,
+}
+
+/// One request of the loop: when it started, and how it went.
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    at: Instant,
+    outcome: Outcome,
+}
+
+/// Answers every request with `traced` or `direct`, by whether its head
+/// carried a traceparent; a thread per connection (some stay idle).
+fn serve(listener: TcpListener) {
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            std::thread::spawn(move || answer(stream));
+        }
+    });
+}
+
+fn answer(mut stream: TcpStream) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let traced = String::from_utf8_lossy(&head)
+        .to_ascii_lowercase()
+        .contains("\r\ntraceparent:");
+    let body = if traced { "traced" } else { "direct" };
+    let _ = write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+/// One request to `addr`, scored.
+fn request(addr: SocketAddr) -> Outcome {
+    let attempt = || -> std::io::Result<Outcome> {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        stream.write_all(b"GET /fail-open HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(if response.ends_with("traced") {
+            Outcome::Traced
+        } else if response.ends_with("direct") {
+            Outcome::Direct
+        } else {
+            Outcome::Failed
+        })
+    };
+    attempt().unwrap_or(Outcome::Failed)
+}
+
+/// Requests to `addr` from namespace `netns`, one every [`EVERY`], until
+/// `stop` is set (at most 60 s).
+fn request_loop(
+    netns: String,
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Vec<Sample>> {
+    std::thread::spawn(move || {
+        run_in(&netns, || {
+            let mut samples = Vec::new();
+            let end = Instant::now() + Duration::from_secs(60);
+            while !stop.load(Ordering::Acquire) && Instant::now() < end {
+                let at = Instant::now();
+                samples.push(Sample {
+                    at,
+                    outcome: request(addr),
+                });
+                std::thread::sleep(EVERY.saturating_sub(at.elapsed()));
+            }
+            samples
+        })
+        .expect("the client's namespace")
+    })
+}
+
+/// Where a scenario's parts run.
+struct Lab {
+    mode: &'static str,
+    /// The client's namespace, and the address it calls.
+    client_netns: String,
+    target: SocketAddr,
+    /// The proxy's namespace (None: the root namespace).
+    proxy_netns: Option<String>,
+    listen_port: u16,
+    prefix: String,
+    interface: String,
+}
+
+impl Lab {
+    /// Starts the proxy child and waits for its READY.
+    fn start_proxy(&self) -> ChildGuard {
+        let exe = std::env::current_exe().unwrap();
+        let mut command = match &self.proxy_netns {
+            Some(netns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", netns]).arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        let mut child = ChildGuard(
+            command
+                .args([
+                    "--exact",
+                    "proxy_child",
+                    "--ignored",
+                    "--nocapture",
+                    "--quiet",
+                ])
+                .env(
+                    CHILD_MARKER,
+                    format!(
+                        "{} {} {} {} {}",
+                        self.mode,
+                        self.listen_port,
+                        self.target.port(),
+                        self.prefix,
+                        self.interface
+                    ),
+                )
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("the proxy child starts"),
+        );
+        // The test harness prints its own lines first.
+        loop {
+            let line = child.read_line();
+            if line == "READY" {
+                break;
+            }
+            if line.is_empty() {
+                let exited = child.0.try_wait().unwrap();
+                assert!(exited.is_none(), "the proxy child exited: {exited:?}");
+            }
+        }
+        child
+    }
+
+    /// The proxy's nat rules (its chain and the jump to it), as saved.
+    fn saved_rules(&self) -> Vec<String> {
+        let mut command = match &self.proxy_netns {
+            Some(netns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", netns, "iptables-save"]);
+                c
+            }
+            None => Command::new("iptables-save"),
+        };
+        let out = command.args(["-t", "nat"]).output().expect("iptables-save");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains(&self.prefix) && !l.starts_with('#'))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Connections opened through the proxy and left idle, to be used
+    /// after it dies.
+    fn open_idle(&self, count: usize) -> Vec<TcpStream> {
+        let target = self.target;
+        run_in(&self.client_netns, || {
+            (0..count)
+                .map(|_| TcpStream::connect_timeout(&target, Duration::from_secs(2)).unwrap())
+                .collect()
+        })
+        .unwrap()
+    }
+}
+
+/// How the proxy dies.
+#[derive(Clone, Copy, Debug)]
+enum Death {
+    Sigkill,
+    MemoryLimit,
+}
+
+/// Kills the proxy child the way `death` says and returns when it died.
+fn kill(child: &mut ChildGuard, death: Death) -> Instant {
+    let cgroup = match death {
+        Death::Sigkill => {
+            let at = Instant::now();
+            // SAFETY: a signal to our own child.
+            unsafe { libc::kill(child.pid() as i32, libc::SIGKILL) };
+            let status = child.0.wait().unwrap();
+            assert_eq!(
+                std::os::unix::process::ExitStatusExt::signal(&status),
+                Some(libc::SIGKILL)
+            );
+            return at;
+        }
+        Death::MemoryLimit => {
+            // Room for what the proxy has, not for a leak.
+            let cgroup = MemoryCgroup::new(64 << 20).expect("a memory cgroup");
+            // `ip netns exec` has exec'd the test binary: same pid.
+            cgroup.add(child.pid()).expect("the proxy joins the cgroup");
+            let stdin = child.0.stdin.as_mut().unwrap();
+            stdin.write_all(b"allocate\n").unwrap();
+            stdin.flush().unwrap();
+            cgroup
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the memory limit did not kill the proxy"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let at = Instant::now();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL)
+    );
+    assert!(cgroup.oom_kills() >= 1, "killed by its memory limit");
+    at
+}
+
+/// What one death did to the request loop.
+struct Scored {
+    /// From the death to the start of the last failed request.
+    window: Duration,
+    failed: usize,
+    /// Requests after the window.
+    after: usize,
+}
+
+/// Scores the samples of one death at `died`: traced before it, never a
+/// failure later than [`WINDOW`] after it, and direct from then on.
+fn score(what: &str, samples: &[Sample], died: Instant) -> Scored {
+    let before: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.at + Duration::from_millis(100) < died)
+        .collect();
+    assert!(
+        before.len() >= 10,
+        "{what}: too few requests before: {samples:?}"
+    );
+    assert!(
+        before.iter().all(|s| s.outcome == Outcome::Traced),
+        "{what}: not all through the proxy before it died: {:?}",
+        before.iter().map(|s| s.outcome).collect::<Vec<_>>()
+    );
+    let failed: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.outcome == Outcome::Failed)
+        .collect();
+    let window = failed
+        .iter()
+        .map(|s| s.at.saturating_duration_since(died))
+        .max()
+        .unwrap_or_default();
+    let after: Vec<&Sample> = samples.iter().filter(|s| s.at > died + WINDOW).collect();
+    assert!(after.len() >= 10, "{what}: too few requests after");
+    assert!(
+        after.iter().all(|s| s.outcome == Outcome::Direct),
+        "{what}: not all direct a second after the proxy died: {:?}",
+        after.iter().map(|s| s.outcome).collect::<Vec<_>>()
+    );
+    assert!(window <= WINDOW, "{what}: failures for {window:?}");
+    Scored {
+        window,
+        failed: failed.len(),
+        after: after.len(),
+    }
+}
+
+/// Whether `stream`, opened through the proxy before it died, still
+/// carries a request.
+fn still_works(mut stream: TcpStream) -> bool {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    if stream
+        .write_all(b"GET /idle HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut response = String::new();
+    stream.read_to_string(&mut response).is_ok() && response.starts_with("HTTP/1.1 200")
+}
+
+/// The whole story in one mode: serve, die each way, restart, stop.
+fn scenario(lab: &Lab) {
+    let mut proxy = lab.start_proxy();
+    let installed = lab.saved_rules();
+    assert!(
+        installed
+            .iter()
+            .any(|l| l.contains("-m bpf --object-pinned")),
+        "the rules carry the guard: {installed:#?}"
+    );
+    for death in [Death::Sigkill, Death::MemoryLimit] {
+        let what = format!("{} {death:?}", lab.mode);
+        let stop = Arc::new(AtomicBool::new(false));
+        let idle = lab.open_idle(3);
+        let requests = request_loop(lab.client_netns.clone(), lab.target, Arc::clone(&stop));
+        std::thread::sleep(Duration::from_secs(1));
+        let died = kill(&mut proxy, death);
+        std::thread::sleep(WINDOW + Duration::from_millis(1500));
+        stop.store(true, Ordering::Release);
+        let samples = requests.join().unwrap();
+        let lost = idle
+            .into_iter()
+            .filter(|s| !still_works(s.try_clone().unwrap()))
+            .count();
+        let scored = score(&what, &samples, died);
+        println!(
+            "fail-open {what}: failed requests for {} ms after the death ({} failed; lease {} ms); \
+             then all {} direct; connections open through the proxy lost: {lost} of 3",
+            scored.window.as_millis(),
+            scored.failed,
+            LEASE.as_millis(),
+            scored.after
+        );
+        // The rules are still there: only their lease ran out.
+        assert_eq!(
+            lab.saved_rules(),
+            installed,
+            "{what}: rules after the death"
+        );
+
+        // A restart takes over again, with the same rules, once.
+        proxy = lab.start_proxy();
+        let target = lab.target;
+        let after_restart = run_in(&lab.client_netns, || request(target)).unwrap();
+        assert_eq!(after_restart, Outcome::Traced, "{what}: injection resumes");
+        assert_eq!(
+            lab.saved_rules(),
+            installed,
+            "{what}: rules after the restart"
+        );
+    }
+    // End of input: a clean stop removes the rules and the guard's pin.
+    drop(proxy.0.stdin.take());
+    let status = proxy.0.wait().unwrap();
+    assert!(status.success(), "the proxy stops cleanly: {status:?}");
+    assert_eq!(
+        lab.saved_rules(),
+        Vec::<String>::new(),
+        "rules after the stop"
+    );
+}
+
+#[test]
+fn host_mode_dead_proxy_lets_traffic_through_within_a_second() {
+    if !privileged() {
+        return;
+    }
+    let netns = Netns::new("fail-open").expect("namespace");
+    let port = free_port();
+    let listener = netns
+        .run(|| TcpListener::bind((Ipv4Addr::LOCALHOST, port)).unwrap())
+        .unwrap();
+    serve(listener);
+    let lab = Lab {
+        mode: "host",
+        client_netns: netns.name().to_string(),
+        target: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        proxy_netns: Some(netns.name().to_string()),
+        listen_port: free_port(),
+        prefix: unique_chain_prefix(CHAIN_TAG),
+        interface: "unused".into(),
+    };
+    scenario(&lab);
+}
+
+#[test]
+fn node_mode_dead_proxy_lets_traffic_through_within_a_second() {
+    if !privileged() {
+        return;
+    }
+    remove_stale_chains(CHAIN_TAG);
+    let topology = Topology::new(&["fo-client", "fo-server"]).expect("topology");
+    let client = topology.pod("fo-client").unwrap();
+    let server = topology.pod("fo-server").unwrap();
+    let port = free_port();
+    let listener = server
+        .run(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).unwrap())
+        .unwrap();
+    serve(listener);
+    let lab = Lab {
+        mode: "node",
+        client_netns: client.netns().to_string(),
+        target: server.addr(port),
+        proxy_netns: None,
+        listen_port: free_port(),
+        prefix: unique_chain_prefix(CHAIN_TAG),
+        interface: pod_interface_wildcard(),
+    };
+    scenario(&lab);
+}
