@@ -200,6 +200,7 @@ fn pipeline(records: &[Vec<u8>]) -> usize {
             spans.clear();
         }
     }
+    correlator.finish(&mut spans);
     encoded.clear();
     export_request(&spans).encode(&mut encoded).unwrap();
     bytes + encoded.len()

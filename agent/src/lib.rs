@@ -11,8 +11,10 @@
 //! - [`span`]: the span model the later stages share;
 //! - [`export`]: spans -> OTLP, OTLP/JSON file, terminal;
 //! - [`config`]: the YAML file and command-line overrides;
-//! - [`proxy`]: the traceparent-injecting transparent proxy and its iptables rules.
+//! - [`proxy`]: the traceparent-injecting transparent proxy and its iptables rules;
+//! - [`clock`]: the kernel's clock, which the probes' timestamps are on.
 pub mod capture;
+pub mod clock;
 pub mod config;
 pub mod correlate;
 pub mod export;

@@ -164,6 +164,9 @@ async fn run(args: RunArgs, export: &tokio::runtime::Handle) -> Result<()> {
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut stats = tokio::time::interval(Duration::from_secs(args.stats_interval.max(1)));
+    // SERVER spans held for their local client's request go out by time.
+    let mut held = tokio::time::interval(Duration::from_millis(50));
+    held.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut spans = Vec::new();
     let mut events = Vec::with_capacity(MAX_BATCH);
     loop {
@@ -185,10 +188,20 @@ async fn run(args: RunArgs, export: &tokio::runtime::Handle) -> Result<()> {
                     break;
                 }
             },
+            _ = held.tick() => {
+                correlator.release_held(&mut spans);
+                for span in spans.drain(..) {
+                    sinks.try_send(span);
+                }
+            }
             _ = stats.tick(), if args.stats_interval > 0 => report_counters(&capture, &correlator, &sinks, contexts.as_deref()),
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
+    }
+    correlator.finish(&mut spans);
+    for span in spans.drain(..) {
+        sinks.try_send(span);
     }
     report_counters(&capture, &correlator, &sinks, contexts.as_deref());
     if let Some(proxy) = proxy {

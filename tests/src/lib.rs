@@ -115,6 +115,10 @@ static SHARED: OnceLock<SharedCapture> = OnceLock::new();
 /// Starts (once) and returns the shared capture.
 pub fn capture() -> &'static SharedCapture {
     SHARED.get_or_init(|| {
+        // The agent's log (the Python watcher's, the probes'), with RUST_LOG.
+        let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("off"))
+            .is_test(true)
+            .try_init();
         let log = Arc::new(EventLog {
             events: Mutex::new(KeptEvents::default()),
         });
@@ -341,6 +345,7 @@ pub fn spans_of(events: &[CaptureEvent], percentage: f64) -> Vec<agent::span::Sp
     for event in events {
         correlator.handle(event, &mut spans);
     }
+    correlator.finish(&mut spans);
     assert_span_ids_unique(&spans);
     spans
 }

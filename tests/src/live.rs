@@ -50,6 +50,7 @@ impl LiveCorrelation {
                     for event in &events {
                         correlator.handle(event, &mut out);
                     }
+                    correlator.release_held(&mut out);
                     if !out.is_empty() {
                         spans.lock().unwrap().append(&mut out);
                     }

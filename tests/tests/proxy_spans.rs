@@ -153,6 +153,7 @@ fn proxied_request_carries_the_client_span_as_injected_parent() {
     for event in &events {
         correlator.handle(event, &mut spans);
     }
+    correlator.finish(&mut spans);
     let clients: Vec<_> = spans
         .iter()
         .filter(|s| s.kind == SpanKind::Client)

@@ -66,6 +66,10 @@ pub struct CaptureReader {
 const MAX_SEEN_PIDS: usize = 65_536;
 /// How long a pid found not to be a Python interpreter stays so.
 const RECONSIDER_AFTER: Duration = Duration::from_secs(10);
+
+/// A process that is not Python and younger than this may still exec an
+/// interpreter: the watcher looks at it again at its next listings.
+const YOUNG_PROCESS: Duration = Duration::from_secs(3);
 /// How often exited Python processes are unwatched.
 const PYTHON_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// How often the watcher lists /proc for processes started since.
@@ -274,6 +278,16 @@ fn consider(probes: &Mutex<Probes>, user: &UserCounters, pid: u32) -> bool {
                 interpreter.object.display(),
                 started.elapsed()
             );
+        }
+        // A process seen between its fork and its exec (`ip netns exec`,
+        // a shell, a launcher) is not Python yet: young ones are looked at
+        // again, or a service would wait for the reader's next mention of
+        // its pid.
+        Err(python::NotWatched::NotPython)
+            if python::age(std::path::Path::new("/proc"), pid)
+                .is_some_and(|age| age < YOUNG_PROCESS) =>
+        {
+            return false;
         }
         Ok(None) | Err(python::NotWatched::NotPython | python::NotWatched::Gone) => {}
         Err(e @ (python::NotWatched::Unreadable(_) | python::NotWatched::LayoutMismatch)) => {

@@ -108,6 +108,18 @@ pub fn start_time(proc_root: &Path, pid: u32) -> Option<u64> {
     after.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// How long ago process `pid` started, from its start time and the
+/// system's uptime; None if either cannot be read.
+pub fn age(proc_root: &Path, pid: u32) -> Option<std::time::Duration> {
+    let started_ticks = start_time(proc_root, pid)?;
+    let uptime = std::fs::read_to_string(proc_root.join("uptime")).ok()?;
+    let uptime_secs: f64 = uptime.split_whitespace().next()?.parse().ok()?;
+    // SAFETY: sysconf has no memory effects.
+    let ticks_per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let age = uptime_secs - started_ticks as f64 / ticks_per_sec;
+    Some(std::time::Duration::from_secs_f64(age.max(0.0)))
+}
+
 /// Why a process's interpreter is not watched.
 #[derive(Debug, PartialEq, Eq)]
 pub enum NotWatched {

@@ -257,7 +257,32 @@ pub struct Correlator {
     /// Shared with the proxy, when it runs: requests to these destination
     /// ports go through it, and it injects the ids agreed here.
     proxy: Option<(std::sync::Arc<ProxyContexts>, Vec<u16>)>,
+    /// SERVER spans that finished before their client's request on this
+    /// node was seen (see [`HeldServer`]).
+    held: Vec<HeldServer>,
+    /// Held spans whose client's request arrived: out with the next event.
+    released: Vec<Span>,
 }
+
+/// A SERVER span that finished before the request of its client, a
+/// connection on this node, was seen. That happens when the client's thread
+/// loses its CPU between sending and its syscall's return (the probes
+/// report a send at the return): the server reads, answers and is reported
+/// first. The span waits, at most [`HOLD_NS`] after it ended, for that
+/// request, and then joins the client's trace as its child; otherwise it
+/// goes out as it is (a root of its own).
+struct HeldServer {
+    /// The server connection's (local, remote) addresses.
+    addresses: (SocketAddr, SocketAddr),
+    sequence: u64,
+    /// Kernel monotonic time after which the span goes out unchanged.
+    until_ns: u64,
+    span: Span,
+}
+
+/// How long a SERVER span waits for its local client's request (see
+/// [`HeldServer`]).
+const HOLD_NS: u64 = 200_000_000;
 
 impl Correlator {
     /// A correlator with the given sampling, span settings and process table.
@@ -274,11 +299,69 @@ impl Correlator {
             sampler,
             processes,
             settings,
-            monotonic_to_unix_ns: monotonic_to_unix_offset(),
+            monotonic_to_unix_ns: crate::clock::monotonic_to_unix_offset_ns(),
             counters: CorrelateCounters::default(),
             exchanges: Vec::new(),
             proxy: None,
+            held: Vec::new(),
+            released: Vec::new(),
         }
+    }
+
+    /// Sends out the held SERVER spans whose wait is over (call it now and
+    /// then: the wait ends by time, not by an event).
+    pub fn release_held(&mut self, out: &mut Vec<Span>) {
+        out.append(&mut self.released);
+        if self.held.is_empty() {
+            return;
+        }
+        let now = crate::clock::monotonic_ns();
+        let mut index = 0;
+        while index < self.held.len() {
+            if self.held[index].until_ns <= now {
+                out.push(self.held.swap_remove(index).span);
+            } else {
+                index += 1;
+            }
+        }
+    }
+
+    /// Sends out every held SERVER span: at the end of the input.
+    pub fn finish(&mut self, out: &mut Vec<Span>) {
+        out.append(&mut self.released);
+        out.extend(self.held.drain(..).map(|held| held.span));
+    }
+
+    /// The held SERVER span of request `sequence` on the other end of
+    /// `connection` (a client's), if one waits for it: made the child of
+    /// `client` and released, or dropped if that trace is not sampled.
+    fn adopt_held(&mut self, connection: &Connection, client: &RequestContext) {
+        let Some(index) = self.held.iter().position(|held| {
+            held.addresses == (connection.remote, connection.local)
+                && held.sequence == client.sequence
+        }) else {
+            return;
+        };
+        let mut span = self.held.swap_remove(index).span;
+        let sampled = self
+            .sampler
+            .should_sample(client.trace_id, Some(client.flags & flags::SAMPLED != 0));
+        if !sampled {
+            self.counters.spans -= 1;
+            self.counters.sampled_out += 1;
+            return;
+        }
+        span.trace_id = client.trace_id;
+        span.parent_span_id = Some(client.span_id);
+        span.flags = tracecontext::child_flags(client.flags, sampled);
+        span.trace_state = client.trace_state.clone();
+        for attribute in &mut span.attributes {
+            if attribute.key == PARENT_DECISION_ATTRIBUTE {
+                *attribute =
+                    Attribute::string(PARENT_DECISION_ATTRIBUTE, ParentDecision::LocalPeer.name());
+            }
+        }
+        self.released.push(span);
     }
 
     /// Agrees with the proxy on the ids of requests to `ports` (the ones
@@ -346,6 +429,8 @@ impl Correlator {
                 }
             }
         }
+        // Held SERVER spans whose client's request this event brought.
+        out.append(&mut self.released);
     }
 
     fn on_message(&mut self, message: &Message, out: &mut Vec<Span>) {
@@ -425,6 +510,17 @@ impl Correlator {
             self.by_addresses.remove(&key);
         }
         Some(state)
+    }
+
+    /// Whether both ends of `connection` were seen from their start, so
+    /// that their request positions agree and they can be linked.
+    fn linkable_peer(&self, connection: &Connection) -> bool {
+        connection.role != Role::Unknown
+            && self
+                .by_addresses
+                .get(&(connection.remote, connection.local))
+                .and_then(|peer| self.connections.get(peer))
+                .is_some_and(|peer| peer.connection.role != Role::Unknown)
     }
 
     /// The context of request `sequence` on the other end of `connection`,
@@ -699,6 +795,8 @@ impl Correlator {
             SpanKind::Client => {
                 let client = context.clone();
                 let Some(server) = self.local_peer_request(connection, context.sequence) else {
+                    // The server may have answered already (see HeldServer).
+                    self.adopt_held(connection, &client);
                     return;
                 };
                 if !server.awaiting_local_client {
@@ -925,7 +1023,11 @@ impl Correlator {
                 PARENT_DECISION_ATTRIBUTE,
                 context.decision.name(),
             ));
-            out.push(Span {
+            // Decided before the context's strings move into the span.
+            let hold = context.kind == SpanKind::Server
+                && self.trace_pending(&context)
+                && self.linkable_peer(&state.connection);
+            let span = Span {
                 trace_id: context.trace_id,
                 span_id: context.span_id,
                 parent_span_id: context.parent_span_id,
@@ -938,8 +1040,18 @@ impl Correlator {
                 attributes,
                 status: attributes::status(&exchange, context.kind),
                 resource,
-            });
+            };
             self.counters.spans += 1;
+            if hold {
+                self.held.push(HeldServer {
+                    addresses: context.addresses,
+                    sequence: context.sequence,
+                    until_ns: end_ns.saturating_add(HOLD_NS),
+                    span,
+                });
+            } else {
+                out.push(span);
+            }
         }
         self.exchanges = exchanges;
     }
@@ -1136,20 +1248,6 @@ fn adopt_client(server: &mut RequestContext, client: &RequestContext, sampler: &
     server.trace_state = client.trace_state.clone();
     server.awaiting_local_client = false;
     server.decision = ParentDecision::LocalPeer;
-}
-
-/// CLOCK_REALTIME minus CLOCK_MONOTONIC (what bpf_ktime_get_ns reads).
-fn monotonic_to_unix_offset() -> i128 {
-    fn now(clock: libc::clockid_t) -> i128 {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: valid pointer to a local timespec.
-        unsafe { libc::clock_gettime(clock, &mut ts) };
-        ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
-    }
-    now(libc::CLOCK_REALTIME) - now(libc::CLOCK_MONOTONIC)
 }
 
 #[cfg(test)]

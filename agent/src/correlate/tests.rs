@@ -618,6 +618,79 @@ fn server_end_joins_the_trace_of_the_client_end_on_this_node_server_seen_first()
     assert_eq!(server.parent_span_id, Some(client.span_id));
 }
 
+/// The client's thread lost its CPU between sending and its syscall's
+/// return: the server read, answered and was reported before the client's
+/// send. Its span waits for that request and joins the client's trace.
+#[test]
+fn server_that_answered_before_its_local_clients_send_was_seen_joins_its_trace() {
+    let (c, s) = local_pair(35);
+    let mut correlator = correlator(100.0);
+    let mut spans = run(
+        &mut correlator,
+        &[
+            CaptureEvent::Opened {
+                connection: c,
+                tid: 1,
+                python_context: 0,
+            },
+            CaptureEvent::Opened {
+                connection: s,
+                tid: 1,
+                python_context: 0,
+            },
+            message(s, 11, Direction::Ingress, 2, b"GET / HTTP/1.1\r\n\r\n"),
+            message(s, 11, Direction::Egress, 3, OK),
+        ],
+    );
+    assert!(spans.is_empty(), "the server's span waits: {spans:#?}");
+    spans.extend(run(
+        &mut correlator,
+        &[
+            message(c, 7, Direction::Egress, 1, b"GET / HTTP/1.1\r\n\r\n"),
+            message(c, 7, Direction::Ingress, 4, OK),
+        ],
+    ));
+    let (server, client) = (&spans[0], &spans[1]);
+    assert_eq!(
+        (server.kind, client.kind),
+        (SpanKind::Server, SpanKind::Client)
+    );
+    assert_eq!(server.trace_id, client.trace_id);
+    assert_eq!(server.parent_span_id, Some(client.span_id));
+    assert_eq!(decision(server), "local-peer");
+    assert_eq!(correlator.counters().spans, 2);
+}
+
+/// A held SERVER span whose client's request never comes goes out as it
+/// is once its wait is over (here: at the end of the input).
+#[test]
+fn a_held_server_span_goes_out_unchanged_when_its_client_never_shows() {
+    let (c, s) = local_pair(37);
+    let mut correlator = correlator(100.0);
+    let mut spans = run(
+        &mut correlator,
+        &[
+            CaptureEvent::Opened {
+                connection: c,
+                tid: 1,
+                python_context: 0,
+            },
+            CaptureEvent::Opened {
+                connection: s,
+                tid: 1,
+                python_context: 0,
+            },
+            message(s, 11, Direction::Ingress, 2, b"GET / HTTP/1.1\r\n\r\n"),
+            message(s, 11, Direction::Egress, 3, OK),
+        ],
+    );
+    // Timestamps 2 and 3 ns after boot: its wait ended long ago.
+    correlator.release_held(&mut spans);
+    assert_eq!(spans.len(), 1);
+    assert_eq!(spans[0].parent_span_id, None);
+    assert_eq!(decision(&spans[0]), "root");
+}
+
 /// curl -> `middle` (server end + upstream client end, one thread) ->
 /// python: the spans, each found by its pid and kind.
 fn local_chain(middle: u32) -> impl Fn(u32, SpanKind) -> Span {

@@ -139,7 +139,7 @@ impl ProxyGuard {
 impl Lease {
     /// Extends the lease to [`LEASE`] from now.
     pub fn renew(&self) {
-        self.set(monotonic_ns().saturating_add(LEASE.as_nanos() as u64));
+        self.set(crate::clock::monotonic_ns().saturating_add(LEASE.as_nanos() as u64));
     }
 
     /// Ends the lease now: new connections go to their destination.
@@ -218,19 +218,6 @@ pub fn remove_pin(pin: &Path) {
     {
         log::warn!("proxy: cannot remove {}: {e}", pin.display());
     }
-}
-
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
-fn monotonic_ns() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `now` is a valid timespec to write.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    (now.tv_sec as u64)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(now.tv_nsec as u64)
 }
 
 /// Mounts the bpf filesystem at [`BPF_FS`] unless it is there (systemd

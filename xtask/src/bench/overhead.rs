@@ -126,9 +126,8 @@ pub fn overhead(options: OverheadOptions) -> Result<()> {
     )?;
     let sampled = dir.join("sampled.yaml");
     std::fs::write(&sampled, "tracing:\n  random_sampling: 10\n")?;
-    // The kernel counts its programs' run time only while this is held.
-    let _bpf_stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
-        .context("enabling the kernel's BPF run-time statistics")?;
+    // The kernel counts its programs' run time only while this is on.
+    let _bpf_stats = BpfStats::enable()?;
 
     let mut results: Vec<(Setup, Vec<Measured>)> =
         Setup::ALL.iter().map(|s| (*s, Vec::new())).collect();
@@ -223,19 +222,46 @@ fn rss_mb(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// Run time of the agent's kernel programs (names of its probes), ns.
-fn agent_bpf_ns() -> u64 {
-    aya::programs::loaded_programs()
-        .flatten()
-        .filter(|p| {
-            p.name_as_str().is_some_and(|name| {
-                name.starts_with("sys_enter_")
-                    || name.starts_with("sys_exit_")
-                    || name.starts_with("python_context")
-            })
+/// Run time of the kernel programs `pid` holds (its probes), ns: the
+/// `run_time_ns` of each program's fdinfo, which the kernel counts while
+/// `kernel.bpf_stats_enabled` is 1.
+fn bpf_run_time_ns(pid: Option<u32>) -> u64 {
+    let Some(pid) = pid else { return 0 };
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return 0;
+    };
+    fds.flatten()
+        .filter_map(|fd| std::fs::read_to_string(fd.path()).ok())
+        .filter(|info| info.lines().any(|l| l.starts_with("prog_type:")))
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("run_time_ns:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
         })
-        .map(|p| p.run_time().as_nanos() as u64)
         .sum()
+}
+
+/// Turns the kernel's BPF run-time statistics on, and back to what they
+/// were when dropped.
+struct BpfStats {
+    before: String,
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    fn enable() -> Result<Self> {
+        let before =
+            std::fs::read_to_string(BPF_STATS).with_context(|| format!("reading {BPF_STATS}"))?;
+        std::fs::write(BPF_STATS, "1").with_context(|| format!("writing {BPF_STATS}"))?;
+        Ok(Self { before })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(BPF_STATS, self.before.trim());
+    }
 }
 
 /// One fixed-rate wrk run, with the CPU it cost.
@@ -253,7 +279,7 @@ fn paced_run(
         machine_busy_ticks()?,
         agent_ticks()?,
         process_ticks(worker)?,
-        agent_bpf_ns(),
+        bpf_run_time_ns(agent_pid),
     );
     let output = Command::new("wrk")
         .args([
@@ -271,7 +297,7 @@ fn paced_run(
         machine_busy_ticks()?,
         agent_ticks()?,
         process_ticks(worker)?,
-        agent_bpf_ns(),
+        bpf_run_time_ns(agent_pid),
     );
     if !output.status.success() {
         bail!("wrk failed: {}", String::from_utf8_lossy(&output.stderr));
