@@ -257,7 +257,17 @@ pub struct CaptureConfig {
     pub max_message_bytes: u32,
     /// Field offsets from BTF.
     pub offsets: KernelOffsets,
+    /// Records wake user space only once this many bytes wait in the ring
+    /// (and for the requests of [`WAKE_PORT_WORDS`]' ports); user space
+    /// also drains the ring on a short timer.
+    pub wakeup_bytes: u32,
+    pub _pad: u32,
 }
+
+/// Words of the `WAKE_PORTS` bitmap (bit `p % 64` of word `p / 64` for
+/// port `p`): client requests to these destination ports wake user space
+/// at once, because the proxy waits for the agent's view of them.
+pub const WAKE_PORT_WORDS: u32 = 1024;
 
 /// Most threads of one Python interpreter searched for the calling thread's
 /// state; a thread further down the interpreter's list reads as unknown

@@ -18,7 +18,7 @@ use agent_common::{
     AF_INET, AF_INET6, CLASSIFY_ATTEMPTS, CaptureConfig, ConnInfo, ConnKey, ConnTuple, DataEvent,
     Direction, EVENT_HEADER_SIZE, EventHeader, EventKind, FLAG_NO_PAYLOAD, FLAG_TRUNCATED, FdKind,
     KernelOffsets, MAX_IOVECS, MAX_MESSAGE_BYTES, MAX_PYTHON_THREADS, Protocol, PythonProcess,
-    Role, Syscall, counter,
+    Role, Syscall, WAKE_PORT_WORDS, counter,
 };
 use aya_ebpf::{
     EbpfContext,
@@ -41,6 +41,11 @@ static CONFIG: Array<CaptureConfig> = Array::with_max_entries(1, 0);
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 
+/// Destination ports whose client requests wake user space at once (see
+/// `agent_common::WAKE_PORT_WORDS`).
+#[map]
+static WAKE_PORTS: Array<u64> = Array::with_max_entries(WAKE_PORT_WORDS, 0);
+
 /// Per-CPU counters, indexed by `agent_common::counter`.
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
@@ -54,9 +59,13 @@ static CONNS: LruHashMap<ConnKey, ConnInfo> = LruHashMap::with_max_entries(65536
 #[map]
 static OTHER_FDS: LruHashMap<ConnKey, u8> = LruHashMap::with_max_entries(65536, 0);
 
-/// Syscalls between enter and exit, by thread.
+/// Syscalls between enter and exit, by thread: one slot per thread, written
+/// in place at enter and marked taken at exit. Inserting and deleting an
+/// entry per syscall cost more than the rest of the probes (allocation,
+/// bucket locks, RCU frees); the slots of threads that ended age out of
+/// the LRU.
 #[map]
-static INFLIGHT: HashMap<u64, InflightCall> = HashMap::with_max_entries(16384, 0);
+static INFLIGHT: LruHashMap<u64, InflightCall> = LruHashMap::with_max_entries(16384, 0);
 
 /// One record being built, per CPU (too large for the 512-byte BPF stack,
 /// and for a per-CPU map's 32 KiB value limit): indexed by CPU number, and
@@ -106,7 +115,9 @@ struct InflightCall {
     fd: i32,
     syscall: u8,
     shape: u8,
-    _pad: [u8; 2],
+    /// 1 from the enter probe until the exit probe takes the call.
+    live: u8,
+    _pad: u8,
 }
 
 // Syscall tracepoint layout: 8 bytes of common fields, the syscall number,
@@ -339,9 +350,20 @@ fn on_data_enter(
         fd: fd as i32,
         syscall: syscall as u8,
         shape: shape as u8,
-        _pad: [0; 2],
+        live: 1,
+        _pad: 0,
     };
-    if INFLIGHT.insert(&pid_tgid, &call, 0).is_err() {
+    put_inflight(pid_tgid, &call);
+}
+
+/// Leaves `call` for this thread's exit probe, in its slot if it has one.
+#[inline(always)]
+fn put_inflight(pid_tgid: u64, call: &InflightCall) {
+    if let Some(slot) = INFLIGHT.get_ptr_mut(&pid_tgid) {
+        // SAFETY: map value pointer valid for this run; only this thread
+        // uses its slot.
+        unsafe { *slot = *call };
+    } else if INFLIGHT.insert(&pid_tgid, call, 0).is_err() {
         count(counter::DROP_INFLIGHT_TABLE_FULL, 1);
     }
 }
@@ -349,12 +371,16 @@ fn on_data_enter(
 /// Takes what the enter probe left for this thread.
 #[inline(always)]
 fn take_inflight(pid_tgid: u64) -> Option<InflightCall> {
-    // SAFETY: copied out before removal.
-    let call = unsafe { INFLIGHT.get(&pid_tgid) }.copied();
-    if call.is_some() {
-        let _ = INFLIGHT.remove(&pid_tgid);
+    let slot = INFLIGHT.get_ptr_mut(&pid_tgid)?;
+    // SAFETY: map value pointer valid for this run; only this thread uses
+    // its slot.
+    unsafe {
+        if (*slot).live == 0 {
+            return None;
+        }
+        (*slot).live = 0;
+        Some(*slot)
     }
-    call
 }
 
 /// Does this look like the first bytes of an HTTP/1.x request or response?
@@ -501,6 +527,38 @@ fn copy_iovecs(event: *mut DataEvent, iov: u64, iov_count: u64, captured: u32) -
     Some(copied)
 }
 
+/// `bpf_ringbuf_output` flags: wake user space only when enough waits in
+/// the ring, or for a request the proxy waits on. A wake-up per record is an
+/// interrupt per record (in a VM, an exit to the hypervisor each); user
+/// space drains the rest on a short timer.
+#[inline(always)]
+fn wakeup_flags(urgent: bool) -> u64 {
+    const NO_WAKEUP: u64 = 1; // BPF_RB_NO_WAKEUP
+    const FORCE_WAKEUP: u64 = 2; // BPF_RB_FORCE_WAKEUP
+    const AVAIL_DATA: u64 = 0; // BPF_RB_AVAIL_DATA
+    if urgent {
+        return FORCE_WAKEUP;
+    }
+    let threshold = config().map_or(0, |c| c.wakeup_bytes) as u64;
+    if EVENTS.query(AVAIL_DATA) >= threshold {
+        FORCE_WAKEUP
+    } else {
+        NO_WAKEUP
+    }
+}
+
+/// Whether a record is a client's request to a port in `WAKE_PORTS`.
+#[inline(always)]
+fn wakes_at_once(header: &EventHeader) -> bool {
+    if header.direction != Direction::Egress as u8 || header.role != Role::Client as u8 {
+        return false;
+    }
+    let port = header.tuple.remote_port as u32;
+    WAKE_PORTS
+        .get(port / 64)
+        .is_some_and(|word| word & (1u64 << (port % 64)) != 0)
+}
+
 /// Sends the header and the first `payload_len` payload bytes of the
 /// scratch record.
 #[inline(always)]
@@ -510,7 +568,9 @@ fn send_record(event: *mut DataEvent, payload_len: u32) {
     let record = unsafe {
         core::slice::from_raw_parts(event as *const u8, EVENT_HEADER_SIZE + payload_len as usize)
     };
-    if EVENTS.output(record, 0).is_err() {
+    // SAFETY: the header is at the start of the scratch value.
+    let urgent = wakes_at_once(unsafe { &(*event).header });
+    if EVENTS.output(record, wakeup_flags(urgent)).is_err() {
         count(counter::DROP_RINGBUF_FULL, 1);
     } else {
         count(counter::RECORDS_SENT, 1);
@@ -603,7 +663,7 @@ fn send_python_record(kind: EventKind, context: u64, copy: u64) {
         python_context: context,
         python_context_copy: copy,
     };
-    if EVENTS.output(&header, 0).is_err() {
+    if EVENTS.output(&header, wakeup_flags(false)).is_err() {
         count(counter::DROP_RINGBUF_FULL, 1);
     } else {
         count(counter::RECORDS_SENT, 1);
@@ -803,11 +863,10 @@ fn on_connect_enter(ctx: &TracePointContext) {
         fd: fd as i32,
         syscall: Syscall::None as u8,
         shape: BufferShape::None as u8,
-        _pad: [0; 2],
+        live: 1,
+        _pad: 0,
     };
-    if INFLIGHT.insert(&pid_tgid, &call, 0).is_err() {
-        count(counter::DROP_INFLIGHT_TABLE_FULL, 1);
-    }
+    put_inflight(pid_tgid, &call);
 }
 
 #[inline(always)]

@@ -248,6 +248,7 @@ impl CaptureConfig {
         ProbeSettings {
             max_message_bytes: self.max_message_bytes,
             ring_buffer_bytes: self.ring_buffer_bytes,
+            ..ProbeSettings::default()
         }
     }
 }

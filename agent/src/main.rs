@@ -138,7 +138,12 @@ async fn run(args: RunArgs, export: &tokio::runtime::Handle) -> Result<()> {
         SpanSinks::start(outputs, &ExportSettings::default())
     }
     .context("starting the span outputs")?;
-    let (capture, mut reader) = Capture::start(config.capture.probe_settings())?;
+    let mut probe_settings = config.capture.probe_settings();
+    if config.proxy.enabled {
+        // The proxy waits for the agent's view of these requests.
+        probe_settings.wake_ports = config.proxy.ports.clone();
+    }
+    let (capture, mut reader) = Capture::start(probe_settings)?;
     // The proxy starts after the probes, so that they already see the
     // applications' requests it will be asked about.
     let contexts = config.proxy.enabled.then(|| Arc::new(ProxyContexts::new()));

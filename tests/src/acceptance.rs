@@ -43,6 +43,9 @@ pub struct Frontend {
     /// Writes what the frontend needs into the scratch directory (a script,
     /// a binary) and returns its command line before `PORT BACKEND`.
     pub command: fn(&ScratchDir) -> Vec<String>,
+    /// A Python interpreter: the rounds after the first wait until the
+    /// agent reads its contexts (the first round shows what comes before).
+    pub python: bool,
 }
 
 /// Python's ThreadingHTTPServer: a thread per request.
@@ -52,6 +55,7 @@ pub const THREADS: Frontend = Frontend {
         let script = dir.write("link_service.py", fixtures::LINK_SERVICE_PY.as_bytes());
         strings(&["/usr/bin/python3", path(&script), "threads"])
     },
+    python: true,
 };
 /// FastAPI on uvicorn's plain asyncio loop, `async def` endpoint.
 pub const UVICORN: Frontend = Frontend {
@@ -60,6 +64,7 @@ pub const UVICORN: Frontend = Frontend {
         let script = dir.write("asgi_service.py", fixtures::ASGI_SERVICE_PY.as_bytes());
         strings(&[crate::TEST_VENV_PYTHON, path(&script), "asyncio", "async"])
     },
+    python: true,
 };
 /// aiohttp's server and client.
 pub const AIOHTTP: Frontend = Frontend {
@@ -71,11 +76,13 @@ pub const AIOHTTP: Frontend = Frontend {
         );
         strings(&[crate::TEST_VENV_PYTHON, path(&script)])
     },
+    python: true,
 };
 /// Go's net/http server and client (goroutines on an M:N scheduler).
 pub const GO: Frontend = Frontend {
     name: "go-net-http",
     command: |dir| vec![path(&crate::links::build_go_link_service(dir)).to_string()],
+    python: false,
 };
 /// Node.js's http server and client (an event loop).
 pub const NODE: Frontend = Frontend {
@@ -84,6 +91,7 @@ pub const NODE: Frontend = Frontend {
         let script = dir.write("link_service.js", fixtures::LINK_SERVICE_JS.as_bytes());
         strings(&["/usr/bin/node", path(&script)])
     },
+    python: false,
 };
 
 fn strings(all: &[&str]) -> Vec<String> {
@@ -215,6 +223,18 @@ pub fn run_topology(frontend: &Frontend, rounds: &[(usize, usize)]) -> Vec<(Stri
         } else {
             format!("{}-c{concurrency}", frontend.name)
         };
+        if round == 1 && frontend.python {
+            let waited = capture().wait_python_watched(front.pid(), WAIT);
+            println!(
+                "acceptance {}: the agent read the interpreter {waited:?} after the first round",
+                frontend.name
+            );
+            assert!(
+                waited.is_some(),
+                "{}: the interpreter is never read",
+                frontend.name
+            );
+        }
         call_in_parallel(
             pod("client").exec("curl"),
             &front_url.to_string(),
@@ -243,6 +263,19 @@ pub fn run_topology(frontend: &Frontend, rounds: &[(usize, usize)]) -> Vec<(Stri
             requests,
             front.pid() as i64,
             backend.pid() as i64,
+        );
+        // For a round short of right links: whether the kernel failed to
+        // read contexts, and whether the frontend was still watched.
+        let python: Vec<_> = capture()
+            .counters()
+            .into_iter()
+            .filter(|(name, _)| name.starts_with("python"))
+            .collect();
+        println!(
+            "acceptance {case}: capture {python:?}, frontend watched: {}",
+            capture()
+                .wait_python_watched(front.pid(), Duration::ZERO)
+                .is_some()
         );
         println!(
             "acceptance {case}: {requests} calls at concurrency {concurrency}: frontend hop right {} / no parent {} / wrong {}; other hops broken in {}; decisions {:?}",

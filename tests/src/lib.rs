@@ -108,6 +108,7 @@ const MAX_KEPT_EVENTS: usize = 200_000;
 /// on its own thread and runtime, and kept until the process exits.
 pub struct SharedCapture {
     log: Arc<EventLog>,
+    capture: Arc<Capture>,
 }
 
 static SHARED: OnceLock<SharedCapture> = OnceLock::new();
@@ -137,7 +138,8 @@ pub fn capture() -> &'static SharedCapture {
                         return;
                     }
                 };
-                let _ = ready_tx.send(Ok(()));
+                let capture = Arc::new(capture);
+                let _ = ready_tx.send(Ok(capture.clone()));
                 let mut batch = Vec::new();
                 while reader.read(&mut batch).await.is_ok() {
                     // Filtered before taking the log's lock: `watched` takes
@@ -156,7 +158,7 @@ pub fn capture() -> &'static SharedCapture {
             });
         });
         match ready_rx.recv() {
-            Ok(Ok(())) => SharedCapture { log },
+            Ok(Ok(capture)) => SharedCapture { log, capture },
             Ok(Err(e)) => panic!("the capture did not start: {e}"),
             Err(_) => panic!("the capture thread died while starting"),
         }
@@ -164,6 +166,34 @@ pub fn capture() -> &'static SharedCapture {
 }
 
 impl SharedCapture {
+    /// Waits (at most `timeout`) until the capture reads the contexts of
+    /// Python process `pid`; how long that took, or None.
+    pub fn wait_python_watched(&self, pid: u32, timeout: Duration) -> Option<Duration> {
+        let start = Instant::now();
+        loop {
+            if self.capture.is_python_watched(pid) {
+                return Some(start.elapsed());
+            }
+            if start.elapsed() >= timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The capture's counters (kernel and user space), by name.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        self.capture.counters().unwrap_or_default()
+    }
+
+    /// Client requests to `ports` wake the capture's reader at once, as
+    /// `agent run` sets for its proxy's ports (the proxy waits for them).
+    pub fn wake_on_requests_to(&self, ports: &[u16]) {
+        self.capture
+            .wake_on_requests_to(ports)
+            .expect("setting the capture's wake-up ports");
+    }
+
     /// The events kept from position `from` of the whole stream on (all
     /// of them, not only those of some ports), and the position after the
     /// last: for a consumer that follows the capture as it goes (see

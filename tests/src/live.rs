@@ -29,6 +29,7 @@ impl LiveCorrelation {
     /// Starts correlating the events captured from now on; requests to
     /// `proxied_ports` are agreed with the proxy that uses [`Self::contexts`].
     pub fn start(proxied_ports: Vec<u16>) -> Self {
+        capture().wake_on_requests_to(&proxied_ports);
         let contexts = Arc::new(ProxyContexts::new());
         let spans = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));

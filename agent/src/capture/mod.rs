@@ -51,6 +51,13 @@ pub struct Capture {
 /// consumer can wait for records while the counters stay readable.
 pub struct CaptureReader {
     ring: AsyncFd<RingBuf<MapData>>,
+    decoding: Decoding,
+    /// Drains the ring without a wake-up (most records do not send one).
+    drain: tokio::time::Interval,
+}
+
+/// What turns ring records into events.
+struct Decoding {
     decoder: RecordDecoder,
     user: Arc<UserCounters>,
     /// New processes, to the thread that watches the Python ones (reading
@@ -60,6 +67,10 @@ pub struct CaptureReader {
     /// [`RECONSIDER_AFTER`], since it may now be another process's.
     seen_pids: HashMap<u32, Instant>,
 }
+
+/// How often the reader drains the ring without being woken: the longest a
+/// record that sent no wake-up waits (see `ProbeSettings::wake_ports`).
+pub const DRAIN_EVERY: Duration = Duration::from_millis(10);
 
 /// Processes remembered as considered at most; then the set starts over
 /// (a process considered again costs one read of its maps).
@@ -106,12 +117,37 @@ impl Capture {
             },
             CaptureReader {
                 ring,
-                decoder: RecordDecoder::new(),
-                user,
-                to_watcher,
-                seen_pids: HashMap::new(),
+                decoding: Decoding {
+                    decoder: RecordDecoder::new(),
+                    user,
+                    to_watcher,
+                    seen_pids: HashMap::new(),
+                },
+                drain: {
+                    let mut drain = tokio::time::interval(DRAIN_EVERY);
+                    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    drain
+                },
             },
         ))
+    }
+
+    /// Client requests to `ports` wake the reader at once from now on (as
+    /// [`ProbeSettings::wake_ports`] at start): for a proxy started later.
+    pub fn wake_on_requests_to(&self, ports: &[u16]) -> Result<()> {
+        let mut probes = self
+            .probes
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the probes' lock is poisoned"))?;
+        probes.wake_on_requests_to(ports)
+    }
+
+    /// Whether the contexts of Python process `pid` are read (see
+    /// [`python`]).
+    pub fn is_python_watched(&self, pid: u32) -> bool {
+        self.probes
+            .lock()
+            .is_ok_and(|probes| probes.is_python_watched(pid))
     }
 
     /// Kernel and user-space counters, by name.
@@ -143,8 +179,36 @@ impl CaptureReader {
     /// [`MAX_BATCH`] of them onto `batch`. Cancel-safe: nothing is taken
     /// from the ring before the only await.
     pub async fn read(&mut self, batch: &mut Vec<CaptureEvent>) -> std::io::Result<()> {
-        let mut guard = self.ring.readable_mut().await?;
-        let rb = guard.get_inner_mut();
+        loop {
+            let before = batch.len();
+            // Woken by the kernel (enough waiting, or a request the proxy
+            // waits on), or by the timer for what sent no wake-up.
+            let woken = tokio::select! {
+                guard = self.ring.readable_mut() => {
+                    let mut guard = guard?;
+                    // A full batch may have left records behind: stay
+                    // ready, so the next read takes them at once.
+                    if !self.decoding.drain_into(guard.get_inner_mut(), batch) {
+                        guard.clear_ready();
+                    }
+                    true
+                }
+                _ = self.drain.tick() => false,
+            };
+            if !woken && self.decoding.drain_into(self.ring.get_mut(), batch) {
+                self.drain.reset_immediately();
+            }
+            if batch.len() > before {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl Decoding {
+    /// Decodes up to [`MAX_BATCH`] records from `rb` into `batch`; true if
+    /// it stopped at the limit.
+    fn drain_into(&mut self, rb: &mut RingBuf<MapData>, batch: &mut Vec<CaptureEvent>) -> bool {
         let before = batch.len();
         let mut decoded = 0;
         let mut new_pids = Vec::new();
@@ -170,11 +234,6 @@ impl CaptureReader {
                 }
             }
         }
-        // A full batch may have left records behind: stay ready, so the
-        // next read takes them without waiting for another signal.
-        if decoded < MAX_BATCH {
-            guard.clear_ready();
-        }
         for pid in new_pids {
             if self
                 .seen_pids
@@ -192,7 +251,7 @@ impl CaptureReader {
         self.user
             .events
             .fetch_add((batch.len() - before) as u64, Ordering::Relaxed);
-        Ok(())
+        decoded == MAX_BATCH
     }
 }
 

@@ -59,19 +59,28 @@ const TRACEFS: &str = "/sys/kernel/tracing";
 const DEBUGFS_TRACING: &str = "/sys/kernel/debug/tracing";
 
 /// Settings of the kernel side.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ProbeSettings {
     /// Bytes copied per message (up to 16 KiB).
     pub max_message_bytes: u32,
     /// Ring buffer size in bytes: a power of two, multiple of the page size.
     pub ring_buffer_bytes: u32,
+    /// Destination ports whose client requests wake the reader at once: the
+    /// proxy's, whose wait for the agent's view must not grow. Other
+    /// records wake it by the [`WAKEUP_BYTES`] threshold or its timer.
+    pub wake_ports: Vec<u16>,
 }
+
+/// Bytes waiting in the ring that wake the reader (see `wakeup_flags` in
+/// the kernel programs): a few hundred records, well under the ring's size.
+pub const WAKEUP_BYTES: u32 = 64 << 10;
 
 impl Default for ProbeSettings {
     fn default() -> Self {
         Self {
             max_message_bytes: MAX_MESSAGE_BYTES,
             ring_buffer_bytes: 8 << 20,
+            wake_ports: Vec::new(),
         }
     }
 }
@@ -91,6 +100,34 @@ impl ProbeSettings {
         }
         Ok(())
     }
+}
+
+/// Makes client requests to `ports` wake the reader at once, in addition to
+/// those already set.
+fn set_wake_ports(ebpf: &mut Ebpf, ports: &[u16]) -> Result<()> {
+    let mut map: Array<_, u64> = Array::try_from(
+        ebpf.map_mut("WAKE_PORTS")
+            .context("WAKE_PORTS map missing")?,
+    )?;
+    for (word, bits) in wake_port_words(ports) {
+        let before = map.get(&word, 0).unwrap_or(0);
+        map.set(word, &(before | bits), 0)
+            .context("writing the WAKE_PORTS map")?;
+    }
+    Ok(())
+}
+
+/// The non-zero words of the `WAKE_PORTS` bitmap for `ports`.
+fn wake_port_words(ports: &[u16]) -> Vec<(u32, u64)> {
+    let mut words: Vec<(u32, u64)> = Vec::new();
+    for &port in ports {
+        let (word, bit) = (port as u32 / 64, 1u64 << (port % 64));
+        match words.iter_mut().find(|(w, _)| *w == word) {
+            Some((_, bits)) => *bits |= bit,
+            None => words.push((word, bit)),
+        }
+    }
+    words
 }
 
 /// Loaded and attached programs. Dropping this detaches them.
@@ -211,12 +248,15 @@ impl Probes {
             agent_pid: std::process::id(),
             max_message_bytes: settings.max_message_bytes,
             offsets,
+            wakeup_bytes: WAKEUP_BYTES.min(settings.ring_buffer_bytes / 4),
+            _pad: 0,
         };
         let mut config_map: Array<_, CaptureConfig> =
             Array::try_from(ebpf.map_mut("CONFIG").context("CONFIG map missing")?)?;
         config_map
             .set(0, &config, 0)
             .context("writing the CONFIG map")?;
+        set_wake_ports(&mut ebpf, &settings.wake_ports)?;
 
         for name in TRACEPOINTS {
             let program: &mut TracePoint = ebpf
@@ -261,6 +301,11 @@ impl Probes {
             },
             events,
         ))
+    }
+
+    /// Client requests to `ports` wake the reader at once from now on.
+    pub fn wake_on_requests_to(&mut self, ports: &[u16]) -> Result<()> {
+        set_wake_ports(&mut self.ebpf, ports)
     }
 
     /// Starts reading the contexts of process `pid` if it is a Python
@@ -391,6 +436,11 @@ impl Probes {
     /// Python processes watched now.
     pub fn python_watched(&self) -> usize {
         self.python.watched.len()
+    }
+
+    /// Whether the contexts of process `pid` are read.
+    pub fn is_python_watched(&self, pid: u32) -> bool {
+        self.python.watched.contains_key(&pid)
     }
 
     /// The kernel counters, summed over CPUs, by name.
