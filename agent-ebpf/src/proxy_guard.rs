@@ -13,6 +13,10 @@
 //! one small map and program, not the capture's ring buffer and tables.
 #![no_std]
 #![no_main]
+// The `socket_filter` macro's entry point takes the kernel's `__sk_buff`
+// pointer in a public function; that is the program type's calling
+// convention, not an API.
+#![allow(clippy::not_unsafe_ptr_arg_deref)]
 
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,

@@ -24,12 +24,9 @@ use std::time::{Duration, Instant};
 
 use crate::links::{LinkCounts, call_in_parallel, pid, rid};
 use crate::live::LiveCorrelation;
-use crate::netns::{Pod, Topology, pod_interface_wildcard};
+use crate::netns::{Pod, Topology, start_node_proxy};
 use crate::{ChildGuard, ScratchDir, capture, fixtures, free_port, in_vm};
-use agent::config::{ProxyConfig, ProxyMode};
 use agent::correlate::PARENT_DECISION_ATTRIBUTE;
-use agent::proxy::rules::RedirectRules;
-use agent::proxy::{ProxySettings, RunningProxy};
 use agent::span::{Span, SpanKind};
 
 /// One proxy at a time in this binary (its chains have fixed names).
@@ -195,25 +192,12 @@ pub fn run_topology(frontend: &Frontend, rounds: &[(usize, usize)]) -> Vec<(Stri
     // remap some clients' source ports, which the proxy's agreement with
     // the probes does not survive (see docs/proxy.md, known gaps).
     let listen_port = free_port();
-    let config = ProxyConfig {
-        enabled: true,
+    let proxy = start_node_proxy(
+        &runtime,
         listen_port,
-        mode: ProxyMode::Node,
-        ports: vec![nginx_port, back_port],
-        pod_interfaces: vec![pod_interface_wildcard()],
-        ..ProxyConfig::default()
-    };
-    let settings = ProxySettings {
-        listen: config.proxy_settings().listen,
-        ..ProxySettings::default()
-    };
-    let proxy = runtime
-        .block_on(RunningProxy::start(
-            settings,
-            Some(RedirectRules::from(&config)),
-            live.contexts(),
-        ))
-        .expect("the proxy starts with its rules");
+        vec![nginx_port, back_port],
+        live.contexts(),
+    );
 
     let mut results = Vec::new();
     let front_url = pod("front").addr(front_port);

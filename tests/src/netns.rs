@@ -555,3 +555,35 @@ fn live_users(dir: &Path) -> Vec<PathBuf> {
     }
     live
 }
+
+/// Starts the agent's proxy in node mode on `runtime`, as `agent run` does:
+/// listening on `listen_port` with its REDIRECT rules for `ports` on this
+/// test process's pod interfaces, taking each request's context from
+/// `contexts`.
+pub fn start_node_proxy(
+    runtime: &tokio::runtime::Runtime,
+    listen_port: u16,
+    ports: Vec<u16>,
+    contexts: std::sync::Arc<dyn agent::proxy::TraceContextSource>,
+) -> agent::proxy::RunningProxy {
+    use agent::config::{ProxyConfig, ProxyMode};
+    let config = ProxyConfig {
+        enabled: true,
+        listen_port,
+        mode: ProxyMode::Node,
+        ports,
+        pod_interfaces: vec![pod_interface_wildcard()],
+        ..ProxyConfig::default()
+    };
+    let settings = agent::proxy::ProxySettings {
+        listen: config.proxy_settings().listen,
+        ..agent::proxy::ProxySettings::default()
+    };
+    runtime
+        .block_on(agent::proxy::RunningProxy::start(
+            settings,
+            Some(agent::proxy::rules::RedirectRules::from(&config)),
+            contexts,
+        ))
+        .expect("the proxy starts with its rules")
+}

@@ -8,13 +8,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use agent::config::{ProxyConfig, ProxyMode};
 use agent::correlate::{Correlator, ProcessFilter, ProcessTable, ProxyContexts, SpanSettings};
-use agent::proxy::rules::RedirectRules;
-use agent::proxy::{ProxySettings, RunningProxy};
 use agent::span::SpanKind;
 use agent::tracecontext::TraceParent;
-use tests::netns::{Topology, pod_interface_wildcard};
+use tests::netns::{Topology, start_node_proxy};
 use tests::{ScratchDir, capture, find, fixtures, free_port, privileged};
 
 /// Not the default 15001, so this test cannot meet another proxy.
@@ -63,25 +60,7 @@ fn proxied_request_carries_the_client_span_as_injected_parent() {
         .enable_all()
         .build()
         .unwrap();
-    let config = ProxyConfig {
-        enabled: true,
-        listen_port: LISTEN_PORT,
-        mode: ProxyMode::Node,
-        ports: vec![port],
-        pod_interfaces: vec![pod_interface_wildcard()],
-        ..ProxyConfig::default()
-    };
-    let settings = ProxySettings {
-        listen: config.proxy_settings().listen,
-        ..ProxySettings::default()
-    };
-    let proxy = runtime
-        .block_on(RunningProxy::start(
-            settings,
-            Some(RedirectRules::from(&config)),
-            contexts.clone(),
-        ))
-        .expect("the proxy starts with its rules");
+    let proxy = start_node_proxy(&runtime, LISTEN_PORT, vec![port], contexts.clone());
 
     let curl = pod_a
         .exec("curl")

@@ -618,15 +618,12 @@ fn server_end_joins_the_trace_of_the_client_end_on_this_node_server_seen_first()
     assert_eq!(server.parent_span_id, Some(client.span_id));
 }
 
-/// The client's thread lost its CPU between sending and its syscall's
-/// return: the server read, answered and was reported before the client's
-/// send. Its span waits for that request and joins the client's trace.
-#[test]
-fn server_that_answered_before_its_local_clients_send_was_seen_joins_its_trace() {
-    let (c, s) = local_pair(35);
-    let mut correlator = correlator(100.0);
-    let mut spans = run(
-        &mut correlator,
+/// Both ends of `local_pair(id)` open, and the server's whole exchange
+/// before anything of the client's.
+fn server_answers_first(correlator: &mut Correlator, id: u64) -> Vec<Span> {
+    let (c, s) = local_pair(id);
+    run(
+        correlator,
         &[
             CaptureEvent::Opened {
                 connection: c,
@@ -641,7 +638,17 @@ fn server_that_answered_before_its_local_clients_send_was_seen_joins_its_trace()
             message(s, 11, Direction::Ingress, 2, b"GET / HTTP/1.1\r\n\r\n"),
             message(s, 11, Direction::Egress, 3, OK),
         ],
-    );
+    )
+}
+
+/// The client's thread lost its CPU between sending and its syscall's
+/// return: the server read, answered and was reported before the client's
+/// send. Its span waits for that request and joins the client's trace.
+#[test]
+fn server_that_answered_before_its_local_clients_send_was_seen_joins_its_trace() {
+    let (c, _) = local_pair(35);
+    let mut correlator = correlator(100.0);
+    let mut spans = server_answers_first(&mut correlator, 35);
     assert!(spans.is_empty(), "the server's span waits: {spans:#?}");
     spans.extend(run(
         &mut correlator,
@@ -665,25 +672,8 @@ fn server_that_answered_before_its_local_clients_send_was_seen_joins_its_trace()
 /// is once its wait is over (here: at the end of the input).
 #[test]
 fn a_held_server_span_goes_out_unchanged_when_its_client_never_shows() {
-    let (c, s) = local_pair(37);
     let mut correlator = correlator(100.0);
-    let mut spans = run(
-        &mut correlator,
-        &[
-            CaptureEvent::Opened {
-                connection: c,
-                tid: 1,
-                python_context: 0,
-            },
-            CaptureEvent::Opened {
-                connection: s,
-                tid: 1,
-                python_context: 0,
-            },
-            message(s, 11, Direction::Ingress, 2, b"GET / HTTP/1.1\r\n\r\n"),
-            message(s, 11, Direction::Egress, 3, OK),
-        ],
-    );
+    let mut spans = server_answers_first(&mut correlator, 37);
     // Timestamps 2 and 3 ns after boot: its wait ended long ago.
     correlator.release_held(&mut spans);
     assert_eq!(spans.len(), 1);
