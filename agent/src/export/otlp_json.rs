@@ -10,6 +10,11 @@
 //! JSON mapping allows; the Collector leaves them out, and so do we, while
 //! serializing (see [`super::skip_defaults`]), so lines look like the
 //! Collector's.
+//!
+//! The file exporter writes those same bytes straight from the span model
+//! ([`write_json_line`]): building the protobuf types costs an allocation
+//! per attribute, and leaving defaults out walks them twice. A test holds
+//! the two to the same output.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
@@ -91,10 +96,7 @@ fn key_value(attribute: &Attribute) -> KeyValue {
 /// One span, encoded as `opentelemetry-otlp` encodes it for gRPC and HTTP,
 /// so the file and the collector see the same flags.
 pub fn proto_span(span: &Span) -> ProtoSpan {
-    let mut flags = u32::from(span.flags) | SpanFlags::ContextHasIsRemoteMask as u32;
-    if parent_is_remote(span) {
-        flags |= SpanFlags::ContextIsRemoteMask as u32;
-    }
+    let flags = proto_flags(span);
     ProtoSpan {
         trace_id: span.trace_id.0.to_vec(),
         span_id: span.span_id.0.to_vec(),
@@ -125,6 +127,137 @@ pub fn proto_span(span: &Span) -> ProtoSpan {
     }
 }
 
+/// Appends the OTLP/JSON line of `spans` (no newline) to `out`: the bytes
+/// `json_line(&export_request(spans))` gives, written directly.
+pub fn write_json_line(spans: &[Span], out: &mut Vec<u8>) {
+    out.extend_from_slice(b"{\"resourceSpans\":[");
+    for (g, group) in group_by_resource(spans).iter().enumerate() {
+        if g > 0 {
+            out.push(b',');
+        }
+        let resource = &spans[group[0]].resource;
+        out.extend_from_slice(b"{\"resource\":{\"attributes\":[{\"key\":");
+        write_str(out, SERVICE_NAME);
+        out.extend_from_slice(b",\"value\":{\"stringValue\":");
+        write_str(out, &resource.service_name);
+        out.extend_from_slice(b"}}");
+        for attribute in resource.attributes.iter().filter(|a| a.key != SERVICE_NAME) {
+            out.push(b',');
+            write_attribute(out, attribute);
+        }
+        out.extend_from_slice(b"]},\"scopeSpans\":[{\"scope\":{\"name\":");
+        write_str(out, SCOPE_NAME);
+        out.extend_from_slice(b",\"version\":");
+        write_str(out, SCOPE_VERSION);
+        out.extend_from_slice(b"},\"spans\":[");
+        for (i, &index) in group.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_span(out, &spans[index]);
+        }
+        out.extend_from_slice(b"]}]}");
+    }
+    out.extend_from_slice(b"]}");
+}
+
+/// One span, its default members left out as the Collector does.
+fn write_span(out: &mut Vec<u8>, span: &Span) {
+    out.extend_from_slice(b"{\"traceId\":");
+    write_hex(out, &span.trace_id.0);
+    out.extend_from_slice(b",\"spanId\":");
+    write_hex(out, &span.span_id.0);
+    if !span.trace_state.is_empty() {
+        out.extend_from_slice(b",\"traceState\":");
+        write_str(out, &span.trace_state);
+    }
+    if let Some(parent) = span.parent_span_id {
+        out.extend_from_slice(b",\"parentSpanId\":");
+        write_hex(out, &parent.0);
+    }
+    // Never 0: the "has is-remote" bit is always set.
+    let _ = write!(out, ",\"flags\":{}", proto_flags(span));
+    if !span.name.is_empty() {
+        out.extend_from_slice(b",\"name\":");
+        write_str(out, &span.name);
+    }
+    let kind = match span.kind {
+        SpanKind::Server => span::SpanKind::Server,
+        SpanKind::Client => span::SpanKind::Client,
+    } as i32;
+    let _ = write!(out, ",\"kind\":{kind}");
+    // 64-bit integers are strings, so even 0 is not a default ("0").
+    let _ = write!(
+        out,
+        ",\"startTimeUnixNano\":\"{}\",\"endTimeUnixNano\":\"{}\"",
+        span.start_unix_nano, span.end_unix_nano
+    );
+    if !span.attributes.is_empty() {
+        out.extend_from_slice(b",\"attributes\":[");
+        for (i, attribute) in span.attributes.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_attribute(out, attribute);
+        }
+        out.push(b']');
+    }
+    if let SpanStatus::Error(message) = &span.status {
+        out.extend_from_slice(b",\"status\":{");
+        if !message.is_empty() {
+            out.extend_from_slice(b"\"message\":");
+            write_str(out, message);
+            out.push(b',');
+        }
+        let _ = write!(out, "\"code\":{}", status::StatusCode::Error as i32);
+        out.push(b'}');
+    }
+    out.push(b'}');
+}
+
+/// A `KeyValue`: `key` and `value` are written whole, defaults included.
+fn write_attribute(out: &mut Vec<u8>, attribute: &Attribute) {
+    out.extend_from_slice(b"{\"key\":");
+    write_str(out, &attribute.key);
+    match &attribute.value {
+        AttributeValue::String(s) => {
+            out.extend_from_slice(b",\"value\":{\"stringValue\":");
+            write_str(out, s);
+            out.extend_from_slice(b"}}");
+        }
+        // 64-bit integers are decimal strings in OTLP/JSON.
+        AttributeValue::Int(i) => {
+            let _ = write!(out, ",\"value\":{{\"intValue\":\"{i}\"}}}}");
+        }
+    }
+}
+
+/// A JSON string, escaped as serde_json escapes it.
+fn write_str(out: &mut Vec<u8>, s: &str) {
+    // Writing to a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// Ids as lower-case hex in quotes (OTLP/JSON, not base64).
+fn write_hex(out: &mut Vec<u8>, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    out.push(b'"');
+    for byte in bytes {
+        out.push(DIGITS[(byte >> 4) as usize]);
+        out.push(DIGITS[(byte & 0xf) as usize]);
+    }
+    out.push(b'"');
+}
+
+/// The span's OTLP flags: the W3C flags and the is-remote bits.
+fn proto_flags(span: &Span) -> u32 {
+    let mut flags = u32::from(span.flags) | SpanFlags::ContextHasIsRemoteMask as u32;
+    if parent_is_remote(span) {
+        flags |= SpanFlags::ContextIsRemoteMask as u32;
+    }
+    flags
+}
+
 /// The request as one line of OTLP/JSON, without the newline.
 pub fn json_line(request: &ExportTraceServiceRequest) -> Result<String, ExportError> {
     skip_defaults::to_string(request)
@@ -136,6 +269,8 @@ pub fn json_line(request: &ExportTraceServiceRequest) -> Result<String, ExportEr
 pub struct JsonFileExporter {
     path: PathBuf,
     file: BufWriter<File>,
+    /// The line being written, its capacity kept from batch to batch.
+    line: Vec<u8>,
 }
 
 impl JsonFileExporter {
@@ -149,6 +284,7 @@ impl JsonFileExporter {
         Ok(Self {
             path: path.to_path_buf(),
             file: BufWriter::new(file),
+            line: Vec::new(),
         })
     }
 
@@ -158,10 +294,11 @@ impl JsonFileExporter {
         if spans.is_empty() {
             return Ok(());
         }
-        let mut line = json_line(&export_request(spans))?;
-        line.push('\n');
+        self.line.clear();
+        write_json_line(spans, &mut self.line);
+        self.line.push(b'\n');
         self.file
-            .write_all(line.as_bytes())
+            .write_all(&self.line)
             .and_then(|()| self.file.flush())
             .map_err(|e| ExportError::Export(format!("writing {}: {e}", self.path.display())))?;
         spans.clear();
@@ -266,6 +403,37 @@ mod tests {
         // And it reads back into the same request.
         let decoded: ExportTraceServiceRequest = serde_json::from_str(&line).unwrap();
         assert_eq!(decoded, export_request(&spans));
+    }
+
+    /// The direct writer and the protobuf types with defaults left out give
+    /// the same bytes, over resources, empty and escaped strings, both
+    /// statuses and both kinds.
+    #[test]
+    fn the_direct_writer_writes_what_the_protobuf_path_writes() {
+        let users = Arc::new(Resource {
+            service_name: "users \"eu\"\n".into(),
+            attributes: vec![
+                Attribute::int("process.pid", -7),
+                Attribute::string("empty", ""),
+                Attribute::string(SERVICE_NAME, "shadowed"),
+            ],
+        });
+        let bare = Arc::new(Resource {
+            service_name: String::new(),
+            attributes: vec![],
+        });
+        let mut spans = vec![
+            sample(&users, 0, SpanStatus::Error("HTTP 500 \u{e9}".into())),
+            sample(&bare, 1, SpanStatus::Unset),
+            sample(&users, 2, SpanStatus::Error(String::new())),
+        ];
+        spans[1].attributes.clear();
+        spans[1].name = String::new();
+        spans[2].start_unix_nano = 0;
+        let expected = json_line(&export_request(&spans)).unwrap();
+        let mut written = Vec::new();
+        write_json_line(&spans, &mut written);
+        assert_eq!(String::from_utf8(written).unwrap(), expected);
     }
 
     #[test]
