@@ -186,11 +186,9 @@ pub fn run_topology(frontend: &Frontend, rounds: &[(usize, usize)]) -> Vec<(Stri
         .enable_all()
         .build()
         .unwrap();
-    // A proxy port of its own per run. Pods reuse addresses from run to run
-    // (as Kubernetes reuses pod IPs), and the conntrack entries of the last
-    // run's connections (kept 120 s after they close) would then make NAT
-    // remap some clients' source ports, which the proxy's agreement with
-    // the probes does not survive (see docs/proxy.md, known gaps).
+    // A proxy port of its own per run, so that runs never share conntrack
+    // entries (pods reuse addresses from run to run; a remapped source port
+    // is handled, see proxy::conntrack, but need not be provoked here).
     let listen_port = free_port();
     let proxy = start_node_proxy(
         &runtime,

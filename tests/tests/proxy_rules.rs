@@ -112,6 +112,8 @@ struct RedirectListener {
 #[derive(Debug)]
 struct Arrival {
     peer: SocketAddr,
+    /// The accepted socket's own address (the proxy's side).
+    local: SocketAddr,
     original_destination: SocketAddr,
     _stream: TcpStream,
 }
@@ -141,6 +143,7 @@ impl RedirectListener {
                             .expect("SO_ORIGINAL_DST of a redirected connection");
                         return Some(Arrival {
                             peer,
+                            local: stream.local_addr().expect("local address"),
                             original_destination,
                             _stream: stream,
                         });
@@ -316,9 +319,27 @@ fn bind_v6_only(addr: SocketAddr) -> io::Result<TcpListener> {
 /// Connects to `addr`, with firewall mark `mark` if given (as the proxy
 /// marks its upstream connections).
 fn connect(addr: SocketAddr, mark: Option<u32>) -> io::Result<TcpStream> {
+    connect_from(addr, mark, None)
+}
+
+/// [`connect`], from local address `from` if given (SO_REUSEADDR, so that
+/// one local port can connect to two destinations at once).
+fn connect_from(
+    addr: SocketAddr,
+    mark: Option<u32>,
+    from: Option<SocketAddr>,
+) -> io::Result<TcpStream> {
     let fd = raw_socket(&addr)?;
     if let Some(mark) = mark {
         set_int_option(&fd, libc::SOL_SOCKET, libc::SO_MARK, mark as libc::c_int);
+    }
+    if let Some(from) = from {
+        set_int_option(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1);
+        let (sa, len) = sockaddr(&from);
+        // SAFETY: valid fd and sockaddr of `len` bytes.
+        if unsafe { libc::bind(fd.as_raw_fd(), (&raw const sa).cast(), len) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
     }
     let stream = TcpStream::from(fd);
     // Bounded: a connection nobody answers must fail the test, not hang it.
@@ -698,6 +719,50 @@ fn host_mode_redirects_local_traffic_but_not_marked_traffic() {
             connect(SocketAddr::from((Ipv4Addr::LOCALHOST, other_port)), None).expect("connect");
         assert!(accepted_within(&other, ARRIVAL).is_some());
         assert!(proxy.accept_within(Duration::from_millis(200)).is_none());
+    })
+    .expect("enter namespace");
+}
+
+/// One client port connecting to two redirected destinations at once: the
+/// second connection's reply tuple (proxy address and port, client address
+/// and port) is the first's, so NAT changes its source port, and the
+/// proxy's peer is not the application's address. Conntrack still names
+/// it: what the proxy uses to agree with the probes on the request.
+#[test]
+fn conntrack_gives_back_the_client_port_nat_changed() {
+    if !privileged() {
+        return;
+    }
+    let ns = Netns::new("remap").expect("namespace");
+    ns.run(|| {
+        let proxy_port = free_port();
+        let (first, second) = (free_port(), free_port());
+        let prefix = unique_chain_prefix("C");
+        let r = rules(ProxyMode::Host, &prefix, proxy_port, vec![first, second]);
+        let proxy = RedirectListener::bind(proxy_port);
+        let installed = r.install().expect("install host-mode rules");
+        let _renewed = installed.lease().expect("a guard").keep_renewed();
+        let from = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+        let target = |port| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+
+        let _a = connect_from(target(first), None, Some(from)).expect("connect to the first");
+        let a = proxy.accept_within(ARRIVAL).expect("the first redirected");
+        assert_eq!(a.peer, from, "no remap for the first");
+        let _b = connect_from(target(second), None, Some(from)).expect("connect to the second");
+        let b = proxy.accept_within(ARRIVAL).expect("the second redirected");
+        assert_eq!(b.original_destination, target(second));
+        assert_ne!(b.peer, from, "NAT changed the second's source port");
+
+        let local = b.local;
+        assert_eq!(
+            agent::proxy::conntrack::original_source(local, b.peer),
+            Some(from),
+            "conntrack names the application's own address"
+        );
+        assert_eq!(
+            agent::proxy::conntrack::original_source(local, a.peer),
+            Some(from)
+        );
     })
     .expect("enter namespace");
 }

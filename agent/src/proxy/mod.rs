@@ -22,6 +22,7 @@
 //! - [`rules`] (the REDIRECT rules) and [`guard`] (their lease: the rules
 //!   stop redirecting within a second of the proxy's death).
 
+pub mod conntrack;
 pub mod context;
 mod detect;
 pub mod guard;

@@ -476,10 +476,10 @@ async fn proxy_connection(
 ) {
     let settings = &shared.settings;
     let stats = &shared.stats;
-    let destination = match (original_destination(&client), client.local_addr()) {
+    let (destination, local) = match (original_destination(&client), client.local_addr()) {
         // A connection made to the proxy's own address was not redirected;
         // forwarding it would connect to the proxy again.
-        (Ok(destination), Ok(local)) if destination != local => destination,
+        (Ok(destination), Ok(local)) if destination != local => (destination, local),
         (Ok(destination), _) => {
             log::debug!("proxy: {peer} connected to {destination} directly; closing");
             stats.add(Counter::ConnectionsRefused);
@@ -522,9 +522,15 @@ async fn proxy_connection(
             match protocol {
                 Protocol::Http => {
                     stats.add(Counter::ConnectionsHttp);
+                    // The application's own address, which the probes
+                    // report: NAT may have changed the port the proxy sees.
+                    let client = super::conntrack::original_source(local, peer).unwrap_or(peer);
+                    if client != peer {
+                        stats.add(Counter::SourcesRemapped);
+                    }
                     let context = RequestContext {
                         request: ProxiedRequest {
-                            client: peer,
+                            client,
                             original_destination: destination,
                             index: 0,
                             method: String::new(),

@@ -15,6 +15,7 @@ pub struct ProxyStats {
     requests_reparented: AtomicU64,
     fallbacks: AtomicU64,
     errors: AtomicU64,
+    sources_remapped: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -42,6 +43,10 @@ pub struct ProxyCounters {
     pub fallbacks: u64,
     /// Accept and upstream connect failures, resets, timeouts, aborts.
     pub errors: u64,
+    /// HTTP connections whose client's source port NAT had changed (the
+    /// proxy named their requests by the client's own address, from
+    /// conntrack; see `proxy::conntrack`).
+    pub sources_remapped: u64,
 }
 
 /// Which counter to bump.
@@ -55,6 +60,7 @@ pub(crate) enum Counter {
     RequestsReparented,
     Fallbacks,
     Errors,
+    SourcesRemapped,
 }
 
 impl ProxyStats {
@@ -71,6 +77,7 @@ impl ProxyStats {
             requests_reparented: get(&self.requests_reparented),
             fallbacks: get(&self.fallbacks),
             errors: get(&self.errors),
+            sources_remapped: get(&self.sources_remapped),
         }
     }
 
@@ -84,6 +91,7 @@ impl ProxyStats {
             Counter::RequestsReparented => &self.requests_reparented,
             Counter::Fallbacks => &self.fallbacks,
             Counter::Errors => &self.errors,
+            Counter::SourcesRemapped => &self.sources_remapped,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -109,7 +117,8 @@ impl fmt::Display for ProxyCounters {
         write!(
             f,
             "connections: {} http, {} opaque, {} refused, {} active; \
-             requests: {} injected, {} unchanged, {} reparented; {} fallbacks, {} errors",
+             requests: {} injected, {} unchanged, {} reparented; {} fallbacks, {} errors; \
+             {} sources remapped",
             self.connections_http,
             self.connections_opaque,
             self.connections_refused,
@@ -118,7 +127,8 @@ impl fmt::Display for ProxyCounters {
             self.requests_unchanged,
             self.requests_reparented,
             self.fallbacks,
-            self.errors
+            self.errors,
+            self.sources_remapped
         )
     }
 }

@@ -332,17 +332,36 @@ fn requests_done(text: &str) -> Result<u64> {
         .context("no request count in wrk's output")
 }
 
+/// The checked-out commit of the repository at `git_dir`, short, read from
+/// its files (no git program needed).
+fn head_commit(git_dir: &Path) -> Option<String> {
+    let head = std::fs::read_to_string(git_dir.join("HEAD")).ok()?;
+    let full = match head.trim().strip_prefix("ref: ") {
+        None => head.trim().to_string(),
+        Some(reference) => std::fs::read_to_string(git_dir.join(reference))
+            .ok()
+            .map(|id| id.trim().to_string())
+            .or_else(|| {
+                // A packed ref: "<id> <name>" lines.
+                std::fs::read_to_string(git_dir.join("packed-refs"))
+                    .ok()?
+                    .lines()
+                    .find_map(|line| {
+                        let (id, name) = line.split_once(' ')?;
+                        (name == reference).then(|| id.to_string())
+                    })
+            })?,
+    };
+    Some(full.chars().take(7).collect())
+}
+
 fn clock_ticks_per_sec() -> f64 {
     // SAFETY: sysconf has no memory effects.
     (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
 }
 
 fn print_tables(options: OverheadOptions, delay_ms: f64, results: &[(Setup, Vec<Measured>)]) {
-    let commit = Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
+    let commit = head_commit(Path::new(".git")).unwrap_or_else(|| "unknown".into());
     let off = &results[0].1;
     let med = |m: &[Measured], f: fn(&Paced) -> f64| median(m, |x| f(&x.paced));
     println!(
@@ -409,6 +428,15 @@ mod tests {
             "Running 10s test\n  45012 requests in 10.00s, 30.1MB read\nRequests/sec:   4501.20\n";
         assert_eq!(requests_done(text).unwrap(), 45012);
         assert!(requests_done("Requests/sec: 1\n").is_err());
+    }
+
+    #[test]
+    fn the_commit_is_read_from_git() {
+        // The workspace is a git checkout.
+        let git_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.git");
+        let commit = head_commit(&git_dir).expect("a commit");
+        assert_eq!(commit.len(), 7);
+        assert!(commit.chars().all(|c| c.is_ascii_hexdigit()), "{commit}");
     }
 
     #[test]

@@ -33,6 +33,8 @@ const INDIRECT: &[(&str, &str, &[&str])] = &[
         "std::env::current_exe().unwrap()",
         &[],
     ),
+    // The test binary itself, as the proxy process that gets killed.
+    ("tests/tests/fail_open.rs", "exe", &[]),
     // The Go frontend the test builds with go (itself listed).
     ("tests/tests/links_go.rs", "&binary", &[]),
     // `services_under`: Debian's python3; the image's pyenv interpreters
@@ -506,8 +508,8 @@ fn the_scan_finds_known_spawns() {
             .iter()
             .any(|s| s.file == file && s.program == program)
     };
-    assert!(has("xtask/src/bench.rs", "wrk"));
-    assert!(has("xtask/src/bench.rs", "haproxy"));
+    assert!(has("xtask/src/bench/mod.rs", "wrk"));
+    assert!(has("xtask/src/bench/mod.rs", "haproxy"));
     assert!(has("xtask/scripts/proxy-ab.sh", "nginx"));
     assert!(has("xtask/scripts/proxy-ab.sh", "wrk"));
     assert!(has("xtask/scripts/proxy-ab.sh", "perf"));
