@@ -23,8 +23,8 @@ use agent_common::{
 use aya_ebpf::{
     EbpfContext,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns,
-        bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
+        bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
         generated::bpf_probe_read_user as raw_probe_read_user,
     },
     macros::{map, tracepoint, uprobe, uretprobe},
@@ -547,9 +547,14 @@ fn wakeup_flags(urgent: bool) -> u64 {
     }
 }
 
-/// Whether a record is a client's request to a port in `WAKE_PORTS`.
+/// Whether a record wakes the reader at once: a new connection (user space
+/// reads the process's name then, before a short-lived client such as curl
+/// is gone), or a client's request to a port in `WAKE_PORTS`.
 #[inline(always)]
 fn wakes_at_once(header: &EventHeader) -> bool {
+    if header.kind == EventKind::Open as u8 {
+        return true;
+    }
     if header.direction != Direction::Egress as u8 || header.role != Role::Client as u8 {
         return false;
     }
@@ -825,11 +830,19 @@ fn on_data_exit(ctx: &TracePointContext, direction: Direction, shape: BufferShap
 }
 
 /// Sends an open or close record for a tracked connection, with the Python
-/// context current on the thread (0 when not watched).
+/// context current on the thread (0 when not watched). An open record's
+/// payload is the process's name (`comm`, 16 bytes): it names a process
+/// that exits before user space reads it.
 #[inline(always)]
 fn send_lifecycle(kind: EventKind, key: &ConnKey, conn: &ConnInfo, python_context: u64) {
     let Some(event) = scratch() else { return };
-    // SAFETY: scratch value pointer valid for this run.
+    let name = if kind == EventKind::Open {
+        bpf_get_current_comm().ok()
+    } else {
+        None
+    };
+    // SAFETY: scratch value pointer valid for this run; the payload holds
+    // far more than 16 bytes.
     unsafe {
         fill_header(
             &mut (*event).header,
@@ -840,8 +853,12 @@ fn send_lifecycle(kind: EventKind, key: &ConnKey, conn: &ConnInfo, python_contex
             Syscall::None as u8,
         );
         (*event).header.python_context = python_context;
+        if let Some(name) = name {
+            (*event).data.as_mut_ptr().cast::<[u8; 16]>().write(name);
+            (*event).header.captured_len = 16;
+        }
     };
-    send_record(event, 0);
+    send_record(event, if name.is_some() { 16 } else { 0 });
 }
 
 /// connect() and accept() remember the fd at enter (accept: none needed) and

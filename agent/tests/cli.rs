@@ -66,7 +66,8 @@ fn wait_line(
     while let Some(left) = deadline.checked_duration_since(Instant::now()) {
         match rx.recv_timeout(left) {
             Ok(line) if want(&line) => return Some(line),
-            Ok(_) => {}
+            // Shown with the failure, if there is one.
+            Ok(line) => eprintln!("(skipped) {line}"),
             Err(_) => return None,
         }
     }

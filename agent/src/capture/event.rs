@@ -76,6 +76,30 @@ pub enum PythonContextEvent {
     },
 }
 
+/// A process's name as the kernel keeps it (`comm`, at most 15 bytes),
+/// taken when the process opened a connection: it names a process that
+/// exits before the agent reads /proc (a short-lived client such as curl).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcessName([u8; 16]);
+
+impl ProcessName {
+    /// From the kernel's bytes (NUL-padded; longer input is cut).
+    pub fn from_bytes(bytes: &[u8]) -> Self {
+        let mut name = [0u8; 16];
+        let len = bytes.len().min(15);
+        name[..len].copy_from_slice(&bytes[..len]);
+        Self(name)
+    }
+
+    /// The name, if there is one and it is UTF-8.
+    pub fn as_str(&self) -> Option<&str> {
+        let len = self.0.iter().position(|b| *b == 0).unwrap_or(16);
+        std::str::from_utf8(&self.0[..len])
+            .ok()
+            .filter(|name| !name.is_empty())
+    }
+}
+
 /// What the capture reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CaptureEvent {
@@ -88,6 +112,8 @@ pub enum CaptureEvent {
         /// In a watched Python interpreter, the context current on the
         /// thread that connected or accepted; 0 otherwise.
         python_context: u64,
+        /// The process's name when it connected or accepted.
+        process_name: ProcessName,
     },
     /// Bytes moved.
     Data(Message),
@@ -226,6 +252,7 @@ impl RecordDecoder {
                     connection,
                     tid: header.tid,
                     python_context: header.python_context,
+                    process_name: ProcessName::from_bytes(payload),
                 });
             }
             3 => return Ok(CaptureEvent::Closed(connection)),
@@ -445,12 +472,33 @@ mod tests {
     }
 
     #[test]
+    fn open_records_carry_the_process_name() {
+        let mut decoder = RecordDecoder::new();
+        let opened = decoder
+            .decode(&record(
+                EventKind::Open,
+                b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
+                16,
+            ))
+            .unwrap();
+        let CaptureEvent::Opened { process_name, .. } = opened else {
+            panic!("{opened:?}")
+        };
+        assert_eq!(process_name.as_str(), Some("curl"));
+        assert_eq!(ProcessName::default().as_str(), None);
+        assert_eq!(
+            ProcessName::from_bytes(b"a-very-long-process-name").as_str(),
+            Some("a-very-long-pro")
+        );
+    }
+
+    #[test]
     fn open_and_close_records_carry_the_connection() {
         let mut decoder = RecordDecoder::new();
         let opened = decoder.decode(&record(EventKind::Open, b"", 0)).unwrap();
         assert!(matches!(
             opened,
-            CaptureEvent::Opened { connection: c, tid: 9, python_context: 0x7f00_0000_1000 }
+            CaptureEvent::Opened { connection: c, tid: 9, python_context: 0x7f00_0000_1000, .. }
                 if c.id == ConnectionId(5)
         ));
         let closed = decoder.decode(&record(EventKind::Close, b"", 0)).unwrap();

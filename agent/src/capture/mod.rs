@@ -23,8 +23,8 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
 pub use event::{
-    CaptureEvent, Connection, ConnectionId, Direction, Message, PythonContextEvent, RecordDecoder,
-    Role, Syscall,
+    CaptureEvent, Connection, ConnectionId, Direction, Message, ProcessName, PythonContextEvent,
+    RecordDecoder, Role, Syscall,
 };
 pub use probes::{ProbeSettings, Probes};
 

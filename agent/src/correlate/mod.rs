@@ -388,6 +388,7 @@ impl Correlator {
                 connection,
                 tid,
                 python_context,
+                process_name,
             } => {
                 if connection.role == Role::Server
                     && *python_context != 0
@@ -399,6 +400,12 @@ impl Correlator {
                     self.python
                         .accepted(connection.pid, *tid, *python_context, connection.id);
                 }
+                // Read the process now: a short-lived client (curl) may be
+                // gone by the time its first request is read, and may be
+                // gone already (then the kernel's name for it names it).
+                let _ = self
+                    .processes
+                    .resource_named(connection.pid, process_name.as_str());
                 // A reused id cannot happen (ids are unique); a stale entry
                 // for the same fd is keyed by another id and ages out.
                 self.connections

@@ -34,7 +34,9 @@ impl ProcessInfo {
     /// Reads a process from a proc filesystem root (normally `/proc`).
     /// Fields that cannot be read (the process exited, permissions) are
     /// left empty rather than failing: a span is still worth exporting.
-    pub fn read(proc_root: &Path, pid: u32) -> ProcessInfo {
+    /// `known_name` (the kernel's name for it, from a probe) names a
+    /// process whose executable and comm can no longer be read.
+    pub fn read(proc_root: &Path, pid: u32, known_name: Option<&str>) -> ProcessInfo {
         let dir = proc_root.join(pid.to_string());
         let executable_name = std::fs::read_link(dir.join("exe"))
             .ok()
@@ -50,6 +52,7 @@ impl ProcessInfo {
                     .ok()
                     .map(|s| s.trim_end().to_string())
             })
+            .or_else(|| known_name.map(str::to_string))
             .unwrap_or_else(|| format!("pid-{pid}"));
         let command_line = std::fs::read(dir.join("cmdline"))
             .map(|raw| {
@@ -124,13 +127,19 @@ impl ProcessTable {
 
     /// The resource of `pid`, or None when the filter excludes it.
     pub fn resource(&mut self, pid: u32) -> Option<Arc<Resource>> {
+        self.resource_named(pid, None)
+    }
+
+    /// [`Self::resource`], with the kernel's name for the process to fall
+    /// back on when it exited before it could be read.
+    pub fn resource_named(&mut self, pid: u32, known_name: Option<&str>) -> Option<Arc<Resource>> {
         if let Some(known) = self.resources.get(&pid) {
             return known.clone();
         }
         if self.resources.len() >= MAX_PROCESSES {
             self.resources.clear();
         }
-        let info = ProcessInfo::read(&self.proc_root, pid);
+        let info = ProcessInfo::read(&self.proc_root, pid, known_name);
         let resource = self.traced(&info).then(|| Arc::new(self.build(pid, info)));
         self.resources.insert(pid, resource.clone());
         resource
@@ -278,5 +287,14 @@ mod tests {
             .resource(999)
             .unwrap();
         assert_eq!(r.service_name, "pid-999");
+    }
+
+    #[test]
+    fn a_vanished_process_is_named_by_the_kernels_name_for_it() {
+        let root = tempdir::Dir::new();
+        let r = ProcessTable::new(root.path(), ProcessFilter::default())
+            .resource_named(998, Some("curl"))
+            .unwrap();
+        assert_eq!(r.service_name, "curl");
     }
 }

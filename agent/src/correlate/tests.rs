@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use bytes::Bytes;
 
 use super::*;
-use crate::capture::Syscall;
+use crate::capture::{ProcessName, Syscall};
 use crate::span::{SpanStatus, flags};
 
 const SERVER_PID: u32 = 100;
@@ -601,11 +601,13 @@ fn server_end_joins_the_trace_of_the_client_end_on_this_node_server_seen_first()
                 connection: s,
                 tid: 1,
                 python_context: 0,
+                process_name: ProcessName::default(),
             },
             CaptureEvent::Opened {
                 connection: c,
                 tid: 1,
                 python_context: 0,
+                process_name: ProcessName::default(),
             },
             message(s, 11, Direction::Ingress, 2, b"GET / HTTP/1.1\r\n\r\n"),
             message(c, 7, Direction::Egress, 1, b"GET / HTTP/1.1\r\n\r\n"),
@@ -629,11 +631,13 @@ fn server_answers_first(correlator: &mut Correlator, id: u64) -> Vec<Span> {
                 connection: c,
                 tid: 1,
                 python_context: 0,
+                process_name: ProcessName::default(),
             },
             CaptureEvent::Opened {
                 connection: s,
                 tid: 1,
                 python_context: 0,
+                process_name: ProcessName::default(),
             },
             message(s, 11, Direction::Ingress, 2, b"GET / HTTP/1.1\r\n\r\n"),
             message(s, 11, Direction::Egress, 3, OK),
@@ -893,11 +897,13 @@ fn a_call_made_before_the_local_client_is_seen_gets_no_parent() {
                 connection: c,
                 tid: 1,
                 python_context: 0,
+                process_name: ProcessName::default(),
             },
             CaptureEvent::Opened {
                 connection: s,
                 tid: 1,
                 python_context: 0,
+                process_name: ProcessName::default(),
             },
             message(s, 11, Direction::Ingress, 2, b"GET / HTTP/1.1\r\n\r\n"),
             message(u, 11, Direction::Egress, 3, b"GET /back HTTP/1.1\r\n\r\n"),
@@ -991,11 +997,13 @@ fn a_forwarded_traceparent_gives_the_forwarder_a_span_of_its_own() {
                 connection: upstream,
                 tid: 1,
                 python_context: 0,
+                process_name: ProcessName::default(),
             },
             CaptureEvent::Opened {
                 connection: backend,
                 tid: 1,
                 python_context: 0,
+                process_name: ProcessName::default(),
             },
             message(inbound, 21, Direction::Ingress, 1, request.as_bytes()),
         ];

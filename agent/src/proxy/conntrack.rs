@@ -43,8 +43,39 @@ const IPPROTO_TCP: u8 = 6;
 /// its port. None when conntrack cannot say (no such entry, no
 /// ctnetlink); the caller keeps `peer` then.
 pub fn original_source(local: SocketAddr, peer: SocketAddr) -> Option<SocketAddr> {
-    let request = get_request(local, peer)?;
-    let socket = netlink_socket()?;
+    thread_local! {
+        // One socket per proxy thread, kept: a connection costs a send and
+        // a receive, not a socket's life.
+        static SOCKET: std::cell::RefCell<Option<(OwnedFd, u32)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    SOCKET.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if cell.is_none() {
+            *cell = netlink_socket().map(|socket| (socket, 0));
+        }
+        let (socket, sequence) = cell.as_mut()?;
+        *sequence = sequence.wrapping_add(1);
+        let found = ask(socket, *sequence, local, peer);
+        if found.is_err() {
+            // A socket in an unknown state is not reused.
+            *cell = None;
+        }
+        found.ok().flatten()
+    })
+}
+
+/// Sends the GET numbered `sequence` and reads its answer: Ok(None) when
+/// conntrack has no such entry, Err when the socket failed.
+fn ask(
+    socket: &OwnedFd,
+    sequence: u32,
+    local: SocketAddr,
+    peer: SocketAddr,
+) -> Result<Option<SocketAddr>, ()> {
+    let Some(request) = get_request(local, peer, sequence) else {
+        return Ok(None);
+    };
     // SAFETY: a valid fd and a buffer of the stated length.
     let sent = unsafe {
         libc::send(
@@ -55,23 +86,30 @@ pub fn original_source(local: SocketAddr, peer: SocketAddr) -> Option<SocketAddr
         )
     };
     if sent != request.len() as isize {
-        return None;
+        return Err(());
     }
     let mut reply = [0u8; 4096];
-    // SAFETY: a valid fd and a writable buffer of the stated length; the
-    // kernel answers a GET before `send` returns.
-    let received = unsafe {
-        libc::recv(
-            socket.as_raw_fd(),
-            reply.as_mut_ptr().cast(),
-            reply.len(),
-            libc::MSG_DONTWAIT,
-        )
-    };
-    if received <= 0 {
-        return None;
+    // The kernel answers a GET before `send` returns; an answer to an
+    // earlier request (none is expected) is skipped by its number.
+    for _ in 0..4 {
+        // SAFETY: a valid fd and a writable buffer of the stated length.
+        let received = unsafe {
+            libc::recv(
+                socket.as_raw_fd(),
+                reply.as_mut_ptr().cast(),
+                reply.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if received < 20 {
+            return Err(());
+        }
+        let reply = &reply[..received as usize];
+        if u32::from_ne_bytes(reply[8..12].try_into().map_err(|_| ())?) == sequence {
+            return Ok(parse_reply(reply));
+        }
     }
-    parse_reply(&reply[..received as usize])
+    Err(())
 }
 
 /// A netlink socket to ctnetlink, connected to the kernel.
@@ -105,7 +143,7 @@ fn netlink_socket() -> Option<OwnedFd> {
 
 /// The ctnetlink GET message for the entry whose reply tuple is
 /// `local` -> `peer` (TCP). None for mixed families.
-fn get_request(local: SocketAddr, peer: SocketAddr) -> Option<Vec<u8>> {
+fn get_request(local: SocketAddr, peer: SocketAddr, sequence: u32) -> Option<Vec<u8>> {
     let (family, src_type, dst_type) = match (local.ip(), peer.ip()) {
         (IpAddr::V4(_), IpAddr::V4(_)) => (libc::AF_INET as u8, CTA_IP_V4_SRC, CTA_IP_V4_DST),
         (IpAddr::V6(_), IpAddr::V6(_)) => (libc::AF_INET6 as u8, CTA_IP_V6_SRC, CTA_IP_V6_DST),
@@ -131,7 +169,7 @@ fn get_request(local: SocketAddr, peer: SocketAddr) -> Option<Vec<u8>> {
     message.extend_from_slice(&((16 + payload.len()) as u32).to_ne_bytes());
     message.extend_from_slice(&CT_GET.to_ne_bytes());
     message.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
-    message.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    message.extend_from_slice(&sequence.to_ne_bytes());
     message.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel assigns
     message.extend_from_slice(&payload);
     Some(message)
@@ -208,7 +246,8 @@ mod tests {
     fn the_request_names_the_reply_tuple() {
         let local: SocketAddr = "10.0.0.1:15001".parse().unwrap();
         let peer: SocketAddr = "10.0.0.9:40001".parse().unwrap();
-        let message = get_request(local, peer).unwrap();
+        let message = get_request(local, peer, 7).unwrap();
+        assert_eq!(u32::from_ne_bytes(message[8..12].try_into().unwrap()), 7);
         assert_eq!(
             u32::from_ne_bytes(message[0..4].try_into().unwrap()) as usize,
             message.len()
@@ -236,7 +275,7 @@ mod tests {
                 (CTA_PROTO_DST_PORT, &40001u16.to_be_bytes()[..]),
             ]
         );
-        assert!(get_request(local, "[::1]:1".parse().unwrap()).is_none());
+        assert!(get_request(local, "[::1]:1".parse().unwrap(), 1).is_none());
     }
 
     #[test]
