@@ -24,6 +24,12 @@ try mount -t tmpfs tmpfs /run
 # must on hosts that do not mount it at boot, and the tests exercise that.
 try mount -t bpf bpf /sys/fs/bpf
 try mount -t cgroup2 cgroup2 /sys/fs/cgroup
+# The first memory cgroup turns a static key on, which patches the kernel's
+# text while it runs; under qemu's emulation a CPU inside the patched code
+# then oopses (seen once: an int3 in kmem_cache_alloc_lru while a test made
+# its memory cgroup). Turned on here, before anything runs.
+try sh -c 'echo +memory > /sys/fs/cgroup/cgroup.subtree_control'
+try mkdir -p /sys/fs/cgroup/boot
 try ip link set lo up
 hostname vm-test
 # Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
