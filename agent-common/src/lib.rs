@@ -93,7 +93,10 @@ pub const AF_INET6: u16 = 10;
 ///
 /// IPv4 addresses sit in the first four bytes of `local_addr`/`remote_addr`.
 /// Ports are in host byte order.
-#[repr(C)]
+// Aligned to 4 (its layout is unchanged): the kernel programs copy it into
+// every record, and the eBPF backend turns a copy of a 2-aligned struct
+// into a call to a byte-by-byte loop.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnTuple {
     /// `AF_INET` or `AF_INET6`.

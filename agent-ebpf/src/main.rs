@@ -141,6 +141,18 @@ const IPPROTO_TCP: u16 = 6;
 const MSGHDR_IOV: u64 = 16;
 const MSGHDR_IOVLEN: u64 = 24;
 
+/// Reads the syscall tracepoint field at `offset` straight from the
+/// record the kernel passes in: the verifier allows aligned loads from a
+/// tracepoint's context, and `read_at` would go through
+/// `bpf_probe_read_kernel`, a helper call with its own fault handling, on
+/// every syscall.
+#[inline(always)]
+fn tp_field(ctx: &TracePointContext, offset: usize) -> u64 {
+    // SAFETY: `offset` is one of the 8-byte aligned slots above, inside the
+    // syscall tracepoint record.
+    unsafe { *((ctx.as_ptr() as *const u8).add(offset) as *const u64) }
+}
+
 #[inline(always)]
 fn count(index: u32, n: u64) {
     if let Some(slot) = COUNTERS.get_ptr_mut(index) {
@@ -306,15 +318,13 @@ fn on_data_enter(
     syscall: Syscall,
     shape: BufferShape,
     peek_flags_at: usize,
+    direction: Direction,
 ) {
     let Some(cfg) = config() else { return };
     let Some((pid_tgid, pid)) = traced_pid(cfg) else {
         return;
     };
-    // SAFETY: offsets are the stable syscall tracepoint layout.
-    let Ok(fd) = (unsafe { ctx.read_at::<i64>(ARG0) }) else {
-        return;
-    };
+    let fd = tp_field(ctx, ARG0) as i64;
     let key = ConnKey { pid, fd: fd as i32 };
     let Some(conn) = lookup_conn(ctx, &key, cfg) else {
         return;
@@ -325,27 +335,26 @@ fn on_data_enter(
         return;
     }
     if peek_flags_at != NO_PEEK_FLAGS {
-        let at = peek_flags_at;
         // A peek is read again later; copying it would duplicate bytes.
-        // SAFETY: stable layout.
-        if let Ok(flags) = unsafe { ctx.read_at::<u64>(at) }
-            && flags & MSG_PEEK != 0
-        {
+        if tp_field(ctx, peek_flags_at) & MSG_PEEK != 0 {
             return;
         }
     }
-    // SAFETY: stable layout.
-    let buffer = unsafe { ctx.read_at::<u64>(ARG1) }.unwrap_or(0);
+    let buffer = tp_field(ctx, ARG1);
     let iov_count = if shape == BufferShape::Iovec {
-        // SAFETY: stable layout.
-        unsafe { ctx.read_at::<u64>(ARG2) }.unwrap_or(0)
+        tp_field(ctx, ARG2)
     } else {
         0
     };
     let call = InflightCall {
         buffer,
-        // SAFETY: helper call with no arguments.
-        enter_ns: unsafe { bpf_ktime_get_ns() },
+        // Only a send is stamped when it began (see `on_data_exit`).
+        enter_ns: if direction == Direction::Egress {
+            // SAFETY: helper call with no arguments.
+            unsafe { bpf_ktime_get_ns() }
+        } else {
+            0
+        },
         iov_count,
         fd: fd as i32,
         syscall: syscall as u8,
@@ -411,8 +420,8 @@ fn first_segment(call: &InflightCall, shape: BufferShape) -> Option<(u64, u64)> 
                 return None;
             }
             // SAFETY: user pointer read through the checked helper.
-            let base: u64 = unsafe { bpf_probe_read_user(iov as *const u64) }.ok()?;
-            let len: u64 = unsafe { bpf_probe_read_user((iov + 8) as *const u64) }.ok()?;
+            let [base, len]: [u64; 2] =
+                unsafe { bpf_probe_read_user(iov as *const [u64; 2]) }.ok()?;
             Some((base, len))
         }
     }
@@ -510,10 +519,11 @@ fn copy_iovecs(event: *mut DataEvent, iov: u64, iov_count: u64, captured: u32) -
         if copied >= captured || index >= iov_count {
             break;
         }
-        let entry = iov + index * 16;
+        // One read per `struct iovec { base, len }`: each helper call costs
+        // more than the bytes it moves.
         // SAFETY: user pointers read through the checked helper.
-        let base: u64 = unsafe { bpf_probe_read_user(entry as *const u64) }.ok()?;
-        let len: u64 = unsafe { bpf_probe_read_user((entry + 8) as *const u64) }.ok()?;
+        let [base, len]: [u64; 2] =
+            unsafe { bpf_probe_read_user((iov + index * 16) as *const [u64; 2]) }.ok()?;
         let remaining = (captured - copied) as u64;
         let take = clamp_len(if len > remaining { remaining } else { len });
         if take > 0 && !copy_user(event, copied, base, take) {
@@ -527,12 +537,16 @@ fn copy_iovecs(event: *mut DataEvent, iov: u64, iov_count: u64, captured: u32) -
     Some(copied)
 }
 
-/// `bpf_ringbuf_output` flags: wake user space only when enough waits in
-/// the ring, or for a request the proxy waits on. A wake-up per record is an
-/// interrupt per record (in a VM, an exit to the hypervisor each); user
-/// space drains the rest on a short timer.
+/// `bpf_ringbuf_output` flags for a record of `len` bytes: wake user space
+/// once per `wakeup_bytes` written into the ring (when the data waiting
+/// crosses a multiple of it), or for a record the proxy waits on. A wake-up
+/// is an interrupt on this CPU (in a VM, an exit to the hypervisor each):
+/// one per record, or one per record while the ring holds more than the
+/// threshold, costs more than the rest of the probe. User space drains the
+/// rest on a short timer, so a wake-up lost to a race with another CPU only
+/// delays records by that timer.
 #[inline(always)]
-fn wakeup_flags(urgent: bool) -> u64 {
+fn wakeup_flags(urgent: bool, len: u64) -> u64 {
     const NO_WAKEUP: u64 = 1; // BPF_RB_NO_WAKEUP
     const FORCE_WAKEUP: u64 = 2; // BPF_RB_FORCE_WAKEUP
     const AVAIL_DATA: u64 = 0; // BPF_RB_AVAIL_DATA
@@ -540,7 +554,11 @@ fn wakeup_flags(urgent: bool) -> u64 {
         return FORCE_WAKEUP;
     }
     let threshold = config().map_or(0, |c| c.wakeup_bytes) as u64;
-    if EVENTS.query(AVAIL_DATA) >= threshold {
+    if threshold == 0 {
+        return FORCE_WAKEUP;
+    }
+    let waiting = EVENTS.query(AVAIL_DATA);
+    if waiting / threshold != (waiting + len) / threshold {
         FORCE_WAKEUP
     } else {
         NO_WAKEUP
@@ -575,7 +593,10 @@ fn send_record(event: *mut DataEvent, payload_len: u32) {
     };
     // SAFETY: the header is at the start of the scratch value.
     let urgent = wakes_at_once(unsafe { &(*event).header });
-    if EVENTS.output(record, wakeup_flags(urgent)).is_err() {
+    if EVENTS
+        .output(record, wakeup_flags(urgent, record.len() as u64))
+        .is_err()
+    {
         count(counter::DROP_RINGBUF_FULL, 1);
     } else {
         count(counter::RECORDS_SENT, 1);
@@ -668,7 +689,10 @@ fn send_python_record(kind: EventKind, context: u64, copy: u64) {
         python_context: context,
         python_context_copy: copy,
     };
-    if EVENTS.output(&header, wakeup_flags(false)).is_err() {
+    if EVENTS
+        .output(&header, wakeup_flags(false, EVENT_HEADER_SIZE as u64))
+        .is_err()
+    {
         count(counter::DROP_RINGBUF_FULL, 1);
     } else {
         count(counter::RECORDS_SENT, 1);
@@ -706,6 +730,22 @@ pub fn python_context_enter(ctx: ProbeContext) -> u32 {
     0
 }
 
+/// Copies a connection's tuple word by word. A plain assignment becomes a
+/// call to the eBPF `memmove`, a loop of 40 byte copies on every record; the
+/// volatile accesses keep LLVM from turning the words back into that call.
+#[inline(always)]
+fn copy_tuple(dst: &mut ConnTuple, src: &ConnTuple) {
+    const WORDS: usize = core::mem::size_of::<ConnTuple>() / 4;
+    let dst = dst as *mut ConnTuple as *mut u32;
+    let src = src as *const ConnTuple as *const u32;
+    for word in 0..WORDS {
+        // SAFETY: `ConnTuple` is 4-aligned and WORDS words long.
+        unsafe {
+            core::ptr::write_volatile(dst.add(word), core::ptr::read_volatile(src.add(word)))
+        };
+    }
+}
+
 /// Fills the common header fields of a record.
 #[inline(always)]
 fn fill_header(
@@ -728,11 +768,15 @@ fn fill_header(
     header.syscall = syscall;
     header.flags = 0;
     header._pad = [0; 3];
-    header.tuple = conn.tuple;
+    copy_tuple(&mut header.tuple, &conn.tuple);
     header.message_len = 0;
     header.captured_len = 0;
-    header.python_context = 0;
-    header.python_context_copy = 0;
+    // Volatile for the reason of `copy_tuple` (here a call to `memset`).
+    // SAFETY: plain stores through valid references.
+    unsafe {
+        core::ptr::write_volatile(&mut header.python_context, 0);
+        core::ptr::write_volatile(&mut header.python_context_copy, 0);
+    }
 }
 
 #[inline(always)]
@@ -741,10 +785,7 @@ fn on_data_exit(ctx: &TracePointContext, direction: Direction, shape: BufferShap
     let Some(call) = take_inflight(pid_tgid) else {
         return;
     };
-    // SAFETY: stable layout.
-    let Ok(ret) = (unsafe { ctx.read_at::<i64>(RET) }) else {
-        return;
-    };
+    let ret = tp_field(ctx, RET) as i64;
     if ret <= 0 {
         return;
     }
@@ -869,10 +910,7 @@ fn on_connect_enter(ctx: &TracePointContext) {
     let Some((pid_tgid, _)) = traced_pid(cfg) else {
         return;
     };
-    // SAFETY: stable layout.
-    let Ok(fd) = (unsafe { ctx.read_at::<i64>(ARG0) }) else {
-        return;
-    };
+    let fd = tp_field(ctx, ARG0) as i64;
     let call = InflightCall {
         buffer: 0,
         enter_ns: 0,
@@ -911,10 +949,7 @@ fn on_connect_exit(ctx: &TracePointContext) {
     let Some(call) = take_inflight(pid_tgid) else {
         return;
     };
-    // SAFETY: stable layout.
-    let Ok(ret) = (unsafe { ctx.read_at::<i64>(RET) }) else {
-        return;
-    };
+    let ret = tp_field(ctx, RET) as i64;
     if ret == 0 || ret == -EINPROGRESS {
         on_connection_established(ctx, call.fd, Role::Client);
     }
@@ -922,10 +957,7 @@ fn on_connect_exit(ctx: &TracePointContext) {
 
 #[inline(always)]
 fn on_accept_exit(ctx: &TracePointContext) {
-    // SAFETY: stable layout.
-    let Ok(ret) = (unsafe { ctx.read_at::<i64>(RET) }) else {
-        return;
-    };
+    let ret = tp_field(ctx, RET) as i64;
     if ret >= 0 {
         on_connection_established(ctx, ret as i32, Role::Server);
     }
@@ -937,10 +969,7 @@ fn on_close_enter(ctx: &TracePointContext) {
     let Some((_, pid)) = traced_pid(cfg) else {
         return;
     };
-    // SAFETY: stable layout.
-    let Ok(fd) = (unsafe { ctx.read_at::<i64>(ARG0) }) else {
-        return;
-    };
+    let fd = tp_field(ctx, ARG0) as i64;
     let key = ConnKey { pid, fd: fd as i32 };
     if let Some(conn) = CONNS.get_ptr(&key) {
         // SAFETY: map value pointer valid for this run.
@@ -958,7 +987,7 @@ macro_rules! data_probes {
     ($enter:ident, $exit:ident, $syscall:expr, $shape:expr, $peek:expr, $direction:expr) => {
         #[tracepoint]
         pub fn $enter(ctx: TracePointContext) -> u32 {
-            on_data_enter(&ctx, $syscall, $shape, $peek);
+            on_data_enter(&ctx, $syscall, $shape, $peek, $direction);
             0
         }
 

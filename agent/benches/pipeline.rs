@@ -206,8 +206,40 @@ fn pipeline(records: &[Vec<u8>]) -> usize {
     bytes + encoded.len()
 }
 
+/// Decode and correlate only (spans built, nothing encoded): what every
+/// exchange costs before an output sees it. Returns the spans built.
+fn correlate_only(records: &[Vec<u8>], percentage: f64) -> usize {
+    let mut decoder = RecordDecoder::new();
+    let processes = ProcessTable::new("/nonexistent-proc", ProcessFilter::default());
+    let mut correlator = Correlator::new(
+        Sampler::new(percentage, true).unwrap(),
+        SpanSettings::default(),
+        processes,
+    );
+    let mut spans = Vec::with_capacity(BATCH * 2);
+    let mut built = 0;
+    for record in records {
+        let event: CaptureEvent = decoder.decode(record).expect("valid record");
+        correlator.handle(&event, &mut spans);
+        built += spans.len();
+        spans.clear();
+    }
+    correlator.finish(&mut spans);
+    built + spans.len()
+}
+
 fn bench(c: &mut Criterion) {
     let records = recorded_traffic();
+    for percentage in [100.0, 10.0] {
+        let before = ALLOCATIONS.load(Ordering::Relaxed);
+        let built = correlate_only(&records, percentage);
+        let allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;
+        println!(
+            "pipeline: decode and correlate only, sampling {percentage}%: {built} spans built, \
+             {:.2} allocations per event",
+            allocations as f64 / records.len() as f64,
+        );
+    }
     let before = ALLOCATIONS.load(Ordering::Relaxed);
     let bytes = pipeline(&records);
     let allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;

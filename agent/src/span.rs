@@ -90,8 +90,9 @@ pub enum SpanStatus {
 /// An attribute value.
 #[derive(Clone, Debug, PartialEq)]
 pub enum AttributeValue {
-    /// A string.
-    String(String),
+    /// A string; borrowed when static (a known method, `http`), so that
+    /// building a span allocates only what the exchange made up.
+    String(Cow<'static, str>),
     /// An integer.
     Int(i64),
 }
@@ -108,7 +109,7 @@ pub struct Attribute {
 
 impl Attribute {
     /// A string attribute.
-    pub fn string(key: impl Into<Cow<'static, str>>, value: impl Into<String>) -> Self {
+    pub fn string(key: impl Into<Cow<'static, str>>, value: impl Into<Cow<'static, str>>) -> Self {
         Self {
             key: key.into(),
             value: AttributeValue::String(value.into()),
@@ -175,7 +176,7 @@ impl Span {
             .iter()
             .find(|a| a.key == key)
             .map(|a| match &a.value {
-                AttributeValue::String(s) => s.clone(),
+                AttributeValue::String(s) => s.to_string(),
                 AttributeValue::Int(i) => i.to_string(),
             })
     }

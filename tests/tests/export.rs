@@ -168,7 +168,7 @@ fn our_attributes(attributes: &[Attribute]) -> BTreeSet<(String, Val)> {
         .iter()
         .map(|a| {
             let value = match &a.value {
-                AttributeValue::String(s) => Val::Str(s.clone()),
+                AttributeValue::String(s) => Val::Str(s.to_string()),
                 AttributeValue::Int(i) => Val::Int(*i),
             };
             (a.key.to_string(), value)

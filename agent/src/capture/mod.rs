@@ -12,7 +12,7 @@ pub mod kernel_offsets;
 pub mod probes;
 pub mod python;
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
@@ -121,7 +121,7 @@ impl Capture {
                     decoder: RecordDecoder::new(),
                     user,
                     to_watcher,
-                    seen_pids: HashMap::new(),
+                    seen_pids: HashMap::default(),
                 },
                 drain: {
                     let mut drain = tokio::time::interval(DRAIN_EVERY);
@@ -270,7 +270,7 @@ fn spawn_python_watcher(
     std::thread::Builder::new()
         .name("python-watch".into())
         .spawn(move || {
-            let mut known = std::collections::HashSet::new();
+            let mut known = std::collections::HashSet::default();
             let mut last_scan = Instant::now() - PROCESS_SCAN_INTERVAL;
             let mut last_sweep = Instant::now();
             loop {

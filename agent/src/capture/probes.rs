@@ -71,9 +71,10 @@ pub struct ProbeSettings {
     pub wake_ports: Vec<u16>,
 }
 
-/// Bytes waiting in the ring that wake the reader (see `wakeup_flags` in
-/// the kernel programs): a few hundred records, well under the ring's size.
-pub const WAKEUP_BYTES: u32 = 64 << 10;
+/// The reader is woken once each time this many more bytes wait in the ring
+/// (see `wakeup_flags` in the kernel programs): a few hundred records, well
+/// under the ring's size.
+pub const WAKEUP_BYTES: u32 = 1 << 20;
 
 impl Default for ProbeSettings {
     fn default() -> Self {

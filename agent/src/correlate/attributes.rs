@@ -3,8 +3,8 @@
 
 use std::net::SocketAddr;
 
-use crate::http::{Exchange, RequestHead};
-use crate::span::{Attribute, SpanKind, SpanStatus};
+use crate::http::Exchange;
+use crate::span::{Attribute, AttributeValue, SpanKind, SpanStatus};
 
 /// Choices about what spans record, from the configuration.
 #[derive(Clone, Debug)]
@@ -76,36 +76,53 @@ fn looks_like_id(segment: &str) -> bool {
 
 /// `url.query` with the values of sensitive parameters replaced.
 pub fn redact_query(query: &str, sensitive: &[String]) -> String {
-    query
-        .split('&')
-        .map(|pair| match pair.split_once('=') {
+    let mut out = String::with_capacity(query.len());
+    for (i, pair) in query.split('&').enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        match pair.split_once('=') {
             Some((name, _)) if sensitive.iter().any(|s| s.eq_ignore_ascii_case(name)) => {
-                format!("{name}=REDACTED")
+                out.push_str(name);
+                out.push_str("=REDACTED");
             }
-            _ => pair.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join("&")
-}
-
-/// The span name: `{method} {route}` when a route is known, else `{method}`.
-pub fn span_name(request: &RequestHead, settings: &SpanSettings) -> String {
-    let method = normalized_method(&request.method);
-    if settings.route_heuristic {
-        let (path, _) = split_target(&request.target);
-        if path.starts_with('/') {
-            return format!("{method} {}", heuristic_route(path));
+            _ => out.push_str(pair),
         }
     }
-    method.to_string()
+    out
 }
 
-fn normalized_method(method: &str) -> &str {
-    if KNOWN_METHODS.contains(&method) {
-        method
-    } else {
-        "_OTHER"
+/// The span name, `{method} {route}` when a route is known, else
+/// `{method}`, from the attributes [`attributes`] gave the exchange (the
+/// route is derived once, for both).
+pub fn span_name_from(attributes: &[Attribute]) -> String {
+    let text = |key: &str| {
+        attributes.iter().find_map(|a| match &a.value {
+            AttributeValue::String(s) if a.key == key => Some(s.as_ref()),
+            _ => None,
+        })
+    };
+    let method = text("http.request.method").unwrap_or("_OTHER");
+    match text("http.route") {
+        Some(route) => {
+            let mut name = String::with_capacity(method.len() + 1 + route.len());
+            name.push_str(method);
+            name.push(' ');
+            name.push_str(route);
+            name
+        }
+        None => method.to_owned(),
     }
+}
+
+/// The method as the conventions name it: a known method (the static
+/// string, so that the attribute does not allocate) or `_OTHER`.
+fn normalized_method(method: &str) -> &'static str {
+    KNOWN_METHODS
+        .iter()
+        .find(|known| **known == method)
+        .copied()
+        .unwrap_or("_OTHER")
 }
 
 /// Path and query of a request target; absolute-form targets (proxies) give
@@ -161,16 +178,16 @@ pub fn attributes(
 ) -> Vec<Attribute> {
     let request = &exchange.request;
     let mut out = Vec::with_capacity(16);
-    let method = normalized_method(&request.method);
+    let method = normalized_method(request.method());
     out.push(Attribute::string("http.request.method", method));
     if method == "_OTHER" {
         out.push(Attribute::string(
             "http.request.method_original",
-            request.method.clone(),
+            request.method().to_owned(),
         ));
     }
-    let (path, query) = split_target(&request.target);
-    out.push(Attribute::string("url.path", path));
+    let (path, query) = split_target(request.target());
+    out.push(Attribute::string("url.path", path.to_owned()));
     if let Some(query) = query {
         out.push(Attribute::string(
             "url.query",
@@ -189,7 +206,10 @@ pub fn attributes(
     }
     out.push(Attribute::string(
         "network.protocol.version",
-        format!("1.{}", request.minor_version),
+        match request.minor_version {
+            0 => "1.0",
+            _ => "1.1",
+        },
     ));
 
     // server.* names the server as the client addressed it (Host), falling
@@ -229,7 +249,7 @@ pub fn attributes(
     if let Some(agent) = request.header("user-agent") {
         out.push(Attribute::string(
             "user_agent.original",
-            String::from_utf8_lossy(agent),
+            String::from_utf8_lossy(agent).into_owned(),
         ));
     }
     for name in &settings.request_headers {

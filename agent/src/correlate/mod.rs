@@ -36,7 +36,8 @@ pub mod proxy_contexts;
 pub mod python_contexts;
 pub mod runtime;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use foldhash::{HashMap, HashSet};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 
 use crate::capture::{
@@ -229,7 +230,8 @@ const IDLE_EVICTION_NS: u64 = 120 * 1_000_000_000;
 /// The correlate stage's state: connections, the threads serving inbound
 /// requests, id generation, sampling and process resources.
 pub struct Correlator {
-    connections: HashMap<ConnectionId, ConnectionState>,
+    /// Boxed: a state moves out of the table and back for every message.
+    connections: HashMap<ConnectionId, Box<ConnectionState>>,
     /// (local, remote) -> connection, to find the other end of a local connection.
     by_addresses: HashMap<(SocketAddr, SocketAddr), ConnectionId>,
     /// (pid, tid) -> context of the inbound request that thread serves.
@@ -288,13 +290,13 @@ impl Correlator {
     /// A correlator with the given sampling, span settings and process table.
     pub fn new(sampler: Sampler, settings: SpanSettings, processes: ProcessTable) -> Self {
         Self {
-            connections: HashMap::new(),
-            by_addresses: HashMap::new(),
-            serving: HashMap::new(),
-            concurrent: HashSet::new(),
+            connections: HashMap::default(),
+            by_addresses: HashMap::default(),
+            serving: HashMap::default(),
+            concurrent: HashSet::default(),
             python: PythonContexts::new(),
-            inbound_from_wire: HashMap::new(),
-            forwarding_calls: HashMap::new(),
+            inbound_from_wire: HashMap::default(),
+            forwarding_calls: HashMap::default(),
             ids: IdGenerator::new(),
             sampler,
             processes,
@@ -408,8 +410,10 @@ impl Correlator {
                     .resource_named(connection.pid, process_name.as_str());
                 // A reused id cannot happen (ids are unique); a stale entry
                 // for the same fd is keyed by another id and ages out.
-                self.connections
-                    .insert(connection.id, ConnectionState::new(*connection, 0));
+                self.connections.insert(
+                    connection.id,
+                    Box::new(ConnectionState::new(*connection, 0)),
+                );
                 // Known at once, so the other end on this node can tell a
                 // local client will come (see `thread_parent`).
                 self.by_addresses
@@ -444,18 +448,21 @@ impl Correlator {
         self.python
             .thread_event(message.connection.pid, message.tid);
         let id = message.connection.id;
-        if !self.connections.contains_key(&id) {
-            self.make_room(message.timestamp_ns);
-        }
-        let mut state = self
-            .untrack(id)
-            .unwrap_or_else(|| ConnectionState::new(message.connection, message.timestamp_ns));
+        // Out of the table while it is worked on (its address entry stays).
+        let (mut state, known) = match self.connections.remove(&id) {
+            Some(state) => (state, true),
+            None => {
+                self.make_room(message.timestamp_ns);
+                let state = ConnectionState::new(message.connection, message.timestamp_ns);
+                (Box::new(state), false)
+            }
+        };
         state.last_activity_ns = message.timestamp_ns;
 
         let Some(request_direction) = state.request_direction_for(message) else {
             // Not yet known which side asks: wait for a message that starts
             // with a request line.
-            self.track(state);
+            self.keep(state, known);
             return;
         };
         let stream = if message.direction == request_direction {
@@ -494,29 +501,38 @@ impl Correlator {
         if state.http.is_broken() {
             self.counters.broken_connections += 1;
             self.release_all(&state);
+            self.forget_addresses(&state.connection);
             return; // forgotten: nothing more to learn from it
         }
-        self.track(state);
+        self.keep(state, known);
     }
 
-    fn track(&mut self, state: ConnectionState) {
+    /// Puts a connection's state (back) in the table; `known`: it was
+    /// there (or opened) before this message, with its address entry.
+    fn keep(&mut self, state: Box<ConnectionState>, known: bool) {
         let c = state.connection;
-        if !self.connections.contains_key(&c.id) {
+        if !known {
             // Read the process now: a short-lived client (curl) may be gone
             // by the time its span ends.
             let _ = self.processes.resource(c.pid);
+            self.by_addresses.insert((c.local, c.remote), c.id);
         }
-        self.by_addresses.insert((c.local, c.remote), c.id);
         self.connections.insert(c.id, state);
     }
 
-    fn untrack(&mut self, id: ConnectionId) -> Option<ConnectionState> {
+    fn untrack(&mut self, id: ConnectionId) -> Option<Box<ConnectionState>> {
         let state = self.connections.remove(&id)?;
-        let key = (state.connection.local, state.connection.remote);
-        if self.by_addresses.get(&key) == Some(&id) {
+        self.forget_addresses(&state.connection);
+        Some(state)
+    }
+
+    /// Removes the address entry of `connection`, unless a newer
+    /// connection took its addresses since.
+    fn forget_addresses(&mut self, connection: &Connection) {
+        let key = (connection.local, connection.remote);
+        if self.by_addresses.get(&key) == Some(&connection.id) {
             self.by_addresses.remove(&key);
         }
-        Some(state)
     }
 
     /// Whether both ends of `connection` were seen from their start, so
@@ -831,11 +847,7 @@ impl Correlator {
 
     fn server_context(&mut self, head: &RequestHead, tid: u32) -> RequestContext {
         let span_id = self.ids.span_id();
-        match tracecontext::extract(
-            head.headers
-                .iter()
-                .map(|h| (h.name.as_str(), h.value.as_slice())),
-        ) {
+        match tracecontext::extract(head.headers.iter()) {
             Some(parent) => {
                 let sampled = self.sampler.should_sample(
                     parent.traceparent.trace_id,
@@ -872,11 +884,7 @@ impl Correlator {
         tid: u32,
         python_context: u64,
     ) -> RequestContext {
-        if let Some(wire) = tracecontext::extract(
-            head.headers
-                .iter()
-                .map(|h| (h.name.as_str(), h.value.as_slice())),
-        ) {
+        if let Some(wire) = tracecontext::extract(head.headers.iter()) {
             let received = (wire.traceparent.trace_id, wire.traceparent.parent_id);
             if let Some(forwarded) = self.inbound_from_wire.get(&(pid, received.0, received.1)) {
                 // The process forwards the traceparent one of its inbound
@@ -1040,7 +1048,7 @@ impl Correlator {
                 parent_span_id: context.parent_span_id,
                 trace_state: context.trace_state,
                 flags: context.flags,
-                name: attributes::span_name(&exchange.request, &self.settings),
+                name: attributes::span_name_from(&attributes),
                 kind: context.kind,
                 start_unix_nano: self.to_unix(exchange.request_start_ns),
                 end_unix_nano: self.to_unix(end_ns),
@@ -1228,7 +1236,7 @@ fn forwarder_of(client: &RequestContext, server: &RequestContext) -> Option<Span
 
 /// The requests open on server connection `id`.
 fn open_server_requests(
-    connections: &HashMap<ConnectionId, ConnectionState>,
+    connections: &HashMap<ConnectionId, Box<ConnectionState>>,
     id: ConnectionId,
 ) -> OpenRequests {
     let Some(state) = connections.get(&id) else {

@@ -1,7 +1,7 @@
 //! The OpenTelemetry resource of a traced process, read from /proc once per
 //! process and cached.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -87,7 +87,15 @@ pub struct ProcessTable {
     filter: ProcessFilter,
     resources: HashMap<u32, Option<Arc<Resource>>>,
     runtimes: HashMap<u32, Runtime>,
+    /// Processes that could not be read, and when (monotonic ns): tried
+    /// again only after [`RETRY_UNREADABLE_NS`].
+    unreadable: HashMap<u32, u64>,
 }
+
+/// How long a process that could not be read (exited, or still starting)
+/// is taken as [`Runtime::Unknown`] before /proc is read again. Without it,
+/// every exchange of a process that is gone read /proc three times.
+const RETRY_UNREADABLE_NS: u64 = 250_000_000;
 
 /// Processes remembered at most; when full, a table starts over.
 pub(crate) const MAX_PROCESSES: usize = 65_536;
@@ -103,8 +111,9 @@ impl ProcessTable {
             proc_root,
             host_name,
             filter,
-            resources: HashMap::new(),
-            runtimes: HashMap::new(),
+            resources: HashMap::default(),
+            runtimes: HashMap::default(),
+            unreadable: HashMap::default(),
         }
     }
 
@@ -116,10 +125,24 @@ impl ProcessTable {
         if self.runtimes.len() >= MAX_PROCESSES {
             self.runtimes.clear();
         }
+        let now = crate::clock::monotonic_ns();
+        if self
+            .unreadable
+            .get(&pid)
+            .is_some_and(|&at| now.saturating_sub(at) < RETRY_UNREADABLE_NS)
+        {
+            return Runtime::Unknown;
+        }
         let runtime = runtime::read(&self.proc_root, pid);
         // An unreadable process may be readable later (it may still be
-        // starting); only what was read is kept.
-        if runtime != Runtime::Unknown {
+        // starting): it is read again after a while.
+        if runtime == Runtime::Unknown {
+            if self.unreadable.len() >= MAX_PROCESSES {
+                self.unreadable.clear();
+            }
+            self.unreadable.insert(pid, now);
+        } else {
+            self.unreadable.remove(&pid);
             self.runtimes.insert(pid, runtime);
         }
         runtime
@@ -149,6 +172,7 @@ impl ProcessTable {
     pub fn forget(&mut self, pid: u32) {
         self.resources.remove(&pid);
         self.runtimes.remove(&pid);
+        self.unreadable.remove(&pid);
     }
 
     fn traced(&self, info: &ProcessInfo) -> bool {

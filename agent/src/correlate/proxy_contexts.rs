@@ -10,7 +10,7 @@
 //! The check-and-record is one step under a lock, so the two can never
 //! decide differently.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -42,7 +42,7 @@
 //! Contexts are named by address, which a later context may reuse: every
 //! copy names a new one and replaces what was known of that address.
 
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashSet};
 
 use crate::capture::ConnectionId;
 

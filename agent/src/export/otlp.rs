@@ -404,7 +404,7 @@ pub fn sdk_resource(resource: &Resource) -> opentelemetry_sdk::Resource {
 
 fn value(value: &AttributeValue) -> Value {
     match value {
-        AttributeValue::String(s) => Value::from(s.clone()),
+        AttributeValue::String(s) => Value::from(s.to_string()),
         AttributeValue::Int(i) => Value::I64(*i),
     }
 }

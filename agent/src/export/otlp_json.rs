@@ -83,7 +83,7 @@ fn proto_resource(resource: &Resource) -> ProtoResource {
 
 fn key_value(attribute: &Attribute) -> KeyValue {
     let value = match &attribute.value {
-        AttributeValue::String(s) => any_value::Value::StringValue(s.clone()),
+        AttributeValue::String(s) => any_value::Value::StringValue(s.to_string()),
         AttributeValue::Int(i) => any_value::Value::IntValue(*i),
     };
     KeyValue {
@@ -176,7 +176,8 @@ fn write_span(out: &mut Vec<u8>, span: &Span) {
         write_hex(out, &parent.0);
     }
     // Never 0: the "has is-remote" bit is always set.
-    let _ = write!(out, ",\"flags\":{}", proto_flags(span));
+    out.extend_from_slice(b",\"flags\":");
+    write_int(out, i64::from(proto_flags(span)));
     if !span.name.is_empty() {
         out.extend_from_slice(b",\"name\":");
         write_str(out, &span.name);
@@ -185,13 +186,13 @@ fn write_span(out: &mut Vec<u8>, span: &Span) {
         SpanKind::Server => span::SpanKind::Server,
         SpanKind::Client => span::SpanKind::Client,
     } as i32;
-    let _ = write!(out, ",\"kind\":{kind}");
+    out.extend_from_slice(b",\"kind\":");
+    write_int(out, i64::from(kind));
     // 64-bit integers are strings, so even 0 is not a default ("0").
-    let _ = write!(
-        out,
-        ",\"startTimeUnixNano\":\"{}\",\"endTimeUnixNano\":\"{}\"",
-        span.start_unix_nano, span.end_unix_nano
-    );
+    out.extend_from_slice(b",\"startTimeUnixNano\":");
+    write_u64_string(out, span.start_unix_nano);
+    out.extend_from_slice(b",\"endTimeUnixNano\":");
+    write_u64_string(out, span.end_unix_nano);
     if !span.attributes.is_empty() {
         out.extend_from_slice(b",\"attributes\":[");
         for (i, attribute) in span.attributes.iter().enumerate() {
@@ -227,15 +228,55 @@ fn write_attribute(out: &mut Vec<u8>, attribute: &Attribute) {
         }
         // 64-bit integers are decimal strings in OTLP/JSON.
         AttributeValue::Int(i) => {
-            let _ = write!(out, ",\"value\":{{\"intValue\":\"{i}\"}}}}");
+            out.extend_from_slice(b",\"value\":{\"intValue\":\"");
+            write_int(out, *i);
+            out.extend_from_slice(b"\"}}");
         }
     }
 }
 
 /// A JSON string, escaped as serde_json escapes it.
 fn write_str(out: &mut Vec<u8>, s: &str) {
-    // Writing to a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, s);
+    // Nearly every string (keys, paths, addresses) needs no escaping: copy
+    // it whole; serde_json escapes the rest.
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        // Writing to a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, s);
+    }
+}
+
+/// A decimal integer, without `core::fmt`'s machinery.
+fn write_int(out: &mut Vec<u8>, value: i64) {
+    if value < 0 {
+        out.push(b'-');
+    }
+    write_digits(out, value.unsigned_abs());
+}
+
+/// A 64-bit unsigned integer as OTLP/JSON writes it: a decimal string.
+fn write_u64_string(out: &mut Vec<u8>, value: u64) {
+    out.push(b'"');
+    write_digits(out, value);
+    out.push(b'"');
+}
+
+fn write_digits(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
 }
 
 /// Ids as lower-case hex in quotes (OTLP/JSON, not base64).
@@ -414,7 +455,10 @@ mod tests {
             service_name: "users \"eu\"\n".into(),
             attributes: vec![
                 Attribute::int("process.pid", -7),
+                Attribute::int("min", i64::MIN),
+                Attribute::int("zero", 0),
                 Attribute::string("empty", ""),
+                Attribute::string("escapes", "tab\t back\\slash \u{1} \u{7f}"),
                 Attribute::string(SERVICE_NAME, "shadowed"),
             ],
         });
@@ -430,6 +474,7 @@ mod tests {
         spans[1].attributes.clear();
         spans[1].name = String::new();
         spans[2].start_unix_nano = 0;
+        spans[2].end_unix_nano = u64::MAX;
         let expected = json_line(&export_request(&spans)).unwrap();
         let mut written = Vec::new();
         write_json_line(&spans, &mut written);

@@ -451,7 +451,7 @@ impl HttpConnection {
         out: &mut Vec<Exchange>,
     ) {
         self.make_room(out);
-        let kind = match head.method.as_str() {
+        let kind = match head.method() {
             "HEAD" => MethodKind::Head,
             "CONNECT" => MethodKind::Connect,
             _ => MethodKind::Other,

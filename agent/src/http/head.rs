@@ -1,26 +1,143 @@
-//! Message heads: httparse turns bytes into owned [`RequestHead`]s and
-//! [`ResponseHead`]s, and the framing fields are read back out of them.
+//! Message heads: httparse finds the fields, and a [`RequestHead`] or
+//! [`ResponseHead`] keeps the head's bytes (copied once) with where each
+//! field lies in them; the framing fields are read back out of them.
+//!
+//! One copy of the head and one table of positions per head, rather than a
+//! string per field: a head is parsed for every exchange on the node,
+//! sampled or not, and the allocations per field were the largest part of
+//! the agent's own cost per request.
 
-/// One header field, as received.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Header {
-    /// Field name, with the case the peer sent.
-    pub name: String,
-    /// Field value; not necessarily UTF-8, so kept as bytes.
-    pub value: Vec<u8>,
+use bytes::Bytes;
+
+/// Where a name or value lies in a head's bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Range {
+    start: u32,
+    end: u32,
+}
+
+impl Range {
+    /// The range of `part`, a slice of `base`.
+    fn of(base: &[u8], part: &[u8]) -> Range {
+        let start = (part.as_ptr() as usize).saturating_sub(base.as_ptr() as usize);
+        Range {
+            start: start as u32,
+            end: (start + part.len()) as u32,
+        }
+    }
+
+    fn get(self, bytes: &[u8]) -> &[u8] {
+        bytes
+            .get(self.start as usize..self.end as usize)
+            .unwrap_or_default()
+    }
+}
+
+/// The header fields of a head, in the order received, repeats kept.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Fields {
+    /// The head's bytes.
+    raw: Bytes,
+    /// Name and value of each field.
+    fields: Vec<(Range, Range)>,
+}
+
+impl Fields {
+    /// Fields of the head in `raw`, as httparse found them in `parsed` (a
+    /// buffer holding the same bytes at the same offsets).
+    fn new(raw: Bytes, parsed: &[u8], headers: &[httparse::Header<'_>]) -> Fields {
+        let fields = headers
+            .iter()
+            .map(|h| {
+                (
+                    Range::of(parsed, h.name.as_bytes()),
+                    Range::of(parsed, h.value),
+                )
+            })
+            .collect();
+        Fields { raw, fields }
+    }
+
+    /// Fields from (name, value) pairs (tests and callers that build heads).
+    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Fields {
+        let mut raw = Vec::new();
+        let mut fields = Vec::new();
+        for (name, value) in pairs {
+            let name_at = raw.len() as u32;
+            raw.extend_from_slice(name.as_bytes());
+            let value_at = raw.len() as u32;
+            raw.extend_from_slice(value);
+            fields.push((
+                Range {
+                    start: name_at,
+                    end: value_at,
+                },
+                Range {
+                    start: value_at,
+                    end: raw.len() as u32,
+                },
+            ));
+        }
+        Fields {
+            raw: raw.into(),
+            fields,
+        }
+    }
+
+    /// Number of fields.
+    pub fn len(&self) -> usize {
+        self.fields.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.fields.is_empty()
+    }
+
+    /// Each field's name (with the case the peer sent) and value (not
+    /// necessarily UTF-8), in the order received.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.fields.iter().map(|&(name, value)| {
+            // httparse accepts only token characters in a name.
+            let name = std::str::from_utf8(name.get(&self.raw)).unwrap_or_default();
+            (name, value.get(&self.raw))
+        })
+    }
+
+    /// The value of the first field called `name` (compared ignoring ASCII
+    /// case), if any.
+    pub fn first(&self, name: &str) -> Option<&[u8]> {
+        self.fields.iter().find_map(|&(n, value)| {
+            n.get(&self.raw)
+                .eq_ignore_ascii_case(name.as_bytes())
+                .then(|| value.get(&self.raw))
+        })
+    }
+
+    /// The values of every field called `name` (compared ignoring ASCII
+    /// case), in the order received.
+    pub fn named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> {
+        self.fields
+            .iter()
+            .filter(move |(n, _)| n.get(&self.raw).eq_ignore_ascii_case(name.as_bytes()))
+            .map(|&(_, value)| value.get(&self.raw))
+    }
+
+    /// A string part of the head's bytes.
+    fn text(&self, range: Range) -> &str {
+        std::str::from_utf8(range.get(&self.raw)).unwrap_or_default()
+    }
 }
 
 /// A parsed request head: request line and header fields.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestHead {
-    /// Request method, e.g. `GET`.
-    pub method: String,
-    /// Request target as sent (usually path and query).
-    pub target: String,
+    method: Range,
+    target: Range,
     /// Minor version: 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub minor_version: u8,
-    /// Header fields in the order received, repeats kept.
-    pub headers: Vec<Header>,
+    /// Header fields (they hold the head's bytes).
+    pub headers: Fields,
 }
 
 /// A parsed response head: status line and header fields.
@@ -28,54 +145,54 @@ pub struct RequestHead {
 pub struct ResponseHead {
     /// Status code.
     pub status: u16,
-    /// Reason phrase; empty when absent or not plain ASCII.
-    pub reason: String,
+    reason: Range,
     /// Minor version: 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub minor_version: u8,
-    /// Header fields in the order received, repeats kept.
-    pub headers: Vec<Header>,
+    /// Header fields (they hold the head's bytes).
+    pub headers: Fields,
 }
 
 impl RequestHead {
+    /// Request method, e.g. `GET`.
+    pub fn method(&self) -> &str {
+        self.headers.text(self.method)
+    }
+
+    /// Request target as sent (usually path and query).
+    pub fn target(&self) -> &str {
+        self.headers.text(self.target)
+    }
+
     /// The value of the first field called `name` (compared ignoring ASCII
     /// case), if any.
     pub fn header(&self, name: &str) -> Option<&[u8]> {
-        first_named(&self.headers, name)
+        self.headers.first(name)
     }
 
     /// The values of every field called `name` (compared ignoring ASCII
     /// case), in the order received.
     pub fn headers_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> {
-        named(&self.headers, name)
+        self.headers.named(name)
     }
 }
 
 impl ResponseHead {
+    /// Reason phrase; empty when absent or not plain ASCII.
+    pub fn reason(&self) -> &str {
+        self.headers.text(self.reason)
+    }
+
     /// The value of the first field called `name` (compared ignoring ASCII
     /// case), if any.
     pub fn header(&self, name: &str) -> Option<&[u8]> {
-        first_named(&self.headers, name)
+        self.headers.first(name)
     }
 
     /// The values of every field called `name` (compared ignoring ASCII
     /// case), in the order received.
     pub fn headers_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> {
-        named(&self.headers, name)
+        self.headers.named(name)
     }
-}
-
-fn first_named<'a>(headers: &'a [Header], name: &str) -> Option<&'a [u8]> {
-    headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case(name))
-        .map(|h| h.value.as_slice())
-}
-
-fn named<'a>(headers: &'a [Header], name: &'a str) -> impl Iterator<Item = &'a [u8]> {
-    headers
-        .iter()
-        .filter(move |h| h.name.eq_ignore_ascii_case(name))
-        .map(|h| h.value.as_slice())
 }
 
 /// A head of either kind.
@@ -145,10 +262,10 @@ fn parse_with<'b>(
             return Err(httparse::Error::Token);
         };
         let head = RequestHead {
-            method: method.to_owned(),
-            target: target.to_owned(),
+            method: Range::of(buf, method.as_bytes()),
+            target: Range::of(buf, target.as_bytes()),
             minor_version,
-            headers: owned_headers(req.headers),
+            headers: Fields::new(Bytes::copy_from_slice(&buf[..len]), buf, req.headers),
         };
         Ok(Some((Head::Request(head), len)))
     } else {
@@ -166,22 +283,12 @@ fn parse_with<'b>(
         };
         let head = ResponseHead {
             status,
-            reason: resp.reason.unwrap_or_default().to_owned(),
+            reason: Range::of(buf, resp.reason.unwrap_or_default().as_bytes()),
             minor_version,
-            headers: owned_headers(resp.headers),
+            headers: Fields::new(Bytes::copy_from_slice(&buf[..len]), buf, resp.headers),
         };
         Ok(Some((Head::Response(head), len)))
     }
-}
-
-fn owned_headers(headers: &[httparse::Header<'_>]) -> Vec<Header> {
-    headers
-        .iter()
-        .map(|h| Header {
-            name: h.name.to_owned(),
-            value: h.value.to_vec(),
-        })
-        .collect()
 }
 
 /// Whether the first line of `buf` names an HTTP version other than 1.0 and
@@ -258,9 +365,9 @@ pub(crate) enum Framing {
 }
 
 /// Reads the framing fields of a head.
-pub(crate) fn framing(headers: &[Header]) -> Framing {
+pub(crate) fn framing(headers: &Fields) -> Framing {
     let mut encoding = None;
-    for value in named(headers, "transfer-encoding") {
+    for value in headers.named("transfer-encoding") {
         for coding in value.split(|&b| b == b',') {
             let coding = coding.trim_ascii();
             if !coding.is_empty() {
@@ -279,7 +386,7 @@ pub(crate) fn framing(headers: &[Header]) -> Framing {
         };
     }
     let mut length = None;
-    for value in named(headers, "content-length") {
+    for value in headers.named("content-length") {
         // A list of identical values is allowed (section 6.3, item 5).
         for item in value.split(|&b| b == b',') {
             let Some(n) = parse_decimal(item.trim_ascii()) else {
@@ -317,21 +424,15 @@ mod tests {
         }
     }
 
-    fn headers(fields: &[(&str, &str)]) -> Vec<Header> {
-        fields
-            .iter()
-            .map(|(n, v)| Header {
-                name: (*n).into(),
-                value: v.as_bytes().to_vec(),
-            })
-            .collect()
+    fn headers(fields: &[(&str, &str)]) -> Fields {
+        Fields::from_pairs(fields.iter().map(|(n, v)| (*n, v.as_bytes())))
     }
 
     #[test]
     fn request_head_is_owned_with_fields_in_order() {
         let head = request(b"GET /x HTTP/1.1\r\nHost: a\r\nX-A: 1\r\nx-a: 2\r\n\r\nbody");
-        assert_eq!(head.method, "GET");
-        assert_eq!(head.target, "/x");
+        assert_eq!(head.method(), "GET");
+        assert_eq!(head.target(), "/x");
         assert_eq!(head.minor_version, 1);
         assert_eq!(head.header("HOST"), Some(&b"a"[..]));
         assert_eq!(head.headers_named("X-a").collect::<Vec<_>>(), [b"1", b"2"]);

@@ -17,7 +17,7 @@ mod connection;
 mod head;
 
 pub use connection::{Exchange, HttpConnection, StreamDirection};
-pub use head::{Header, RequestHead, ResponseHead};
+pub use head::{Fields, RequestHead, ResponseHead};
 
 /// The start line of an HTTP/1.x message.
 #[derive(Clone, Debug, PartialEq, Eq)]
