@@ -260,9 +260,10 @@ pub struct CaptureConfig {
     pub max_message_bytes: u32,
     /// Field offsets from BTF.
     pub offsets: KernelOffsets,
-    /// Records wake user space only once this many bytes wait in the ring
-    /// (and for the requests of [`WAKE_PORT_WORDS`]' ports); user space
-    /// also drains the ring on a short timer.
+    /// Records wake user space once each time the bytes waiting in the ring
+    /// cross a multiple of this (and for the requests of
+    /// [`WAKE_PORT_WORDS`]' ports); user space also drains the ring on a
+    /// short timer.
     pub wakeup_bytes: u32,
     pub _pad: u32,
 }
