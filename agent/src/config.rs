@@ -69,6 +69,51 @@ pub struct Config {
     pub processes: ProcessFilterConfig,
     /// The transparent traceparent-injecting proxy (`proxy:`).
     pub proxy: ProxyConfig,
+    /// The agent's own `/metrics`, `/healthz` and `/readyz` (`metrics:`).
+    pub metrics: MetricsConfig,
+}
+
+/// `metrics:`: where the agent serves its counters and health.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Whether the endpoint runs.
+    pub enabled: bool,
+    /// `IP:PORT` it listens on.
+    pub address: String,
+}
+
+// The defaults are the metrics module's.
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        let settings = crate::metrics::MetricsSettings::default();
+        Self {
+            enabled: settings.address.is_some(),
+            address: settings
+                .address
+                .unwrap_or(crate::metrics::DEFAULT_ADDRESS)
+                .to_string(),
+        }
+    }
+}
+
+impl MetricsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        crate::metrics::MetricsSettings::parse_address(&self.address)
+            .map(|_| ())
+            .map_err(|reason| ConfigError::invalid("metrics.address", reason))
+    }
+
+    /// The settings handed to the metrics endpoint.
+    pub fn metrics_settings(&self) -> crate::metrics::MetricsSettings {
+        crate::metrics::MetricsSettings {
+            address: if self.enabled {
+                crate::metrics::MetricsSettings::parse_address(&self.address).ok()
+            } else {
+                None
+            },
+        }
+    }
 }
 
 /// `tracing:`: sampling and span outputs.
@@ -485,7 +530,8 @@ impl Config {
         self.capture.validate()?;
         self.http.validate()?;
         self.processes.validate()?;
-        self.proxy.validate()
+        self.proxy.validate()?;
+        self.metrics.validate()
     }
 
     /// Whether spans are printed on the terminal: `auto` means only when
@@ -841,6 +887,9 @@ pub struct ConfigOverrides {
     /// Leave process.command_line out of spans [processes.redact_command_line]
     #[arg(long)]
     pub redact_command_line: bool,
+    /// Serve /metrics, /healthz and /readyz on IP:PORT [metrics.address]
+    #[arg(long, value_name = "IP:PORT")]
+    pub metrics_address: Option<String>,
 }
 
 impl ConfigOverrides {
@@ -921,6 +970,11 @@ impl ConfigOverrides {
         }
         if self.redact_command_line {
             config.processes.redact_command_line = true;
+        }
+        if let Some(address) = &self.metrics_address {
+            config.metrics.enabled = true;
+            config.metrics.address = address.clone();
+            applied.push(("metrics.address", "--metrics-address"));
         }
         applied
     }
@@ -1195,15 +1249,16 @@ fn allowed_values(key: &str) -> Option<&'static str> {
         None => normalized.as_str(),
     };
     Some(match normalized {
-        "" => "a mapping of sections (tracing, capture, http, processes, proxy)",
-        "tracing" | "tracing.exporter" | "capture" | "http" | "processes" | "proxy" => {
+        "" => "a mapping of sections (tracing, capture, http, processes, proxy, metrics)",
+        "tracing" | "tracing.exporter" | "capture" | "http" | "processes" | "proxy" | "metrics" => {
             "a mapping of keys"
         }
         "tracing.random_sampling" => "a number between 0 and 100",
         "tracing.parent_based"
         | "http.route_heuristic"
         | "processes.redact_command_line"
-        | "proxy.enabled" => "true or false",
+        | "proxy.enabled"
+        | "metrics.enabled" => "true or false",
         "tracing.exporter.endpoint" => "a URL such as http://127.0.0.1:4317",
         "tracing.exporter.protocol" => "grpc or http/protobuf",
         "tracing.exporter.headers" => "a mapping of header names to values",
@@ -1228,6 +1283,7 @@ fn allowed_values(key: &str) -> Option<&'static str> {
         "proxy.include_cidrs" | "proxy.exclude_cidrs" => "a list of CIDR blocks",
         "proxy.include_cidrs[]" | "proxy.exclude_cidrs[]" => "a CIDR block such as 10.0.0.0/8",
         "proxy.workers" => "a number of threads (0: one per CPU)",
+        "metrics.address" => "IP:PORT, such as 127.0.0.1:9470",
         _ => return None,
     })
 }
@@ -1266,6 +1322,8 @@ mod tests {
         "proxy.exclude_cidrs",
         "proxy.exclude_ports",
         "proxy.workers",
+        "metrics.enabled",
+        "metrics.address",
     ];
 
     const FULL_EXAMPLE: &str = r#"
@@ -1302,6 +1360,9 @@ proxy:
   exclude_cidrs: [10.96.0.1]
   exclude_ports: [22]
   workers: 3
+metrics:
+  enabled: false
+  address: 0.0.0.0:9471
 "#;
 
     #[derive(Parser)]
@@ -1448,6 +1509,30 @@ proxy:
         assert_eq!(p.exclude_ports, [22]);
         assert_eq!((p.workers, p.proxy_settings().workers), (3, 3));
         assert!(c.terminal_enabled());
+        assert!(!c.metrics.enabled);
+        assert_eq!(c.metrics.address, "0.0.0.0:9471");
+        assert_eq!(c.metrics.metrics_settings().address, None);
+    }
+
+    #[test]
+    fn metrics_default_on_localhost_and_a_bad_address_is_named() {
+        let c = Config::default();
+        assert_eq!(
+            c.metrics.metrics_settings().address,
+            Some(crate::metrics::DEFAULT_ADDRESS)
+        );
+        let e = err("metrics:\n  address: localhost:9470\n");
+        assert_eq!(e.key(), "metrics.address");
+        assert!(e.reason().contains("IP:PORT"), "{e}");
+        let cli = Cli::parse_from(["x", "--metrics-address", "10.1.2.3:9100"]);
+        let c = cli.overrides.load().unwrap();
+        assert_eq!(
+            c.metrics.metrics_settings().address,
+            Some("10.1.2.3:9100".parse().unwrap())
+        );
+        let cli = Cli::parse_from(["x", "--metrics-address", "nope"]);
+        let e = cli.overrides.load().unwrap_err();
+        assert!(e.to_string().contains("--metrics-address"), "{e}");
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! - [`export`]: spans -> OTLP, OTLP/JSON file, terminal;
 //! - [`config`]: the YAML file and command-line overrides;
 //! - [`proxy`]: the traceparent-injecting transparent proxy and its iptables rules;
+//! - [`metrics`]: the agent's own counters and health over HTTP;
 //! - [`clock`]: the kernel's clock, which the probes' timestamps are on.
 pub mod capture;
 pub mod clock;
@@ -19,6 +20,7 @@ pub mod config;
 pub mod correlate;
 pub mod export;
 pub mod http;
+pub mod metrics;
 pub mod proxy;
 pub mod sampling;
 pub mod span;

@@ -1,12 +1,14 @@
 //! `agent`: the node agent's command line.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use agent::capture::{Capture, CaptureEvent, MAX_BATCH};
 use agent::config::ConfigOverrides;
 use agent::correlate::{Correlator, ProcessTable, ProxyContexts};
-use agent::export::{ExportCounts, ExportSettings, SpanSinks};
+use agent::export::{ExportSettings, SpanSinks};
+use agent::metrics::{Health, Reading};
 use agent::proxy::rules::RedirectRules;
 use agent::proxy::{RunningProxy, StandaloneContexts};
 use anyhow::{Context, Result};
@@ -130,6 +132,10 @@ async fn run(args: RunArgs, export: &tokio::runtime::Handle) -> Result<()> {
         config.span_settings(),
         ProcessTable::new("/proc", config.process_filter()),
     );
+    let health = Arc::new(Health::default());
+    if let Some(address) = config.metrics.metrics_settings().address {
+        start_metrics(export, address, health.clone());
+    }
     let outputs = config.exporters(|name| std::env::var(name).ok());
     let output_names: Vec<&str> = outputs.iter().map(|o| o.kind()).collect();
     let output_names = output_names.join(", ");
@@ -172,6 +178,21 @@ async fn run(args: RunArgs, export: &tokio::runtime::Handle) -> Result<()> {
     // SERVER spans held for their local client's request go out by time.
     let mut held = tokio::time::interval(Duration::from_millis(50));
     held.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // The counters /metrics serves are at most this old.
+    let mut publish = tokio::time::interval(Duration::from_secs(1));
+    publish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let gather = |correlator: &Correlator| {
+        readings(
+            &capture,
+            correlator,
+            &sinks,
+            contexts.as_deref(),
+            proxy.as_ref(),
+        )
+    };
+    health.publish(gather(&correlator));
+    health.beat();
+    health.set_ready(true);
     let mut spans = Vec::new();
     let mut events = Vec::with_capacity(MAX_BATCH);
     loop {
@@ -194,21 +215,26 @@ async fn run(args: RunArgs, export: &tokio::runtime::Handle) -> Result<()> {
                 }
             },
             _ = held.tick() => {
+                health.beat();
                 correlator.release_held(&mut spans);
                 for span in spans.drain(..) {
                     sinks.try_send(span);
                 }
             }
-            _ = stats.tick(), if args.stats_interval > 0 => report_counters(&capture, &correlator, &sinks, contexts.as_deref()),
+            _ = publish.tick() => health.publish(gather(&correlator)),
+            _ = stats.tick(), if args.stats_interval > 0 => report_counters(&gather(&correlator)),
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
     }
+    health.set_ready(false);
     correlator.finish(&mut spans);
     for span in spans.drain(..) {
         sinks.try_send(span);
     }
-    report_counters(&capture, &correlator, &sinks, contexts.as_deref());
+    let last = gather(&correlator);
+    report_counters(&last);
+    health.publish(last);
     if let Some(proxy) = proxy {
         stop_proxy(proxy).await;
     }
@@ -219,10 +245,12 @@ async fn run(args: RunArgs, export: &tokio::runtime::Handle) -> Result<()> {
     let delivered = sinks.shutdown().await;
     // The counters above were read before the outputs delivered what was
     // queued; these are their final ones.
-    eprintln!(
-        "agent: span outputs at exit {}",
-        output_counters(&delivered).join(" ")
-    );
+    let delivered: Vec<String> = delivered
+        .iter()
+        .flat_map(|(output, counts)| counts.readings(output))
+        .map(|reading| reading.to_string())
+        .collect();
+    eprintln!("agent: span outputs at exit {}", delivered.join(" "));
     Ok(())
 }
 
@@ -283,44 +311,61 @@ fn log_event(event: &CaptureEvent) {
 }
 
 /// `<output>_<counter>=<value>` for each output's counters.
-fn output_counters(outputs: &[(&str, ExportCounts)]) -> Vec<String> {
-    outputs
-        .iter()
-        .flat_map(|(output, counts)| {
-            counts
-                .pairs()
-                .into_iter()
-                .map(move |(k, v)| format!("{output}_{k}={v}"))
-        })
-        .collect()
-}
-
-fn report_counters(
+/// Every counter of the running agent, as metrics (and the `counters`
+/// lines on stderr).
+fn readings(
     capture: &Capture,
     correlator: &Correlator,
     sinks: &SpanSinks,
     contexts: Option<&ProxyContexts>,
-) {
-    let mut line: Vec<String> = match capture.counters() {
-        Ok(counters) => counters.iter().map(|(k, v)| format!("{k}={v}")).collect(),
-        Err(e) => vec![format!("capture_counters_unreadable=({e:#})")],
-    };
-    let c = correlator.counters();
-    line.push(format!(
-        "spans={} sampled_out={} filtered_out={}",
-        c.spans, c.sampled_out, c.filtered_out
-    ));
-    line.push(format!(
-        "broken_connections={} evicted_connections={}",
-        c.broken_connections, c.evicted_connections
-    ));
-    line.extend(output_counters(&sinks.counts()));
-    if let Some(contexts) = contexts {
-        let a = contexts.counters();
-        line.push(format!(
-            "proxy_context_ready={} proxy_context_waited={} proxy_context_decided_by_proxy={} proxy_traceparent_unknown={}",
-            a.ready, a.waited, a.decided_by_proxy, a.traceparent_unknown
-        ));
+    proxy: Option<&RunningProxy>,
+) -> Vec<Reading> {
+    let mut all = capture.readings().unwrap_or_else(|e| {
+        log::warn!("the capture's counters are unreadable: {e:#}");
+        Vec::new()
+    });
+    all.extend(correlator.counters().readings());
+    for (output, counts) in sinks.counts() {
+        all.extend(counts.readings(output));
     }
+    if let Some(contexts) = contexts {
+        all.extend(contexts.counters().readings());
+    }
+    if let Some(proxy) = proxy {
+        all.extend(proxy.stats().snapshot().readings());
+    }
+    all
+}
+
+fn report_counters(readings: &[Reading]) {
+    let line: Vec<String> = readings.iter().map(Reading::to_string).collect();
     eprintln!("agent: counters {}", line.join(" "));
+}
+
+/// Serves /metrics, /healthz and /readyz on the span outputs' thread, so
+/// that a scrape never waits on the capture loop. An address that cannot
+/// be bound is reported and the agent goes on without the endpoint: it
+/// only observes, and nothing it traces depends on it.
+fn start_metrics(export: &tokio::runtime::Handle, address: SocketAddr, health: Arc<Health>) {
+    let listener = std::net::TcpListener::bind(address).and_then(|listener| {
+        listener.set_nonblocking(true)?;
+        Ok(listener)
+    });
+    let listener = match listener {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!(
+                "agent: cannot serve /metrics, /healthz, /readyz on {address}: {e}; going on without them"
+            );
+            return;
+        }
+    };
+    let _on_export_thread = export.enter();
+    match tokio::net::TcpListener::from_std(listener) {
+        Ok(listener) => {
+            export.spawn(agent::metrics::serve(listener, health));
+            eprintln!("agent: metrics and health on http://{address}/metrics, /healthz, /readyz");
+        }
+        Err(e) => eprintln!("agent: cannot serve /metrics on {address}: {e}; going on without it"),
+    }
 }

@@ -1,78 +1,13 @@
 //! The `agent` binary as a user runs it.
 
-use std::io::{BufRead, BufReader};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-const AGENT: &str = env!("CARGO_BIN_EXE_agent");
+mod common;
 
-fn is_root() -> bool {
-    // SAFETY: no arguments.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// Privileged tests skip without root, except under CI=true, where a skip
-/// would hide that they never ran.
-fn privileged() -> bool {
-    if is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "privileged test cannot run: not root under CI=true"
-    );
-    eprintln!("SKIPPED: needs root");
-    false
-}
-
-/// One test at a time runs an agent: the proxy's iptables chains have
-/// fixed names, and an agent traces every process on the machine, other
-/// tests' traffic included.
-static AGENT_RUNNING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn one_agent_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    AGENT_RUNNING.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Lines of a child's pipe, read on a thread so the test can wait with a
-/// deadline. The pipe is read to its end even when the receiver is gone, so
-/// the child never writes into a closed pipe.
-fn lines(pipe: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    rx
-}
-
-fn wait_line(
-    rx: &mpsc::Receiver<String>,
-    deadline: Instant,
-    want: impl Fn(&str) -> bool,
-) -> Option<String> {
-    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-        match rx.recv_timeout(left) {
-            Ok(line) if want(&line) => return Some(line),
-            // Shown with the failure, if there is one.
-            Ok(line) => eprintln!("(skipped) {line}"),
-            Err(_) => return None,
-        }
-    }
-    None
-}
+use common::*;
 
 #[test]
 fn run_prints_the_trace_of_a_curl_and_stops_cleanly_on_sigterm() {
@@ -155,7 +90,8 @@ fn run_prints_the_trace_of_a_curl_and_stops_cleanly_on_sigterm() {
     let counters = wait_line(&err, deadline, |l| l.contains("counters"))
         .expect("counters are printed at exit");
     assert!(
-        counters.contains("drop_ringbuf_full=0") && counters.contains("spans=2 "),
+        counters.contains("agent_capture_dropped_total{reason=\"ringbuf_full\"}=0")
+            && counters.contains("agent_spans_total=2 "),
         "{counters}"
     );
     let status = loop {
@@ -459,14 +395,6 @@ fn string_attribute(span: &serde_json::Value, key: &str) -> String {
         .and_then(|a| a["value"]["stringValue"].as_str())
         .unwrap_or_default()
         .to_string()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The W3C tracestate rules (../shared/notes/design.md), each through the

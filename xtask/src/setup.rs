@@ -34,6 +34,9 @@ pub const SETUP_PACKAGES: &[Package] = &[
     package("python3-venv", &[]),
     guest_package("wrk", &["/usr/bin/wrk"]),
     package("haproxy", &["/usr/sbin/haproxy"]),
+    // The agent's /metrics checked by Prometheus' linter and scraped by a
+    // real server (agent/tests/metrics.rs).
+    package("prometheus", &["/usr/bin/prometheus", "/usr/bin/promtool"]),
     // Builds the Go net/http frontend of the parent-link tests.
     package("golang-go", &["/usr/bin/go"]),
     // Network namespaces, veths and the proxy's rules.

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
+use crate::metrics::Reading;
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
 use tokio::io::Interest;
@@ -171,6 +172,67 @@ impl Capture {
             self.user.python_not_watched.load(Ordering::Relaxed),
         ));
         Ok(all)
+    }
+
+    /// [`Self::counters`] as metrics.
+    pub fn readings(&self) -> Result<Vec<Reading>> {
+        Ok(self
+            .counters()?
+            .into_iter()
+            .map(|(name, value)| counter_reading(name, value))
+            .collect())
+    }
+}
+
+/// The metric of a capture counter named `name` (see [`Capture::counters`]).
+fn counter_reading(name: &'static str, value: u64) -> Reading {
+    if let Some(reason) = name.strip_prefix("drop_") {
+        return Reading::counter(
+            "agent_capture_dropped",
+            "Messages and records the kernel probes dropped or cut, by reason",
+            value,
+        )
+        .with("reason", reason);
+    }
+    let (family, help) = match name {
+        "records_sent" => (
+            "agent_capture_records",
+            "Records the kernel probes wrote to the ring buffer",
+        ),
+        "messages_not_http" => (
+            "agent_capture_messages_not_http",
+            "Messages on TCP connections not copied because they are not HTTP/1.x",
+        ),
+        "python_context_unread" => (
+            "agent_capture_python_context_unread",
+            "Messages of watched Python processes whose thread's context could not be read",
+        ),
+        "user_decode_errors" => (
+            "agent_capture_decode_errors",
+            "Ring-buffer records user space could not decode",
+        ),
+        "user_events" => (
+            "agent_capture_events",
+            "Events user space decoded from the ring buffer",
+        ),
+        "python_watched" => (
+            "agent_python_processes_watched",
+            "Python processes whose asyncio contexts the probes read",
+        ),
+        "python_not_watched" => (
+            "agent_python_processes_not_watched",
+            "Python processes whose interpreter could not be read",
+        ),
+        _ => (
+            "agent_capture_other",
+            "Capture counters without a metric of their own, by name",
+        ),
+    };
+    let reading = Reading::counter(family, help, value);
+    if family == "agent_capture_other" {
+        reading.with("counter", name)
+    } else {
+        reading
     }
 }
 

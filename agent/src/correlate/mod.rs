@@ -44,6 +44,7 @@ use crate::capture::{
     CaptureEvent, Connection, ConnectionId, Direction, Message, PythonContextEvent, Role,
 };
 use crate::http::{self, HttpConnection, RequestHead, StreamDirection};
+use crate::metrics::Reading;
 use crate::sampling::Sampler;
 use crate::span::{Attribute, Span, SpanId, SpanKind, TraceId, flags};
 use crate::tracecontext::{self, IdGenerator};
@@ -214,6 +215,35 @@ pub struct CorrelateCounters {
     pub broken_connections: u64,
     /// Connections forgotten because the table was full of idle ones.
     pub evicted_connections: u64,
+}
+
+impl CorrelateCounters {
+    /// The counters as metrics.
+    pub fn readings(&self) -> Vec<Reading> {
+        vec![
+            Reading::counter("agent_spans", "Spans built (sampled in)", self.spans),
+            Reading::counter(
+                "agent_exchanges_sampled_out",
+                "Exchanges not exported because their trace was sampled out",
+                self.sampled_out,
+            ),
+            Reading::counter(
+                "agent_exchanges_filtered_out",
+                "Exchanges of processes the process filter excludes",
+                self.filtered_out,
+            ),
+            Reading::counter(
+                "agent_connections_broken",
+                "Connections given up because they stopped looking like HTTP/1.x",
+                self.broken_connections,
+            ),
+            Reading::counter(
+                "agent_connections_evicted",
+                "Connections forgotten because the table was full of idle ones",
+                self.evicted_connections,
+            ),
+        ]
+    }
 }
 
 /// Placeholder addresses of a context until its connection's are set.

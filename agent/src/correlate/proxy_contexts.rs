@@ -69,6 +69,25 @@ pub struct AgreementCounters {
     pub traceparent_unknown: u64,
 }
 
+impl AgreementCounters {
+    /// The counters as metrics: how each proxied request's context was
+    /// agreed on.
+    pub fn readings(&self) -> Vec<crate::metrics::Reading> {
+        const FAMILY: &str = "agent_proxy_contexts";
+        const HELP: &str =
+            "Proxied requests, by how the probes and the proxy agreed on their context";
+        let reading = |outcome: &'static str, value| {
+            crate::metrics::Reading::counter(FAMILY, HELP, value).with("outcome", outcome)
+        };
+        vec![
+            reading("ready", self.ready),
+            reading("waited", self.waited),
+            reading("decided_by_proxy", self.decided_by_proxy),
+            reading("traceparent_unknown", self.traceparent_unknown),
+        ]
+    }
+}
+
 /// The table both sides share (behind an `Arc`).
 #[derive(Default)]
 pub struct ProxyContexts {

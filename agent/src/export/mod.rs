@@ -183,13 +183,28 @@ pub struct ExportCounts {
 }
 
 impl ExportCounts {
-    /// `(name, value)` pairs, for `key=value` reports.
-    pub fn pairs(&self) -> [(&'static str, u64); 4] {
-        [
-            ("spans_exported", self.exported),
-            ("spans_dropped_queue_full", self.dropped_queue_full),
-            ("spans_dropped_after_retries", self.dropped_after_retries),
-            ("export_errors", self.export_errors),
+    /// The counts of output `output` (its kind: otlp, file, terminal) as
+    /// metrics.
+    pub fn readings(&self, output: &'static str) -> Vec<crate::metrics::Reading> {
+        use crate::metrics::Reading;
+        const SPANS: &str = "agent_export_spans";
+        const SPANS_HELP: &str = "Spans each output delivered or dropped, by result";
+        vec![
+            Reading::counter(SPANS, SPANS_HELP, self.exported)
+                .with("output", output)
+                .with("result", "exported"),
+            Reading::counter(SPANS, SPANS_HELP, self.dropped_queue_full)
+                .with("output", output)
+                .with("result", "dropped_queue_full"),
+            Reading::counter(SPANS, SPANS_HELP, self.dropped_after_retries)
+                .with("output", output)
+                .with("result", "dropped_after_retries"),
+            Reading::counter(
+                "agent_export_errors",
+                "Failed export attempts (a batch may fail several times)",
+                self.export_errors,
+            )
+            .with("output", output),
         ]
     }
 }

@@ -49,6 +49,52 @@ pub struct ProxyCounters {
     pub sources_remapped: u64,
 }
 
+impl ProxyCounters {
+    /// The counters as metrics.
+    pub fn readings(&self) -> Vec<crate::metrics::Reading> {
+        use crate::metrics::Reading;
+        const CONNECTIONS: &str = "agent_proxy_connections";
+        const CONNECTIONS_HELP: &str = "Connections the proxy accepted, by how it handled them";
+        const REQUESTS: &str = "agent_proxy_requests";
+        const REQUESTS_HELP: &str =
+            "Requests the proxy forwarded, by what it did to their trace context";
+        vec![
+            Reading::counter(CONNECTIONS, CONNECTIONS_HELP, self.connections_http)
+                .with("handling", "http"),
+            Reading::counter(CONNECTIONS, CONNECTIONS_HELP, self.connections_opaque)
+                .with("handling", "opaque"),
+            Reading::counter(CONNECTIONS, CONNECTIONS_HELP, self.connections_refused)
+                .with("handling", "refused"),
+            Reading::gauge(
+                "agent_proxy_connections_active",
+                "Connections the proxy has open now",
+                self.connections_active,
+            ),
+            Reading::counter(REQUESTS, REQUESTS_HELP, self.requests_injected)
+                .with("context", "injected"),
+            Reading::counter(REQUESTS, REQUESTS_HELP, self.requests_unchanged)
+                .with("context", "unchanged"),
+            Reading::counter(REQUESTS, REQUESTS_HELP, self.requests_reparented)
+                .with("context", "reparented"),
+            Reading::counter(
+                "agent_proxy_fallbacks",
+                "HTTP connections copied unchanged from a point the proxy could not follow",
+                self.fallbacks,
+            ),
+            Reading::counter(
+                "agent_proxy_errors",
+                "Accept and upstream connect failures, resets, timeouts, aborts",
+                self.errors,
+            ),
+            Reading::counter(
+                "agent_proxy_sources_remapped",
+                "HTTP connections whose client's source port NAT had changed",
+                self.sources_remapped,
+            ),
+        ]
+    }
+}
+
 /// Which counter to bump.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Counter {

@@ -23,6 +23,7 @@ const INDIRECT: &[(&str, &str, &[&str])] = &[
     ),
     // The agent binary cargo built for the test.
     ("agent/tests/cli.rs", "AGENT", &[]),
+    ("agent/tests/metrics.rs", "AGENT", &[]),
     // `decompress_module`: one of xz, zstd, gzip by the module's suffix.
     ("xtask/src/vm/kernel.rs", "tool", &["xz", "zstd", "gzip"]),
     // The busybox of the tools list, listing its applets.
