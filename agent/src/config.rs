@@ -1514,6 +1514,18 @@ metrics:
         assert_eq!(c.metrics.metrics_settings().address, None);
     }
 
+    /// The configuration the DaemonSet mounts (deploy/base/configmap.yaml)
+    /// is one this agent accepts.
+    #[test]
+    fn the_deployed_configuration_is_valid() {
+        let map: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str(include_str!("../../deploy/base/configmap.yaml")).unwrap();
+        let text = map["data"]["agent.yaml"].as_str().expect("data.agent.yaml");
+        let c = Config::from_yaml(text).unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.processes.redact_command_line);
+        assert!(!c.terminal_enabled());
+    }
+
     #[test]
     fn metrics_default_on_localhost_and_a_bad_address_is_named() {
         let c = Config::default();

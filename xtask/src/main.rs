@@ -12,6 +12,7 @@
 mod bench;
 mod demo;
 mod libtest;
+mod manifests;
 mod setup;
 mod toolchain;
 mod tools;

@@ -34,6 +34,9 @@ pub const SETUP_PACKAGES: &[Package] = &[
     package("python3-venv", &[]),
     guest_package("wrk", &["/usr/bin/wrk"]),
     package("haproxy", &["/usr/sbin/haproxy"]),
+    // Renders the kustomizations in deploy/ (`crate::manifests`); from the
+    // Google Cloud apt source this machine kind is set up with.
+    package("kubectl", &["/usr/bin/kubectl"]),
     // The agent's /metrics checked by Prometheus' linter and scraped by a
     // real server (agent/tests/metrics.rs).
     package("prometheus", &["/usr/bin/prometheus", "/usr/bin/promtool"]),
@@ -71,7 +74,7 @@ pub const SETUP_PACKAGES: &[Package] = &[
 /// Programs setup installs without apt-get, by absolute path: the code
 /// spawns them by that path (`crate::tools` accepts them there, and asks
 /// dpkg about none of them).
-pub const SETUP_PROGRAMS_OUTSIDE_APT: &[&str] = &[TEST_VENV_PYTHON];
+pub const SETUP_PROGRAMS_OUTSIDE_APT: &[&str] = &[TEST_VENV_PYTHON, KUBERNETES_VALIDATE];
 
 /// The Python venv of the tests' asyncio web frameworks (FastAPI on
 /// uvicorn, aiohttp, httpx), made with Debian's python3.11 from the pins of
@@ -81,6 +84,9 @@ pub const TEST_VENV: &str = "/opt/agent-tests/venv";
 /// The venv's interpreter, the one the tests run the framework fixtures
 /// with (`tests/fixtures/asgi_service.py`, `aiohttp_service.py`).
 pub const TEST_VENV_PYTHON: &str = "/opt/agent-tests/venv/bin/python";
+
+/// The manifest validator from the same venv (`crate::manifests`).
+pub const KUBERNETES_VALIDATE: &str = "/opt/agent-tests/venv/bin/kubernetes-validate";
 
 /// The venv's exact pins, relative to the workspace root.
 pub const PYTHON_REQUIREMENTS: &str = "tests/fixtures/python-requirements.txt";
@@ -93,6 +99,7 @@ pub const TEST_VENV_MODULES: &[&str] = &[
     "httptools",
     "aiohttp",
     "httpx",
+    "kubernetes_validate",
 ];
 
 /// Inside the venv: the content of [`PYTHON_REQUIREMENTS`] it was

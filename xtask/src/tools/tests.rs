@@ -53,6 +53,12 @@ const INDIRECT: &[(&str, &str, &[&str])] = &[
         "TEST_VENV_PYTHON",
         &[crate::setup::TEST_VENV_PYTHON],
     ),
+    // The manifest validator, from the tests' venv.
+    (
+        "xtask/src/manifests.rs",
+        "KUBERNETES_VALIDATE",
+        &[crate::setup::KUBERNETES_VALIDATE],
+    ),
 ];
 
 /// Programs that come from neither list: the Rust toolchain (rustup),
