@@ -11,6 +11,7 @@
 
 mod bench;
 mod demo;
+mod image;
 mod libtest;
 mod manifests;
 mod setup;
@@ -54,6 +55,12 @@ enum Task {
     },
     /// Build the agent and its kernel programs in release mode.
     Build,
+    /// Render deploy/'s kustomizations and validate them strictly for the
+    /// oldest and newest Kubernetes versions claimed.
+    CheckDeploy,
+    /// Build the agent's OCI image (FROM scratch, with podman) as
+    /// localhost/tracing-agent:<version> (docs/deploy.md).
+    Image,
     /// Build and run the agent; arguments after `--` go to `agent run`.
     Run {
         /// Arguments for `agent run`.
@@ -108,8 +115,9 @@ enum Task {
 /// depend on the kernel beyond what the other binaries cover there, and
 /// their programs are not in the guest. `links_node`: Node.js (a 100 MB
 /// binary) is not copied into the initramfs; `links_go`: neither is the Go
-/// toolchain that builds its frontend.
-const HOST_ONLY_TESTS: &[&str] = &["links_node", "links_go", "acceptance_go_node"];
+/// toolchain that builds its frontend; `image`: podman and the image are
+/// not in the guest (the agent inside runs on the host's kernel anyway).
+const HOST_ONLY_TESTS: &[&str] = &["links_node", "links_go", "acceptance_go_node", "image"];
 
 /// Kernels the VM tests boot besides the host's own.
 const VM_KERNELS: &[&str] = &["6.1", "6.12"];
@@ -142,6 +150,14 @@ fn dispatch(task: Task) -> Result<()> {
             setup::setup()?;
             build_agent()
         }
+        Task::CheckDeploy => {
+            setup::setup()?;
+            manifests::validate()
+        }
+        Task::Image => {
+            setup::setup()?;
+            image::build().map(|_| ())
+        }
         Task::Run { args } => {
             setup::setup()?;
             build_agent()?;
@@ -165,6 +181,8 @@ fn dispatch(task: Task) -> Result<()> {
             if !no_lint {
                 timed("lint", lint)?;
             }
+            // The image test (tests/tests/image.rs) runs the image built here.
+            timed("image", image::build)?;
             let host = timed("host tests", host_tests)?;
             println!("host tests (kernel {}): {}", host_kernel(), host.summary());
             let mut total = host;

@@ -37,6 +37,10 @@ pub const SETUP_PACKAGES: &[Package] = &[
     // Renders the kustomizations in deploy/ (`crate::manifests`); from the
     // Google Cloud apt source this machine kind is set up with.
     package("kubectl", &["/usr/bin/kubectl"]),
+    // Builds and runs the agent's image (`cargo xtask image`, the image
+    // test); runc because crun fails on this machine's mixed cgroups.
+    package("podman", &["/usr/bin/podman"]),
+    package("runc", &["/usr/sbin/runc"]),
     // The agent's /metrics checked by Prometheus' linter and scraped by a
     // real server (agent/tests/metrics.rs).
     package("prometheus", &["/usr/bin/prometheus", "/usr/bin/promtool"]),

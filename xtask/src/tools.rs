@@ -71,7 +71,7 @@ pub const BASE_PACKAGES: &[Package] = &[
     package("grep", &["/usr/bin/grep"]),
     package("gzip", &["/usr/bin/gzip"]),
     package("findutils", &["/usr/bin/find"]),
-    package("libc-bin", &["/usr/bin/ldd"]),
+    package("libc-bin", &["/usr/bin/ldd", "/sbin/ldconfig"]),
     package("binutils", &["/usr/bin/strip"]),
     package("dpkg", &["/usr/bin/dpkg-deb", "/usr/bin/dpkg-query"]),
     package("apt", &["/usr/bin/apt-get", "/usr/bin/apt-cache"]),

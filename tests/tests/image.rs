@@ -1,0 +1,164 @@
+//! The agent's OCI image (`cargo xtask image`) run the way the DaemonSet
+//! runs it: privileged, in the host's pid and network namespaces, with the
+//! tracefs, BTF and bpffs mounts of deploy/base. The agent inside traces a
+//! request between two processes of the host and exports it to this test's
+//! OTLP receiver, answers its health probes, and stops on SIGTERM.
+//!
+//! Host only (xtask's HOST_ONLY_TESTS): podman and the image are not in the
+//! VM guests.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tests::otlp_receiver::OtlpReceiver;
+use tests::{free_port, privileged, wait_listening};
+
+/// The image `cargo xtask image` builds (xtask/src/image.rs, `reference`).
+const IMAGE: &str = concat!("localhost/tracing-agent:", env!("CARGO_PKG_VERSION"));
+
+/// podman's options on this machine kind (xtask/src/image.rs,
+/// `PODMAN_OPTIONS`, which builds the image with the same).
+const PODMAN_OPTIONS: &[&str] = &[
+    "--storage-driver=vfs",
+    "--runtime=runc",
+    "--cgroup-manager=cgroupfs",
+    "--events-backend=file",
+];
+
+fn podman(args: &[&str]) -> Output {
+    Command::new("podman")
+        .args(PODMAN_OPTIONS)
+        .args(args)
+        .output()
+        .expect("podman (installed by cargo xtask setup)")
+}
+
+/// Removes the container however the test ends.
+struct Container(String);
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = podman(&["rm", "--force", "--time", "2", &self.0]);
+    }
+}
+
+/// The status of GET `path` on loopback `port`, if it answers.
+fn status(port: u16, path: &str) -> Option<u16> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nConnection: close\r\n\r\n").ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).ok()?;
+    answer.split(' ').nth(1)?.parse().ok()
+}
+
+#[test]
+fn the_image_traces_host_processes_and_exports_over_otlp() {
+    if !privileged() {
+        return;
+    }
+    if !podman(&["image", "exists", IMAGE]).status.success() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{IMAGE} is missing: `cargo xtask test` builds it (stage image) before the host tests"
+        );
+        eprintln!("SKIPPED: {IMAGE} is missing; build it with `cargo xtask image`");
+        return;
+    }
+    let receiver = OtlpReceiver::start().unwrap();
+    let server_port = free_port();
+    let mut server = tests::ChildGuard(
+        Command::new("/usr/bin/python3")
+            .args(["-m", "http.server", &server_port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_listening(format!("127.0.0.1:{server_port}").parse().unwrap());
+
+    let metrics_port = free_port();
+    let name = format!("agent-image-test-{}", std::process::id());
+    let metrics_address = format!("--metrics-address=127.0.0.1:{metrics_port}");
+    let endpoint = format!("--exporter-endpoint={}", receiver.grpc_endpoint());
+    let started = podman(&[
+        "run",
+        "--detach",
+        "--name",
+        &name,
+        "--privileged",
+        "--pid=host",
+        "--network=host",
+        "--ulimit=nofile=1024:1024",
+        "--ulimit=nproc=1024:1024",
+        "--volume=/sys/kernel/tracing:/sys/kernel/tracing",
+        "--volume=/sys/kernel/btf:/sys/kernel/btf:ro",
+        "--volume=/sys/fs/bpf:/sys/fs/bpf",
+        IMAGE,
+        "run",
+        "--no-terminal",
+        &endpoint,
+        &metrics_address,
+    ]);
+    assert!(
+        started.status.success(),
+        "podman run: {}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    let container = Container(name);
+    let logs = || {
+        let out = podman(&["logs", &container.0]);
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+
+    // Ready once its probes are attached, as the kubelet would see it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while status(metrics_port, "/readyz") != Some(200) {
+        assert!(
+            Instant::now() < deadline,
+            "the agent in the image never got ready:\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(status(metrics_port, "/healthz"), Some(200));
+
+    // Fails the test unless curl succeeds.
+    tests::curl(&[&format!("http://127.0.0.1:{server_port}/from-the-image")]);
+    let spans = receiver.wait_for_spans(2, Duration::from_secs(30));
+    let ours: Vec<_> = spans
+        .iter()
+        .filter(|s| s.span.name == "GET /from-the-image")
+        .collect();
+    assert_eq!(ours.len(), 2, "a CLIENT and a SERVER span:\n{}", logs());
+    let server_span = ours
+        .iter()
+        .find(|s| s.span.kind == 2)
+        .expect("the server's SERVER span");
+    let client_span = ours
+        .iter()
+        .find(|s| s.span.kind == 3)
+        .expect("curl's CLIENT span");
+    assert_eq!(server_span.span.trace_id, client_span.span.trace_id);
+    assert_eq!(server_span.span.parent_span_id, client_span.span.span_id);
+    assert_eq!(client_span.service_name(), Some("curl"));
+
+    // SIGTERM, as the kubelet stops a pod: the agent exits on its own.
+    let stopped = podman(&["stop", "--time", "20", &container.0]);
+    assert!(stopped.status.success());
+    let inspect = podman(&["inspect", "--format", "{{.State.ExitCode}}", &container.0]);
+    assert_eq!(
+        String::from_utf8_lossy(&inspect.stdout).trim(),
+        "0",
+        "exit code after SIGTERM:\n{}",
+        logs()
+    );
+    let _ = server.0.kill();
+}
