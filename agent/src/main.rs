@@ -138,7 +138,11 @@ async fn run(args: RunArgs, export: &tokio::runtime::Handle) -> Result<()> {
     }
     let outputs = config.exporters(|name| std::env::var(name).ok());
     let output_names: Vec<&str> = outputs.iter().map(|o| o.kind()).collect();
-    let output_names = output_names.join(", ");
+    let output_names = if output_names.is_empty() {
+        "no output (counters only)".to_string()
+    } else {
+        output_names.join(", ")
+    };
     let sinks = {
         let _on_export_thread = export.enter();
         SpanSinks::start(outputs, &ExportSettings::default())

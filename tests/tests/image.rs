@@ -59,6 +59,46 @@ fn the_image_traces_host_processes_and_exports_over_otlp() {
     if !privileged() {
         return;
     }
+    traces_in_the_image("privileged", &["--privileged"]);
+}
+
+/// The capabilities deploy/capabilities adds back, read from it (one
+/// source of truth for the overlay and this test).
+fn overlay_capabilities() -> Vec<String> {
+    let overlay = include_str!("../../deploy/capabilities/kustomization.yaml");
+    let after_add = overlay
+        .split_once("add:")
+        .expect("the overlay adds capabilities")
+        .1;
+    after_add
+        .lines()
+        .map(str::trim)
+        .skip_while(|l| l.is_empty())
+        .map_while(|l| l.strip_prefix("- "))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn the_image_runs_with_only_the_capabilities_of_the_overlay() {
+    if !privileged() {
+        return;
+    }
+    let capabilities = overlay_capabilities();
+    assert!(
+        capabilities.contains(&"BPF".to_string()),
+        "{capabilities:?}"
+    );
+    let add = format!("--cap-add={}", capabilities.join(","));
+    traces_in_the_image(
+        "capabilities",
+        &["--cap-drop=all", &add, "--security-opt=seccomp=unconfined"],
+    );
+}
+
+/// Runs the image with `security` (podman options) as the DaemonSet runs
+/// it, and checks that it traces, exports, answers its probes and stops.
+fn traces_in_the_image(label: &str, security: &[&str]) {
     if !podman(&["image", "exists", IMAGE]).status.success() {
         assert!(
             std::env::var("CI").as_deref() != Ok("true"),
@@ -81,15 +121,12 @@ fn the_image_traces_host_processes_and_exports_over_otlp() {
     wait_listening(format!("127.0.0.1:{server_port}").parse().unwrap());
 
     let metrics_port = free_port();
-    let name = format!("agent-image-test-{}", std::process::id());
+    let name = format!("agent-image-test-{label}-{}", std::process::id());
     let metrics_address = format!("--metrics-address=127.0.0.1:{metrics_port}");
     let endpoint = format!("--exporter-endpoint={}", receiver.grpc_endpoint());
-    let started = podman(&[
-        "run",
-        "--detach",
-        "--name",
-        &name,
-        "--privileged",
+    let mut run = vec!["run", "--detach", "--name", &name];
+    run.extend_from_slice(security);
+    run.extend_from_slice(&[
         "--pid=host",
         "--network=host",
         "--ulimit=nofile=1024:1024",
@@ -103,6 +140,7 @@ fn the_image_traces_host_processes_and_exports_over_otlp() {
         &endpoint,
         &metrics_address,
     ]);
+    let started = podman(&run);
     assert!(
         started.status.success(),
         "podman run: {}",
@@ -131,12 +169,24 @@ fn the_image_traces_host_processes_and_exports_over_otlp() {
     assert_eq!(status(metrics_port, "/healthz"), Some(200));
 
     // Fails the test unless curl succeeds.
-    tests::curl(&[&format!("http://127.0.0.1:{server_port}/from-the-image")]);
-    let spans = receiver.wait_for_spans(2, Duration::from_secs(30));
-    let ours: Vec<_> = spans
-        .iter()
-        .filter(|s| s.span.name == "GET /from-the-image")
-        .collect();
+    tests::curl(&[&format!(
+        "http://127.0.0.1:{server_port}/from-the-image-{label}"
+    )]);
+    // The agent traces the whole machine (another test's traffic too):
+    // wait for this request's two spans.
+    let name = format!("GET /from-the-image-{label}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let ours = loop {
+        let ours: Vec<_> = receiver
+            .spans()
+            .into_iter()
+            .filter(|s| s.span.name == name)
+            .collect();
+        if ours.len() >= 2 || Instant::now() >= deadline {
+            break ours;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert_eq!(ours.len(), 2, "a CLIENT and a SERVER span:\n{}", logs());
     let server_span = ours
         .iter()
