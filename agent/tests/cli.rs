@@ -15,33 +15,8 @@ fn run_prints_the_trace_of_a_curl_and_stops_cleanly_on_sigterm() {
         return;
     }
     let _agent = one_agent_at_a_time();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let _server = KillOnDrop(
-        Command::new("/usr/bin/python3")
-            .args([
-                "-m",
-                "http.server",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "python http.server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let port = free_port();
+    let _server = start_http_server(port);
 
     let mut agent = KillOnDrop(
         Command::new(AGENT)

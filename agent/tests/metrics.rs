@@ -64,6 +64,23 @@ fn query(port: u16, promql: &str) -> Option<f64> {
     json["data"]["result"][0]["value"][1].as_str()?.parse().ok()
 }
 
+/// `agent run` writing spans to /dev/null and serving its metrics on
+/// loopback `port`; its stderr lines.
+fn start_agent_serving_metrics(port: u16) -> (KillOnDrop, std::sync::mpsc::Receiver<String>) {
+    let mut agent = KillOnDrop(
+        Command::new(AGENT)
+            .args(["run", "--no-terminal", "--output-file", "/dev/null"])
+            .arg("--metrics-address")
+            .arg(format!("127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let err = lines(agent.0.stderr.take().unwrap());
+    (agent, err)
+}
+
 #[test]
 fn prometheus_scrapes_the_agents_counters_and_the_probes_answer() {
     if !privileged() {
@@ -71,32 +88,10 @@ fn prometheus_scrapes_the_agents_counters_and_the_probes_answer() {
     }
     let _agent = one_agent_at_a_time();
     let server_port = free_port();
-    let _server = KillOnDrop(
-        Command::new("/usr/bin/python3")
-            .args(["-m", "http.server", &server_port.to_string()])
-            .args(["--bind", "127.0.0.1"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for(Duration::from_secs(20), || {
-        TcpStream::connect(("127.0.0.1", server_port)).ok()
-    })
-    .expect("python http.server starts");
+    let _server = start_http_server(server_port);
 
     let metrics_port = free_port();
-    let mut agent = KillOnDrop(
-        Command::new(AGENT)
-            .args(["run", "--no-terminal", "--output-file", "/dev/null"])
-            .arg("--metrics-address")
-            .arg(format!("127.0.0.1:{metrics_port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let err = lines(agent.0.stderr.take().unwrap());
+    let (_agent_process, err) = start_agent_serving_metrics(metrics_port);
     let deadline = Instant::now() + Duration::from_secs(30);
     wait_line(&err, deadline, |l| l.contains("tracing HTTP")).expect("the agent starts");
 
@@ -205,17 +200,7 @@ fn a_taken_metrics_port_is_reported_and_the_agent_runs_on() {
     let _agent = one_agent_at_a_time();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    let mut agent = KillOnDrop(
-        Command::new(AGENT)
-            .args(["run", "--no-terminal", "--output-file", "/dev/null"])
-            .arg("--metrics-address")
-            .arg(format!("127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let err = lines(agent.0.stderr.take().unwrap());
+    let (mut agent, err) = start_agent_serving_metrics(port);
     let deadline = Instant::now() + Duration::from_secs(30);
     let warning = wait_line(&err, deadline, |l| l.contains("cannot serve /metrics"))
         .expect("the taken port is reported");
