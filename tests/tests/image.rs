@@ -44,6 +44,17 @@ impl Drop for Container {
     }
 }
 
+/// A string attribute of a span's resource.
+fn resource_string(span: &tests::otlp_receiver::ReceivedSpan, key: &str) -> Option<String> {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    let attributes = &span.resource.as_ref()?.attributes;
+    let kv = attributes.iter().find(|kv| kv.key == key)?;
+    match kv.value.as_ref()?.value.as_ref()? {
+        Value::StringValue(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
 /// The status of GET `path` on loopback `port`, if it answers.
 fn status(port: u16, path: &str) -> Option<u16> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
@@ -168,10 +179,36 @@ fn traces_in_the_image(label: &str, security: &[&str]) {
     }
     assert_eq!(status(metrics_port, "/healthz"), Some(200));
 
-    // Fails the test unless curl succeeds.
-    tests::curl(&[&format!(
-        "http://127.0.0.1:{server_port}/from-the-image-{label}"
-    )]);
+    // The client runs in a container of its own (the host's file system
+    // under an overlay, `--rootfs /:O`), so its CLIENT span must carry that
+    // container's id, read from its cgroup; the server runs on the host.
+    let cid_file = std::env::temp_dir().join(format!("{}-curl.cid", container.0));
+    let _ = std::fs::remove_file(&cid_file);
+    let url = format!("http://127.0.0.1:{server_port}/from-the-image-{label}");
+    let cid_option = format!("--cidfile={}", cid_file.display());
+    let curl = podman(&[
+        "run",
+        "--rm",
+        &cid_option,
+        "--network=host",
+        "--ulimit=nofile=1024:1024",
+        "--ulimit=nproc=1024:1024",
+        "--rootfs",
+        "/:O",
+        "/usr/bin/curl",
+        "--silent",
+        "--show-error",
+        "--output",
+        "/dev/null",
+        &url,
+    ]);
+    assert!(
+        curl.status.success(),
+        "curl in a container: {}",
+        String::from_utf8_lossy(&curl.stderr)
+    );
+    let curl_container = std::fs::read_to_string(&cid_file).unwrap();
+    let _ = std::fs::remove_file(&cid_file);
     // The agent traces the whole machine (another test's traffic too):
     // wait for this request's two spans.
     let name = format!("GET /from-the-image-{label}");
@@ -199,6 +236,16 @@ fn traces_in_the_image(label: &str, security: &[&str]) {
     assert_eq!(server_span.span.trace_id, client_span.span.trace_id);
     assert_eq!(server_span.span.parent_span_id, client_span.span.span_id);
     assert_eq!(client_span.service_name(), Some("curl"));
+    assert_eq!(
+        resource_string(client_span, "container.id").as_deref(),
+        Some(curl_container.trim()),
+        "the CLIENT span names curl's container"
+    );
+    assert_eq!(
+        resource_string(server_span, "container.id"),
+        None,
+        "the server runs on the host"
+    );
 
     // SIGTERM, as the kubelet stops a pod: the agent exits on its own.
     let stopped = podman(&["stop", "--time", "20", &container.0]);

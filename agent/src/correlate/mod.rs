@@ -31,6 +31,7 @@
 //!   seen first: the server side's context is patched until its span ends.
 
 pub mod attributes;
+pub mod container;
 pub mod process;
 pub mod proxy_contexts;
 pub mod python_contexts;

@@ -5,6 +5,7 @@ use foldhash::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::container::{self, ContainerIds};
 use super::runtime::{self, Runtime};
 use crate::span::{Attribute, Resource};
 
@@ -28,6 +29,8 @@ pub struct ProcessInfo {
     pub command_line: String,
     /// `OTEL_SERVICE_NAME` from the process's own environment.
     pub otel_service_name: Option<String>,
+    /// Its container and pod, from its cgroup.
+    pub container: ContainerIds,
 }
 
 impl ProcessInfo {
@@ -71,10 +74,14 @@ impl ProcessInfo {
                     .map(|v| String::from_utf8_lossy(v).into_owned())
             })
         });
+        let container = std::fs::read_to_string(dir.join("cgroup"))
+            .map(|text| container::from_proc_cgroup(&text))
+            .unwrap_or_default();
         ProcessInfo {
             executable_name,
             command_line,
             otel_service_name,
+            container,
         }
     }
 }
@@ -192,6 +199,12 @@ impl ProcessTable {
         if !self.host_name.is_empty() {
             attributes.push(Attribute::string("host.name", self.host_name.clone()));
         }
+        if let Some(id) = info.container.container_id {
+            attributes.push(Attribute::string("container.id", id));
+        }
+        if let Some(uid) = info.container.pod_uid {
+            attributes.push(Attribute::string("k8s.pod.uid", uid));
+        }
         Resource {
             service_name: info.otel_service_name.unwrap_or(info.executable_name),
             attributes,
@@ -262,6 +275,40 @@ mod tests {
                 .contains(&Attribute::string("host.name", "node-1"))
         );
         assert!(r.attributes.contains(&Attribute::int("process.pid", 10)));
+    }
+
+    #[test]
+    fn a_pods_process_carries_its_container_and_pod_ids() {
+        let root = fake_proc(13, "java", b"java\0", b"");
+        let id = "7f3a9c1e2b4d5f60718293a4b5c6d7e8f9012345678a9b0c1d2e3f4a5b6c7d8e";
+        std::fs::write(
+            root.path().join("13/cgroup"),
+            format!(
+                "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod0d3f0e5b_6c1a_4b8e_9f2d_7a6b5c4d3e2f.slice/cri-containerd-{id}.scope\n"
+            ),
+        )
+        .unwrap();
+        let r = ProcessTable::new(root.path(), ProcessFilter::default())
+            .resource(13)
+            .unwrap();
+        assert!(
+            r.attributes
+                .contains(&Attribute::string("container.id", id))
+        );
+        assert!(r.attributes.contains(&Attribute::string(
+            "k8s.pod.uid",
+            "0d3f0e5b-6c1a-4b8e-9f2d-7a6b5c4d3e2f"
+        )));
+        // A host process (no cgroup file here) has neither.
+        let host = fake_proc(14, "sshd", b"sshd\0", b"");
+        let r = ProcessTable::new(host.path(), ProcessFilter::default())
+            .resource(14)
+            .unwrap();
+        assert!(
+            !r.attributes
+                .iter()
+                .any(|a| a.key == "container.id" || a.key == "k8s.pod.uid")
+        );
     }
 
     #[test]
