@@ -161,10 +161,17 @@ fn request(addr: SocketAddr) -> Outcome {
         } else if response.ends_with("direct") {
             Outcome::Direct
         } else {
+            // Shown with a failure: what a failed request got.
+            eprintln!("request to {addr}: unexpected answer {response:?}");
             Outcome::Failed
         })
     };
-    attempt().unwrap_or(Outcome::Failed)
+    attempt().unwrap_or_else(|e| {
+        // Shown with a failure: why a request failed (refused, reset,
+        // timed out), to tell the dead proxy's port from a slow guest.
+        eprintln!("request to {addr} failed: {e} ({:?})", e.kind());
+        Outcome::Failed
+    })
 }
 
 /// Requests to `addr` from namespace `netns`, one every [`EVERY`], until
