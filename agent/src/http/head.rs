@@ -58,8 +58,9 @@ impl Fields {
         Fields { raw, fields }
     }
 
-    /// Fields from (name, value) pairs (tests and callers that build heads).
-    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Fields {
+    /// Fields from (name, value) pairs, for tests.
+    #[cfg(test)]
+    pub(crate) fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Fields {
         let mut raw = Vec::new();
         let mut fields = Vec::new();
         for (name, value) in pairs {
