@@ -71,6 +71,43 @@ pub struct Config {
     pub proxy: ProxyConfig,
     /// The agent's own `/metrics`, `/healthz` and `/readyz` (`metrics:`).
     pub metrics: MetricsConfig,
+    /// Pod names from the API server for the spans' resources (`kubernetes:`).
+    pub kubernetes: KubernetesConfig,
+}
+
+/// `kubernetes:`: where the names of this node's pods come from.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// `auto` (in a cluster, or with `api_server`), `true` or `false`.
+    pub enabled: TerminalMode,
+    /// This node's name; empty: the `NODE_NAME` environment variable.
+    pub node_name: String,
+    /// An API server URL used without credentials; empty: in-cluster.
+    pub api_server: String,
+}
+
+impl KubernetesConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.kubernetes_settings()
+            .validate()
+            .map_err(|e| ConfigError::invalid("kubernetes.api_server", e.to_string()))
+    }
+
+    /// The settings handed to the pod watcher.
+    pub fn kubernetes_settings(&self) -> crate::kubernetes::KubernetesSettings {
+        use crate::kubernetes::Enablement;
+        let non_empty = |s: &str| Some(s.trim().to_string()).filter(|s| !s.is_empty());
+        crate::kubernetes::KubernetesSettings {
+            enabled: match self.enabled {
+                TerminalMode::Auto => Enablement::Auto,
+                TerminalMode::On => Enablement::On,
+                TerminalMode::Off => Enablement::Off,
+            },
+            node_name: non_empty(&self.node_name),
+            api_server: non_empty(&self.api_server),
+        }
+    }
 }
 
 /// `metrics:`: where the agent serves its counters and health.
@@ -218,7 +255,7 @@ impl fmt::Display for ExporterProtocol {
     }
 }
 
-/// `tracing.terminal`: `auto`, `true` or `false`.
+/// `tracing.terminal` (and `kubernetes.enabled`): `auto`, `true` or `false`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum TerminalMode {
     /// Print spans only when they go nowhere else (no exporter, no file), so
@@ -531,7 +568,8 @@ impl Config {
         self.http.validate()?;
         self.processes.validate()?;
         self.proxy.validate()?;
-        self.metrics.validate()
+        self.metrics.validate()?;
+        self.kubernetes.validate()
     }
 
     /// Whether spans are printed on the terminal: `auto` means only when
@@ -1249,10 +1287,11 @@ fn allowed_values(key: &str) -> Option<&'static str> {
         None => normalized.as_str(),
     };
     Some(match normalized {
-        "" => "a mapping of sections (tracing, capture, http, processes, proxy, metrics)",
-        "tracing" | "tracing.exporter" | "capture" | "http" | "processes" | "proxy" | "metrics" => {
-            "a mapping of keys"
+        "" => {
+            "a mapping of sections (tracing, capture, http, processes, proxy, metrics, kubernetes)"
         }
+        "tracing" | "tracing.exporter" | "capture" | "http" | "processes" | "proxy" | "metrics"
+        | "kubernetes" => "a mapping of keys",
         "tracing.random_sampling" => "a number between 0 and 100",
         "tracing.parent_based"
         | "http.route_heuristic"
@@ -1265,7 +1304,9 @@ fn allowed_values(key: &str) -> Option<&'static str> {
         "tracing.exporter.headers.*" => "a string",
         "tracing.exporter.timeout_ms" => "an integer between 1 and 600000",
         "tracing.file" => "a file path",
-        "tracing.terminal" => "auto, true or false",
+        "tracing.terminal" | "kubernetes.enabled" => "auto, true or false",
+        "kubernetes.node_name" => "a node name",
+        "kubernetes.api_server" => "a URL such as http://127.0.0.1:8001",
         "capture.max_message_bytes" => "an integer between 1 and 16384",
         "capture.ring_buffer_bytes" => "a power of two of at least 4096",
         "http.request_headers" | "http.response_headers" => "a list of header names",
@@ -1324,6 +1365,9 @@ mod tests {
         "proxy.workers",
         "metrics.enabled",
         "metrics.address",
+        "kubernetes.enabled",
+        "kubernetes.node_name",
+        "kubernetes.api_server",
     ];
 
     const FULL_EXAMPLE: &str = r#"
@@ -1363,6 +1407,10 @@ proxy:
 metrics:
   enabled: false
   address: 0.0.0.0:9471
+kubernetes:
+  enabled: true
+  node_name: node-7
+  api_server: http://127.0.0.1:8001
 "#;
 
     #[derive(Parser)]
@@ -1509,6 +1557,14 @@ metrics:
         assert_eq!(p.exclude_ports, [22]);
         assert_eq!((p.workers, p.proxy_settings().workers), (3, 3));
         assert!(c.terminal_enabled());
+        assert_eq!(
+            c.kubernetes.kubernetes_settings(),
+            crate::kubernetes::KubernetesSettings {
+                enabled: crate::kubernetes::Enablement::On,
+                node_name: Some("node-7".into()),
+                api_server: Some("http://127.0.0.1:8001".into()),
+            }
+        );
         assert!(!c.metrics.enabled);
         assert_eq!(c.metrics.address, "0.0.0.0:9471");
         assert_eq!(c.metrics.metrics_settings().address, None);
@@ -1524,6 +1580,19 @@ metrics:
         let c = Config::from_yaml(text).unwrap_or_else(|e| panic!("{e}"));
         assert!(c.processes.redact_command_line);
         assert!(!c.terminal_enabled());
+    }
+
+    #[test]
+    fn kubernetes_defaults_to_auto_and_a_bad_api_server_is_named() {
+        let c = Config::from_yaml("").unwrap();
+        assert_eq!(
+            c.kubernetes.kubernetes_settings(),
+            crate::kubernetes::KubernetesSettings::default()
+        );
+        let e = err("kubernetes:\n  api_server: 127.0.0.1:8001\n");
+        assert_eq!(e.key(), "kubernetes.api_server");
+        let e = err("kubernetes:\n  enabled: sometimes\n");
+        assert!(e.to_string().contains("auto, true or false"), "{e}");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! - [`http`]: message bytes -> HTTP/1.x requests and responses;
 //! - [`tracecontext`]: W3C traceparent / tracestate;
 //! - [`correlate`]: messages -> SERVER and CLIENT spans with trace context;
+//! - [`kubernetes`]: this node's pods from the API server, for the resources;
 //! - [`sampling`]: which traces are kept;
 //! - [`span`]: the span model the later stages share;
 //! - [`export`]: spans -> OTLP, OTLP/JSON file, terminal;
@@ -20,6 +21,7 @@ pub mod config;
 pub mod correlate;
 pub mod export;
 pub mod http;
+pub mod kubernetes;
 pub mod metrics;
 pub mod proxy;
 pub mod sampling;

@@ -8,6 +8,7 @@ use agent::capture::{Capture, CaptureEvent, MAX_BATCH};
 use agent::config::ConfigOverrides;
 use agent::correlate::{Correlator, ProcessTable, ProxyContexts};
 use agent::export::{ExportSettings, SpanSinks};
+use agent::kubernetes::{self, Enablement, KubernetesSettings, PodDirectory};
 use agent::metrics::{Health, Reading};
 use agent::proxy::rules::RedirectRules;
 use agent::proxy::{RunningProxy, StandaloneContexts};
@@ -127,11 +128,12 @@ impl Drop for ExportRuntime {
 async fn run(args: RunArgs, export: &tokio::runtime::Handle) -> Result<()> {
     let config = args.config.load()?;
     let sampler = config.sampler()?;
-    let mut correlator = Correlator::new(
-        sampler,
-        config.span_settings(),
-        ProcessTable::new("/proc", config.process_filter()),
-    );
+    let pods = watch_pods(&config.kubernetes.kubernetes_settings(), export)?;
+    let mut processes = ProcessTable::new("/proc", config.process_filter());
+    if let Some(pods) = &pods {
+        processes = processes.with_pods(pods.clone());
+    }
+    let mut correlator = Correlator::new(sampler, config.span_settings(), processes);
     let health = Arc::new(Health::default());
     if let Some(address) = config.metrics.metrics_settings().address {
         start_metrics(export, address, health.clone());
@@ -192,6 +194,7 @@ async fn run(args: RunArgs, export: &tokio::runtime::Handle) -> Result<()> {
             &sinks,
             contexts.as_deref(),
             proxy.as_ref(),
+            pods.as_deref(),
         )
     };
     health.publish(gather(&correlator));
@@ -323,6 +326,7 @@ fn readings(
     sinks: &SpanSinks,
     contexts: Option<&ProxyContexts>,
     proxy: Option<&RunningProxy>,
+    pods: Option<&PodDirectory>,
 ) -> Vec<Reading> {
     let mut all = capture.readings().unwrap_or_else(|e| {
         log::warn!("the capture's counters are unreadable: {e:#}");
@@ -338,7 +342,55 @@ fn readings(
     if let Some(proxy) = proxy {
         all.extend(proxy.stats().snapshot().readings());
     }
+    if let Some(pods) = pods {
+        all.extend(pods.readings());
+    }
     all
+}
+
+/// Starts watching this node's pods on the export runtime when `settings`
+/// and the environment say the agent runs in Kubernetes. With `auto`, a
+/// watcher that cannot start is a warning (spans go without pod names);
+/// with `true`, an error.
+fn watch_pods(
+    settings: &KubernetesSettings,
+    export: &tokio::runtime::Handle,
+) -> Result<Option<Arc<PodDirectory>>> {
+    let started = settings
+        .target(|name| std::env::var(name).ok())
+        .and_then(|target| {
+            let Some(target) = target else {
+                return Ok(None);
+            };
+            // The client spawns its connection tasks where it is built.
+            let client = {
+                let _on_export_thread = export.enter();
+                kubernetes::client(&target)?
+            };
+            let directory = Arc::new(PodDirectory::default());
+            export.spawn(kubernetes::watch(
+                client,
+                target.node_name.clone(),
+                directory.clone(),
+            ));
+            eprintln!(
+                "agent: naming the pods of node {} from {}",
+                target.node_name,
+                target
+                    .api_server
+                    .as_deref()
+                    .unwrap_or("the cluster's API server")
+            );
+            Ok(Some(directory))
+        });
+    match started {
+        Ok(pods) => Ok(pods),
+        Err(e) if settings.enabled == Enablement::Auto => {
+            eprintln!("agent: kubernetes: {e}; spans go without pod names");
+            Ok(None)
+        }
+        Err(e) => Err(e).context("kubernetes"),
+    }
 }
 
 fn report_counters(readings: &[Reading]) {

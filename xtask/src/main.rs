@@ -108,6 +108,10 @@ enum Task {
         /// Kernel series to boot (repeatable): 6.1, 6.12. Default: all.
         #[arg(long = "kernel")]
         kernels: Vec<String>,
+        /// Integration test binaries to run (repeatable), e.g. `fail_open`.
+        /// Default: all but the host-only ones.
+        #[arg(long = "test")]
+        tests: Vec<String>,
     },
 }
 
@@ -187,7 +191,7 @@ fn dispatch(task: Task) -> Result<()> {
             println!("host tests (kernel {}): {}", host_kernel(), host.summary());
             let mut total = host;
             if !no_vm {
-                let vm = timed("vm tests", || vm_tests(kernels))?;
+                let vm = timed("vm tests", || vm_tests(kernels, &[]))?;
                 total.add(&vm);
             }
             println!("xtask test: {} s in all", started.elapsed().as_secs());
@@ -214,9 +218,9 @@ fn dispatch(task: Task) -> Result<()> {
             };
             bench::bench(only, overhead, &args)
         }
-        Task::VmTest { kernels } => {
+        Task::VmTest { kernels, tests } => {
             setup::setup()?;
-            vm_tests(kernels).map(|_| ())
+            vm_tests(kernels, &tests).map(|_| ())
         }
     }
 }
@@ -297,13 +301,15 @@ fn host_tests() -> Result<TestCounts> {
 }
 
 /// Builds the integration test binaries and runs them in each VM kernel.
-fn vm_tests(kernels: Vec<String>) -> Result<TestCounts> {
+/// Runs the integration tests in VMs; `only` names the test binaries to
+/// run (empty: all that the VMs run).
+fn vm_tests(kernels: Vec<String>, only: &[String]) -> Result<TestCounts> {
     let kernels = if kernels.is_empty() {
         VM_KERNELS.iter().map(|k| k.to_string()).collect()
     } else {
         kernels
     };
-    let binaries = integration_test_binaries()?;
+    let binaries = integration_test_binaries(only)?;
     let opts = vm::VmTestOptions {
         kernels,
         test_binaries: binaries,
@@ -312,8 +318,9 @@ fn vm_tests(kernels: Vec<String>) -> Result<TestCounts> {
     vm::vm_test(&opts)
 }
 
-/// Paths of the `tests` package's integration test executables.
-fn integration_test_binaries() -> Result<Vec<PathBuf>> {
+/// Paths of the `tests` package's integration test executables that the
+/// VMs run, only those named in `only` unless it is empty.
+fn integration_test_binaries(only: &[String]) -> Result<Vec<PathBuf>> {
     let output = toolchain::cargo()
         .args([
             "test",
@@ -338,10 +345,9 @@ fn integration_test_binaries() -> Result<Vec<PathBuf>> {
         let is_integration = message["target"]["kind"]
             .as_array()
             .is_some_and(|k| k.iter().any(|k| k == "test"));
-        let host_only = message["target"]["name"]
-            .as_str()
-            .is_some_and(|name| HOST_ONLY_TESTS.contains(&name));
-        if host_only {
+        let name = message["target"]["name"].as_str().unwrap_or_default();
+        let left_out = !only.is_empty() && !only.iter().any(|o| o == name);
+        if HOST_ONLY_TESTS.contains(&name) || left_out {
             continue;
         }
         if let (true, true, Some(path)) = (is_test, is_integration, message["executable"].as_str())
@@ -350,7 +356,7 @@ fn integration_test_binaries() -> Result<Vec<PathBuf>> {
         }
     }
     if binaries.is_empty() {
-        bail!("no integration test binaries were built");
+        bail!("no integration test binaries were built (or none is named {only:?})");
     }
     Ok(binaries)
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use super::container::{self, ContainerIds};
 use super::runtime::{self, Runtime};
+use crate::kubernetes::{PodDirectory, PodMetadata};
 use crate::span::{Attribute, Resource};
 
 /// Which processes produce spans, and what their resource may reveal.
@@ -92,11 +93,22 @@ pub struct ProcessTable {
     proc_root: PathBuf,
     host_name: String,
     filter: ProcessFilter,
-    resources: HashMap<u32, Option<Arc<Resource>>>,
+    /// This node's pods, when the agent runs in Kubernetes.
+    pods: Option<Arc<PodDirectory>>,
+    resources: HashMap<u32, CachedResource>,
     runtimes: HashMap<u32, Runtime>,
     /// Processes that could not be read, and when (monotonic ns): tried
     /// again only after [`RETRY_UNREADABLE_NS`].
     unreadable: HashMap<u32, u64>,
+}
+
+/// A process's resource, as built.
+struct CachedResource {
+    /// None: the filter excludes the process.
+    resource: Option<Arc<Resource>>,
+    /// The process runs in a pod the directory did not know, at this
+    /// generation of it: built again (from `info`) once it changes.
+    pod_missing: Option<(u64, Box<ProcessInfo>)>,
 }
 
 /// How long a process that could not be read (exited, or still starting)
@@ -118,10 +130,17 @@ impl ProcessTable {
             proc_root,
             host_name,
             filter,
+            pods: None,
             resources: HashMap::default(),
             runtimes: HashMap::default(),
             unreadable: HashMap::default(),
         }
+    }
+
+    /// Names pods from `pods` (Kubernetes metadata and `service.name`).
+    pub fn with_pods(mut self, pods: Arc<PodDirectory>) -> Self {
+        self.pods = Some(pods);
+        self
     }
 
     /// How `pid` serves requests ([`runtime::read`]), read once and cached.
@@ -163,16 +182,55 @@ impl ProcessTable {
     /// [`Self::resource`], with the kernel's name for the process to fall
     /// back on when it exited before it could be read.
     pub fn resource_named(&mut self, pid: u32, known_name: Option<&str>) -> Option<Arc<Resource>> {
-        if let Some(known) = self.resources.get(&pid) {
-            return known.clone();
-        }
-        if self.resources.len() >= MAX_PROCESSES {
-            self.resources.clear();
-        }
-        let info = ProcessInfo::read(&self.proc_root, pid, known_name);
-        let resource = self.traced(&info).then(|| Arc::new(self.build(pid, info)));
-        self.resources.insert(pid, resource.clone());
+        let info = match self.resources.get_mut(&pid) {
+            Some(known) => match &known.pod_missing {
+                Some((generation, _))
+                    if self
+                        .pods
+                        .as_ref()
+                        .is_some_and(|p| p.generation() != *generation) =>
+                {
+                    // The pods changed since: perhaps its pod is known now.
+                    *known.pod_missing.take().expect("matched").1
+                }
+                _ => return known.resource.clone(),
+            },
+            None => {
+                if self.resources.len() >= MAX_PROCESSES {
+                    self.resources.clear();
+                }
+                ProcessInfo::read(&self.proc_root, pid, known_name)
+            }
+        };
+        let cached = self.build_cached(pid, info);
+        let resource = cached.resource.clone();
+        self.resources.insert(pid, cached);
         resource
+    }
+
+    fn build_cached(&self, pid: u32, info: ProcessInfo) -> CachedResource {
+        if !self.traced(&info) {
+            return CachedResource {
+                resource: None,
+                pod_missing: None,
+            };
+        }
+        // The generation before the lookup: a pod added in between costs
+        // one more build, never a missed one.
+        let generation = self.pods.as_ref().map(|p| p.generation());
+        let pod = info
+            .container
+            .pod_uid
+            .as_deref()
+            .and_then(|uid| self.pods.as_ref()?.get(uid));
+        let pod_missing = match (generation, &info.container.pod_uid, &pod) {
+            (Some(generation), Some(_), None) => Some((generation, Box::new(info.clone()))),
+            _ => None,
+        };
+        CachedResource {
+            resource: Some(Arc::new(self.build(pid, info, pod.as_deref()))),
+            pod_missing,
+        }
     }
 
     /// Forgets a process (its pid may be reused).
@@ -188,7 +246,7 @@ impl ProcessTable {
             && !self.filter.exclude.iter().any(|n| n == name)
     }
 
-    fn build(&self, pid: u32, info: ProcessInfo) -> Resource {
+    fn build(&self, pid: u32, info: ProcessInfo, pod: Option<&PodMetadata>) -> Resource {
         let mut attributes = vec![
             Attribute::int("process.pid", pid as i64),
             Attribute::string("process.executable.name", info.executable_name.clone()),
@@ -199,14 +257,28 @@ impl ProcessTable {
         if !self.host_name.is_empty() {
             attributes.push(Attribute::string("host.name", self.host_name.clone()));
         }
-        if let Some(id) = info.container.container_id {
-            attributes.push(Attribute::string("container.id", id));
+        if let Some(id) = &info.container.container_id {
+            attributes.push(Attribute::string("container.id", id.clone()));
         }
-        if let Some(uid) = info.container.pod_uid {
-            attributes.push(Attribute::string("k8s.pod.uid", uid));
+        let container_id = info.container.container_id.as_deref();
+        // In the usual order: the process's own OTEL_SERVICE_NAME, then
+        // what Kubernetes says (label, workload, container), then the
+        // executable.
+        let service_name = info
+            .otel_service_name
+            .or_else(|| {
+                pod.and_then(|p| p.service_name(container_id))
+                    .map(str::to_string)
+            })
+            .unwrap_or(info.executable_name);
+        if let Some(pod) = pod {
+            attributes.extend(pod.attributes(container_id));
+        }
+        if let Some(uid) = &info.container.pod_uid {
+            attributes.push(Attribute::string("k8s.pod.uid", uid.clone()));
         }
         Resource {
-            service_name: info.otel_service_name.unwrap_or(info.executable_name),
+            service_name,
             attributes,
         }
     }
@@ -215,6 +287,77 @@ impl ProcessTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pods_names_join_its_resource_once_the_watch_knows_the_pod() {
+        use crate::kubernetes::{Owner, PodDirectory, PodMetadata};
+        let uid = "0d3f0e5b-6c1a-4b8e-9f2d-7a6b5c4d3e2f";
+        let id = "7f3a9c1e2b4d5f60718293a4b5c6d7e8f9012345678a9b0c1d2e3f4a5b6c7d8e";
+        let root = fake_proc(13, "java", b"java\0", b"");
+        std::fs::write(
+            root.path().join("13/cgroup"),
+            format!("0::/kubepods/besteffort/pod{uid}/{id}\n"),
+        )
+        .unwrap();
+        let pods = Arc::new(PodDirectory::default());
+        let mut table =
+            ProcessTable::new(root.path(), ProcessFilter::default()).with_pods(pods.clone());
+        // Not listed yet: the executable names it.
+        let before = table.resource(13).unwrap();
+        assert_eq!(before.service_name, "java");
+        assert!(!before.attributes.iter().any(|a| a.key == "k8s.pod.name"));
+        assert!(Arc::ptr_eq(&before, &table.resource(13).unwrap()), "cached");
+        let pod = PodMetadata {
+            uid: uid.into(),
+            name: "orders-5c7d9-abcde".into(),
+            namespace: "shop".into(),
+            node_name: Some("node-1".into()),
+            app_name: None,
+            owners: vec![Owner {
+                attribute: "k8s.deployment.name",
+                name: "orders".into(),
+            }],
+            containers: vec![(id.into(), "server".into())],
+        };
+        pods.apply(pod.clone());
+        let after = table.resource(13).unwrap();
+        assert_eq!(after.service_name, "orders", "the owner's name");
+        for (key, value) in [
+            ("k8s.pod.name", "orders-5c7d9-abcde"),
+            ("k8s.namespace.name", "shop"),
+            ("k8s.container.name", "server"),
+            ("k8s.deployment.name", "orders"),
+            ("k8s.pod.uid", uid),
+            ("container.id", id),
+        ] {
+            assert!(
+                after.attributes.contains(&Attribute::string(key, value)),
+                "{key}"
+            );
+        }
+        // Known now: later changes of the directory do not rebuild it.
+        pods.apply(PodMetadata {
+            uid: "another".into(),
+            ..pod
+        });
+        assert!(Arc::ptr_eq(&after, &table.resource(13).unwrap()));
+        // OTEL_SERVICE_NAME in the process's environment still comes first.
+        let own = fake_proc(15, "java", b"java\0", b"OTEL_SERVICE_NAME=billing\0");
+        std::fs::write(
+            own.path().join("15/cgroup"),
+            format!("0::/kubepods/besteffort/pod{uid}/{id}\n"),
+        )
+        .unwrap();
+        let r = ProcessTable::new(own.path(), ProcessFilter::default())
+            .with_pods(pods)
+            .resource(15)
+            .unwrap();
+        assert_eq!(r.service_name, "billing");
+        assert!(
+            r.attributes
+                .contains(&Attribute::string("k8s.container.name", "server"))
+        );
+    }
 
     fn fake_proc(pid: u32, exe: &str, cmdline: &[u8], environ: &[u8]) -> tempdir::Dir {
         let root = tempdir::Dir::new();

@@ -111,10 +111,14 @@ impl RunningProxy {
             }
             None => None,
         };
-        let renewal = installed
-            .as_ref()
-            .and_then(InstalledRules::lease)
-            .map(|lease| tokio::spawn(renew_while_serving(lease, serving)));
+        let lease = installed.as_ref().and_then(InstalledRules::lease);
+        if let Some(lease) = &lease {
+            // Installing may have taken longer than a lease (iptables in a
+            // slow VM): renewed before `start` returns, so that the rules
+            // redirect from then on, before the renewal task first runs.
+            lease.renew();
+        }
+        let renewal = lease.map(|lease| tokio::spawn(renew_while_serving(lease, serving)));
         Ok(Self {
             rules: installed,
             stop: Some(stop),
