@@ -407,6 +407,40 @@ pub fn in_vm() -> bool {
     std::env::var_os("AGENT_IN_VM").is_some()
 }
 
+/// Answers every request with `traced` or `direct`, by whether its head
+/// carried a traceparent (did it come through the proxy?); a thread per
+/// connection (some stay idle), until the process ends.
+pub fn serve_traced_or_direct(listener: std::net::TcpListener) {
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            std::thread::spawn(move || answer_traced_or_direct(stream));
+        }
+    });
+}
+
+fn answer_traced_or_direct(mut stream: std::net::TcpStream) {
+    use std::io::{Read, Write};
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let traced = String::from_utf8_lossy(&head)
+        .to_ascii_lowercase()
+        .contains("\r\ntraceparent:");
+    let body = if traced { "traced" } else { "direct" };
+    let _ = write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
 /// A free TCP port on loopback (the listener is closed again at once),
 /// watched by the shared capture from now on.
 pub fn free_port() -> u16 {

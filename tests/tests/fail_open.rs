@@ -116,38 +116,6 @@ struct Sample {
     outcome: Outcome,
 }
 
-/// Answers every request with `traced` or `direct`, by whether its head
-/// carried a traceparent; a thread per connection (some stay idle).
-fn serve(listener: TcpListener) {
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(stream) = stream else { continue };
-            std::thread::spawn(move || answer(stream));
-        }
-    });
-}
-
-fn answer(mut stream: TcpStream) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        match stream.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => head.extend_from_slice(&buf[..n]),
-        }
-    }
-    let traced = String::from_utf8_lossy(&head)
-        .to_ascii_lowercase()
-        .contains("\r\ntraceparent:");
-    let body = if traced { "traced" } else { "direct" };
-    let _ = write!(
-        stream,
-        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-}
-
 /// One request to `addr`, scored.
 fn request(addr: SocketAddr) -> Outcome {
     let attempt = || -> std::io::Result<Outcome> {
@@ -482,7 +450,7 @@ fn host_mode_dead_proxy_lets_traffic_through_within_a_second() {
     let listener = netns
         .run(|| TcpListener::bind((Ipv4Addr::LOCALHOST, port)).unwrap())
         .unwrap();
-    serve(listener);
+    tests::serve_traced_or_direct(listener);
     let lab = Lab {
         mode: "host",
         client_netns: netns.name().to_string(),
@@ -508,7 +476,7 @@ fn node_mode_dead_proxy_lets_traffic_through_within_a_second() {
     let listener = server
         .run(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).unwrap())
         .unwrap();
-    serve(listener);
+    tests::serve_traced_or_direct(listener);
     let lab = Lab {
         mode: "node",
         client_netns: client.netns().to_string(),

@@ -4,6 +4,9 @@
 //! request between two processes of the host and exports it to this test's
 //! OTLP receiver, answers its health probes, and stops on SIGTERM.
 //!
+//! With only the capabilities of deploy/capabilities, the same, and the
+//! proxy inside injects trace context and removes its rules at SIGTERM.
+//!
 //! Host only (xtask's HOST_ONLY_TESTS): podman and the image are not in the
 //! VM guests.
 
@@ -12,6 +15,7 @@ use std::net::TcpStream;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use tests::netns::Netns;
 use tests::otlp_receiver::OtlpReceiver;
 use tests::{free_port, privileged, wait_listening};
 
@@ -95,27 +99,182 @@ fn the_image_runs_with_only_the_capabilities_of_the_overlay() {
     if !privileged() {
         return;
     }
+    let security = overlay_security();
+    let security: Vec<&str> = security.iter().map(String::as_str).collect();
+    traces_in_the_image("capabilities", &security);
+}
+
+/// Whether the image is built; outside CI a missing one skips the test.
+fn image_present() -> bool {
+    if podman(&["image", "exists", IMAGE]).status.success() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{IMAGE} is missing: `cargo xtask test` builds it (stage image) before the host tests"
+    );
+    eprintln!("SKIPPED: {IMAGE} is missing; build it with `cargo xtask image`");
+    false
+}
+
+/// The podman options the capability overlay stands for.
+fn overlay_security() -> Vec<String> {
     let capabilities = overlay_capabilities();
     assert!(
         capabilities.contains(&"BPF".to_string()),
         "{capabilities:?}"
     );
-    let add = format!("--cap-add={}", capabilities.join(","));
-    traces_in_the_image(
-        "capabilities",
-        &["--cap-drop=all", &add, "--security-opt=seccomp=unconfined"],
+    vec![
+        "--cap-drop=all".to_string(),
+        format!("--cap-add={}", capabilities.join(",")),
+        "--security-opt=seccomp=unconfined".to_string(),
+    ]
+}
+
+/// One request to `port` on the namespace's loopback: `traced` when it came
+/// through the proxy, `direct` when not (see `serve_traced_or_direct`).
+fn traced_or_direct(netns: &Netns, port: u16) -> String {
+    netns
+        .run(|| {
+            let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            stream
+                .write_all(b"GET /image-proxy HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")?;
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer)?;
+            Ok::<_, std::io::Error>(answer.rsplit("\r\n\r\n").next().unwrap_or("").to_string())
+        })
+        .unwrap()
+        .unwrap_or_else(|e| format!("failed: {e}"))
+}
+
+/// The proxy's nat rules in `netns` (lines naming its listen port or guard).
+fn proxy_rules(netns: &Netns, listen_port: u16) -> Vec<String> {
+    let out = netns
+        .exec("iptables-save")
+        .args(["-t", "nat"])
+        .output()
+        .expect("iptables-save");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("--to-ports {listen_port}")))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The proxy in the image, with only the overlay's capabilities, in a
+/// network namespace of the test's own (host mode: its rules in that
+/// namespace's OUTPUT chain): requests to the proxied port gain a
+/// traceparent, and SIGTERM removes the rules.
+#[test]
+fn the_images_proxy_injects_and_cleans_up_with_only_the_overlays_capabilities() {
+    if !privileged() || !image_present() {
+        return;
+    }
+    let netns = Netns::new("image-proxy").expect("a network namespace");
+    let port = free_port();
+    let listener = netns
+        .run(|| std::net::TcpListener::bind(("127.0.0.1", port)))
+        .unwrap()
+        .expect("the server's port");
+    tests::serve_traced_or_direct(listener);
+    assert_eq!(traced_or_direct(&netns, port), "direct", "before the agent");
+
+    let listen_port = free_port();
+    let metrics_port = free_port();
+    let config = std::env::temp_dir().join(format!("image-proxy-{}.yaml", std::process::id()));
+    std::fs::write(
+        &config,
+        format!(
+            "proxy:\n  enabled: true\n  mode: host\n  listen_port: {listen_port}\n  ports: [{port}]\n\
+             metrics:\n  address: 127.0.0.1:{metrics_port}\n"
+        ),
+    )
+    .unwrap();
+    let name = format!("agent-image-proxy-{}", std::process::id());
+    let network = format!("--network=ns:/run/netns/{}", netns.name());
+    let mount = format!(
+        "--volume={}:/etc/tracing-agent/agent.yaml:ro",
+        config.display()
     );
+    let security = overlay_security();
+    let mut run = vec!["run", "--detach", "--name", &name];
+    run.extend(security.iter().map(String::as_str));
+    run.extend_from_slice(&[
+        "--pid=host",
+        &network,
+        "--ulimit=nofile=1024:1024",
+        "--ulimit=nproc=1024:1024",
+        "--volume=/sys/kernel/tracing:/sys/kernel/tracing",
+        "--volume=/sys/kernel/btf:/sys/kernel/btf:ro",
+        "--volume=/sys/fs/bpf:/sys/fs/bpf",
+        &mount,
+        IMAGE,
+        "run",
+        "--no-terminal",
+        "--config",
+        "/etc/tracing-agent/agent.yaml",
+    ]);
+    let started = podman(&run);
+    let _ = std::fs::remove_file(&config);
+    assert!(
+        started.status.success(),
+        "podman run: {}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    let container = Container(name);
+    let logs = || {
+        let out = podman(&["logs", &container.0]);
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while netns.run(|| status(metrics_port, "/readyz")).unwrap() != Some(200) {
+        assert!(
+            Instant::now() < deadline,
+            "the agent in the image never got ready:\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let rules = proxy_rules(&netns, listen_port);
+    assert!(
+        rules.iter().any(|r| r.contains("-m bpf --object-pinned")),
+        "guarded REDIRECT rules in the namespace: {rules:#?}\n{}",
+        logs()
+    );
+    assert_eq!(
+        traced_or_direct(&netns, port),
+        "traced",
+        "through the proxy:\n{}",
+        logs()
+    );
+
+    let stopped = podman(&["stop", "--time", "20", &container.0]);
+    assert!(stopped.status.success());
+    let inspect = podman(&["inspect", "--format", "{{.State.ExitCode}}", &container.0]);
+    assert_eq!(
+        String::from_utf8_lossy(&inspect.stdout).trim(),
+        "0",
+        "exit code after SIGTERM:\n{}",
+        logs()
+    );
+    assert_eq!(
+        proxy_rules(&netns, listen_port),
+        Vec::<String>::new(),
+        "SIGTERM removes the rules:\n{}",
+        logs()
+    );
+    assert_eq!(traced_or_direct(&netns, port), "direct", "after the agent");
 }
 
 /// Runs the image with `security` (podman options) as the DaemonSet runs
 /// it, and checks that it traces, exports, answers its probes and stops.
 fn traces_in_the_image(label: &str, security: &[&str]) {
-    if !podman(&["image", "exists", IMAGE]).status.success() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{IMAGE} is missing: `cargo xtask test` builds it (stage image) before the host tests"
-        );
-        eprintln!("SKIPPED: {IMAGE} is missing; build it with `cargo xtask image`");
+    if !image_present() {
         return;
     }
     let receiver = OtlpReceiver::start().unwrap();
