@@ -379,9 +379,9 @@ pub struct ProcessFilterConfig {
     pub include: Vec<String>,
     /// Executable names never traced; wins over `include`.
     pub exclude: Vec<String>,
-    /// Leave `process.command_line` out of spans (arguments may hold
-    /// secrets).
-    pub redact_command_line: bool,
+    /// Put `process.command_line` on spans, secrets redacted (off by
+    /// default: arguments can hold secrets no rule recognizes).
+    pub command_line: bool,
 }
 
 /// `proxy:`: the transparent proxy that injects `traceparent`.
@@ -922,9 +922,9 @@ pub struct ConfigOverrides {
     #[arg(long = "exclude-process", value_name = "NAME", value_delimiter = ',')]
     pub exclude_processes: Vec<String>,
 
-    /// Leave process.command_line out of spans [processes.redact_command_line]
+    /// Put process.command_line on spans, secrets redacted [processes.command_line: true]
     #[arg(long)]
-    pub redact_command_line: bool,
+    pub command_line: bool,
     /// Serve /metrics, /healthz and /readyz on IP:PORT [metrics.address]
     #[arg(long, value_name = "IP:PORT")]
     pub metrics_address: Option<String>,
@@ -1006,8 +1006,8 @@ impl ConfigOverrides {
             config.processes.exclude = self.exclude_processes.clone();
             applied.push(("processes.exclude", "--exclude-process"));
         }
-        if self.redact_command_line {
-            config.processes.redact_command_line = true;
+        if self.command_line {
+            config.processes.command_line = true;
         }
         if let Some(address) = &self.metrics_address {
             config.metrics.enabled = true;
@@ -1295,7 +1295,7 @@ fn allowed_values(key: &str) -> Option<&'static str> {
         "tracing.random_sampling" => "a number between 0 and 100",
         "tracing.parent_based"
         | "http.route_heuristic"
-        | "processes.redact_command_line"
+        | "processes.command_line"
         | "proxy.enabled"
         | "metrics.enabled" => "true or false",
         "tracing.exporter.endpoint" => "a URL such as http://127.0.0.1:4317",
@@ -1353,7 +1353,7 @@ mod tests {
         "http.route_heuristic",
         "processes.include",
         "processes.exclude",
-        "processes.redact_command_line",
+        "processes.command_line",
         "proxy.enabled",
         "proxy.listen_port",
         "proxy.mode",
@@ -1393,7 +1393,7 @@ http:
 processes:
   include: [nginx, python3]
   exclude: [sshd]
-  redact_command_line: true
+  command_line: true
 proxy:
   enabled: true
   listen_port: 15006
@@ -1478,7 +1478,7 @@ kubernetes:
         );
         assert!(c.http.route_heuristic);
         assert_eq!(c.processes, ProcessFilterConfig::default());
-        assert!(!c.processes.redact_command_line);
+        assert!(!c.processes.command_line);
         let p = &c.proxy;
         assert!(!p.enabled);
         assert_eq!(p.listen_port, 15001);
@@ -1540,7 +1540,7 @@ kubernetes:
         assert!(!c.http.route_heuristic);
         assert_eq!(c.processes.include, ["nginx", "python3"]);
         assert_eq!(c.processes.exclude, ["sshd"]);
-        assert!(c.processes.redact_command_line);
+        assert!(c.processes.command_line);
         let p = &c.proxy;
         assert!(p.enabled);
         assert_eq!((p.listen_port, p.mode), (15006, ProxyMode::Host));
@@ -1578,7 +1578,7 @@ kubernetes:
             serde_yaml_ng::from_str(include_str!("../../deploy/base/configmap.yaml")).unwrap();
         let text = map["data"]["agent.yaml"].as_str().expect("data.agent.yaml");
         let c = Config::from_yaml(text).unwrap_or_else(|e| panic!("{e}"));
-        assert!(c.processes.redact_command_line);
+        assert!(!c.processes.command_line, "command lines stay on the node");
         assert!(!c.terminal_enabled());
     }
 
@@ -2150,7 +2150,8 @@ impl Config {
         crate::correlate::ProcessFilter {
             include: self.processes.include.clone(),
             exclude: self.processes.exclude.clone(),
-            redact_command_line: self.processes.redact_command_line,
+            command_line: self.processes.command_line,
+            secret_query_parameters: self.http.redact_query_parameters.clone(),
         }
     }
 

@@ -270,8 +270,21 @@ enum Death {
     MemoryLimit,
 }
 
-/// Kills the proxy child the way `death` says and returns when it died.
-fn kill(child: &mut ChildGuard, death: Death) -> Instant {
+/// When a proxy died.
+#[derive(Clone, Copy, Debug)]
+struct Died {
+    /// From when it may no longer serve: the kill itself, or for death by
+    /// memory limit the start of its allocating (a process at its memory
+    /// limit stalls in reclaim before the kernel kills it).
+    failing_from: Instant,
+    /// When the kernel killed it: SIGKILL sent, or the cgroup's
+    /// `oom_kill` count seen to move.
+    killed: Instant,
+}
+
+/// Kills the proxy child the way `death` says, and returns once it is
+/// reaped.
+fn kill(child: &mut ChildGuard, death: Death) -> Died {
     let cgroup = match death {
         Death::Sigkill => {
             let at = Instant::now();
@@ -282,21 +295,31 @@ fn kill(child: &mut ChildGuard, death: Death) -> Instant {
                 std::os::unix::process::ExitStatusExt::signal(&status),
                 Some(libc::SIGKILL)
             );
-            return at;
+            return Died {
+                failing_from: at,
+                killed: at,
+            };
         }
         Death::MemoryLimit => {
             // Room for what the proxy has, not for a leak.
             let cgroup = MemoryCgroup::new(64 << 20).expect("a memory cgroup");
             // `ip netns exec` has exec'd the test binary: same pid.
             cgroup.add(child.pid()).expect("the proxy joins the cgroup");
-            let stdin = child.0.stdin.as_mut().unwrap();
-            stdin.write_all(b"allocate\n").unwrap();
-            stdin.flush().unwrap();
             cgroup
         }
     };
+    let failing_from = Instant::now();
+    let stdin = child.0.stdin.as_mut().unwrap();
+    stdin.write_all(b"allocate\n").unwrap();
+    stdin.flush().unwrap();
+    // The kill is seen in the cgroup's count; the exit of a process that
+    // large can take a while longer in a slow VM.
     let deadline = Instant::now() + Duration::from_secs(30);
+    let mut killed = None;
     let status = loop {
+        if killed.is_none() && cgroup.oom_kills() >= 1 {
+            killed = Some(Instant::now());
+        }
         if let Some(status) = child.0.try_wait().unwrap() {
             break status;
         }
@@ -304,15 +327,18 @@ fn kill(child: &mut ChildGuard, death: Death) -> Instant {
             Instant::now() < deadline,
             "the memory limit did not kill the proxy"
         );
-        std::thread::sleep(Duration::from_millis(2));
+        std::thread::sleep(Duration::from_millis(1));
     };
-    let at = Instant::now();
+    let reaped = Instant::now();
     assert_eq!(
         std::os::unix::process::ExitStatusExt::signal(&status),
         Some(libc::SIGKILL)
     );
     assert!(cgroup.oom_kills() >= 1, "killed by its memory limit");
-    at
+    Died {
+        failing_from,
+        killed: killed.unwrap_or(reaped),
+    }
 }
 
 /// What one death did to the request loop.
@@ -324,12 +350,12 @@ struct Scored {
     after: usize,
 }
 
-/// Scores the samples of one death at `died`: traced before it, never a
-/// failure later than [`WINDOW`] after it, and direct from then on.
-fn score(what: &str, samples: &[Sample], died: Instant) -> Scored {
+/// Scores the samples of one death: traced before it, never a failure
+/// later than [`WINDOW`] after the kill, and direct from then on.
+fn score(what: &str, samples: &[Sample], died: Died) -> Scored {
     let before: Vec<&Sample> = samples
         .iter()
-        .filter(|s| s.at + Duration::from_millis(100) < died)
+        .filter(|s| s.at + Duration::from_millis(100) < died.failing_from)
         .collect();
     assert!(
         before.len() >= 10,
@@ -346,10 +372,13 @@ fn score(what: &str, samples: &[Sample], died: Instant) -> Scored {
         .collect();
     let window = failed
         .iter()
-        .map(|s| s.at.saturating_duration_since(died))
+        .map(|s| s.at.saturating_duration_since(died.killed))
         .max()
         .unwrap_or_default();
-    let after: Vec<&Sample> = samples.iter().filter(|s| s.at > died + WINDOW).collect();
+    let after: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.at > died.killed + WINDOW)
+        .collect();
     assert!(after.len() >= 10, "{what}: too few requests after");
     assert!(
         after.iter().all(|s| s.outcome == Outcome::Direct),

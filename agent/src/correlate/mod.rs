@@ -36,6 +36,7 @@ pub mod process;
 pub mod proxy_contexts;
 pub mod python_contexts;
 pub mod runtime;
+pub mod secrets;
 
 use foldhash::{HashMap, HashSet};
 use std::collections::VecDeque;

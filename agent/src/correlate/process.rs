@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use super::container::{self, ContainerIds};
 use super::runtime::{self, Runtime};
+use super::secrets;
 use crate::kubernetes::{PodDirectory, PodMetadata};
 use crate::span::{Attribute, Resource};
 
@@ -17,8 +18,13 @@ pub struct ProcessFilter {
     pub include: Vec<String>,
     /// Executable names never traced.
     pub exclude: Vec<String>,
-    /// Leave `process.command_line` out (it may hold secrets).
-    pub redact_command_line: bool,
+    /// Export `process.command_line`, its secrets redacted
+    /// ([`super::secrets`]); off by default: arguments can hold secrets
+    /// no rule recognizes.
+    pub command_line: bool,
+    /// Query parameters redacted in URLs on the command line (those of
+    /// `url.query`).
+    pub secret_query_parameters: Vec<String>,
 }
 
 /// What /proc says about one process.
@@ -26,8 +32,8 @@ pub struct ProcessFilter {
 pub struct ProcessInfo {
     /// Executable file name (`/proc/PID/exe`, else `comm`).
     pub executable_name: String,
-    /// Arguments joined by spaces.
-    pub command_line: String,
+    /// Its arguments (`/proc/PID/cmdline`), the program first.
+    pub arguments: Vec<String>,
     /// `OTEL_SERVICE_NAME` from the process's own environment.
     pub otel_service_name: Option<String>,
     /// Its container and pod, from its cgroup.
@@ -58,13 +64,12 @@ impl ProcessInfo {
             })
             .or_else(|| known_name.map(str::to_string))
             .unwrap_or_else(|| format!("pid-{pid}"));
-        let command_line = std::fs::read(dir.join("cmdline"))
+        let arguments = std::fs::read(dir.join("cmdline"))
             .map(|raw| {
                 raw.split(|b| *b == 0)
                     .filter(|a| !a.is_empty())
-                    .map(String::from_utf8_lossy)
-                    .collect::<Vec<_>>()
-                    .join(" ")
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect()
             })
             .unwrap_or_default();
         let otel_service_name = std::fs::read(dir.join("environ")).ok().and_then(|raw| {
@@ -80,7 +85,7 @@ impl ProcessInfo {
             .unwrap_or_default();
         ProcessInfo {
             executable_name,
-            command_line,
+            arguments,
             otel_service_name,
             container,
         }
@@ -251,8 +256,11 @@ impl ProcessTable {
             Attribute::int("process.pid", pid as i64),
             Attribute::string("process.executable.name", info.executable_name.clone()),
         ];
-        if !self.filter.redact_command_line && !info.command_line.is_empty() {
-            attributes.push(Attribute::string("process.command_line", info.command_line));
+        if self.filter.command_line && !info.arguments.is_empty() {
+            attributes.push(Attribute::string(
+                "process.command_line",
+                secrets::redact_command_line(&info.arguments, &self.filter.secret_query_parameters),
+            ));
         }
         if !self.host_name.is_empty() {
             attributes.push(Attribute::string("host.name", self.host_name.clone()));
@@ -402,7 +410,11 @@ mod tests {
             b"python3\0app.py\0",
             b"HOME=/\0OTEL_SERVICE_NAME=orders\0",
         );
-        let mut table = ProcessTable::new(root.path(), ProcessFilter::default());
+        let filter = ProcessFilter {
+            command_line: true,
+            ..Default::default()
+        };
+        let mut table = ProcessTable::new(root.path(), filter);
         let r = table.resource(10).unwrap();
         assert_eq!(r.service_name, "orders");
         assert!(
@@ -455,15 +467,37 @@ mod tests {
     }
 
     #[test]
-    fn service_name_falls_back_to_the_executable_and_command_line_can_be_redacted() {
+    fn service_name_falls_back_to_the_executable_and_no_command_line_by_default() {
         let root = fake_proc(11, "nginx", b"nginx: worker process\0", b"PATH=/bin\0");
-        let filter = ProcessFilter {
-            redact_command_line: true,
-            ..Default::default()
-        };
-        let r = ProcessTable::new(root.path(), filter).resource(11).unwrap();
+        let r = ProcessTable::new(root.path(), ProcessFilter::default())
+            .resource(11)
+            .unwrap();
         assert_eq!(r.service_name, "nginx");
         assert!(!r.attributes.iter().any(|a| a.key == "process.command_line"));
+    }
+
+    #[test]
+    fn an_exported_command_line_has_its_secrets_redacted() {
+        let root = fake_proc(
+            12,
+            "curl",
+            b"curl\0-H\0Authorization: Bearer abc\0http://x/?token=t&a=1\0--password\0pw\0",
+            b"",
+        );
+        let filter = ProcessFilter {
+            command_line: true,
+            secret_query_parameters: vec!["token".into()],
+            ..Default::default()
+        };
+        let r = ProcessTable::new(root.path(), filter).resource(12).unwrap();
+        assert!(
+            r.attributes.contains(&Attribute::string(
+                "process.command_line",
+                "curl -H Authorization: REDACTED http://x/?token=REDACTED&a=1 --password REDACTED"
+            )),
+            "{:?}",
+            r.attributes
+        );
     }
 
     #[test]
