@@ -11,6 +11,7 @@
 
 mod bench;
 mod demo;
+mod fuzz;
 mod image;
 mod libtest;
 mod manifests;
@@ -103,6 +104,20 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Fuzz the parsers (cargo-fuzz): each target for `--seconds`, or up to
+    /// `--runs` executions; a crash fails with its input saved.
+    Fuzz {
+        /// Only this target (repeatable): http_parser, proxy_head_rewrite,
+        /// tracecontext, event_decoder, config_yaml. Default: all.
+        #[arg(long = "target")]
+        targets: Vec<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Executions per target (0: as many as fit in the time).
+        #[arg(long, default_value_t = 0)]
+        runs: u64,
+    },
     /// Run the privileged integration tests inside VMs with other kernels.
     VmTest {
         /// Kernel series to boot (repeatable): 6.1, 6.12. Default: all.
@@ -122,6 +137,9 @@ enum Task {
 /// toolchain that builds its frontend; `image`: podman and the image are
 /// not in the guest (the agent inside runs on the host's kernel anyway).
 const HOST_ONLY_TESTS: &[&str] = &["links_node", "links_go", "acceptance_go_node", "image"];
+
+/// Seconds each fuzz target runs in `cargo xtask test`.
+const CI_FUZZ_SECONDS: u64 = 20;
 
 /// Kernels the VM tests boot besides the host's own.
 const VM_KERNELS: &[&str] = &["6.1", "6.12"];
@@ -189,6 +207,14 @@ fn dispatch(task: Task) -> Result<()> {
             timed("image", image::build)?;
             let host = timed("host tests", host_tests)?;
             println!("host tests (kernel {}): {}", host_kernel(), host.summary());
+            // Each parser's fuzz target briefly; long runs are `cargo xtask fuzz`.
+            timed("fuzz", || {
+                fuzz::fuzz(&fuzz::FuzzOptions {
+                    targets: Vec::new(),
+                    seconds: CI_FUZZ_SECONDS,
+                    runs: 0,
+                })
+            })?;
             let mut total = host;
             if !no_vm {
                 let vm = timed("vm tests", || vm_tests(kernels, &[]))?;
@@ -217,6 +243,18 @@ fn dispatch(task: Task) -> Result<()> {
                 rounds: rounds.max(1),
             };
             bench::bench(only, overhead, &args)
+        }
+        Task::Fuzz {
+            targets,
+            seconds,
+            runs,
+        } => {
+            setup::setup()?;
+            fuzz::fuzz(&fuzz::FuzzOptions {
+                targets,
+                seconds,
+                runs,
+            })
         }
         Task::VmTest { kernels, tests } => {
             setup::setup()?;
@@ -258,6 +296,8 @@ fn build_agent() -> Result<()> {
 
 fn lint() -> Result<()> {
     run(toolchain::cargo().args(["fmt", "--all", "--check"]))?;
+    // The fuzz targets are a workspace of their own.
+    run(toolchain::cargo().args(["fmt", "--manifest-path", "fuzz/Cargo.toml", "--check"]))?;
     run(toolchain::cargo().args([
         "clippy",
         "--workspace",

@@ -113,12 +113,16 @@ const TEST_VENV_STAMP: &str = "/opt/agent-tests/venv/installed-requirements.txt"
 /// The bpf-linker release whose LLVM matches the pinned rustc.
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// The cargo-fuzz release `cargo xtask fuzz` runs.
+pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
 /// Installs whatever is missing.
 pub fn setup() -> Result<()> {
     crate::toolchain::install()?;
     install_apt_packages(&crate::tools::setup_package_names())?;
     install_test_venv()?;
     install_bpf_linker()?;
+    install_cargo_fuzz()?;
     for program in SETUP_PROGRAMS_OUTSIDE_APT {
         if !Path::new(program).exists() {
             bail!("setup did not install {program}");
@@ -255,6 +259,35 @@ fn install_bpf_linker() -> Result<()> {
         // Without this the build looks for libLLVM in /usr/lib64.
         .env("LLVM_PREFIX", "/usr/lib/llvm-22"))
     .context("installing bpf-linker")
+}
+
+fn installed_cargo_fuzz() -> String {
+    command_output(crate::toolchain::cargo().args(["fuzz", "--version"]))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+fn install_cargo_fuzz() -> Result<()> {
+    let wanted = format!("cargo-fuzz {CARGO_FUZZ_VERSION}");
+    if installed_cargo_fuzz() == wanted {
+        return Ok(());
+    }
+    eprintln!("setup: building cargo-fuzz {CARGO_FUZZ_VERSION} (about 2 minutes, once)");
+    run(crate::toolchain::cargo().args([
+        "install",
+        "cargo-fuzz",
+        "--locked",
+        "--force",
+        "--version",
+        CARGO_FUZZ_VERSION,
+    ]))
+    .context("installing cargo-fuzz")?;
+    let installed = installed_cargo_fuzz();
+    if installed != wanted {
+        bail!("after installing cargo-fuzz, `cargo fuzz --version` says {installed:?}");
+    }
+    Ok(())
 }
 
 /// Whether this process runs as root.

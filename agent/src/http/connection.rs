@@ -94,6 +94,9 @@ pub struct HttpConnection {
     /// A head has parsed: the connection is HTTP/1.x, so bytes that do not
     /// parse later mean lost bytes rather than another protocol.
     seen_http: bool,
+    /// Either direction lost its framing at least once (see
+    /// [`Self::lost_framing`]).
+    framing_lost: bool,
     broken: bool,
     tunnel: bool,
     closed: bool,
@@ -196,6 +199,7 @@ impl HttpConnection {
             next_seq: 0,
             responses_to_discard: 0,
             seen_http: false,
+            framing_lost: false,
             broken: false,
             tunnel: false,
             closed: false,
@@ -208,6 +212,13 @@ impl HttpConnection {
     /// [`close`](Self::close) still emits the requests parsed before.
     pub fn is_broken(&self) -> bool {
         self.broken
+    }
+
+    /// Whether either direction ever lost its framing (bytes that did not
+    /// parse where a message had to start). Where parsing picks up again
+    /// then depends on where messages (syscalls) began.
+    pub fn lost_framing(&self) -> bool {
+        self.framing_lost
     }
 
     /// Whether the connection switched protocols (`101`, or a `2xx` to
@@ -680,6 +691,7 @@ impl HttpConnection {
     /// The framing of `direction` is lost; `rest` more bytes of the current
     /// message go uncounted by it.
     fn desync(&mut self, direction: StreamDirection, rest: u64, timestamp_ns: u64) {
+        self.framing_lost = true;
         let side = self.side(direction);
         side.state = State::Desync;
         side.gap = true;

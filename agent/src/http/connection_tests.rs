@@ -817,7 +817,38 @@ fn garbage_after_http_is_lost_bytes_not_a_broken_connection() {
         .send(Req, b"GET /2 HTTP/1.1\r\n\r\n", 4)
         .send(Resp, OK_5, 5);
     assert!(!run.conn.is_broken());
+    assert!(run.conn.lost_framing());
     assert_eq!(run.take().len(), 2);
+}
+
+/// Found by the `http_parser` fuzz target: after bytes that do not parse,
+/// a start line is found again only where a message (syscall) begins, so
+/// the same bytes split differently may give one more request. The parser
+/// says so (`lost_framing`), which is what the target's oracle relies on.
+#[test]
+fn a_lost_framing_is_found_again_only_at_a_message_start() {
+    let garbage = b"GET //1.1 10P/1.0 200e\r\n\r\n";
+    let mut whole = Run::new();
+    let mut bytes = b"GET /a HTTP/1.1\r\n\r\n".to_vec();
+    bytes.extend_from_slice(garbage);
+    bytes.extend_from_slice(b"GET /b HTTP/1.1\r\n\r\n");
+    whole.send(Req, &bytes, 1);
+    assert!(whole.conn.lost_framing());
+    let mut split = Run::new();
+    split
+        .send(Req, &bytes[..bytes.len() - 19], 1)
+        .send(Req, &bytes[bytes.len() - 19..], 2);
+    assert!(split.conn.lost_framing());
+    whole.conn.close(3, &mut whole.out);
+    split.conn.close(3, &mut split.out);
+    assert_eq!(whole.take().len(), 1);
+    assert_eq!(split.take().len(), 2);
+    // A clean stream never reports it.
+    let mut clean = Run::new();
+    clean
+        .send(Req, b"GET / HTTP/1.1\r\n\r\n", 1)
+        .send(Resp, EMPTY_200, 2);
+    assert!(!clean.conn.lost_framing());
 }
 
 #[test]

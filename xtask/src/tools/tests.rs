@@ -24,6 +24,8 @@ const INDIRECT: &[(&str, &str, &[&str])] = &[
     // The agent binary cargo built for the test.
     ("agent/tests/cli.rs", "AGENT", &[]),
     ("agent/tests/metrics.rs", "AGENT", &[]),
+    ("agent/tests/kubernetes.rs", "AGENT", &[]),
+    ("agent/tests/secrets.rs", "AGENT", &[]),
     // `decompress_module`: one of xz, zstd, gzip by the module's suffix.
     ("xtask/src/vm/kernel.rs", "tool", &["xz", "zstd", "gzip"]),
     // The busybox of the tools list, listing its applets.
