@@ -409,6 +409,53 @@ fn starts_like_http(b: &[u8; 8]) -> bool {
     }
 }
 
+/// Starts of HTTP/1.x request and status lines, as little-endian words
+/// of at most 8 bytes, and their lengths.
+const HTTP_STARTS: [(u64, u32); 10] = [
+    (u64::from_le_bytes(*b"GET \0\0\0\0"), 4),
+    (u64::from_le_bytes(*b"PUT \0\0\0\0"), 4),
+    (u64::from_le_bytes(*b"POST \0\0\0"), 5),
+    (u64::from_le_bytes(*b"HEAD \0\0\0"), 5),
+    (u64::from_le_bytes(*b"PATCH \0\0"), 6),
+    (u64::from_le_bytes(*b"TRACE \0\0"), 6),
+    (u64::from_le_bytes(*b"DELETE \0"), 7),
+    (u64::from_le_bytes(*b"HTTP/1.\0"), 7),
+    (u64::from_le_bytes(*b"OPTIONS "), 8),
+    (u64::from_le_bytes(*b"CONNECT "), 8),
+];
+
+/// Fewest bytes of a short first message taken as the start of an HTTP
+/// head: fewer could be anything.
+const MIN_HTTP_PREFIX: u64 = 3;
+
+/// Is this short first message (`n` < 8 bytes of `b`) the beginning of an
+/// HTTP/1.x request or status line, from a peer that writes its head in
+/// pieces (`GET `, then the target, then the rest)? Without this, such a
+/// connection was never copied.
+#[inline(always)]
+fn starts_like_http_prefix(b: &[u8; 8], n: u64) -> bool {
+    if !(MIN_HTTP_PREFIX..8).contains(&n) {
+        return false;
+    }
+    let word = u64::from_le_bytes(*b);
+    let mask_of = |bytes: u64| (1u64 << (8 * bytes)) - 1;
+    let mut i = 0;
+    while i < HTTP_STARTS.len() {
+        let (start, len) = HTTP_STARTS[i];
+        // Compare what both have: the message's bytes, at most the start's.
+        let mask = if n < len as u64 {
+            mask_of(n)
+        } else {
+            mask_of(len as u64)
+        };
+        if word & mask == start & mask {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
 /// The first segment (pointer, length) of a message.
 #[inline(always)]
 fn first_segment(call: &InflightCall, shape: BufferShape) -> Option<(u64, u64)> {
@@ -449,12 +496,16 @@ fn classify(conn: *mut ConnInfo, call: &InflightCall, shape: BufferShape, moved:
     if info.protocol == Protocol::Http as u8 {
         return true;
     }
-    let looks_http = moved >= 8
+    let looks_http = moved >= MIN_HTTP_PREFIX
         && match first_segment(call, shape) {
-            Some((ptr, len)) if len >= 8 => {
+            Some((ptr, len)) if len >= moved.min(8) => {
+                // Eight bytes even of a shorter message: what follows it in
+                // the caller's buffer is masked off (a read that faults at
+                // the end of a mapping classifies nothing).
                 // SAFETY: user pointer read through the checked helper.
                 match unsafe { bpf_probe_read_user(ptr as *const [u8; 8]) } {
-                    Ok(head) => starts_like_http(&head),
+                    Ok(head) if moved >= 8 => starts_like_http(&head),
+                    Ok(head) => starts_like_http_prefix(&head, moved),
                     Err(_) => false,
                 }
             }

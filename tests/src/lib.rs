@@ -18,6 +18,7 @@ use agent::capture::{Capture, CaptureEvent, Connection, Direction, Message, Prob
 pub use agent::capture;
 
 pub mod acceptance;
+pub mod agent_process;
 pub mod cgroup;
 pub mod chains;
 pub mod links;

@@ -651,6 +651,8 @@ cases! {
     connection_that_was_not_redirected_is_closed: node;
     unreachable_destination_resets_the_client: node;
     client_reset_reaches_the_server: node;
+    server_reset_after_an_http_request_reaches_the_client: node, host;
+    server_that_never_answers_is_reset_at_the_idle_timeout: node;
     idle_connection_is_reset_on_both_sides: node;
     connection_open_at_shutdown_is_reset_after_the_grace: node;
     original_destination_is_reported_to_the_context_source: node;
@@ -1305,7 +1307,17 @@ fn client_reset_reaches_the_server(mode: Mode) {
     stream.write_all(b"\0binary").unwrap();
     let mut got = [0; 7];
     server.read_exact(&mut got).unwrap();
-    // Linger 0: the close sends RST.
+    reset(stream);
+    let mut byte = [0; 1];
+    let result = read_some(&mut server, &mut byte);
+    assert!(
+        matches!(&result, Err(err) if err.kind() == ErrorKind::ConnectionReset),
+        "the server sees a reset, not a clean close: {result:?}"
+    );
+}
+
+/// Closes `stream` with a reset (linger 0) instead of a FIN.
+fn reset(stream: TcpStream) {
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,
@@ -1322,12 +1334,61 @@ fn client_reset_reaches_the_server(mode: Mode) {
     };
     assert_eq!(rc, 0);
     drop(stream);
-    let mut byte = [0; 1];
-    let result = read_some(&mut server, &mut byte);
+}
+
+/// A server that reads an HTTP request and resets the connection instead
+/// of answering: the client sees a reset, as it would without the proxy
+/// (not a clean close, nor a 5xx the proxy made up).
+fn server_reset_after_an_http_request_reaches_the_client(mode: Mode) {
+    let lab = Lab::start(mode);
+    let listener = lab.listen();
+    let mut client = lab.connect();
+    client.send(b"GET /reset HTTP/1.1\r\nHost: t\r\n\r\n");
+    let mut server = accept(&listener);
+    let mut head = Vec::new();
+    let mut chunk = [0; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = read_some(&mut server, &mut chunk).expect("the request reaches the server");
+        assert!(n > 0, "the request reaches the server");
+        head.extend_from_slice(&chunk[..n]);
+    }
     assert!(
-        matches!(&result, Err(err) if err.kind() == ErrorKind::ConnectionReset),
-        "the server sees a reset, not a clean close: {result:?}"
+        String::from_utf8_lossy(&head).contains("traceparent: "),
+        "through the proxy"
     );
+    reset(server);
+    assert_reset(&mut client.stream, "client");
+    assert_eq!(lab.counters().errors, 1, "the reset is counted");
+}
+
+/// A server that takes an HTTP request and never answers: the client
+/// waits, as it would without the proxy, until the proxy's idle timeout
+/// resets both sides (a dead downstream does not hold proxy connections
+/// forever).
+fn server_that_never_answers_is_reset_at_the_idle_timeout(mode: Mode) {
+    let lab = Lab::with(
+        mode,
+        ProxySettings {
+            idle_timeout: Duration::from_secs(1),
+            ..test_settings()
+        },
+        Arc::new(StandaloneContexts::new()),
+    );
+    let listener = lab.listen();
+    let mut client = lab.connect();
+    client.send(b"GET /silent HTTP/1.1\r\nHost: t\r\n\r\n");
+    let mut server = accept(&listener);
+    let mut chunk = [0; 1024];
+    assert!(read_some(&mut server, &mut chunk).expect("the request") > 0);
+    let started = Instant::now();
+    assert_reset(&mut client.stream, "client");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "reset at the idle timeout, not before: {waited:?}"
+    );
+    assert_reset(&mut server, "server");
+    assert_eq!(lab.counters().errors, 1);
 }
 
 /// A connection through the proxy that has carried a few opaque bytes and
