@@ -67,13 +67,21 @@ pub enum Role {
 pub enum Syscall {
     /// Not a data syscall (open and close records).
     None = 0,
+    /// read(2).
     Read = 1,
+    /// write(2).
     Write = 2,
+    /// readv(2).
     Readv = 3,
+    /// writev(2).
     Writev = 4,
+    /// recvfrom(2) (and recv).
     Recvfrom = 5,
+    /// sendto(2) (and send).
     Sendto = 6,
+    /// recvmsg(2).
     Recvmsg = 7,
+    /// sendmsg(2).
     Sendmsg = 8,
     /// sendfile: bytes are counted, never copied (they come from a file).
     Sendfile = 9,
@@ -105,6 +113,7 @@ pub struct ConnTuple {
     pub local_port: u16,
     /// Remote port.
     pub remote_port: u16,
+    /// Padding (zero), so that the layout has no holes.
     pub _pad: u16,
     /// Local address in network byte order.
     pub local_addr: [u8; 16],
@@ -144,6 +153,7 @@ pub struct EventHeader {
     pub syscall: u8,
     /// `FLAG_*` bits.
     pub flags: u8,
+    /// Padding (zero), so that the layout has no holes.
     pub _pad: [u8; 3],
     /// The connection's addresses.
     pub tuple: ConnTuple,
@@ -156,7 +166,7 @@ pub struct EventHeader {
 }
 
 /// Size of [`EventHeader`] in bytes.
-pub const EVENT_HEADER_SIZE: usize = core::mem::size_of::<EventHeader>();
+pub const EVENT_HEADER_SIZE: usize = size_of::<EventHeader>();
 
 // The layout is part of the kernel/user contract (and of docs/architecture.md).
 const _: () = assert!(EVENT_HEADER_SIZE == 104);
@@ -221,6 +231,7 @@ pub struct ConnInfo {
     pub role: u8,
     /// Messages that did not look like HTTP while `protocol` was Unknown.
     pub failed_classifications: u8,
+    /// Padding (zero), so that the layout has no holes.
     pub _pad: [u8; 4],
 }
 
@@ -230,22 +241,39 @@ pub struct ConnInfo {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelOffsets {
+    /// `task_struct.files`.
     pub task_struct_files: u32,
+    /// `files_struct.fdt`.
     pub files_struct_fdt: u32,
+    /// `fdtable.max_fds`.
     pub fdtable_max_fds: u32,
+    /// `fdtable.fd`.
     pub fdtable_fd: u32,
+    /// `file.f_inode`.
     pub file_f_inode: u32,
+    /// `file.private_data` (the `socket` of a socket file).
     pub file_private_data: u32,
+    /// `inode.i_mode`.
     pub inode_i_mode: u32,
+    /// `socket.sk`.
     pub socket_sk: u32,
+    /// `sock.__sk_common.skc_family`.
     pub sock_family: u32,
+    /// `sock.__sk_common.skc_num` (local port).
     pub sock_num: u32,
+    /// `sock.__sk_common.skc_dport`.
     pub sock_dport: u32,
+    /// `sock.__sk_common.skc_rcv_saddr`.
     pub sock_rcv_saddr: u32,
+    /// `sock.__sk_common.skc_daddr`.
     pub sock_daddr: u32,
+    /// `sock.__sk_common.skc_v6_rcv_saddr`.
     pub sock_v6_rcv_saddr: u32,
+    /// `sock.__sk_common.skc_v6_daddr`.
     pub sock_v6_daddr: u32,
+    /// `sock.sk_protocol`.
     pub sock_protocol: u32,
+    /// `sock.sk_type`.
     pub sock_type: u32,
 }
 
@@ -265,6 +293,7 @@ pub struct CaptureConfig {
     /// [`WAKE_PORT_WORDS`]' ports); user space also drains the ring on a
     /// short timer.
     pub wakeup_bytes: u32,
+    /// Padding (zero), so that the layout has no holes.
     pub _pad: u32,
 }
 

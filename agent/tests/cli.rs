@@ -222,14 +222,14 @@ fn proxy_rules_exist_while_running_go_on_sigterm_and_survive_kill_9_once() {
     let server = TcpListener::bind(("127.0.0.1", port)).unwrap();
     let proxy = start_proxy(&config);
     let first = proxy_rules_in_nat();
-    let client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let (_upstream, peer) = server.accept().unwrap();
     assert_ne!(peer, client.local_addr().unwrap(), "through the proxy");
     // SAFETY: signal to our own child.
     unsafe { libc::kill(proxy.0.id() as i32, libc::SIGKILL) };
     drop(proxy);
     std::thread::sleep(Duration::from_secs(1));
-    let client = std::net::TcpStream::connect(("127.0.0.1", port))
+    let client = TcpStream::connect(("127.0.0.1", port))
         .expect("a second after the kill, the port is reached, not refused");
     let (_direct, peer) = server.accept().unwrap();
     assert_eq!(peer, client.local_addr().unwrap(), "directly");

@@ -411,7 +411,7 @@ pub fn in_vm() -> bool {
 /// Answers every request with `traced` or `direct`, by whether its head
 /// carried a traceparent (did it come through the proxy?); a thread per
 /// connection (some stay idle), until the process ends.
-pub fn serve_traced_or_direct(listener: std::net::TcpListener) {
+pub fn serve_traced_or_direct(listener: TcpListener) {
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(stream) = stream else { continue };
@@ -420,9 +420,9 @@ pub fn serve_traced_or_direct(listener: std::net::TcpListener) {
     });
 }
 
-fn answer_traced_or_direct(mut stream: std::net::TcpStream) {
+fn answer_traced_or_direct(mut stream: TcpStream) {
     use std::io::{Read, Write};
-    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {

@@ -280,7 +280,7 @@ impl crate::proxy::context::TraceContextSource for ProxyContexts {
     fn context_for<'a>(
         &'a self,
         request: &'a crate::proxy::context::ProxiedRequest,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = PropagatedContext> + Send + 'a>> {
+    ) -> std::pin::Pin<Box<dyn Future<Output = PropagatedContext> + Send + 'a>> {
         let key = ProxiedRequestKey {
             client: request.client,
             original_destination: request.original_destination,
@@ -293,8 +293,7 @@ impl crate::proxy::context::TraceContextSource for ProxyContexts {
         &'a self,
         request: &'a crate::proxy::context::ProxiedRequest,
         received: TraceParent,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<PropagatedContext>> + Send + 'a>>
-    {
+    ) -> std::pin::Pin<Box<dyn Future<Output = Option<PropagatedContext>> + Send + 'a>> {
         let key = ProxiedRequestKey {
             client: request.client,
             original_destination: request.original_destination,

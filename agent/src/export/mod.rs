@@ -777,6 +777,12 @@ mod tests {
         while out.0.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // The idle trace is out before the shutdown: printed by idleness.
+        let before_shutdown = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            before_shutdown.starts_with(&format!("trace {}  2 spans", "01".repeat(16))),
+            "the idle trace was not printed within 10 s: {before_shutdown:?}"
+        );
         assert!(sink.try_send(span(2, 1, &r)));
         let counts = sink.shutdown().await;
         let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();

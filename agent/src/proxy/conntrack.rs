@@ -135,7 +135,7 @@ fn netlink_socket() -> Option<OwnedFd> {
         libc::connect(
             socket.as_raw_fd(),
             (&kernel as *const libc::sockaddr_nl).cast(),
-            std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            size_of::<libc::sockaddr_nl>() as u32,
         )
     };
     (connected == 0).then_some(socket)

@@ -31,11 +31,11 @@ use super::transport::{
 };
 
 /// How long aborted connections get to close after the grace period.
-const ABORT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+const ABORT_WAIT: Duration = Duration::from_secs(1);
 
 /// Pause after an accept error such as running out of file descriptors,
 /// which would otherwise repeat at once and spin.
-const ACCEPT_ERROR_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// Accepted connections waiting for their worker; a worker that falls
 /// behind slows accepting (back-pressure) instead of queueing sockets

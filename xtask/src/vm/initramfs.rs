@@ -101,12 +101,8 @@ pub fn tests_archive(dir: &Path, binaries: &[(String, PathBuf)], base: &Base) ->
         // Debug builds carry ~100 MB of DWARF each, and the guest unpacks
         // the initramfs into its RAM. Panic locations and symbols remain.
         let copied = root.join(guest.strip_prefix("/").unwrap_or(&guest));
-        super::run(
-            std::process::Command::new("strip")
-                .arg("--strip-debug")
-                .arg(&copied),
-        )
-        .with_context(|| format!("stripping {}", copied.display()))?;
+        super::run(Command::new("strip").arg("--strip-debug").arg(&copied))
+            .with_context(|| format!("stripping {}", copied.display()))?;
         order.push_str(name);
         order.push('\n');
     }
