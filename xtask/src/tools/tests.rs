@@ -26,6 +26,9 @@ const INDIRECT: &[(&str, &str, &[&str])] = &[
     ("agent/tests/metrics.rs", "AGENT", &[]),
     ("agent/tests/kubernetes.rs", "AGENT", &[]),
     ("agent/tests/secrets.rs", "AGENT", &[]),
+    // The agent binary cargo built next to the test (`agent_binary()`).
+    ("tests/src/agent_process.rs", "agent_binary()", &[]),
+    ("tests/tests/faults.rs", "agent_binary()", &[]),
     // `decompress_module`: one of xz, zstd, gzip by the module's suffix.
     ("xtask/src/vm/kernel.rs", "tool", &["xz", "zstd", "gzip"]),
     // The busybox of the tools list, listing its applets.
