@@ -13,40 +13,17 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use agent_common::MAX_MESSAGE_BYTES;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, Unexpected, Visitor};
 
 use crate::capture::ProbeSettings;
-
-/// Header names whose values never leave the agent: listing one in
-/// `http.request_headers` or `http.response_headers` is an error rather
-/// than silently ignored, so nobody believes credentials are being recorded
-/// (or, worse, makes them recorded by a later change).
-pub const FORBIDDEN_HEADERS: &[&str] = &[
-    "authorization",
-    "cookie",
-    "set-cookie",
-    "proxy-authorization",
-];
-
-/// Query parameters whose values are redacted unless
-/// `http.redact_query_parameters` says otherwise.
-pub const DEFAULT_REDACTED_QUERY_PARAMETERS: &[&str] = &[
-    "token",
-    "access_token",
-    "password",
-    "secret",
-    "api_key",
-    "key",
-    "sig",
-    "signature",
-    "auth",
-];
+use crate::correlate::attributes::{DEFAULT_REDACTED_QUERY_PARAMETERS, SENSITIVE_HEADERS};
+use crate::proxy::rules::RedirectRules;
+use crate::proxy::settings::{PortProblem, check_interface_pattern, check_ports};
+use crate::proxy::{Cidr, ProxyMode};
 
 /// Longest export timeout accepted, in milliseconds: beyond ten minutes a
 /// stuck collector would hold spans in memory long after they are useful.
@@ -340,7 +317,9 @@ impl CaptureConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
     /// Request headers recorded as `http.request.header.<name>`: an
-    /// allow-list, lower-case, never one of [`FORBIDDEN_HEADERS`].
+    /// allow-list, lower-case, never one of [`SENSITIVE_HEADERS`] (listing
+    /// one is an error rather than silently ignored, so nobody believes
+    /// credentials are being recorded).
     #[serde(deserialize_with = "lower_case_list")]
     pub request_headers: Vec<String>,
     /// Response headers recorded as `http.response.header.<name>`; same
@@ -412,102 +391,20 @@ pub struct ProxyConfig {
 /// Most `proxy.workers` accepted: each is a thread with its own runtime.
 const MAX_PROXY_WORKERS: usize = 1024;
 
+/// The proxy's own defaults ([`RedirectRules::default`]), disabled.
 impl Default for ProxyConfig {
     fn default() -> Self {
+        let rules = RedirectRules::default();
         Self {
             enabled: false,
-            listen_port: 15001,
-            mode: ProxyMode::Node,
-            ports: vec![80, 8080],
-            pod_interfaces: vec!["veth+".to_string()],
-            include_cidrs: Vec::new(),
-            exclude_cidrs: Vec::new(),
-            exclude_ports: Vec::new(),
+            listen_port: rules.listen_port,
+            mode: rules.mode,
+            ports: rules.ports,
+            pod_interfaces: rules.pod_interfaces,
+            include_cidrs: rules.include_cidrs,
+            exclude_cidrs: rules.exclude_cidrs,
+            exclude_ports: rules.exclude_ports,
             workers: 0,
-        }
-    }
-}
-
-/// `proxy.mode`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ProxyMode {
-    /// Intercept traffic of the pods on this node (their interfaces are
-    /// `proxy.pod_interfaces`).
-    #[default]
-    Node,
-    /// Intercept traffic of the host's own processes.
-    Host,
-}
-
-/// An IP network such as `10.0.0.0/8`; a bare address is a /32 (or /128).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr {
-    /// Network address; its host bits are zero.
-    pub addr: IpAddr,
-    /// Prefix length: up to 32 for IPv4, 128 for IPv6.
-    pub prefix_len: u8,
-}
-
-impl FromStr for Cidr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (addr_text, len_text) = match s.split_once('/') {
-            Some((addr, len)) => (addr, Some(len)),
-            None => (s, None),
-        };
-        let addr: IpAddr = addr_text
-            .parse()
-            .map_err(|_| format!("expected a CIDR block such as 10.0.0.0/8, got {s:?}"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix_len = match len_text {
-            None => max,
-            Some(len) => len
-                .parse::<u8>()
-                .ok()
-                .filter(|&n| n <= max)
-                .ok_or_else(|| format!("prefix length of {s} must be between 0 and {max}"))?,
-        };
-        let network = network_of(addr, prefix_len);
-        // A set host part is almost always a typo for another block; iptables
-        // would silently mask it, so say so instead.
-        if network != addr {
-            return Err(format!(
-                "{s} has host bits set (did you mean {network}/{prefix_len}?)"
-            ));
-        }
-        Ok(Self { addr, prefix_len })
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix_len)
-    }
-}
-
-impl<'de> Deserialize<'de> for Cidr {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        text.parse().map_err(de::Error::custom)
-    }
-}
-
-/// `addr` with every bit past `prefix_len` cleared.
-fn network_of(addr: IpAddr, prefix_len: u8) -> IpAddr {
-    match addr {
-        IpAddr::V4(a) => {
-            let mask = u32::MAX
-                .checked_shl(32 - u32::from(prefix_len))
-                .unwrap_or(0);
-            IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask))
-        }
-        IpAddr::V6(a) => {
-            let mask = u128::MAX
-                .checked_shl(128 - u32::from(prefix_len))
-                .unwrap_or(0);
-            IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask))
         }
     }
 }
@@ -749,12 +646,12 @@ impl HttpConfig {
         ] {
             for name in names {
                 check_header_name(name).map_err(|reason| ConfigError::invalid(key, reason))?;
-                if FORBIDDEN_HEADERS.contains(&name.as_str()) {
+                if SENSITIVE_HEADERS.contains(&name.as_str()) {
                     return Err(ConfigError::invalid(
                         key,
                         format!(
                             "{name} cannot be recorded: the values of {} never leave the agent",
-                            FORBIDDEN_HEADERS.join(", ")
+                            SENSITIVE_HEADERS.join(", ")
                         ),
                     ));
                 }
@@ -798,36 +695,34 @@ impl ProcessFilterConfig {
 }
 
 impl ProxyConfig {
+    /// Validated by the proxy's own checks; this names the key and says it
+    /// in the file's terms.
     fn validate(&self) -> Result<(), ConfigError> {
-        if self.listen_port == 0 {
-            return Err(ConfigError::invalid(
-                "proxy.listen_port",
-                "must be between 1 and 65535, got 0",
-            ));
-        }
-        for (key, ports) in [
-            ("proxy.ports", &self.ports),
-            ("proxy.exclude_ports", &self.exclude_ports),
-        ] {
-            if ports.contains(&0) {
-                return Err(ConfigError::invalid(
-                    key,
-                    "ports must be between 1 and 65535, got 0",
-                ));
+        let invalid_ports = "ports must be between 1 and 65535, got 0";
+        match check_ports(self.listen_port, &self.ports, &self.exclude_ports) {
+            Ok(()) => {}
+            // No port to redirect matters only to a proxy that runs.
+            Err(PortProblem::NoPorts) if !self.enabled => {}
+            Err(problem) => {
+                return Err(match problem {
+                    PortProblem::ListenPortZero => ConfigError::invalid(
+                        "proxy.listen_port",
+                        "must be between 1 and 65535, got 0",
+                    ),
+                    PortProblem::ZeroInPorts => ConfigError::invalid("proxy.ports", invalid_ports),
+                    PortProblem::ZeroInExcludePorts => {
+                        ConfigError::invalid("proxy.exclude_ports", invalid_ports)
+                    }
+                    PortProblem::ListenPortRedirected(port) => ConfigError::invalid(
+                        "proxy.ports",
+                        format!("must not contain proxy.listen_port ({port})"),
+                    ),
+                    PortProblem::NoPorts => ConfigError::invalid(
+                        "proxy.ports",
+                        "must list at least one port when proxy.enabled is true",
+                    ),
+                });
             }
-        }
-        // Redirecting the proxy's own port to itself would loop forever.
-        if self.ports.contains(&self.listen_port) {
-            return Err(ConfigError::invalid(
-                "proxy.ports",
-                format!("must not contain proxy.listen_port ({})", self.listen_port),
-            ));
-        }
-        if self.enabled && self.ports.is_empty() {
-            return Err(ConfigError::invalid(
-                "proxy.ports",
-                "must list at least one port when proxy.enabled is true",
-            ));
         }
         for name in &self.pod_interfaces {
             check_interface_pattern(name)
@@ -844,21 +739,6 @@ impl ProxyConfig {
         }
         Ok(())
     }
-}
-
-/// Interface names are at most 15 bytes (IFNAMSIZ - 1); `+` is only
-/// meaningful last, as in iptables.
-fn check_interface_pattern(name: &str) -> Result<(), String> {
-    let stem = name.strip_suffix('+').unwrap_or(name);
-    let valid_chars = stem
-        .chars()
-        .all(|c| c.is_ascii_graphic() && c != '/' && c != '+');
-    if name.is_empty() || name.len() > 15 || !valid_chars {
-        return Err(format!(
-            "expected interface names of at most 15 characters, optionally ending in +, got {name:?}"
-        ));
-    }
-    Ok(())
 }
 
 /// Command-line overrides of the configuration file, meant to be
@@ -1916,11 +1796,25 @@ kubernetes:
         assert!(e.to_string().contains("between 0 and 32"), "{e}");
         let e = err("proxy:\n  exclude_cidrs: [somewhere]\n");
         assert!(e.to_string().contains("expected a CIDR block"), "{e}");
-        assert_eq!("0.0.0.0/0".parse::<Cidr>().map(|c| c.prefix_len), Ok(0));
+    }
+
+    #[test]
+    fn redirect_rules_follow_the_file() {
         assert_eq!(
-            "::/0".parse::<Cidr>().map(|c| c.to_string()),
-            Ok("::/0".to_string())
+            ProxyConfig::default().redirect_rules(),
+            RedirectRules::default()
         );
+        let config = Config::from_yaml(FULL_EXAMPLE).unwrap();
+        let rules = config.proxy.redirect_rules();
+        assert_eq!(
+            (rules.mode, rules.listen_port, &rules.ports[..]),
+            (ProxyMode::Host, 15006, &[8000][..])
+        );
+        assert_eq!(rules.pod_interfaces, ["cali+", "eth0"]);
+        assert_eq!(rules.include_cidrs, config.proxy.include_cidrs);
+        assert_eq!(rules.exclude_cidrs, config.proxy.exclude_cidrs);
+        assert_eq!(rules.exclude_ports, [22]);
+        assert!(rules.validate().is_ok());
     }
 
     #[test]
@@ -2260,6 +2154,21 @@ mod stage_settings_tests {
 }
 
 impl ProxyConfig {
+    /// The REDIRECT rules these settings ask for; what the file cannot say
+    /// (mark, chain names, back end) keeps the proxy's defaults.
+    pub fn redirect_rules(&self) -> RedirectRules {
+        RedirectRules {
+            mode: self.mode,
+            listen_port: self.listen_port,
+            ports: self.ports.clone(),
+            pod_interfaces: self.pod_interfaces.clone(),
+            include_cidrs: self.include_cidrs.clone(),
+            exclude_cidrs: self.exclude_cidrs.clone(),
+            exclude_ports: self.exclude_ports.clone(),
+            ..RedirectRules::default()
+        }
+    }
+
     /// The proxy's own settings: listening on every address (IPv4 and IPv6,
     /// since both families' rules redirect to it) on `listen_port`.
     pub fn proxy_settings(&self) -> crate::proxy::ProxySettings {

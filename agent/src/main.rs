@@ -10,7 +10,6 @@ use agent::correlate::{Correlator, ProcessTable, ProxyContexts};
 use agent::export::{ExportSettings, SpanSinks};
 use agent::kubernetes::{self, Enablement, KubernetesSettings, PodDirectory};
 use agent::metrics::{Health, Reading};
-use agent::proxy::rules::RedirectRules;
 use agent::proxy::{RunningProxy, StandaloneContexts};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -161,7 +160,7 @@ async fn run(args: RunArgs, export: &tokio::runtime::Handle) -> Result<()> {
     let contexts = config.proxy.enabled.then(|| Arc::new(ProxyContexts::new()));
     let proxy = if let Some(contexts) = &contexts {
         correlator.share_with_proxy(contexts.clone(), config.proxy.ports.clone());
-        let rules = RedirectRules::from(&config.proxy);
+        let rules = config.proxy.redirect_rules();
         let proxy =
             RunningProxy::start(config.proxy.proxy_settings(), Some(rules), contexts.clone())
                 .await?;
@@ -263,7 +262,7 @@ async fn run(args: RunArgs, export: &tokio::runtime::Handle) -> Result<()> {
 
 async fn proxy_only(args: ProxyArgs) -> Result<()> {
     let config = args.config.load()?;
-    let rules = RedirectRules::from(&config.proxy);
+    let rules = config.proxy.redirect_rules();
     if args.dry_run {
         print!("{}", rules.render());
         return Ok(());

@@ -7,7 +7,6 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use agent::config::ProxyConfig;
 use agent::proxy::rules::RedirectRules;
 
 /// A chain prefix no other test or test process uses:
@@ -56,7 +55,7 @@ pub fn remove_stale_chains(tag: &str) {
         // family or ports it was installed with.
         let rules = RedirectRules {
             chain_prefix: prefix.clone(),
-            ..RedirectRules::from(&ProxyConfig::default())
+            ..RedirectRules::default()
         };
         if let Err(e) = rules.remove_leftovers() {
             eprintln!("stale chains {prefix}: {e}");

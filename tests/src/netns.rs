@@ -566,7 +566,8 @@ pub fn start_node_proxy(
     ports: Vec<u16>,
     contexts: std::sync::Arc<dyn agent::proxy::TraceContextSource>,
 ) -> agent::proxy::RunningProxy {
-    use agent::config::{ProxyConfig, ProxyMode};
+    use agent::config::ProxyConfig;
+    use agent::proxy::ProxyMode;
     let config = ProxyConfig {
         enabled: true,
         listen_port,
@@ -582,7 +583,7 @@ pub fn start_node_proxy(
     runtime
         .block_on(agent::proxy::RunningProxy::start(
             settings,
-            Some(agent::proxy::rules::RedirectRules::from(&config)),
+            Some(config.redirect_rules()),
             contexts,
         ))
         .expect("the proxy starts with its rules")

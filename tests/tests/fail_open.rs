@@ -21,10 +21,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use agent::config::{ProxyConfig, ProxyMode};
+use agent::config::ProxyConfig;
 use agent::proxy::guard::LEASE;
 use agent::proxy::rules::RedirectRules;
-use agent::proxy::{ProxySettings, RunningProxy, StandaloneContexts};
+use agent::proxy::{ProxyMode, ProxySettings, RunningProxy, StandaloneContexts};
 use tests::cgroup::MemoryCgroup;
 use tests::chains::{remove_stale_chains, unique_chain_prefix};
 use tests::netns::{Netns, Topology, pod_interface_wildcard, run_in};
@@ -69,7 +69,7 @@ async fn proxy_child() {
     };
     let rules = RedirectRules {
         chain_prefix: prefix.to_string(),
-        ..RedirectRules::from(&config)
+        ..config.redirect_rules()
     };
     let settings = ProxySettings {
         listen: config.proxy_settings().listen,

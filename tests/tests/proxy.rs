@@ -28,10 +28,11 @@ use std::sync::{Arc, Mutex, Once, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use agent::config::{ProxyConfig, ProxyMode};
+use agent::config::ProxyConfig;
 use agent::proxy::rules::RedirectRules;
 use agent::proxy::{
-    ProxyCounters, ProxySettings, ProxyStats, RunningProxy, StandaloneContexts, TraceContextSource,
+    ProxyCounters, ProxyMode, ProxySettings, ProxyStats, RunningProxy, StandaloneContexts,
+    TraceContextSource,
 };
 use agent::tracecontext::TraceParent;
 use tests::chains::{remove_stale_chains, unique_chain_prefix};
@@ -128,7 +129,7 @@ impl Lab {
         };
         let rules = RedirectRules {
             chain_prefix: unique_chain_prefix(CHAIN_TAG),
-            ..RedirectRules::from(&config)
+            ..config.redirect_rules()
         };
         let settings = ProxySettings {
             listen: config.proxy_settings().listen,

@@ -17,8 +17,9 @@ use std::net::{
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use agent::config::{Cidr, ProxyConfig, ProxyMode};
-use agent::proxy::rules::{Backend, DEFAULT_PROXY_MARK, RedirectRules};
+use agent::config::ProxyConfig;
+use agent::proxy::rules::{Backend, RedirectRules};
+use agent::proxy::{Cidr, DEFAULT_UPSTREAM_MARK, ProxyMode};
 use tests::chains::{remove_stale_chains, unique_chain_prefix};
 use tests::netns::{Netns, Topology, pod_interface_wildcard};
 use tests::{free_port, privileged};
@@ -45,7 +46,7 @@ fn rules(mode: ProxyMode, prefix: &str, listen_port: u16, ports: Vec<u16>) -> Re
     };
     RedirectRules {
         chain_prefix: prefix.to_string(),
-        ..RedirectRules::from(&config)
+        ..config.redirect_rules()
     }
 }
 
@@ -713,7 +714,7 @@ fn host_mode_redirects_local_traffic_but_not_marked_traffic() {
             assert_eq!(accepted_within(real, Duration::ZERO), None);
 
             // The proxy's own upstream connection (marked): not redirected.
-            let _upstream = connect(target, Some(DEFAULT_PROXY_MARK)).expect("connect marked");
+            let _upstream = connect(target, Some(DEFAULT_UPSTREAM_MARK)).expect("connect marked");
             assert!(accepted_within(real, ARRIVAL).is_some(), "{target}");
             assert!(proxy.accept_within(Duration::from_millis(200)).is_none());
 

@@ -24,7 +24,7 @@ impl Default for SpanSettings {
         Self {
             request_headers: Vec::new(),
             response_headers: Vec::new(),
-            redact_query_parameters: crate::config::DEFAULT_REDACTED_QUERY_PARAMETERS
+            redact_query_parameters: DEFAULT_REDACTED_QUERY_PARAMETERS
                 .iter()
                 .map(|p| p.to_string())
                 .collect(),
@@ -34,8 +34,29 @@ impl Default for SpanSettings {
 }
 
 /// Headers whose values never leave the agent, whatever the configuration
-/// (the configuration also refuses to list them).
-pub use crate::config::FORBIDDEN_HEADERS as SENSITIVE_HEADERS;
+/// (the configuration also refuses to list them in `http.request_headers`
+/// or `http.response_headers`, so nobody believes credentials are being
+/// recorded, or makes them recorded by a later change).
+pub const SENSITIVE_HEADERS: &[&str] = &[
+    "authorization",
+    "cookie",
+    "set-cookie",
+    "proxy-authorization",
+];
+
+/// Query parameters whose values are redacted unless
+/// `http.redact_query_parameters` says otherwise.
+pub const DEFAULT_REDACTED_QUERY_PARAMETERS: &[&str] = &[
+    "token",
+    "access_token",
+    "password",
+    "secret",
+    "api_key",
+    "key",
+    "sig",
+    "signature",
+    "auth",
+];
 
 /// Methods the semantic conventions know; others are reported as `_OTHER`.
 const KNOWN_METHODS: &[&str] = &[

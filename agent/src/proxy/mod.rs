@@ -20,7 +20,9 @@
 //! - `body`: body framing, shared with the tracer (`crate::http::body`);
 //! - [`context`] (where injected contexts come from) and [`stats`];
 //! - [`rules`] (the REDIRECT rules) and [`guard`] (their lease: the rules
-//!   stop redirecting within a second of the proxy's death).
+//!   stop redirecting within a second of the proxy's death);
+//! - [`settings`]: what is intercepted as the configuration states it
+//!   ([`ProxyMode`], [`Cidr`]) and its checks.
 
 pub mod conntrack;
 pub mod context;
@@ -31,6 +33,7 @@ mod http;
 pub mod rules;
 mod running;
 mod server;
+pub mod settings;
 pub mod stats;
 mod transport;
 
@@ -45,6 +48,7 @@ pub use context::{ProxiedRequest, StandaloneContexts, TraceContextSource};
 pub use head::{RewriteOutcome, rewrite_request_head};
 pub use running::{ProxyStartError, RunningProxy};
 pub use server::{Proxy, serve};
+pub use settings::{Cidr, ProxyMode};
 pub use stats::{ProxyCounters, ProxyStats};
 
 /// Port the proxy listens on unless configured otherwise.

@@ -1,5 +1,6 @@
 //! The iptables `REDIRECT` rules that steer connections to the transparent
-//! proxy, derived from [`ProxyConfig`].
+//! proxy, built from the configuration (`ProxyConfig::redirect_rules`) or
+//! from [`RedirectRules::default`].
 //!
 //! All rules live in chains of their own in the `nat` table —
 //! `<prefix>_PREROUTING` (node mode) or `<prefix>_OUTPUT` (host mode), with
@@ -58,12 +59,8 @@ use std::net::IpAddr;
 use std::process::{Command, Stdio};
 
 use super::guard::{GuardError, Lease, ProxyGuard};
-use crate::config::{Cidr, ProxyConfig, ProxyMode};
-
-/// Firewall mark the proxy puts (`SO_MARK`) on its own upstream
-/// connections; host-mode rules let marked traffic pass, or the proxy's
-/// connections would be redirected back to itself.
-pub const DEFAULT_PROXY_MARK: u32 = 0x1e7;
+use super::settings::{self, Cidr, ProxyMode};
+use super::{DEFAULT_PORT, DEFAULT_UPSTREAM_MARK};
 
 /// Prefix of the chain names: `TTA_PREROUTING`, `TTA_OUTPUT`.
 pub const DEFAULT_CHAIN_PREFIX: &str = "TTA";
@@ -267,8 +264,8 @@ impl std::error::Error for RulesError {
 
 /// The redirect rules of one proxy: what is intercepted and where it goes.
 ///
-/// Build it from the configuration (`RedirectRules::from(&config.proxy)`),
-/// then [`install`](Self::install) it once the proxy listens, or
+/// Build it from the configuration (`config.proxy.redirect_rules()`) or
+/// from the defaults ([`RedirectRules::default`]), then [`install`](Self::install) it once the proxy listens, or
 /// [`render`](Self::render) it for `--dry-run`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RedirectRules {
@@ -306,17 +303,21 @@ pub struct RedirectRules {
     pub guarded: bool,
 }
 
-impl From<&ProxyConfig> for RedirectRules {
-    fn from(config: &ProxyConfig) -> Self {
+/// The defaults of the proxy's settings: node mode, pod interfaces
+/// `veth+`, ports 80 and 8080 to [`DEFAULT_PORT`], the proxy's own
+/// connections marked [`DEFAULT_UPSTREAM_MARK`], chains `TTA_*`, both
+/// families, the system's iptables, guarded.
+impl Default for RedirectRules {
+    fn default() -> Self {
         Self {
-            mode: config.mode,
-            listen_port: config.listen_port,
-            ports: config.ports.clone(),
-            pod_interfaces: config.pod_interfaces.clone(),
-            include_cidrs: config.include_cidrs.clone(),
-            exclude_cidrs: config.exclude_cidrs.clone(),
-            exclude_ports: config.exclude_ports.clone(),
-            mark: DEFAULT_PROXY_MARK,
+            mode: ProxyMode::Node,
+            listen_port: DEFAULT_PORT,
+            ports: vec![80, 8080],
+            pod_interfaces: vec!["veth+".to_string()],
+            include_cidrs: Vec::new(),
+            exclude_cidrs: Vec::new(),
+            exclude_ports: Vec::new(),
+            mark: DEFAULT_UPSTREAM_MARK,
             chain_prefix: DEFAULT_CHAIN_PREFIX.to_string(),
             ipv6: true,
             backend: Backend::System,
@@ -359,22 +360,8 @@ impl RedirectRules {
     /// Checks that the settings make valid, loop-free rules.
     pub fn validate(&self) -> Result<(), RulesError> {
         let invalid = |reason: String| Err(RulesError::Invalid(reason));
-        if self.listen_port == 0 {
-            return invalid("listen port 0".into());
-        }
-        if self.ports.is_empty() {
-            return invalid("no destination ports to redirect".into());
-        }
-        if self.ports.contains(&0) || self.exclude_ports.contains(&0) {
-            return invalid("port 0 in the port lists".into());
-        }
-        // The proxy's port redirected to itself would loop.
-        if self.ports.contains(&self.listen_port) {
-            return invalid(format!(
-                "the redirected ports include the listen port {}",
-                self.listen_port
-            ));
-        }
+        settings::check_ports(self.listen_port, &self.ports, &self.exclude_ports)
+            .map_err(|problem| RulesError::Invalid(problem.to_string()))?;
         // With mark 0 every unmarked connection would count as the proxy's.
         if self.mark == 0 {
             return invalid("the proxy mark must not be 0".into());
@@ -395,23 +382,12 @@ impl RedirectRules {
             return invalid("node mode needs at least one pod interface".into());
         }
         for name in &self.pod_interfaces {
-            let stem = name.strip_suffix('+').unwrap_or(name);
-            // Anything else could break the restore file's tokenizing.
-            let chars_ok = stem
-                .chars()
-                .all(|c| c.is_ascii_graphic() && !matches!(c, '/' | '+' | '"' | '\'' | '\\'));
-            if name.is_empty() || name.len() > 15 || !chars_ok {
-                return invalid(format!(
-                    "interface {name:?}: expected at most 15 characters without quotes or /, \
-                     optionally ending in +"
-                ));
-            }
+            settings::check_interface_pattern(name).map_err(RulesError::Invalid)?;
         }
         for cidr in self.include_cidrs.iter().chain(&self.exclude_cidrs) {
-            let max = if cidr.addr.is_ipv4() { 32 } else { 128 };
             // iptables would silently mask host bits, and then the installed
             // rules would differ from the rendered ones.
-            if cidr.prefix_len > max || network(cidr.addr, cidr.prefix_len) != cidr.addr {
+            if !cidr.is_network() {
                 return invalid(format!("{cidr} is not a network block"));
             }
         }
@@ -921,24 +897,6 @@ fn port_list(ports: &[u16]) -> String {
         .join(",")
 }
 
-/// `addr` with the bits past `prefix_len` cleared.
-fn network(addr: IpAddr, prefix_len: u8) -> IpAddr {
-    match addr {
-        IpAddr::V4(a) => {
-            let mask = u32::MAX
-                .checked_shl(32u32.saturating_sub(u32::from(prefix_len)))
-                .unwrap_or(0);
-            IpAddr::V4((u32::from(a) & mask).into())
-        }
-        IpAddr::V6(a) => {
-            let mask = u128::MAX
-                .checked_shl(128u32.saturating_sub(u32::from(prefix_len)))
-                .unwrap_or(0);
-            IpAddr::V6((u128::from(a) & mask).into())
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -948,7 +906,7 @@ mod tests {
     }
 
     fn node() -> RedirectRules {
-        RedirectRules::from(&ProxyConfig::default())
+        RedirectRules::default()
     }
 
     fn host() -> RedirectRules {
