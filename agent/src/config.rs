@@ -606,8 +606,7 @@ fn check_endpoint(url: &str) -> Result<(), String> {
 
 /// RFC 9110 token characters, the only ones a header name may hold.
 fn check_header_name(name: &str) -> Result<(), String> {
-    let is_tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
-    if name.is_empty() || !name.chars().all(is_tchar) {
+    if name.is_empty() || !name.bytes().all(crate::http::is_tchar) {
         return Err(format!("{name:?} is not a valid header name"));
     }
     // Names are lower-cased when parsed; one built in code must be too, or

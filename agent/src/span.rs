@@ -40,13 +40,22 @@ impl SpanId {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    let mut out = vec![0; bytes.len() * 2];
+    encode_hex(bytes, &mut out);
+    out.into_iter().map(char::from).collect()
+}
+
+/// Writes `bytes` as lower-case hex, two digits each, into `out` (twice
+/// their length): the one encoder of ids, for the traceparent field, the
+/// OTLP/JSON ids and the terminal alike.
+pub(crate) fn encode_hex(bytes: &[u8], out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (byte, pair) in bytes.iter().zip(out.as_chunks_mut::<2>().0) {
+        *pair = [
+            DIGITS[usize::from(byte >> 4)],
+            DIGITS[usize::from(byte & 0x0f)],
+        ];
+    }
 }
 
 impl fmt::Debug for TraceId {

@@ -15,6 +15,7 @@ use std::fmt;
 use rand::rngs::{StdRng, SysRng};
 use rand::{Rng, SeedableRng};
 
+use crate::span::encode_hex;
 pub use crate::span::{SpanId, TraceId, flags};
 
 /// Length of a version 00 traceparent, and the minimum of any version.
@@ -669,16 +670,6 @@ fn lower_hex_digit(c: u8) -> Option<u8> {
         b'0'..=b'9' => Some(c - b'0'),
         b'a'..=b'f' => Some(c - b'a' + 10),
         _ => None,
-    }
-}
-
-fn encode_hex(bytes: &[u8], out: &mut [u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for (byte, pair) in bytes.iter().zip(out.as_chunks_mut::<2>().0) {
-        *pair = [
-            DIGITS[usize::from(byte >> 4)],
-            DIGITS[usize::from(byte & 0x0f)],
-        ];
     }
 }
 

@@ -30,7 +30,7 @@ use opentelemetry_proto::tonic::trace::v1::{
 use super::otlp::parent_is_remote;
 use super::skip_defaults;
 use super::{ExportError, SCOPE_NAME, SCOPE_VERSION, SERVICE_NAME, group_by_resource};
-use crate::span::{Attribute, AttributeValue, Resource, Span, SpanKind, SpanStatus};
+use crate::span::{Attribute, AttributeValue, Resource, Span, SpanKind, SpanStatus, encode_hex};
 
 /// The OTLP request for `spans`: one `ResourceSpans` per distinct resource
 /// (in order of first appearance), each with one `ScopeSpans` of scope
@@ -281,12 +281,10 @@ fn write_digits(out: &mut Vec<u8>, mut n: u64) {
 
 /// Ids as lower-case hex in quotes (OTLP/JSON, not base64).
 fn write_hex(out: &mut Vec<u8>, bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     out.push(b'"');
-    for byte in bytes {
-        out.push(DIGITS[(byte >> 4) as usize]);
-        out.push(DIGITS[(byte & 0xf) as usize]);
-    }
+    let start = out.len();
+    out.resize(start + 2 * bytes.len(), 0);
+    encode_hex(bytes, &mut out[start..]);
     out.push(b'"');
 }
 

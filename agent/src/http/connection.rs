@@ -18,7 +18,8 @@
 use std::collections::VecDeque;
 
 use super::body::{Body, Outcome, Skip};
-use super::head::{self, Framing, Head, Parse, RequestHead, ResponseHead};
+use super::framing::{self, BodyFraming, FramingFields, MethodKind, Mode, ResponseKind};
+use super::head::{self, Head, Parse, RequestHead, ResponseHead};
 
 /// Which of a connection's two byte streams a message belongs to, in HTTP
 /// terms (the capture's send/receive depends on which end is traced).
@@ -130,14 +131,6 @@ enum State {
     Body(Body),
     /// Framing lost: waiting for a message that begins with a start line.
     Desync,
-}
-
-/// What a response's framing depends on in its request (RFC 9112 6.3).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum MethodKind {
-    Head,
-    Connect,
-    Other,
 }
 
 /// A request in the queue.
@@ -462,21 +455,18 @@ impl HttpConnection {
         out: &mut Vec<Exchange>,
     ) {
         self.make_room(out);
-        let kind = match head.method() {
-            "HEAD" => MethodKind::Head,
-            "CONNECT" => MethodKind::Connect,
-            _ => MethodKind::Other,
-        };
+        let kind = MethodKind::of(head.method().as_bytes());
         let expect_continue = head
             .headers_named("expect")
             .any(|v| v.trim_ascii().eq_ignore_ascii_case(b"100-continue"));
-        // Requests without Content-Length or chunked coding have no body
-        // (RFC 9112 6.3, item 7).
-        let body = match head::framing(&head.headers) {
-            Framing::Chunked => BodyStart::Body(Body::chunked()),
-            Framing::Length(0) | Framing::Unspecified => BodyStart::None,
-            Framing::Length(n) => BodyStart::Body(Body::Length(n)),
-            Framing::OtherEncoding | Framing::Invalid => BodyStart::Unframeable,
+        let fields = FramingFields::read(head.headers.iter());
+        let body = match fields.request(Mode::Lenient, head.minor_version, kind) {
+            BodyFraming::None => BodyStart::None,
+            BodyFraming::Length(n) => BodyStart::Body(Body::Length(n)),
+            BodyFraming::Chunked => BodyStart::Body(Body::chunked()),
+            // A request cannot run until the close (RFC 9112 6.3, item 7);
+            // the framing never says so, but if it did it would be lost.
+            BodyFraming::UntilClose | BodyFraming::Unframeable => BodyStart::Unframeable,
         };
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -502,38 +492,34 @@ impl HttpConnection {
 
     fn on_response(&mut self, head: ResponseHead, start_ns: u64, timestamp_ns: u64) {
         let status = head.status;
-        let interim = (100..200).contains(&status) && status != 101;
-        let target = self.response_target(start_ns, !interim);
-        if interim {
-            if let Some(entry) = self.entry(target)
-                && entry.informational.len() < MAX_INFORMATIONAL
-            {
-                entry.informational.push(status);
-            }
-            return;
-        }
-        let kind = self.entry(target).map_or(MethodKind::Other, |e| e.kind);
-        if status == 101 || kind == MethodKind::Connect && (200..300).contains(&status) {
-            self.switch_protocols(target, head, timestamp_ns);
-            return;
-        }
-        let body = if kind == MethodKind::Head || status == 204 || status == 304 {
-            BodyStart::None
-        } else {
-            match head::framing(&head.headers) {
-                Framing::Chunked => BodyStart::Body(Body::chunked()),
-                Framing::Length(0) => BodyStart::None,
-                Framing::Length(n) => BodyStart::Body(Body::Length(n)),
-                // Nothing waits for this response, so its request method is
-                // unknown: if it answered a HEAD, reading to the close would
-                // swallow every later response. Waiting for the next status
-                // line costs nothing if it really is close-delimited.
-                Framing::OtherEncoding | Framing::Unspecified if target.is_none() => {
-                    BodyStart::Unframeable
+        let target = self.response_target(start_ns, !framing::is_interim(status));
+        let method = self.entry(target).map_or(MethodKind::Other, |e| e.kind);
+        let kind = framing::response(Mode::Lenient, status, method, head.headers.iter());
+        let body = match kind {
+            ResponseKind::Interim => {
+                if let Some(entry) = self.entry(target)
+                    && entry.informational.len() < MAX_INFORMATIONAL
+                {
+                    entry.informational.push(status);
                 }
-                Framing::OtherEncoding | Framing::Unspecified => BodyStart::Body(Body::UntilClose),
-                Framing::Invalid => BodyStart::Unframeable,
+                return;
             }
+            ResponseKind::Switch => {
+                self.switch_protocols(target, head, timestamp_ns);
+                return;
+            }
+            ResponseKind::Final(BodyFraming::None) => BodyStart::None,
+            ResponseKind::Final(BodyFraming::Length(n)) => BodyStart::Body(Body::Length(n)),
+            ResponseKind::Final(BodyFraming::Chunked) => BodyStart::Body(Body::chunked()),
+            // Nothing waits for this response, so its request method is
+            // unknown: if it answered a HEAD, reading to the close would
+            // swallow every later response. Waiting for the next status
+            // line costs nothing if it really is close-delimited.
+            ResponseKind::Final(BodyFraming::UntilClose) if target.is_none() => {
+                BodyStart::Unframeable
+            }
+            ResponseKind::Final(BodyFraming::UntilClose) => BodyStart::Body(Body::UntilClose),
+            ResponseKind::Final(BodyFraming::Unframeable) => BodyStart::Unframeable,
         };
         if let Some(entry) = self.entry(target) {
             entry.response = Some(head);

@@ -1,6 +1,7 @@
 //! Message heads: httparse finds the fields, and a [`RequestHead`] or
 //! [`ResponseHead`] keeps the head's bytes (copied once) with where each
-//! field lies in them; the framing fields are read back out of them.
+//! field lies in them; the framing fields are read back out of them (by
+//! `super::framing`).
 //!
 //! One copy of the head and one table of positions per head, rather than a
 //! string per field: a head is parsed for every exchange on the node,
@@ -348,69 +349,6 @@ pub(crate) fn begins_with_start_line(request: bool, bytes: &[u8]) -> bool {
     }
 }
 
-/// How the framing fields say a body is delimited (RFC 9112 section 6),
-/// before the status code and request method are taken into account.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Framing {
-    /// `Transfer-Encoding` ending in `chunked`.
-    Chunked,
-    /// `Transfer-Encoding` present but not ending in `chunked`: a response
-    /// then runs until the connection closes; a request cannot be framed.
-    OtherEncoding,
-    /// A valid `Content-Length` and no `Transfer-Encoding`.
-    Length(u64),
-    /// Neither field.
-    Unspecified,
-    /// `Content-Length` values that are not a number or disagree.
-    Invalid,
-}
-
-/// Reads the framing fields of a head.
-pub(crate) fn framing(headers: &Fields) -> Framing {
-    let mut encoding = None;
-    for value in headers.named("transfer-encoding") {
-        for coding in value.split(|&b| b == b',') {
-            let coding = coding.trim_ascii();
-            if !coding.is_empty() {
-                encoding = Some(coding);
-            }
-        }
-        // A field with no codings still says the body is not length-framed.
-        encoding.get_or_insert(b"");
-    }
-    if let Some(last) = encoding {
-        // Transfer-Encoding overrides Content-Length (RFC 9112 section 6.3).
-        return if last.eq_ignore_ascii_case(b"chunked") {
-            Framing::Chunked
-        } else {
-            Framing::OtherEncoding
-        };
-    }
-    let mut length = None;
-    for value in headers.named("content-length") {
-        // A list of identical values is allowed (section 6.3, item 5).
-        for item in value.split(|&b| b == b',') {
-            let Some(n) = parse_decimal(item.trim_ascii()) else {
-                return Framing::Invalid;
-            };
-            if length.is_some_and(|l| l != n) {
-                return Framing::Invalid;
-            }
-            length = Some(n);
-        }
-    }
-    length.map_or(Framing::Unspecified, Framing::Length)
-}
-
-fn parse_decimal(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    digits.iter().try_fold(0u64, |n, d| {
-        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -423,10 +361,6 @@ mod tests {
             } => h,
             other => panic!("not a complete request: {other:?}"),
         }
-    }
-
-    fn headers(fields: &[(&str, &str)]) -> Fields {
-        Fields::from_pairs(fields.iter().map(|(n, v)| (*n, v.as_bytes())))
     }
 
     #[test]
@@ -529,54 +463,5 @@ mod tests {
         assert!(!begins_with_start_line(false, b"HTTP/1.1 200 OK"));
         assert!(!begins_with_start_line(false, b"GET / HTTP/1.1\r\n"));
         assert!(!begins_with_start_line(false, b""));
-    }
-
-    #[test]
-    fn framing_follows_rfc_9112() {
-        assert_eq!(framing(&headers(&[])), Framing::Unspecified);
-        assert_eq!(
-            framing(&headers(&[("Content-Length", " 42 ")])),
-            Framing::Length(42)
-        );
-        assert_eq!(
-            framing(&headers(&[
-                ("content-length", "5, 5"),
-                ("Content-Length", "5")
-            ])),
-            Framing::Length(5)
-        );
-        assert_eq!(
-            framing(&headers(&[
-                ("Content-Length", "5"),
-                ("Content-Length", "6")
-            ])),
-            Framing::Invalid
-        );
-        assert_eq!(
-            framing(&headers(&[("Content-Length", "-1")])),
-            Framing::Invalid
-        );
-        assert_eq!(
-            framing(&headers(&[("Content-Length", "99999999999999999999999")])),
-            Framing::Invalid
-        );
-        assert_eq!(
-            framing(&headers(&[
-                ("Content-Length", "10"),
-                ("Transfer-Encoding", "gzip, Chunked")
-            ])),
-            Framing::Chunked
-        );
-        assert_eq!(
-            framing(&headers(&[
-                ("Transfer-Encoding", "chunked"),
-                ("Transfer-Encoding", "gzip")
-            ])),
-            Framing::OtherEncoding
-        );
-        assert_eq!(
-            framing(&headers(&[("Transfer-Encoding", "")])),
-            Framing::OtherEncoding
-        );
     }
 }

@@ -7,13 +7,16 @@
 //! responses into [`Exchange`]s. [`start_line`] only reads the first line
 //! of a message, for views that need no more.
 //!
-//! - `head`: heads via httparse, framing fields;
+//! - `head`: heads via httparse;
+//! - `framing`: where a body ends by the framing fields, the method and the
+//!   status (RFC 9112 section 6), leniently here and strictly for the proxy;
 //! - `body`: Content-Length, chunked and close-delimited bodies (the
 //!   proxy walks bodies with it too);
 //! - `connection`: the per-direction state machines and the pairing.
 
 pub(crate) mod body;
 mod connection;
+pub(crate) mod framing;
 mod head;
 
 pub use connection::{Exchange, HttpConnection, StreamDirection};
@@ -40,6 +43,12 @@ pub enum StartLine {
         /// Reason phrase.
         reason: String,
     },
+}
+
+/// `tchar` of RFC 9110 section 5.6.2: the characters of a token (a method,
+/// a field name, a transfer coding).
+pub(crate) fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// Headers the start-line reader looks at; more are not needed to find it.

@@ -5,7 +5,7 @@
 //! that happens to start with a word and a space (and then waits for the
 //! server) is never held back waiting for a head that will not come.
 
-use super::head::is_tchar;
+use crate::http::is_tchar;
 
 /// The HTTP/2 connection preface; its first line parses as a request line
 /// with method `PRI`, but the connection is not HTTP/1.x.

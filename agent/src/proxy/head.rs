@@ -13,7 +13,14 @@
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
+use crate::http::framing::{self, FramingFields, Mode};
+use crate::http::is_tchar;
 use crate::tracecontext::{PropagatedContext, TRACEPARENT_LEN, TraceParent};
+
+// Framing is decided by the tracer's module, in its strict mode (see
+// `crate::http::framing`); the proxy's API names its types.
+pub use crate::http::framing::MethodKind as AnsweredMethod;
+pub use crate::http::framing::{BodyFraming, ResponseKind};
 
 /// Header slots tried on the stack; a head with more falls back to the heap.
 /// They are left uninitialized for httparse to fill: zeroing 128 slots for
@@ -26,23 +33,6 @@ fn uninit_headers<'b>(n: usize) -> Vec<MaybeUninit<httparse::Header<'b>>> {
     std::iter::repeat_with(MaybeUninit::uninit)
         .take(n)
         .collect()
-}
-
-/// How a message says its body is delimited (RFC 9112 section 6).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BodyFraming {
-    /// No body: the next message starts right after the head.
-    None,
-    /// `Content-Length` bytes (more than zero).
-    Length(u64),
-    /// `Transfer-Encoding` ending in `chunked`.
-    Chunked,
-    /// A response delimited by the server closing the connection.
-    UntilClose,
-    /// Framing fields that are invalid, conflicting or folded: where the
-    /// body ends cannot be known with certainty, so the proxy stops
-    /// interpreting the connection.
-    Unframeable,
 }
 
 /// What a request's traceparent fields say, by the rules of
@@ -202,18 +192,10 @@ fn finish_request_head(
         Ok(layout) if layout.end == head.len() => layout,
         _ => return HeadParse::Invalid,
     };
-    let connect = head.get(line.method.clone()) == Some(b"CONNECT".as_slice());
-    let framing = if connect {
-        // A CONNECT request has no content (RFC 9110 section 9.3.6); one
-        // that claims some is read differently by different servers.
-        if fields.has_framing_fields() {
-            BodyFraming::Unframeable
-        } else {
-            BodyFraming::None
-        }
-    } else {
-        fields.request_framing(line.minor_version)
-    };
+    let method = AnsweredMethod::of(head.get(line.method.clone()).unwrap_or_default());
+    let framing = fields
+        .framing
+        .request(Mode::Strict, line.minor_version, method);
     HeadParse::Complete(RequestHeadInfo {
         len: line.len,
         method: line.method,
@@ -225,7 +207,7 @@ fn finish_request_head(
             TraceparentField::Valid => fields.traceparent_value,
             _ => None,
         },
-        connect,
+        connect: method == AnsweredMethod::Connect,
         upgrade: fields.upgrade,
         blank_line: layout.blank_line,
         has_trace_fields: fields.traceparents > 0 || fields.tracestates > 0,
@@ -239,14 +221,17 @@ struct FieldSummary {
     tracestates: usize,
     traceparent_valid: bool,
     traceparent_value: Option<TraceParent>,
-    content_length: Option<Result<u64, ()>>,
-    transfer_encoding: Option<Result<bool, ()>>,
+    /// Content-Length and Transfer-Encoding, folded ones included.
+    framing: FramingFields,
     upgrade: bool,
 }
 
 impl FieldSummary {
     fn add(&mut self, head: &[u8], field: &Field) {
         let name = field.name(head);
+        if self.framing.add(name, field.value(head), field.folded) {
+            return;
+        }
         if name.eq_ignore_ascii_case(b"traceparent") {
             self.traceparents += 1;
             // A folded value is not something the specification's parsers
@@ -255,34 +240,11 @@ impl FieldSummary {
                 .then(|| TraceParent::parse(field.value(head)).ok())
                 .flatten();
             self.traceparent_valid = self.traceparent_value.is_some();
-        } else if name.eq_ignore_ascii_case(b"content-length") {
-            let value = if field.folded {
-                Err(())
-            } else {
-                merge_content_length(self.content_length, field.value(head))
-            };
-            self.content_length = Some(value);
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            let value = if field.folded {
-                Err(())
-            } else {
-                Ok(last_coding_is_chunked(field.value(head)))
-            };
-            // Only the last coding of the last field counts, but an
-            // unreadable field anywhere spoils the lot.
-            self.transfer_encoding = match self.transfer_encoding {
-                Some(Err(())) => Some(Err(())),
-                _ => Some(value),
-            };
         } else if name.eq_ignore_ascii_case(b"upgrade") {
             self.upgrade = true;
         } else if name.eq_ignore_ascii_case(b"tracestate") {
             self.tracestates += 1;
         }
-    }
-
-    fn has_framing_fields(&self) -> bool {
-        self.content_length.is_some() || self.transfer_encoding.is_some()
     }
 
     fn traceparent(&self) -> TraceparentField {
@@ -293,58 +255,6 @@ impl FieldSummary {
             _ => TraceparentField::Multiple,
         }
     }
-
-    fn request_framing(&self, minor_version: u8) -> BodyFraming {
-        match (self.transfer_encoding, self.content_length) {
-            // Both fields, or Transfer-Encoding in HTTP/1.0, are how requests
-            // are smuggled past one parser and not another (RFC 9112 section
-            // 6.1): the proxy must not guess which one the server believes.
-            (Some(_), Some(_)) => BodyFraming::Unframeable,
-            (Some(_), None) if minor_version == 0 => BodyFraming::Unframeable,
-            (Some(Ok(true)), None) => BodyFraming::Chunked,
-            // A request body that is not chunked last has no length.
-            (Some(_), None) => BodyFraming::Unframeable,
-            (None, Some(Ok(0))) => BodyFraming::None,
-            (None, Some(Ok(length))) => BodyFraming::Length(length),
-            (None, Some(Err(()))) => BodyFraming::Unframeable,
-            (None, None) => BodyFraming::None,
-        }
-    }
-}
-
-/// Folds one more Content-Length value into what was seen: a list of
-/// identical numbers is allowed (RFC 9112 section 6.3), anything else is not.
-fn merge_content_length(seen: Option<Result<u64, ()>>, value: &[u8]) -> Result<u64, ()> {
-    let mut length = match seen {
-        Some(Err(())) => return Err(()),
-        Some(Ok(n)) => Some(n),
-        None => None,
-    };
-    for item in value.split(|&b| b == b',') {
-        let n = parse_decimal(item.trim_ascii()).ok_or(())?;
-        if length.is_some_and(|l| l != n) {
-            return Err(());
-        }
-        length = Some(n);
-    }
-    length.ok_or(())
-}
-
-fn parse_decimal(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    digits.iter().try_fold(0u64, |n, d| {
-        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-    })
-}
-
-fn last_coding_is_chunked(value: &[u8]) -> bool {
-    value
-        .split(|&b| b == b',')
-        .map(<[u8]>::trim_ascii)
-        .rfind(|coding| !coding.is_empty())
-        .is_some_and(|coding| coding.eq_ignore_ascii_case(b"chunked"))
 }
 
 /// One field of a head: its first line and any obs-fold continuation lines.
@@ -469,11 +379,6 @@ fn next_line(head: &[u8], pos: usize) -> Option<(Range<usize>, usize)> {
         lf
     };
     Some((pos..pos + content_len, pos + lf + 1))
-}
-
-/// `tchar` of RFC 9110 section 5.6.2.
-pub(crate) fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// A byte a field value may hold: visible ASCII, obs-text, space, tab.
@@ -610,30 +515,6 @@ pub fn rewrite_request_head(bytes: &[u8], inject: &PropagatedContext) -> Rewrite
     RewriteOutcome::Injected { head, head_len }
 }
 
-/// The request a response answers, as far as its framing depends on it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum AnsweredMethod {
-    /// `HEAD`: the response has no body whatever its fields say.
-    Head,
-    /// `CONNECT`: a 2xx response turns the connection into a tunnel.
-    Connect,
-    /// Any other method (or a response nobody asked for).
-    #[default]
-    Other,
-}
-
-/// What a response head means for the connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ResponseKind {
-    /// 1xx other than 101: the final response to the same request follows.
-    Interim,
-    /// 101, or 2xx to CONNECT: from here both directions carry another
-    /// protocol.
-    Switch,
-    /// The final response, with its body framing.
-    Final(BodyFraming),
-}
-
 /// What the proxy reads from a response head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ResponseHeadInfo {
@@ -687,36 +568,12 @@ fn parse_response_with<'b>(
     let Some(status) = response.code else {
         return Err(httparse::Error::Status);
     };
-    let kind = match (status, method) {
-        (101, _) => ResponseKind::Switch,
-        (100..=199, _) => ResponseKind::Interim,
-        (200..=299, AnsweredMethod::Connect) => ResponseKind::Switch,
-        (204 | 304, _) | (_, AnsweredMethod::Head) => ResponseKind::Final(BodyFraming::None),
-        _ => ResponseKind::Final(response_framing(response.headers)),
-    };
+    // Strict, though responses are only observed: a last Transfer-Encoding
+    // line that does not itself end in `chunked` is not followed (the relay
+    // goes opaque at the body), the rest is RFC 9112's recipient reading.
+    let fields = response.headers.iter().map(|h| (h.name, h.value));
+    let kind = framing::response(Mode::Strict, status, method, fields);
     Ok(Some(ResponseHeadInfo { len, status, kind }))
-}
-
-fn response_framing(headers: &[httparse::Header<'_>]) -> BodyFraming {
-    let mut transfer_encoding = None;
-    let mut content_length = None;
-    for header in headers {
-        if header.name.eq_ignore_ascii_case("transfer-encoding") {
-            transfer_encoding = Some(last_coding_is_chunked(header.value));
-        } else if header.name.eq_ignore_ascii_case("content-length") {
-            content_length = Some(merge_content_length(content_length, header.value));
-        }
-    }
-    // Transfer-Encoding overrides Content-Length (RFC 9112 section 6.3);
-    // a response whose coding is not chunked runs until the close.
-    match (transfer_encoding, content_length) {
-        (Some(true), _) => BodyFraming::Chunked,
-        (Some(false), _) => BodyFraming::UntilClose,
-        (None, Some(Ok(0))) => BodyFraming::None,
-        (None, Some(Ok(length))) => BodyFraming::Length(length),
-        (None, Some(Err(()))) => BodyFraming::Unframeable,
-        (None, None) => BodyFraming::UntilClose,
-    }
 }
 
 #[cfg(test)]

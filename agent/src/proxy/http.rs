@@ -298,13 +298,7 @@ where
         } else {
             (None, None)
         };
-        let method = if info.connect {
-            AnsweredMethod::Connect
-        } else if head.get(info.method.clone()) == Some(b"HEAD".as_slice()) {
-            AnsweredMethod::Head
-        } else {
-            AnsweredMethod::Other
-        };
+        let method = AnsweredMethod::of(head.get(info.method.clone()).unwrap_or_default());
         // Fails only when the response direction stopped interpreting; the
         // dropped verdict sender then makes a waiting request go opaque.
         let _ = unanswered

@@ -17,7 +17,8 @@
 //! - `detect`: HTTP/1.x or not, from the first bytes;
 //! - `http`: the relay of one HTTP/1.x connection (both directions);
 //! - [`head`]: pure parsing and rewriting of heads;
-//! - `body`: body framing, shared with the tracer (`crate::http::body`);
+//! - `body`: body framing, shared with the tracer (`crate::http::body`),
+//!   as is the decision where a body ends (`crate::http::framing`, strict);
 //! - [`context`] (where injected contexts come from) and [`stats`];
 //! - [`rules`] (the REDIRECT rules) and [`guard`] (their lease: the rules
 //!   stop redirecting within a second of the proxy's death);
