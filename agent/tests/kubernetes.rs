@@ -9,7 +9,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
@@ -432,18 +432,12 @@ fn spans_of_a_pods_process_carry_its_kubernetes_names() {
     let server = start_http_server(port);
     cgroup.add(server.0.id());
 
-    let mut agent = KillOnDrop(
-        Command::new(AGENT)
-            .args(["run", "--no-terminal", "--config"])
-            .arg(&config)
-            .arg("--output-file")
-            .arg(&spans_file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let err = lines(agent.0.stderr.take().unwrap());
+    let (agent, err) = start_agent([
+        "--config".as_ref(),
+        config.as_os_str(),
+        "--output-file".as_ref(),
+        spans_file.as_os_str(),
+    ]);
     let deadline = Instant::now() + Duration::from_secs(30);
     wait_line(&err, deadline, |l| {
         l.contains("naming the pods of node node-1")

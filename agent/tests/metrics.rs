@@ -67,18 +67,10 @@ fn query(port: u16, promql: &str) -> Option<f64> {
 /// `agent run` writing spans to /dev/null and serving its metrics on
 /// loopback `port`; its stderr lines.
 fn start_agent_serving_metrics(port: u16) -> (KillOnDrop, std::sync::mpsc::Receiver<String>) {
-    let mut agent = KillOnDrop(
-        Command::new(AGENT)
-            .args(["run", "--no-terminal", "--output-file", "/dev/null"])
-            .arg("--metrics-address")
-            .arg(format!("127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let err = lines(agent.0.stderr.take().unwrap());
-    (agent, err)
+    start_agent([
+        "--output-file=/dev/null".to_string(),
+        format!("--metrics-address=127.0.0.1:{port}"),
+    ])
 }
 
 #[test]

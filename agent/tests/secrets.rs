@@ -4,7 +4,7 @@
 //! the agent writes, with the default configuration and with the command
 //! line opted in.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
@@ -32,17 +32,9 @@ fn traced_output(extra: &[&str]) -> String {
         extra.len()
     ));
     let _ = std::fs::remove_file(&file);
-    let mut agent = KillOnDrop(
-        Command::new(AGENT)
-            .args(["run", "--no-terminal", "--output-file"])
-            .arg(&file)
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let err = lines(agent.0.stderr.take().unwrap());
+    let mut args = vec![format!("--output-file={}", file.display())];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let (agent, err) = start_agent(&args);
     let deadline = Instant::now() + Duration::from_secs(30);
     wait_line(&err, deadline, |l| l.contains("tracing HTTP")).expect("the agent starts");
 

@@ -42,6 +42,18 @@ fn podman(args: &[&str]) -> Output {
 /// Removes the container however the test ends.
 struct Container(String);
 
+impl Container {
+    /// What the agent in the container printed, for failure messages.
+    fn logs(&self) -> String {
+        let out = podman(&["logs", &self.0]);
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+}
+
 impl Drop for Container {
     fn drop(&mut self) {
         let _ = podman(&["rm", "--force", "--time", "2", &self.0]);
@@ -223,14 +235,7 @@ fn the_images_proxy_injects_and_cleans_up_with_only_the_overlays_capabilities() 
         String::from_utf8_lossy(&started.stderr)
     );
     let container = Container(name);
-    let logs = || {
-        let out = podman(&["logs", &container.0]);
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    };
+    let logs = || container.logs();
     let deadline = Instant::now() + Duration::from_secs(60);
     while netns.run(|| status(metrics_port, "/readyz")).unwrap() != Some(200) {
         assert!(
@@ -317,14 +322,7 @@ fn traces_in_the_image(label: &str, security: &[&str]) {
         String::from_utf8_lossy(&started.stderr)
     );
     let container = Container(name);
-    let logs = || {
-        let out = podman(&["logs", &container.0]);
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    };
+    let logs = || container.logs();
 
     // Ready once its probes are attached, as the kubelet would see it.
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -75,6 +75,26 @@ pub fn wait_line(
     None
 }
 
+/// `agent run --no-terminal` with `args`, stdout discarded: the process
+/// and its stderr lines.
+pub fn start_agent<I, S>(args: I) -> (KillOnDrop, mpsc::Receiver<String>)
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut agent = KillOnDrop(
+        Command::new(AGENT)
+            .args(["run", "--no-terminal"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let err = lines(agent.0.stderr.take().unwrap());
+    (agent, err)
+}
+
 /// A port free on loopback right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -23,9 +23,7 @@ const INDIRECT: &[(&str, &str, &[&str])] = &[
     ),
     // The agent binary cargo built for the test.
     ("agent/tests/cli.rs", "AGENT", &[]),
-    ("agent/tests/metrics.rs", "AGENT", &[]),
-    ("agent/tests/kubernetes.rs", "AGENT", &[]),
-    ("agent/tests/secrets.rs", "AGENT", &[]),
+    ("agent/tests/common/mod.rs", "AGENT", &[]),
     // The agent binary cargo built next to the test (`agent_binary()`).
     ("tests/src/agent_process.rs", "agent_binary()", &[]),
     ("tests/tests/faults.rs", "agent_binary()", &[]),
