@@ -159,8 +159,10 @@ async fn run(args: RunArgs, export: &tokio::runtime::Handle) -> Result<()> {
     // applications' requests it will be asked about.
     let contexts = config.proxy.enabled.then(|| Arc::new(ProxyContexts::new()));
     let proxy = if let Some(contexts) = &contexts {
-        correlator.share_with_proxy(contexts.clone(), config.proxy.ports.clone());
         let rules = config.proxy.redirect_rules();
+        // One predicate for the rules and the correlator: contexts are
+        // settled only for requests these rules send to the proxy.
+        correlator.share_with_proxy(contexts.clone(), rules.scope());
         let proxy =
             RunningProxy::start(config.proxy.proxy_settings(), Some(rules), contexts.clone())
                 .await?;

@@ -43,7 +43,10 @@ impl LiveCorrelation {
                     SpanSettings::default(),
                     ProcessTable::new("/proc", ProcessFilter::default()),
                 );
-                correlator.share_with_proxy(contexts, proxied_ports);
+                correlator.share_with_proxy(
+                    contexts,
+                    agent::proxy::RedirectScope::of_ports(proxied_ports),
+                );
                 let mut out = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
                     let (events, next) = capture().events_since(position);

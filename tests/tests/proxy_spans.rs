@@ -127,7 +127,7 @@ fn proxied_request_carries_the_client_span_as_injected_parent() {
     let processes = ProcessTable::new("/proc", ProcessFilter::default());
     let sampler = agent::sampling::Sampler::new(100.0, true).unwrap();
     let mut correlator = Correlator::new(sampler, SpanSettings::default(), processes);
-    correlator.share_with_proxy(contexts, vec![port]);
+    correlator.share_with_proxy(contexts, agent::proxy::RedirectScope::of_ports(vec![port]));
     let mut spans = Vec::new();
     for event in &events {
         correlator.handle(event, &mut spans);

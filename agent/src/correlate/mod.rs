@@ -288,9 +288,9 @@ pub struct Correlator {
     monotonic_to_unix_ns: i128,
     counters: CorrelateCounters,
     exchanges: Vec<http::Exchange>,
-    /// Shared with the proxy, when it runs: requests to these destination
-    /// ports go through it, and it injects the ids agreed here.
-    proxy: Option<(std::sync::Arc<ProxyContexts>, Vec<u16>)>,
+    /// Shared with the proxy, when it runs: requests its rules redirect
+    /// (the scope) go through it, and it injects the ids agreed here.
+    proxy: Option<(std::sync::Arc<ProxyContexts>, crate::proxy::RedirectScope)>,
     /// SERVER spans that finished before their client's request on this
     /// node was seen (see [`HeldServer`]).
     held: Vec<HeldServer>,
@@ -398,11 +398,16 @@ impl Correlator {
         self.released.push(span);
     }
 
-    /// Agrees with the proxy on the ids of requests to `ports` (the ones
-    /// the proxy's rules redirect), so each proxied request has exactly one
-    /// CLIENT span and it is the parent the proxy injects.
-    pub fn share_with_proxy(&mut self, contexts: std::sync::Arc<ProxyContexts>, ports: Vec<u16>) {
-        self.proxy = Some((contexts, ports));
+    /// Agrees with the proxy on the ids of requests its rules redirect
+    /// (`scope`: [`crate::proxy::rules::RedirectRules::scope`]), so each
+    /// proxied request has exactly one CLIENT span and it is the parent the
+    /// proxy injects.
+    pub fn share_with_proxy(
+        &mut self,
+        contexts: std::sync::Arc<ProxyContexts>,
+        scope: crate::proxy::RedirectScope,
+    ) {
+        self.proxy = Some((contexts, scope));
     }
 
     /// The stage's counters.
@@ -677,10 +682,10 @@ impl Correlator {
 
     /// For a request the proxy will see: settle its ids with the proxy.
     fn agree_with_proxy(&mut self, connection: &Connection, context: &mut RequestContext) {
-        let Some((contexts, ports)) = &self.proxy else {
+        let Some((contexts, scope)) = &self.proxy else {
             return;
         };
-        if connection.role != Role::Client || !ports.contains(&connection.remote.port()) {
+        if connection.role != Role::Client || !scope.redirects(connection.remote) {
             return;
         }
         let key = ProxiedRequestKey {

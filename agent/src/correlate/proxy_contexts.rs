@@ -14,7 +14,7 @@ use foldhash::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
@@ -31,17 +31,69 @@ pub struct ProxiedRequestKey {
     pub index: u64,
 }
 
-/// Decisions kept at most per side; older ones are forgotten (a decision
-/// nobody claimed within this many requests will not be claimed).
+/// Decisions kept at most per side; when full, the oldest go first.
 const MAX_PENDING: usize = 65_536;
+
+/// A decision nobody claimed for this long never will be: the other side
+/// sees the same request within milliseconds (the proxy reads it as the
+/// probes record it). Entries for requests the proxy never sees (what the
+/// redirect scope cannot tell from addresses) go after this.
+const MAX_DECISION_AGE: Duration = Duration::from_secs(30);
+
+/// Inserts between two sweeps of entries older than [`MAX_DECISION_AGE`].
+const SWEEP_EVERY: u32 = 1024;
+
+/// Decisions by request, each with when it was made: bounded in number
+/// and in age, never cleared all at once (live entries stay).
+struct AgingDecisions<V> {
+    entries: HashMap<ProxiedRequestKey, (V, Instant)>,
+    inserts_since_sweep: u32,
+}
+
+impl<V> Default for AgingDecisions<V> {
+    fn default() -> Self {
+        Self {
+            entries: HashMap::default(),
+            inserts_since_sweep: 0,
+        }
+    }
+}
+
+impl<V> AgingDecisions<V> {
+    fn remove(&mut self, key: &ProxiedRequestKey) -> Option<V> {
+        self.entries.remove(key).map(|(value, _)| value)
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn insert(&mut self, key: ProxiedRequestKey, value: V, now: Instant) {
+        self.inserts_since_sweep += 1;
+        if self.inserts_since_sweep >= SWEEP_EVERY || self.entries.len() >= MAX_PENDING {
+            self.inserts_since_sweep = 0;
+            self.entries
+                .retain(|_, (_, at)| now.saturating_duration_since(*at) < MAX_DECISION_AGE);
+        }
+        if self.entries.len() >= MAX_PENDING {
+            // All young: the oldest quarter goes (a rare sort, not per insert).
+            let mut ages: Vec<Instant> = self.entries.values().map(|(_, at)| *at).collect();
+            ages.sort_unstable();
+            let cutoff = ages[ages.len() / 4];
+            self.entries.retain(|_, (_, at)| *at > cutoff);
+        }
+        self.entries.insert(key, (value, now));
+    }
+}
 
 #[derive(Default)]
 struct Decisions {
     /// Decided by the correlator, not yet taken by the proxy.
-    by_correlator: HashMap<ProxiedRequestKey, PropagatedContext>,
+    by_correlator: AgingDecisions<PropagatedContext>,
     /// Decided by the proxy (it could not wait longer), for the correlator
     /// to adopt.
-    by_proxy: HashMap<ProxiedRequestKey, TraceParent>,
+    by_proxy: AgingDecisions<TraceParent>,
     /// Requests the proxy is waiting on, each with its own channel, so a
     /// decision wakes exactly the request it is for (not every waiter).
     waiting: HashMap<ProxiedRequestKey, oneshot::Sender<PropagatedContext>>,
@@ -49,7 +101,7 @@ struct Decisions {
     /// Some(context) when the sender forwards one an inbound request of its
     /// own brought (the proxy writes the sender's CLIENT span instead), None
     /// when it is the application's own (the request passes unchanged).
-    wire_decisions: HashMap<ProxiedRequestKey, Option<PropagatedContext>>,
+    wire_decisions: AgingDecisions<Option<PropagatedContext>>,
     /// Proxied requests with a traceparent waiting for that decision.
     wire_waiting: HashMap<ProxiedRequestKey, oneshot::Sender<Option<PropagatedContext>>>,
     ids: IdGenerator,
@@ -138,10 +190,7 @@ impl ProxyContexts {
                 return chosen;
             }
         }
-        if d.by_correlator.len() >= MAX_PENDING {
-            d.by_correlator.clear();
-        }
-        d.by_correlator.insert(key, chosen.clone());
+        d.by_correlator.insert(key, chosen.clone(), Instant::now());
         chosen
     }
 
@@ -157,10 +206,7 @@ impl ProxyContexts {
             },
             None => forward,
         };
-        if d.wire_decisions.len() >= MAX_PENDING {
-            d.wire_decisions.clear();
-        }
-        d.wire_decisions.insert(key, forward);
+        d.wire_decisions.insert(key, forward, Instant::now());
     }
 
     /// Proxy side, for request `key` carrying a valid traceparent: the
@@ -259,10 +305,7 @@ impl ProxyContexts {
             parent_id: d.ids.span_id(),
             flags: root_flags(true),
         };
-        if d.by_proxy.len() >= MAX_PENDING {
-            d.by_proxy.clear();
-        }
-        d.by_proxy.insert(key, decision);
+        d.by_proxy.insert(key, decision, Instant::now());
         self.decided_by_proxy.fetch_add(1, Ordering::Relaxed);
         PropagatedContext::without_state(decision)
     }
@@ -319,6 +362,40 @@ mod tests {
             original_destination: "10.241.2.2:8080".parse().unwrap(),
             index,
         }
+    }
+
+    #[test]
+    fn unclaimed_decisions_age_out_and_a_full_table_keeps_its_newest() {
+        let start = Instant::now();
+        let mut table = AgingDecisions::<u64>::default();
+        // Stale: made long ago, never claimed.
+        for i in 0..10 {
+            table.insert(key(i), i, start);
+        }
+        // A sweep runs every SWEEP_EVERY inserts: the stale ones go, the
+        // fresh ones stay.
+        let later = start + MAX_DECISION_AGE + Duration::from_secs(1);
+        for i in 10..(10 + u64::from(SWEEP_EVERY)) {
+            table.insert(key(i), i, later);
+        }
+        assert_eq!(table.remove(&key(0)), None, "aged out");
+        assert_eq!(table.remove(&key(10)), Some(10), "young: kept");
+        assert_eq!(table.len(), SWEEP_EVERY as usize - 1);
+
+        // Full of young entries: the oldest quarter goes, not everything.
+        let mut full = AgingDecisions::<u64>::default();
+        for i in 0..MAX_PENDING as u64 {
+            full.insert(key(i), i, start + Duration::from_millis(i / 1000));
+        }
+        full.insert(key(u64::MAX), 0, start + Duration::from_secs(1));
+        assert!(full.len() >= MAX_PENDING / 2, "{}", full.len());
+        assert!(full.len() <= MAX_PENDING, "{}", full.len());
+        assert_eq!(full.remove(&key(u64::MAX)), Some(0), "the newest stays");
+        assert_eq!(
+            full.remove(&key(MAX_PENDING as u64 - 1)),
+            Some(MAX_PENDING as u64 - 1)
+        );
+        assert_eq!(full.remove(&key(0)), None, "the oldest went");
     }
 
     fn context(n: u8) -> PropagatedContext {

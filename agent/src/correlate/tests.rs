@@ -6,6 +6,7 @@ use bytes::Bytes;
 
 use super::*;
 use crate::capture::{ProcessName, Syscall};
+use crate::proxy::RedirectScope;
 use crate::span::{SpanStatus, flags};
 
 const SERVER_PID: u32 = 100;
@@ -807,7 +808,7 @@ fn proxied_key() -> ProxiedRequestKey {
 async fn proxied_request_client_span_is_the_parent_the_proxy_injects_correlator_first() {
     let contexts = std::sync::Arc::new(ProxyContexts::new());
     let mut c = correlator(100.0);
-    c.share_with_proxy(contexts.clone(), vec![9090]);
+    c.share_with_proxy(contexts.clone(), RedirectScope::of_ports(vec![9090]));
     let u = upstream_conn();
     let mut spans = run(
         &mut c,
@@ -833,11 +834,42 @@ async fn proxied_request_client_span_is_the_parent_the_proxy_injects_correlator_
     );
 }
 
+/// A request to a destination the rules exclude never reaches the proxy:
+/// the correlator settles nothing for it (before, the port alone decided,
+/// and such entries piled up in the agreement table).
+#[tokio::test]
+async fn a_request_the_rules_do_not_redirect_is_not_settled_with_the_proxy() {
+    let contexts = std::sync::Arc::new(ProxyContexts::new());
+    let mut c = correlator(100.0);
+    let excluded = RedirectScope {
+        exclude_cidrs: vec!["10.0.0.2/32".parse().unwrap()],
+        ..RedirectScope::of_ports(vec![9090])
+    };
+    c.share_with_proxy(contexts.clone(), excluded);
+    let u = upstream_conn();
+    run(
+        &mut c,
+        &[message(
+            u,
+            11,
+            Direction::Egress,
+            1,
+            b"GET /p HTTP/1.1\r\n\r\n",
+        )],
+    );
+    // Asked anyway, the table has no decision: the proxy decides itself.
+    contexts
+        .context_for(proxied_key(), std::time::Duration::from_millis(1))
+        .await;
+    let counters = contexts.counters();
+    assert_eq!((counters.ready, counters.decided_by_proxy), (0, 1));
+}
+
 #[tokio::test]
 async fn proxied_request_client_span_is_the_parent_the_proxy_injects_proxy_first() {
     let contexts = std::sync::Arc::new(ProxyContexts::new());
     let mut c = correlator(100.0);
-    c.share_with_proxy(contexts.clone(), vec![9090]);
+    c.share_with_proxy(contexts.clone(), RedirectScope::of_ports(vec![9090]));
     let injected = contexts
         .context_for(proxied_key(), std::time::Duration::ZERO)
         .await;
@@ -862,7 +894,7 @@ async fn proxied_request_client_span_is_the_parent_the_proxy_injects_proxy_first
 async fn requests_to_ports_the_proxy_does_not_handle_are_not_shared() {
     let contexts = std::sync::Arc::new(ProxyContexts::new());
     let mut c = correlator(100.0);
-    c.share_with_proxy(contexts.clone(), vec![80]);
+    c.share_with_proxy(contexts.clone(), RedirectScope::of_ports(vec![80]));
     let u = upstream_conn();
     let spans = run(
         &mut c,
@@ -931,7 +963,7 @@ fn a_call_made_before_the_local_client_is_seen_gets_no_parent() {
 async fn the_proxy_injects_the_inbound_tracestate_with_the_parent() {
     let contexts = std::sync::Arc::new(ProxyContexts::new());
     let mut c = correlator(100.0);
-    c.share_with_proxy(contexts.clone(), vec![9090]);
+    c.share_with_proxy(contexts.clone(), RedirectScope::of_ports(vec![9090]));
     let (s, u) = (server_conn(), upstream_conn());
     let mut spans = run(
         &mut c,

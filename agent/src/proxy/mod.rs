@@ -49,7 +49,7 @@ pub use context::{ProxiedRequest, StandaloneContexts, TraceContextSource};
 pub use head::{RewriteOutcome, rewrite_request_head};
 pub use running::{ProxyStartError, RunningProxy};
 pub use server::{Proxy, serve};
-pub use settings::{Cidr, ProxyMode};
+pub use settings::{Cidr, ProxyMode, RedirectScope};
 pub use stats::{ProxyCounters, ProxyStats};
 
 /// Port the proxy listens on unless configured otherwise.

@@ -483,6 +483,17 @@ impl RedirectRules {
         })
     }
 
+    /// Which destinations these rules redirect (see [`RedirectScope`]).
+    pub fn scope(&self) -> super::RedirectScope {
+        super::RedirectScope {
+            ports: self.ports.clone(),
+            exclude_ports: self.exclude_ports.clone(),
+            include_cidrs: self.include_cidrs.clone(),
+            exclude_cidrs: self.exclude_cidrs.clone(),
+            ipv6: self.ipv6,
+        }
+    }
+
     /// Where the guard program the rules match is pinned.
     pub fn guard_pin(&self) -> std::path::PathBuf {
         super::guard::pin_path(&self.chain_prefix)

@@ -41,6 +41,63 @@ impl Cidr {
     }
 }
 
+impl Cidr {
+    /// Whether `addr` lies in this block (never across families).
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        addr.is_ipv4() == self.addr.is_ipv4()
+            && self.prefix_len <= max_prefix_len(addr)
+            && network_of(addr, self.prefix_len) == self.addr
+    }
+}
+
+/// Which destinations the REDIRECT rules send to the proxy, as one
+/// predicate: what the rules match by destination (ports, excluded ports,
+/// CIDR blocks, families), so that the correlator settles contexts only
+/// for requests the proxy will see. What the rules match beyond the
+/// destination (node mode's pod interfaces, host mode's exemption of the
+/// proxy's own marked connections) is not known from a connection's
+/// addresses; entries for requests that still never reach the proxy age
+/// out of the agreement tables.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RedirectScope {
+    /// Destination ports redirected.
+    pub ports: Vec<u16>,
+    /// Destination ports never redirected.
+    pub exclude_ports: Vec<u16>,
+    /// Only destinations in these blocks, when not empty.
+    pub include_cidrs: Vec<Cidr>,
+    /// Destinations in these blocks never.
+    pub exclude_cidrs: Vec<Cidr>,
+    /// Whether IPv6 destinations are redirected at all.
+    pub ipv6: bool,
+}
+
+impl RedirectScope {
+    /// Every destination on `ports`, both families (no block, no
+    /// exclusion): what a test's proxy with only ports sees.
+    pub fn of_ports(ports: Vec<u16>) -> Self {
+        Self {
+            ports,
+            ipv6: true,
+            ..Self::default()
+        }
+    }
+
+    /// Whether a TCP connection to `destination` is redirected, in the
+    /// order the rules check: excluded ports, excluded blocks, included
+    /// blocks, then the ports.
+    pub fn redirects(&self, destination: std::net::SocketAddr) -> bool {
+        let (ip, port) = (destination.ip(), destination.port());
+        if ip.is_ipv6() && !self.ipv6 {
+            return false;
+        }
+        !self.exclude_ports.contains(&port)
+            && !self.exclude_cidrs.iter().any(|c| c.contains(ip))
+            && (self.include_cidrs.is_empty() || self.include_cidrs.iter().any(|c| c.contains(ip)))
+            && self.ports.contains(&port)
+    }
+}
+
 impl FromStr for Cidr {
     type Err = String;
 
@@ -258,5 +315,43 @@ mod tests {
         ] {
             assert!(check_interface_pattern(bad).is_err(), "{bad:?}");
         }
+    }
+    #[test]
+    fn the_redirect_scope_follows_the_rules_order() {
+        let cidr = |s: &str| s.parse::<Cidr>().unwrap();
+        let scope = RedirectScope {
+            ports: vec![80, 8080],
+            exclude_ports: vec![8080],
+            include_cidrs: vec![cidr("10.0.0.0/8"), cidr("fd00::/8")],
+            exclude_cidrs: vec![cidr("10.96.0.0/12")],
+            ipv6: true,
+        };
+        let at = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        assert!(scope.redirects(at("10.1.2.3:80")));
+        assert!(!scope.redirects(at("10.1.2.3:8080")), "excluded port");
+        assert!(!scope.redirects(at("10.1.2.3:443")), "not a proxied port");
+        assert!(!scope.redirects(at("10.96.0.10:80")), "excluded block");
+        assert!(
+            !scope.redirects(at("192.168.1.1:80")),
+            "outside the included blocks"
+        );
+        assert!(scope.redirects(at("[fd00::1]:80")));
+        assert!(
+            !RedirectScope {
+                ipv6: false,
+                ..scope.clone()
+            }
+            .redirects(at("[fd00::1]:80"))
+        );
+        let all = RedirectScope {
+            ports: vec![80],
+            ..RedirectScope::default()
+        };
+        assert!(
+            all.redirects(at("192.168.1.1:80")),
+            "no block: every destination"
+        );
+        assert!(cidr("10.0.0.0/8").contains("10.255.0.1".parse().unwrap()));
+        assert!(!cidr("10.0.0.0/8").contains("::ffff:10.0.0.1".parse().unwrap()));
     }
 }
