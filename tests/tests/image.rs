@@ -116,6 +116,19 @@ fn the_image_runs_with_only_the_capabilities_of_the_overlay() {
     traces_in_the_image("capabilities", &security);
 }
 
+/// `podman <run>` (a detached `run` of container `name`), which must
+/// start; the container is removed however the test ends.
+fn start_container(run: &[&str], name: String) -> Container {
+    let started = podman(run);
+    let container = Container(name);
+    assert!(
+        started.status.success(),
+        "podman run: {}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    container
+}
+
 /// Whether the image is built; outside CI a missing one skips the test.
 fn image_present() -> bool {
     if podman(&["image", "exists", IMAGE]).status.success() {
@@ -227,14 +240,8 @@ fn the_images_proxy_injects_and_cleans_up_with_only_the_overlays_capabilities() 
         "--config",
         "/etc/tracing-agent/agent.yaml",
     ]);
-    let started = podman(&run);
+    let container = start_container(&run, name.clone());
     let _ = std::fs::remove_file(&config);
-    assert!(
-        started.status.success(),
-        "podman run: {}",
-        String::from_utf8_lossy(&started.stderr)
-    );
-    let container = Container(name);
     let logs = || container.logs();
     let deadline = Instant::now() + Duration::from_secs(60);
     while netns.run(|| status(metrics_port, "/readyz")).unwrap() != Some(200) {
@@ -315,13 +322,7 @@ fn traces_in_the_image(label: &str, security: &[&str]) {
         &endpoint,
         &metrics_address,
     ]);
-    let started = podman(&run);
-    assert!(
-        started.status.success(),
-        "podman run: {}",
-        String::from_utf8_lossy(&started.stderr)
-    );
-    let container = Container(name);
+    let container = start_container(&run, name.clone());
     let logs = || container.logs();
 
     // Ready once its probes are attached, as the kubelet would see it.

@@ -1317,6 +1317,18 @@ fn client_reset_reaches_the_server(mode: Mode) {
     );
 }
 
+/// A lab whose proxy resets connections idle for a second.
+fn lab_with_idle_timeout_of_a_second(mode: Mode) -> Lab {
+    Lab::with(
+        mode,
+        ProxySettings {
+            idle_timeout: Duration::from_secs(1),
+            ..test_settings()
+        },
+        Arc::new(StandaloneContexts::new()),
+    )
+}
+
 /// Closes `stream` with a reset (linger 0) instead of a FIN.
 fn reset(stream: TcpStream) {
     let linger = libc::linger {
@@ -1367,14 +1379,7 @@ fn server_reset_after_an_http_request_reaches_the_client(mode: Mode) {
 /// resets both sides (a dead downstream does not hold proxy connections
 /// forever).
 fn server_that_never_answers_is_reset_at_the_idle_timeout(mode: Mode) {
-    let lab = Lab::with(
-        mode,
-        ProxySettings {
-            idle_timeout: Duration::from_secs(1),
-            ..test_settings()
-        },
-        Arc::new(StandaloneContexts::new()),
-    );
+    let lab = lab_with_idle_timeout_of_a_second(mode);
     let listener = lab.listen();
     let mut client = lab.connect();
     client.send(b"GET /silent HTTP/1.1\r\nHost: t\r\n\r\n");
@@ -1415,14 +1420,7 @@ fn assert_reset(stream: &mut impl Read, side: &str) {
 }
 
 fn idle_connection_is_reset_on_both_sides(mode: Mode) {
-    let lab = Lab::with(
-        mode,
-        ProxySettings {
-            idle_timeout: Duration::from_secs(1),
-            ..test_settings()
-        },
-        Arc::new(StandaloneContexts::new()),
-    );
+    let lab = lab_with_idle_timeout_of_a_second(mode);
     let (mut client, mut server) = open_opaque_connection(&lab);
     let started = Instant::now();
     assert_reset(&mut client.stream, "client");
