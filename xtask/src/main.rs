@@ -301,11 +301,27 @@ fn timed<T>(stage: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     let started = Instant::now();
     let result = f();
     println!(
-        "xtask stage {stage}: {} s{}",
+        "xtask stage {stage}: {} s{} ({} GB free for target/)",
         started.elapsed().as_secs(),
-        if result.is_err() { " (failed)" } else { "" }
+        if result.is_err() { " (failed)" } else { "" },
+        free_gigabytes(&workspace_root()).map_or("?".to_string(), |gb| gb.to_string()),
     );
     result
+}
+
+/// Free space of the file system holding `path`, in whole gigabytes. A
+/// clean build needs tens of them; a full disk fails a build with an error
+/// that is easy to miss, so each stage prints what is left.
+fn free_gigabytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs writes only into the zeroed struct it is given; the
+    // path is a valid NUL-terminated string that outlives the call.
+    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stats) } != 0 {
+        return None;
+    }
+    Some(stats.f_bavail as u64 * stats.f_frsize as u64 / 1_000_000_000)
 }
 
 fn workspace_root() -> PathBuf {
@@ -406,6 +422,16 @@ fn integration_test_binaries(only: &[String]) -> Result<Vec<PathBuf>> {
         .output()
         .context("running cargo test --no-run")?;
     if !output.status.success() {
+        // With JSON output, cargo writes the compiler's errors (and a full
+        // disk's "No space left on device") to stdout: show them.
+        for line in String::from_utf8_lossy(&output.stdout).lines() {
+            let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            if let Some(rendered) = message["message"]["rendered"].as_str() {
+                eprint!("{rendered}");
+            }
+        }
         bail!("building the integration tests failed");
     }
     let mut binaries = Vec::new();
