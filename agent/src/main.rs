@@ -11,6 +11,7 @@ use agent::export::{ExportSettings, SpanSinks};
 use agent::kubernetes::{self, Enablement, KubernetesSettings, PodDirectory};
 use agent::metrics::{Health, Reading};
 use agent::proxy::{RunningProxy, StandaloneContexts};
+use agent::span::Span;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
@@ -209,12 +210,10 @@ async fn run(args: RunArgs, export: &tokio::runtime::Handle) -> Result<()> {
                 Ok(()) => {
                     for event in events.drain(..) {
                         correlator.handle(&event, &mut spans);
-                        for span in spans.drain(..) {
-                            // Never block capture on a slow output: a full
-                            // queue drops the span and counts it.
-                            sinks.try_send(span);
-                        }
                         log_event(&event);
+                    }
+                    if spans.len() >= HANDOFF_SPANS {
+                        hand_off(&sinks, &mut spans);
                     }
                 }
                 Err(e) => {
@@ -225,9 +224,7 @@ async fn run(args: RunArgs, export: &tokio::runtime::Handle) -> Result<()> {
             _ = held.tick() => {
                 health.beat();
                 correlator.release_held(&mut spans);
-                for span in spans.drain(..) {
-                    sinks.try_send(span);
-                }
+                hand_off(&sinks, &mut spans);
             }
             _ = publish.tick() => health.publish(gather(&correlator)),
             _ = stats.tick(), if args.stats_interval > 0 => report_counters(&gather(&correlator)),
@@ -237,9 +234,7 @@ async fn run(args: RunArgs, export: &tokio::runtime::Handle) -> Result<()> {
     }
     health.set_ready(false);
     correlator.finish(&mut spans);
-    for span in spans.drain(..) {
-        sinks.try_send(span);
-    }
+    hand_off(&sinks, &mut spans);
     let last = gather(&correlator);
     report_counters(&last);
     health.publish(last);
@@ -260,6 +255,24 @@ async fn run(args: RunArgs, export: &tokio::runtime::Handle) -> Result<()> {
         .collect();
     eprintln!("agent: span outputs at exit {}", delivered.join(" "));
     Ok(())
+}
+
+/// Spans the correlation loop gathers at most before handing them to the
+/// outputs' thread; otherwise it hands them over at each `held` tick.
+///
+/// Each hand-off may wake that thread, and a wake-up costs more than
+/// encoding a few spans (an interrupt to the other core, a hypervisor exit
+/// in a VM). The outputs batch for up to a second anyway, so spans gathered
+/// for one tick lose nothing; this bound keeps the burst well inside the
+/// outputs' queue (`ExportSettings::queue_capacity`).
+const HANDOFF_SPANS: usize = 512;
+
+/// Hands `spans` to the outputs, emptying it. Never blocks the capture on
+/// a slow output: a full queue drops the span and counts it.
+fn hand_off(sinks: &SpanSinks, spans: &mut Vec<Span>) {
+    for span in spans.drain(..) {
+        sinks.try_send(span);
+    }
 }
 
 async fn proxy_only(args: ProxyArgs) -> Result<()> {
