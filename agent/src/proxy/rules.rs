@@ -28,6 +28,19 @@
 //! IPv4 rules go to `iptables` and IPv6 ones to `ip6tables`; CIDR lists are
 //! split by family.
 //!
+//! Every command runs through a [`CommandRunner`]: the host itself
+//! ([`SystemRunner`]) unless [`RedirectRules::install_with`] is given
+//! another, which the installed rules then also remove themselves with.
+//! The unit tests give a fake iptables, so that the commands of installing,
+//! reinstalling, removing and failing are checked without root; the
+//! privileged tests (`tests/tests/proxy_rules.rs`) run the real ones.
+//!
+//! If a command fails halfway through [`RedirectRules::install`], what was
+//! already installed is removed again before the error (which names the
+//! command, its exit status, its standard error and any restore file) is
+//! returned. Removal goes on past a failed command, so that one failure
+//! leaves as little as possible: at worst an empty chain nothing jumps to.
+//!
 //! # Failing open when the proxy dies
 //!
 //! Every REDIRECT rule also matches the proxy's guard (`-m bpf
