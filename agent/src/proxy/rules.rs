@@ -494,7 +494,7 @@ impl RedirectRules {
         })
     }
 
-    /// Which destinations these rules redirect (see [`RedirectScope`]).
+    /// Which destinations these rules redirect (see [`super::RedirectScope`]).
     pub fn scope(&self) -> super::RedirectScope {
         super::RedirectScope {
             ports: self.ports.clone(),
