@@ -12,14 +12,14 @@
 use std::io::{self, ErrorKind};
 use std::mem::{size_of, zeroed};
 use std::net::{
-    Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream,
+    IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream,
 };
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use agent::config::ProxyConfig;
 use agent::proxy::rules::{Backend, RedirectRules};
-use agent::proxy::{Cidr, DEFAULT_UPSTREAM_MARK, ProxyMode};
+use agent::proxy::{Cidr, DEFAULT_UPSTREAM_MARK, ProxyMode, RedirectScope};
 use tests::chains::{remove_stale_chains, unique_chain_prefix};
 use tests::netns::{Netns, Topology, pod_interface_wildcard};
 use tests::{free_port, privileged};
@@ -630,7 +630,7 @@ fn node_mode_redirects_pod_traffic_to_the_proxy_port() {
     let arrival = proxy
         .accept_within(ARRIVAL)
         .expect("redirected to the proxy");
-    assert_eq!(arrival.peer.ip(), std::net::IpAddr::V4(a.ipv4));
+    assert_eq!(arrival.peer.ip(), IpAddr::V4(a.ipv4));
     assert_eq!(arrival.original_destination, b.addr(redirected_port));
     assert_eq!(accepted_within(&b_redirected, Duration::ZERO), None);
 
@@ -641,7 +641,7 @@ fn node_mode_redirects_pod_traffic_to_the_proxy_port() {
             .expect("pod-a")
             .expect("connect pod-a -> pod-b over IPv6");
         let arrival = proxy.accept_within(ARRIVAL).expect("IPv6 redirected");
-        assert_eq!(arrival.peer.ip(), std::net::IpAddr::V6(a.ipv6.unwrap()));
+        assert_eq!(arrival.peer.ip(), IpAddr::V6(a.ipv6.unwrap()));
         assert_eq!(arrival.original_destination, b_v6);
         assert_eq!(accepted_within(b_redirected_v6, Duration::ZERO), None);
     }
@@ -652,7 +652,7 @@ fn node_mode_redirects_pod_traffic_to_the_proxy_port() {
         .expect("pod-a")
         .expect("connect pod-a -> pod-b:other");
     let peer = accepted_within(&b_other, ARRIVAL).expect("pod-b:other reached");
-    assert_eq!(peer.ip(), std::net::IpAddr::V4(a.ipv4));
+    assert_eq!(peer.ip(), IpAddr::V4(a.ipv4));
     assert!(proxy.accept_within(Duration::from_millis(200)).is_none());
 
     // An excluded destination goes to pod-c itself.
@@ -845,5 +845,319 @@ fn topology_is_removed_on_drop() {
     for (netns, veth) in names {
         assert!(!namespaces.contains(&netns), "{netns} left behind");
         assert!(!links.contains(&format!(" {veth}@")), "{veth} left behind");
+    }
+}
+
+/// Where a test connection arrived.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Reached {
+    /// The proxy's listen port, with the destination as the original one.
+    Proxy,
+    /// The destination itself.
+    Destination,
+    /// Nowhere within [`ARRIVAL`], or the connection failed (why).
+    Nowhere(String),
+}
+
+/// Servers on every address (IPv4, and IPv6 if `ipv6`) on each of `ports`,
+/// in the calling thread's namespace.
+fn servers_on(ports: &[u16], ipv6: bool) -> Vec<TcpListener> {
+    let mut servers = Vec::new();
+    for &port in ports {
+        servers.push(server(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))));
+        if ipv6 {
+            servers.push(server(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))));
+        }
+    }
+    servers
+}
+
+/// Opens a connection to `destination` with `connect` and reports whether
+/// it arrived at `proxy` or at one of `servers`.
+fn reached(
+    destination: SocketAddr,
+    connect: impl FnOnce() -> io::Result<TcpStream>,
+    proxy: &RedirectListener,
+    servers: &[TcpListener],
+) -> Reached {
+    let client = match connect() {
+        Ok(client) => client,
+        Err(e) => return Reached::Nowhere(format!("connect: {e}")),
+    };
+    let from = client.local_addr().expect("client address");
+    let deadline = Instant::now() + ARRIVAL;
+    loop {
+        if let Some(arrival) = proxy.accept_within(Duration::ZERO) {
+            // One connection at a time, so it can only be this one.
+            assert_eq!(
+                (arrival.original_destination, arrival.peer),
+                (destination, from),
+                "the proxy's connection"
+            );
+            return Reached::Proxy;
+        }
+        for server in servers {
+            match server.accept() {
+                Ok((stream, peer)) => {
+                    assert_eq!(
+                        (stream.local_addr().expect("local address"), peer),
+                        (destination, from),
+                        "the server's connection"
+                    );
+                    return Reached::Destination;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+        if Instant::now() >= deadline {
+            return Reached::Nowhere("no connection arrived".into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Asserts that every destination of `rows` reached the proxy exactly when
+/// `scope` (the predicate the correlator uses) says the rules redirect it;
+/// prints the whole matrix otherwise.
+fn assert_agreement(what: &str, scope: &RedirectScope, rows: &[(SocketAddr, Reached)]) {
+    let mut table = format!(
+        "{what}: ports {:?}, exclude_ports {:?}, include_cidrs {:?}, exclude_cidrs {:?}, ipv6 {}\n",
+        scope.ports,
+        scope.exclude_ports,
+        scope
+            .include_cidrs
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        scope
+            .exclude_cidrs
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        scope.ipv6
+    );
+    table.push_str(&format!(
+        "{:<28} {:<14} reached\n",
+        "destination", "scope says"
+    ));
+    let mut disagreements = 0;
+    for (destination, reached) in rows {
+        let redirects = scope.redirects(*destination);
+        let agrees = match reached {
+            Reached::Proxy => redirects,
+            Reached::Destination => !redirects,
+            Reached::Nowhere(_) => false,
+        };
+        if !agrees {
+            disagreements += 1;
+        }
+        table.push_str(&format!(
+            "{:<28} {:<14} {:?}{}\n",
+            destination.to_string(),
+            if redirects { "redirected" } else { "not" },
+            reached,
+            if agrees { "" } else { "   <-- DISAGREES" }
+        ));
+    }
+    assert!(rows.len() >= 9, "{table}");
+    assert_eq!(
+        disagreements, 0,
+        "the rules and the scope disagree:\n{table}"
+    );
+    eprintln!("{table}");
+}
+
+fn cidrs(list: &[&str]) -> Vec<Cidr> {
+    list.iter()
+        .map(|c| c.parse().expect("a valid block"))
+        .collect()
+}
+
+/// The block of `prefix_len` bits around `addr`.
+fn block(addr: IpAddr, prefix_len: u8) -> Cidr {
+    let addr = match addr {
+        IpAddr::V4(a) => {
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(prefix_len))
+                .unwrap_or(0);
+            IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask))
+        }
+        IpAddr::V6(a) => {
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(prefix_len))
+                .unwrap_or(0);
+            IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask))
+        }
+    };
+    Cidr { addr, prefix_len }
+}
+
+/// Issue 15 item 4: the one predicate the correlator uses
+/// (`RedirectRules::scope().redirects`) agrees with the installed host-mode
+/// rules for every destination of a matrix (in, out of and excluded from
+/// the blocks; ports redirected, excluded, other; both families), under
+/// several settings. Destinations are addresses on the namespace's
+/// loopback, each port served on every address, so a connection arrives
+/// either at the proxy's port or at its destination.
+#[test]
+fn host_mode_rules_redirect_what_the_scope_says() {
+    if !privileged() {
+        return;
+    }
+    let ns = Netns::new("scope").expect("namespace");
+    let ipv6 = std::path::Path::new("/proc/net/if_inet6").exists();
+    let mut addresses: Vec<IpAddr> = ["10.77.0.10", "10.77.1.10", "10.78.0.10"]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+    if ipv6 {
+        addresses.extend(
+            ["fd77::10", "fd77:1::10", "fd78::10"]
+                .iter()
+                .map(|a| a.parse::<IpAddr>().unwrap()),
+        );
+    }
+    for addr in &addresses {
+        let len = if addr.is_ipv4() { 32 } else { 128 };
+        let status = ns
+            .exec("ip")
+            .args(["addr", "add", &format!("{addr}/{len}"), "dev", "lo"])
+            .status()
+            .expect("ip addr add");
+        assert!(status.success(), "ip addr add {addr}");
+    }
+    ns.run(|| {
+        let proxy_port = free_port();
+        let (redirected, excluded, other) = (free_port(), free_port(), free_port());
+        let proxy = RedirectListener::bind(proxy_port);
+        let servers = servers_on(&[redirected, excluded, other], ipv6);
+        let settings = [
+            (
+                "blocks of both families",
+                cidrs(&["10.77.0.0/16", "fd77::/16"]),
+                cidrs(&["10.77.1.0/24", "fd77:1::/32"]),
+                true,
+            ),
+            (
+                "IPv4 blocks only",
+                cidrs(&["10.77.0.0/16"]),
+                cidrs(&["10.77.1.0/24", "fd77:1::/32"]),
+                true,
+            ),
+            (
+                "exclusions only, IPv6 off",
+                Vec::new(),
+                cidrs(&["10.77.1.0/24", "fd77:1::/32"]),
+                false,
+            ),
+            ("every destination", Vec::new(), Vec::new(), true),
+        ];
+        for (what, include, exclude, ipv6_rules) in settings {
+            let prefix = unique_chain_prefix("S");
+            let mut r = rules(
+                ProxyMode::Host,
+                &prefix,
+                proxy_port,
+                vec![redirected, excluded],
+            );
+            r.exclude_ports = vec![excluded];
+            r.include_cidrs = include;
+            r.exclude_cidrs = exclude;
+            r.ipv6 = ipv6_rules;
+            let scope = r.scope();
+            let installed = r.install().expect("install host-mode rules");
+            let renewed = installed.lease().map(|lease| lease.keep_renewed());
+            let mut rows = Vec::new();
+            for &ip in &addresses {
+                for port in [redirected, excluded, other] {
+                    let destination = SocketAddr::new(ip, port);
+                    let outcome =
+                        reached(destination, || connect(destination, None), &proxy, &servers);
+                    rows.push((destination, outcome));
+                }
+            }
+            drop(renewed);
+            installed.remove().expect("remove");
+            assert_agreement(&format!("host mode, {what}"), &scope, &rows);
+        }
+    })
+    .expect("enter namespace");
+}
+
+/// The same agreement in node mode: rules in the root namespace, a client
+/// pod connecting to pods whose addresses are in the blocks, excluded from
+/// them, or outside them.
+#[test]
+fn node_mode_rules_redirect_what_the_scope_says() {
+    if !privileged() {
+        return;
+    }
+    let topology = Topology::new(&["client", "pod-in", "pod-out", "pod-far"]).expect("topology");
+    let [client, inside, excluded_pod, far] = topology.pods() else {
+        panic!("four pods")
+    };
+    let ipv6 = client.ipv6.is_some();
+    let proxy_port = free_port();
+    let (redirected, excluded, other) = (free_port(), free_port(), free_port());
+    let proxy = RedirectListener::bind(proxy_port);
+    let mut servers = Vec::new();
+    let mut addresses = Vec::new();
+    for pod in [inside, excluded_pod, far] {
+        servers.extend(
+            pod.run(|| servers_on(&[redirected, excluded, other], ipv6))
+                .expect("enter pod"),
+        );
+        addresses.push(IpAddr::V4(pod.ipv4));
+        addresses.extend(pod.ipv6.map(IpAddr::V6));
+    }
+    // The pods' subnets (/24, /64) of pod-in and pod-out, pod-out's own
+    // addresses excluded; pod-far is in no block.
+    let mut include = Vec::new();
+    let mut exclude = Vec::new();
+    for pod in [inside, excluded_pod] {
+        include.push(block(pod.ipv4.into(), 24));
+        include.extend(pod.ipv6.map(|a| block(a.into(), 64)));
+    }
+    exclude.push(block(excluded_pod.ipv4.into(), 32));
+    exclude.extend(excluded_pod.ipv6.map(|a| block(a.into(), 128)));
+
+    remove_stale_chains("A");
+    let settings = [
+        ("pod blocks", include, exclude.clone(), true),
+        ("exclusions only, IPv6 off", Vec::new(), exclude, false),
+    ];
+    for (what, include, exclude, ipv6_rules) in settings {
+        let prefix = unique_chain_prefix("A");
+        let mut r = rules(
+            ProxyMode::Node,
+            &prefix,
+            proxy_port,
+            vec![redirected, excluded],
+        );
+        r.pod_interfaces = vec![pod_interface_wildcard()];
+        r.exclude_ports = vec![excluded];
+        r.include_cidrs = include;
+        r.exclude_cidrs = exclude;
+        r.ipv6 = ipv6_rules;
+        let scope = r.scope();
+        let installed = r.install().expect("install node-mode rules");
+        let renewed = installed.lease().map(|lease| lease.keep_renewed());
+        let mut rows = Vec::new();
+        for &ip in &addresses {
+            for port in [redirected, excluded, other] {
+                let destination = SocketAddr::new(ip, port);
+                let outcome = reached(
+                    destination,
+                    || client.run(|| connect(destination, None))?,
+                    &proxy,
+                    &servers,
+                );
+                rows.push((destination, outcome));
+            }
+        }
+        drop(renewed);
+        installed.remove().expect("remove");
+        assert_agreement(&format!("node mode, {what}"), &scope, &rows);
     }
 }

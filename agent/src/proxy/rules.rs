@@ -28,6 +28,19 @@
 //! IPv4 rules go to `iptables` and IPv6 ones to `ip6tables`; CIDR lists are
 //! split by family.
 //!
+//! Every command runs through a [`CommandRunner`]: the host itself
+//! ([`SystemRunner`]) unless [`RedirectRules::install_with`] is given
+//! another, which the installed rules then also remove themselves with.
+//! The unit tests give a fake iptables, so that the commands of installing,
+//! reinstalling, removing and failing are checked without root; the
+//! privileged tests (`tests/tests/proxy_rules.rs`) run the real ones.
+//!
+//! If a command fails halfway through [`RedirectRules::install`], what was
+//! already installed is removed again before the error (which names the
+//! command, its exit status, its standard error and any restore file) is
+//! returned. Removal goes on past a failed command, so that one failure
+//! leaves as little as possible: at worst an empty chain nothing jumps to.
+//!
 //! # Failing open when the proxy dies
 //!
 //! Every REDIRECT rule also matches the proxy's guard (`-m bpf
@@ -53,10 +66,10 @@
 //! that off. The proxy's listen port can never be redirected, because
 //! [`RedirectRules::validate`] refuses it among the ports.
 
-use std::fmt;
 use std::io::Write;
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 
 use super::guard::{GuardError, Lease, ProxyGuard};
 use super::settings::{self, Cidr, ProxyMode};
@@ -136,12 +149,17 @@ impl Backend {
     /// Whether this back end is iptables-legacy (x_tables), where the
     /// rules cannot carry the proxy's guard (see [`super::guard`]).
     pub fn is_legacy(self) -> bool {
+        self.is_legacy_with(&SystemRunner)
+    }
+
+    /// [`is_legacy`](Self::is_legacy), asking `runner`.
+    pub fn is_legacy_with(self, runner: &dyn CommandRunner) -> bool {
         match self {
             Self::Legacy => true,
             Self::Nft => false,
-            Self::System => {
-                run("iptables", &["--version"], None).is_ok_and(|out| out.contains("legacy"))
-            }
+            Self::System => runner
+                .run("iptables", &["--version"], None)
+                .is_ok_and(|out| out.contains("legacy")),
         }
     }
 
@@ -151,7 +169,12 @@ impl Backend {
     /// one; otherwise [`Backend::System`]. Any failure to find out also
     /// means `System`.
     pub fn detect() -> Backend {
-        let system_is_legacy = match run("iptables", &["--version"], None) {
+        Self::detect_with(&SystemRunner)
+    }
+
+    /// [`detect`](Self::detect), asking `runner`.
+    pub fn detect_with(runner: &dyn CommandRunner) -> Backend {
+        let system_is_legacy = match runner.run("iptables", &["--version"], None) {
             Ok(out) if out.contains("legacy") => true,
             Ok(_) => false,
             Err(_) => return Backend::System,
@@ -159,18 +182,17 @@ impl Backend {
         // Only count legacy rules when the legacy nat table already exists:
         // merely running iptables-legacy-save would load x_tables modules on
         // a host that never used them.
-        let legacy_nat_loaded = std::fs::read_to_string("/proc/net/ip_tables_names")
-            .is_ok_and(|names| names.lines().any(|l| l.trim() == "nat"));
         let count = |backend: Backend| -> usize {
-            run(
-                &backend.program(Family::V4, Tool::Save),
-                &["-t", "nat"],
-                None,
-            )
-            .map(|out| out.lines().filter(|l| l.starts_with("-A ")).count())
-            .unwrap_or(0)
+            runner
+                .run(
+                    &backend.program(Family::V4, Tool::Save),
+                    &["-t", "nat"],
+                    None,
+                )
+                .map(|out| out.lines().filter(|l| l.starts_with("-A ")).count())
+                .unwrap_or(0)
         };
-        let legacy = if legacy_nat_loaded {
+        let legacy = if runner.legacy_nat_loaded() {
             count(Backend::Legacy)
         } else {
             0
@@ -185,16 +207,22 @@ impl Backend {
 }
 
 /// Why rules could not be rendered, installed or removed.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum RulesError {
     /// The settings cannot be expressed as rules (say a port of 0).
+    #[error("invalid proxy redirect settings: {0}")]
     Invalid(String),
     /// An iptables program is not installed.
+    #[error(
+        "{program} not found: the transparent proxy needs iptables \
+         (Debian/Ubuntu: apt-get install iptables)"
+    )]
     MissingProgram {
         /// The program looked for, such as `ip6tables-restore`.
         program: String,
     },
     /// A program could not be started for another reason.
+    #[error("could not run `{command}`: {source}")]
     Spawn {
         /// The command line.
         command: String,
@@ -202,6 +230,12 @@ pub enum RulesError {
         source: std::io::Error,
     },
     /// A command ran and failed.
+    #[error(
+        "`{command}` failed ({}): {}{}",
+        exit_text(*.status),
+        or_no_output(.stderr),
+        input_text(.input.as_deref())
+    )]
     Failed {
         /// The command line.
         command: String,
@@ -213,53 +247,30 @@ pub enum RulesError {
         input: Option<String>,
     },
     /// The guard (the rules' lease on the proxy's life) could not be set up.
+    #[error(transparent)]
     Guard(GuardError),
 }
 
-impl fmt::Display for RulesError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Invalid(reason) => write!(f, "invalid proxy redirect settings: {reason}"),
-            Self::MissingProgram { program } => write!(
-                f,
-                "{program} not found: the transparent proxy needs iptables \
-                 (Debian/Ubuntu: apt-get install iptables)"
-            ),
-            Self::Spawn { command, source } => write!(f, "could not run `{command}`: {source}"),
-            Self::Failed {
-                command,
-                status,
-                stderr,
-                input,
-            } => {
-                let status = match status {
-                    Some(code) => format!("exit status {code}"),
-                    None => "killed by a signal".to_string(),
-                };
-                let stderr = if stderr.is_empty() {
-                    "(no error output)"
-                } else {
-                    stderr
-                };
-                write!(f, "`{command}` failed ({status}): {stderr}")?;
-                if let Some(input) = input {
-                    write!(f, "\ninput was:\n{input}")?;
-                }
-                Ok(())
-            }
-            Self::Guard(e) => e.fmt(f),
-        }
+/// How a failed command ended, for [`RulesError::Failed`].
+fn exit_text(status: Option<i32>) -> String {
+    match status {
+        Some(code) => format!("exit status {code}"),
+        None => "killed by a signal".to_string(),
     }
 }
 
-impl std::error::Error for RulesError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            Self::Spawn { source, .. } => Some(source),
-            Self::Guard(e) => Some(e),
-            _ => None,
-        }
+/// A failed command's standard error, or a note that it had none.
+fn or_no_output(stderr: &str) -> &str {
+    if stderr.is_empty() {
+        "(no error output)"
+    } else {
+        stderr
     }
+}
+
+/// The input a failed command was fed, after a line break, if any.
+fn input_text(input: Option<&str>) -> String {
+    input.map_or_else(String::new, |input| format!("\ninput was:\n{input}"))
 }
 
 /// The redirect rules of one proxy: what is intercepted and where it goes.
@@ -483,7 +494,7 @@ impl RedirectRules {
         })
     }
 
-    /// Which destinations these rules redirect (see [`RedirectScope`]).
+    /// Which destinations these rules redirect (see [`super::RedirectScope`]).
     pub fn scope(&self) -> super::RedirectScope {
         super::RedirectScope {
             ports: self.ports.clone(),
@@ -591,8 +602,17 @@ impl RedirectRules {
     /// Runs iptables synchronously (a few short commands); call it from a
     /// blocking context in async code.
     pub fn install(&self) -> Result<InstalledRules, RulesError> {
+        self.install_with(Arc::new(SystemRunner))
+    }
+
+    /// [`install`](Self::install), running the commands with `runner`, which
+    /// the returned rules keep to remove themselves.
+    pub fn install_with(
+        &self,
+        runner: Arc<dyn CommandRunner>,
+    ) -> Result<InstalledRules, RulesError> {
         self.validate()?;
-        let ipv6_present = kernel_has_ipv6();
+        let ipv6_present = runner.ipv6_present();
         let plans: Vec<ChainPlan> = self
             .plans()
             .into_iter()
@@ -613,6 +633,7 @@ impl RedirectRules {
             rules: self.clone(),
             active: true,
             guard: proxy_guard,
+            runner: Arc::clone(&runner),
         };
         // From here on, a failure drops `guard`, which removes whatever part
         // was already installed.
@@ -620,18 +641,18 @@ impl RedirectRules {
             for hook in HOOKS {
                 let wanted = plans.iter().any(|p| p.family == family && p.hook == hook);
                 if !wanted {
-                    self.remove_chain(family, hook)?;
+                    self.remove_chain(&*runner, family, hook)?;
                 }
             }
         }
         for plan in &plans {
             let restore = self.backend.program(plan.family, Tool::Restore);
-            run(
+            runner.run(
                 &restore,
                 &["-w", "--noflush"],
                 Some(&Self::restore_input(plan)),
             )?;
-            self.ensure_jump(plan)?;
+            self.ensure_jump(&*runner, plan)?;
         }
         Ok(guard)
     }
@@ -646,12 +667,12 @@ impl RedirectRules {
     }
 
     /// Inserts the jump to the own chain unless it is already there.
-    fn ensure_jump(&self, plan: &ChainPlan) -> Result<(), RulesError> {
+    fn ensure_jump(&self, runner: &dyn CommandRunner, plan: &ChainPlan) -> Result<(), RulesError> {
         let main = self.backend.program(plan.family, Tool::Main);
         let jump = Self::jump_args(plan);
         let mut check = vec!["-w", "-t", "nat", "-C", plan.hook];
         check.extend(jump);
-        match run(&main, &check, None) {
+        match runner.run(&main, &check, None) {
             Ok(_) => return Ok(()),
             // Exit status 1 is "no such rule"; anything else is a real error.
             Err(RulesError::Failed {
@@ -661,19 +682,28 @@ impl RedirectRules {
         }
         let mut insert = vec!["-w", "-t", "nat", "-I", plan.hook, "1"];
         insert.extend(jump);
-        run(&main, &insert, None).map(|_| ())
+        runner.run(&main, &insert, None).map(|_| ())
     }
 
     /// Removes every chain of this prefix (both modes, both families) and
     /// the jumps to them: what a restart runs to clean up after a crash, and
     /// what removal runs. Chains that do not exist are not an error.
+    ///
+    /// Families go in the reverse of [`install`](Self::install)'s order,
+    /// and in each the jumps go before the chain they lead to.
     pub fn remove_leftovers(&self) -> Result<(), RulesError> {
+        self.remove_leftovers_with(&SystemRunner)
+    }
+
+    /// [`remove_leftovers`](Self::remove_leftovers), running the commands
+    /// with `runner`.
+    pub fn remove_leftovers_with(&self, runner: &dyn CommandRunner) -> Result<(), RulesError> {
         let mut first_error = None;
-        for family in self.families(kernel_has_ipv6()) {
+        for family in self.families(runner.ipv6_present()).into_iter().rev() {
             for hook in HOOKS {
                 // Keep going: one failure should not leave the other
                 // chains behind.
-                if let Err(e) = self.remove_chain(family, hook) {
+                if let Err(e) = self.remove_chain(runner, family, hook) {
                     first_error.get_or_insert(e);
                 }
             }
@@ -686,14 +716,19 @@ impl RedirectRules {
     }
 
     /// Deletes every jump from `hook` to the own chain, then the chain.
-    fn remove_chain(&self, family: Family, hook: &str) -> Result<(), RulesError> {
+    fn remove_chain(
+        &self,
+        runner: &dyn CommandRunner,
+        family: Family,
+        hook: &str,
+    ) -> Result<(), RulesError> {
         let main = self.backend.program(family, Tool::Main);
         let chain = self.chain_name(hook);
-        if !chain_exists(&main, &chain)? {
+        if !chain_exists(runner, &main, &chain)? {
             // No such chain, so no jump to it either.
             return Ok(());
         }
-        let listing = run(&main, &["-w", "-t", "nat", "-S", hook], None)?;
+        let listing = runner.run(&main, &["-w", "-t", "nat", "-S", hook], None)?;
         // Deleting by specification rather than by rule number: numbers
         // shift when another program edits the chain meanwhile, and a stale
         // number would delete someone else's rule.
@@ -705,11 +740,11 @@ impl RedirectRules {
             if words.len() > 2 && words[0] == "-A" && words[1] == hook && jumps_here {
                 let mut args = vec!["-w", "-t", "nat", "-D", hook];
                 args.extend(words[2..].iter().map(String::as_str));
-                run(&main, &args, None)?;
+                runner.run(&main, &args, None)?;
             }
         }
-        run(&main, &["-w", "-t", "nat", "-F", &chain], None)?;
-        run(&main, &["-w", "-t", "nat", "-X", &chain], None)?;
+        runner.run(&main, &["-w", "-t", "nat", "-F", &chain], None)?;
+        runner.run(&main, &["-w", "-t", "nat", "-X", &chain], None)?;
         Ok(())
     }
 }
@@ -718,7 +753,8 @@ impl RedirectRules {
 /// [`remove`](Self::remove) does so reporting errors.
 ///
 /// Removal deletes every chain of the rules' prefix, so dropping one of two
-/// guards of the same prefix removes the rules of both.
+/// guards of the same prefix removes the rules of both. It runs its
+/// commands with the runner the rules were installed with.
 #[derive(Debug)]
 #[must_use = "dropping the guard removes the rules at once"]
 pub struct InstalledRules {
@@ -726,6 +762,8 @@ pub struct InstalledRules {
     active: bool,
     /// The rules' lease on the proxy's life; removed with the rules.
     guard: Option<ProxyGuard>,
+    /// Runs the commands that remove the rules.
+    runner: Arc<dyn CommandRunner>,
 }
 
 impl InstalledRules {
@@ -742,7 +780,7 @@ impl InstalledRules {
     /// Removes the rules now, then their guard.
     pub fn remove(mut self) -> Result<(), RulesError> {
         self.active = false;
-        let removed = self.rules.remove_leftovers();
+        let removed = self.rules.remove_leftovers_with(&*self.runner);
         if let Some(guard) = self.guard.take() {
             guard.remove();
         }
@@ -768,7 +806,7 @@ impl InstalledRules {
 impl Drop for InstalledRules {
     fn drop(&mut self) {
         if self.active
-            && let Err(e) = self.rules.remove_leftovers()
+            && let Err(e) = self.rules.remove_leftovers_with(&*self.runner)
         {
             log::warn!("could not remove the proxy's iptables rules: {e}");
         }
@@ -779,8 +817,12 @@ impl Drop for InstalledRules {
 }
 
 /// Whether the nat table has `chain` (`-S` exits with status 1 when not).
-fn chain_exists(program: &str, chain: &str) -> Result<bool, RulesError> {
-    match run(program, &["-w", "-t", "nat", "-S", chain], None) {
+fn chain_exists(
+    runner: &dyn CommandRunner,
+    program: &str,
+    chain: &str,
+) -> Result<bool, RulesError> {
+    match runner.run(program, &["-w", "-t", "nat", "-S", chain], None) {
         Ok(_) => Ok(true),
         Err(RulesError::Failed {
             status: Some(1), ..
@@ -789,10 +831,47 @@ fn chain_exists(program: &str, chain: &str) -> Result<bool, RulesError> {
     }
 }
 
-/// Whether the kernel has IPv6 at all; without it ip6tables cannot work and
-/// there is no IPv6 traffic to redirect.
-fn kernel_has_ipv6() -> bool {
-    std::path::Path::new("/proc/net/if_inet6").exists()
+/// What the rules need of the host: the iptables programs run, and two
+/// facts that decide which of them are run. Installing, removing and
+/// dropping [`InstalledRules`] all go through one; [`SystemRunner`], the
+/// host itself, unless [`RedirectRules::install_with`] is given another
+/// (tests give a fake, so that the commands are checked without root).
+pub trait CommandRunner: Send + Sync + std::fmt::Debug {
+    /// Runs `program args`, feeding `input` on its standard input, and
+    /// returns its standard output. A program that ran and failed is
+    /// [`RulesError::Failed`], with its exit status (status 1 is how
+    /// iptables says "no such rule or chain") and standard error.
+    fn run(&self, program: &str, args: &[&str], input: Option<&str>) -> Result<String, RulesError>;
+
+    /// Whether the kernel has IPv6 at all; without it ip6tables cannot work
+    /// and there is no IPv6 traffic to redirect.
+    fn ipv6_present(&self) -> bool;
+
+    /// Whether the legacy (x_tables) `nat` table is loaded: only then does
+    /// [`Backend::detect`] count its rules, since merely running
+    /// iptables-legacy-save would load x_tables modules on a host that
+    /// never used them.
+    fn legacy_nat_loaded(&self) -> bool;
+}
+
+/// The host: runs the programs as child processes (in the calling thread's
+/// network namespace) and reads `/proc`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemRunner;
+
+impl CommandRunner for SystemRunner {
+    fn run(&self, program: &str, args: &[&str], input: Option<&str>) -> Result<String, RulesError> {
+        run(program, args, input)
+    }
+
+    fn ipv6_present(&self) -> bool {
+        std::path::Path::new("/proc/net/if_inet6").exists()
+    }
+
+    fn legacy_nat_loaded(&self) -> bool {
+        std::fs::read_to_string("/proc/net/ip_tables_names")
+            .is_ok_and(|names| names.lines().any(|l| l.trim() == "nat"))
+    }
 }
 
 /// Runs `program args` (feeding `input` on stdin) and returns its stdout;
@@ -1230,7 +1309,10 @@ ip6tables -w -t nat -C PREROUTING -j TTA_PREROUTING 2>/dev/null || ip6tables -w 
             let e = r.validate().expect_err("invalid");
             assert!(matches!(e, RulesError::Invalid(_)), "{e}");
             assert!(r.render().starts_with("# not installable: "), "{r:?}");
-            assert!(matches!(r.install(), Err(RulesError::Invalid(_))));
+            let host = FakeHost::new(true);
+            let installed = r.install_with(host.clone());
+            assert!(matches!(installed, Err(RulesError::Invalid(_))));
+            assert_eq!(host.calls(), Vec::<String>::new(), "nothing run");
         }
         // Host mode does not need pod interfaces.
         let r = RedirectRules {
@@ -1277,5 +1359,736 @@ ip6tables -w -t nat -C PREROUTING -j TTA_PREROUTING 2>/dev/null || ip6tables -w 
             split_words("-A X --comment \"\""),
             ["-A", "X", "--comment", ""]
         );
+    }
+
+    #[test]
+    fn error_messages() {
+        let failed = |status, stderr: &str, input: Option<&str>| RulesError::Failed {
+            command: "iptables -w -t nat -S".into(),
+            status,
+            stderr: stderr.into(),
+            input: input.map(str::to_string),
+        };
+        let cases = [
+            (
+                RulesError::Invalid("listen port 0".into()),
+                "invalid proxy redirect settings: listen port 0",
+            ),
+            (
+                RulesError::MissingProgram {
+                    program: "ip6tables-restore".into(),
+                },
+                "ip6tables-restore not found: the transparent proxy needs iptables \
+                 (Debian/Ubuntu: apt-get install iptables)",
+            ),
+            (
+                RulesError::Spawn {
+                    command: "iptables -S".into(),
+                    source: std::io::Error::other("no memory"),
+                },
+                "could not run `iptables -S`: no memory",
+            ),
+            (
+                failed(Some(4), "", None),
+                "`iptables -w -t nat -S` failed (exit status 4): (no error output)",
+            ),
+            (
+                failed(None, "bad", Some("*nat\nCOMMIT\n")),
+                "`iptables -w -t nat -S` failed (killed by a signal): bad\ninput was:\n*nat\nCOMMIT\n",
+            ),
+            (
+                RulesError::Guard(GuardError::Load("no BTF".into())),
+                "the proxy's guard program cannot be loaded: no BTF",
+            ),
+        ];
+        for (error, text) in cases {
+            assert_eq!(error.to_string(), text);
+        }
+        use std::error::Error as _;
+        let spawn = RulesError::Spawn {
+            command: "iptables".into(),
+            source: std::io::Error::other("no memory"),
+        };
+        assert_eq!(
+            spawn.source().map(ToString::to_string).as_deref(),
+            Some("no memory")
+        );
+        assert!(failed(Some(1), "", None).source().is_none());
+    }
+
+    /// A fake host for [`CommandRunner`]: the `nat` table of each iptables
+    /// program (`iptables`, `ip6tables-legacy`, ...) in memory, and every
+    /// command run recorded. It behaves like iptables where the rules code
+    /// depends on it: status 1 for a missing rule or chain, a chain that is
+    /// still jumped to or not empty cannot be deleted, a jump needs its
+    /// chain, and a restore file applies whole or not at all.
+    #[derive(Debug)]
+    struct FakeHost {
+        ipv6: bool,
+        legacy_nat: bool,
+        version: String,
+        state: std::sync::Mutex<FakeState>,
+    }
+
+    type Table = std::collections::BTreeMap<String, Vec<String>>;
+
+    #[derive(Debug, Default)]
+    struct FakeState {
+        /// Command lines, in the order run.
+        calls: Vec<String>,
+        /// What restore commands were fed, in order.
+        inputs: Vec<String>,
+        /// Per main program: chain -> rules (what follows `-A <chain> `).
+        tables: std::collections::BTreeMap<String, Table>,
+        /// Command lines that fail, with their status and stderr.
+        failing: Vec<(String, i32, String)>,
+    }
+
+    const BUILT_IN: [&str; 4] = ["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"];
+
+    /// Someone else's rule, in both families' PREROUTING before the tests
+    /// install anything.
+    const FOREIGN: &str = "-p udp -m udp --dport 9 -j RETURN";
+
+    impl FakeHost {
+        /// A host with (or without) IPv6, iptables-nft as `iptables`, and
+        /// [`FOREIGN`] in `iptables` and `ip6tables`.
+        fn new(ipv6: bool) -> Arc<Self> {
+            let host = Self {
+                ipv6,
+                legacy_nat: false,
+                version: "iptables v1.8.9 (nf_tables)".into(),
+                state: Default::default(),
+            };
+            host.add("iptables", "PREROUTING", FOREIGN);
+            host.add("ip6tables", "PREROUTING", FOREIGN);
+            Arc::new(host)
+        }
+
+        fn state(&self) -> std::sync::MutexGuard<'_, FakeState> {
+            self.state.lock().unwrap()
+        }
+
+        /// Appends `rule` to `chain` of `program`'s table.
+        fn add(&self, program: &str, chain: &str, rule: &str) {
+            let mut state = self.state();
+            let table = state.table(program);
+            table
+                .entry(chain.to_string())
+                .or_default()
+                .push(rule.into());
+        }
+
+        /// Makes the command `line` fail with `status` and `stderr` from
+        /// now on.
+        fn fail(&self, line: &str, status: i32, stderr: &str) {
+            self.state()
+                .failing
+                .push((line.into(), status, stderr.into()));
+        }
+
+        /// The command lines run so far, and forgets them.
+        fn take_calls(&self) -> Vec<String> {
+            std::mem::take(&mut self.state().calls)
+        }
+
+        fn calls(&self) -> Vec<String> {
+            self.state().calls.clone()
+        }
+
+        fn inputs(&self) -> Vec<String> {
+            self.state().inputs.clone()
+        }
+
+        /// `program`'s table as iptables-save lists it: the chains declared
+        /// beyond the built-in ones, then every rule.
+        fn saved(&self, program: &str) -> Vec<String> {
+            let mut state = self.state();
+            let table = state.table(program);
+            let declared = table
+                .keys()
+                .filter(|c| !BUILT_IN.contains(&c.as_str()))
+                .map(|c| format!(":{c}"));
+            let rules = table
+                .iter()
+                .flat_map(|(chain, rules)| rules.iter().map(move |r| format!("-A {chain} {r}")));
+            declared.chain(rules).collect()
+        }
+    }
+
+    impl FakeState {
+        fn table(&mut self, program: &str) -> &mut Table {
+            self.tables.entry(program.to_string()).or_insert_with(|| {
+                BUILT_IN
+                    .iter()
+                    .map(|c| (c.to_string(), Vec::new()))
+                    .collect()
+            })
+        }
+    }
+
+    impl CommandRunner for FakeHost {
+        fn run(
+            &self,
+            program: &str,
+            args: &[&str],
+            input: Option<&str>,
+        ) -> Result<String, RulesError> {
+            let line = std::iter::once(program)
+                .chain(args.iter().copied())
+                .collect::<Vec<_>>()
+                .join(" ");
+            let mut state = self.state();
+            state.calls.push(line.clone());
+            if let Some(input) = input {
+                state.inputs.push(input.to_string());
+            }
+            let failure = |status: i32, stderr: &str| RulesError::Failed {
+                command: line.clone(),
+                status: Some(status),
+                stderr: stderr.to_string(),
+                input: input.map(str::to_string),
+            };
+            if let Some((_, status, stderr)) = state.failing.iter().find(|(l, ..)| *l == line) {
+                return Err(failure(*status, stderr));
+            }
+            if let Some(main) = program.strip_suffix("-restore") {
+                assert_eq!(args, ["-w", "--noflush"], "{line}");
+                let mut table = state.table(main).clone();
+                for (n, text) in input.expect("a restore file").lines().enumerate() {
+                    let bad = || failure(1, &format!("{program}: line {} failed", n + 1));
+                    if let Some(declared) = text.strip_prefix(':') {
+                        let chain = declared.split_whitespace().next().ok_or_else(bad)?;
+                        // Created, or flushed when it exists.
+                        table.insert(chain.to_string(), Vec::new());
+                    } else if let Some(rule) = text.strip_prefix("-A ") {
+                        let (chain, rule) = rule.split_once(' ').ok_or_else(bad)?;
+                        table.get_mut(chain).ok_or_else(bad)?.push(rule.into());
+                    } else if text != "*nat" && text != "COMMIT" {
+                        return Err(bad());
+                    }
+                }
+                *state.table(main) = table;
+                return Ok(String::new());
+            }
+            if let Some(main) = program.strip_suffix("-save") {
+                assert_eq!(args, ["-t", "nat"], "{line}");
+                drop(state);
+                return Ok(self
+                    .saved(main)
+                    .into_iter()
+                    .map(|l| l + "\n")
+                    .collect::<String>());
+            }
+            if args == ["--version"] {
+                return Ok(self.version.clone());
+            }
+            let ["-w", "-t", "nat", op, chain, rest @ ..] = args else {
+                panic!("unexpected command {line}");
+            };
+            let table = state.table(program);
+            let no_chain = || failure(1, "iptables: No chain/target/match by that name.");
+            let no_rule = || {
+                failure(
+                    1,
+                    "iptables: Bad rule (does a matching rule exist in that chain?).",
+                )
+            };
+            let spec = rest.join(" ");
+            match *op {
+                "-S" if rest.is_empty() => {
+                    let rules = table.get(*chain).ok_or_else(no_chain)?;
+                    let head = if BUILT_IN.contains(chain) {
+                        format!("-P {chain} ACCEPT\n")
+                    } else {
+                        format!("-N {chain}\n")
+                    };
+                    Ok(head
+                        + &rules
+                            .iter()
+                            .map(|r| format!("-A {chain} {r}\n"))
+                            .collect::<String>())
+                }
+                "-C" => match table.get(*chain) {
+                    Some(rules) if rules.contains(&spec) => Ok(String::new()),
+                    Some(_) => Err(no_rule()),
+                    None => Err(no_chain()),
+                },
+                "-I" => {
+                    let ["1", "-j", target] = rest else {
+                        panic!("unexpected insert {line}");
+                    };
+                    if !table.contains_key(*target) {
+                        return Err(failure(
+                            2,
+                            "iptables v1.8.9 (nf_tables): Chain does not exist",
+                        ));
+                    }
+                    let rules = table.get_mut(*chain).ok_or_else(no_chain)?;
+                    rules.insert(0, format!("-j {target}"));
+                    Ok(String::new())
+                }
+                "-D" => {
+                    let rules = table.get_mut(*chain).ok_or_else(no_chain)?;
+                    let at = rules.iter().position(|r| *r == spec).ok_or_else(no_rule)?;
+                    rules.remove(at);
+                    Ok(String::new())
+                }
+                "-F" if rest.is_empty() => {
+                    table.get_mut(*chain).ok_or_else(no_chain)?.clear();
+                    Ok(String::new())
+                }
+                "-X" if rest.is_empty() => {
+                    let rules = table.get(*chain).ok_or_else(no_chain)?;
+                    let jumped_to = table.values().flatten().any(|r| {
+                        r.split_whitespace()
+                            .collect::<Vec<_>>()
+                            .windows(2)
+                            .any(|w| w == ["-j", *chain])
+                    });
+                    if BUILT_IN.contains(chain) || !rules.is_empty() || jumped_to {
+                        return Err(failure(1, "iptables: Directory not empty."));
+                    }
+                    table.remove(*chain);
+                    Ok(String::new())
+                }
+                _ => panic!("unexpected command {line}"),
+            }
+        }
+
+        fn ipv6_present(&self) -> bool {
+            self.ipv6
+        }
+
+        fn legacy_nat_loaded(&self) -> bool {
+            self.legacy_nat
+        }
+    }
+
+    /// Rules of the prefix `UT` (whose guard pin no real run uses), as
+    /// iptables-legacy has them: without the guard, which needs root.
+    fn unit(mode: ProxyMode) -> RedirectRules {
+        RedirectRules {
+            mode,
+            chain_prefix: "UT".into(),
+            guarded: false,
+            ..node()
+        }
+    }
+
+    /// The commands that remove one family's chain under `hook` and the
+    /// jump to it, `main` being that family's iptables.
+    fn removal(main: &str, hook: &str) -> Vec<String> {
+        [
+            format!("{main} -w -t nat -S UT_{hook}"),
+            format!("{main} -w -t nat -S {hook}"),
+            format!("{main} -w -t nat -D {hook} -j UT_{hook}"),
+            format!("{main} -w -t nat -F UT_{hook}"),
+            format!("{main} -w -t nat -X UT_{hook}"),
+        ]
+        .into()
+    }
+
+    /// The command that finds no chain under `hook`.
+    fn absent(main: &str, hook: &str) -> String {
+        format!("{main} -w -t nat -S UT_{hook}")
+    }
+
+    fn lines(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// What the node-mode rules of [`unit`] leave in a table of
+    /// [`FakeHost::new`].
+    fn node_installed() -> Vec<String> {
+        lines(&[
+            ":UT_PREROUTING",
+            "-A PREROUTING -j UT_PREROUTING",
+            &format!("-A PREROUTING {FOREIGN}"),
+            "-A UT_PREROUTING -i veth+ -p tcp -m multiport --dports 80,8080 -j REDIRECT --to-ports 15001",
+        ])
+    }
+
+    fn untouched() -> Vec<String> {
+        vec![format!("-A PREROUTING {FOREIGN}")]
+    }
+
+    #[test]
+    fn install_in_node_mode_runs_each_family_in_turn() {
+        let host = FakeHost::new(true);
+        let installed = unit(ProxyMode::Node)
+            .install_with(host.clone())
+            .expect("install");
+        assert_eq!(
+            host.take_calls(),
+            lines(&[
+                // Chains of the other mode, from a run in host mode: none.
+                "iptables -w -t nat -S UT_OUTPUT",
+                "ip6tables -w -t nat -S UT_OUTPUT",
+                "iptables-restore -w --noflush",
+                "iptables -w -t nat -C PREROUTING -j UT_PREROUTING",
+                "iptables -w -t nat -I PREROUTING 1 -j UT_PREROUTING",
+                "ip6tables-restore -w --noflush",
+                "ip6tables -w -t nat -C PREROUTING -j UT_PREROUTING",
+                "ip6tables -w -t nat -I PREROUTING 1 -j UT_PREROUTING",
+            ])
+        );
+        let file = "*nat\n:UT_PREROUTING - [0:0]\n\
+                    -A UT_PREROUTING -i veth+ -p tcp -m multiport --dports 80,8080 -j REDIRECT --to-ports 15001\n\
+                    COMMIT\n";
+        assert_eq!(host.inputs(), [file, file]);
+        // The jump comes first, ahead of the rule already there.
+        assert_eq!(host.saved("iptables"), node_installed());
+        assert_eq!(host.saved("ip6tables"), node_installed());
+        std::mem::forget(installed);
+    }
+
+    #[test]
+    fn install_in_host_mode_with_legacy_and_no_ipv6_kernel() {
+        let host = FakeHost::new(false);
+        let r = RedirectRules {
+            backend: Backend::Legacy,
+            ..unit(ProxyMode::Host)
+        };
+        let installed = r.install_with(host.clone()).expect("install");
+        assert_eq!(
+            host.take_calls(),
+            lines(&[
+                "iptables-legacy -w -t nat -S UT_PREROUTING",
+                "iptables-legacy-restore -w --noflush",
+                "iptables-legacy -w -t nat -C OUTPUT -j UT_OUTPUT",
+                "iptables-legacy -w -t nat -I OUTPUT 1 -j UT_OUTPUT",
+            ])
+        );
+        assert_eq!(
+            host.inputs(),
+            ["*nat\n:UT_OUTPUT - [0:0]\n\
+              -A UT_OUTPUT -m mark --mark 0x1e7 -j RETURN\n\
+              -A UT_OUTPUT -p tcp -m multiport --dports 80,8080 -j REDIRECT --to-ports 15001\n\
+              COMMIT\n"]
+        );
+        assert_eq!(
+            host.saved("iptables-legacy"),
+            lines(&[
+                ":UT_OUTPUT",
+                "-A OUTPUT -j UT_OUTPUT",
+                "-A UT_OUTPUT -m mark --mark 0x1e7 -j RETURN",
+                "-A UT_OUTPUT -p tcp -m multiport --dports 80,8080 -j REDIRECT --to-ports 15001",
+            ])
+        );
+        installed.remove().expect("remove");
+        let mut removal_calls = vec![absent("iptables-legacy", "PREROUTING")];
+        removal_calls.extend(removal("iptables-legacy", "OUTPUT"));
+        assert_eq!(host.take_calls(), removal_calls);
+        assert_eq!(host.saved("iptables-legacy"), Vec::<String>::new());
+    }
+
+    #[test]
+    fn without_ipv6_no_ip6tables_runs() {
+        // IPv6 turned off in the settings, on a kernel that has it.
+        let host = FakeHost::new(true);
+        let r = RedirectRules {
+            ipv6: false,
+            ..unit(ProxyMode::Node)
+        };
+        drop(r.install_with(host.clone()).expect("install"));
+        let mut expected = lines(&[
+            "iptables -w -t nat -S UT_OUTPUT",
+            "iptables-restore -w --noflush",
+            "iptables -w -t nat -C PREROUTING -j UT_PREROUTING",
+            "iptables -w -t nat -I PREROUTING 1 -j UT_PREROUTING",
+        ]);
+        expected.extend(removal("iptables", "PREROUTING"));
+        expected.push(absent("iptables", "OUTPUT"));
+        assert_eq!(host.take_calls(), expected);
+        assert_eq!(host.saved("ip6tables"), untouched());
+
+        // Only IPv4 blocks included: IPv6 is managed, so a leftover IPv6
+        // chain goes, but nothing of IPv6 is installed.
+        let host = FakeHost::new(true);
+        host.add("ip6tables", "UT_PREROUTING", "-j RETURN");
+        host.add("ip6tables", "PREROUTING", "-j UT_PREROUTING");
+        let r = RedirectRules {
+            include_cidrs: vec![cidr("10.0.0.0/8")],
+            ..unit(ProxyMode::Node)
+        };
+        let installed = r.install_with(host.clone()).expect("install");
+        let calls = host.take_calls();
+        let mut expected = vec![absent("iptables", "OUTPUT")];
+        expected.extend(removal("ip6tables", "PREROUTING"));
+        expected.push(absent("ip6tables", "OUTPUT"));
+        expected.extend(lines(&[
+            "iptables-restore -w --noflush",
+            "iptables -w -t nat -C PREROUTING -j UT_PREROUTING",
+            "iptables -w -t nat -I PREROUTING 1 -j UT_PREROUTING",
+        ]));
+        assert_eq!(calls, expected);
+        assert_eq!(host.saved("ip6tables"), untouched());
+        std::mem::forget(installed);
+    }
+
+    #[test]
+    fn removal_undoes_install_in_reverse_order() {
+        let mut expected = removal("ip6tables", "PREROUTING");
+        expected.push(absent("ip6tables", "OUTPUT"));
+        expected.extend(removal("iptables", "PREROUTING"));
+        expected.push(absent("iptables", "OUTPUT"));
+
+        // Removed explicitly.
+        let host = FakeHost::new(true);
+        let installed = unit(ProxyMode::Node)
+            .install_with(host.clone())
+            .expect("install");
+        host.take_calls();
+        installed.remove().expect("remove");
+        assert_eq!(host.take_calls(), expected);
+        assert_eq!(host.saved("iptables"), untouched());
+        assert_eq!(host.saved("ip6tables"), untouched());
+
+        // Dropped: the same.
+        let host = FakeHost::new(true);
+        let installed = unit(ProxyMode::Node)
+            .install_with(host.clone())
+            .expect("install");
+        host.take_calls();
+        drop(installed);
+        assert_eq!(host.take_calls(), expected);
+        assert_eq!(host.saved("iptables"), untouched());
+        assert_eq!(host.saved("ip6tables"), untouched());
+    }
+
+    #[test]
+    fn stop_redirecting_runs_nothing_and_keeps_the_rules() {
+        let host = FakeHost::new(true);
+        let installed = unit(ProxyMode::Node)
+            .install_with(host.clone())
+            .expect("install");
+        host.take_calls();
+        installed.stop_redirecting();
+        assert_eq!(host.take_calls(), Vec::<String>::new());
+        assert_eq!(host.saved("iptables"), node_installed());
+        assert_eq!(host.saved("ip6tables"), node_installed());
+        // Removal is still the guard's to do.
+        drop(installed);
+        assert_eq!(host.saved("iptables"), untouched());
+        assert_eq!(host.saved("ip6tables"), untouched());
+    }
+
+    #[test]
+    fn reinstalling_over_leftovers_leaves_one_copy() {
+        let r = unit(ProxyMode::Node);
+        // A previous run killed with its rules in place.
+        let host = FakeHost::new(true);
+        std::mem::forget(r.install_with(host.clone()).expect("install"));
+        host.take_calls();
+
+        // Installing again, without removal: the chain is refilled, the
+        // jump is found and not added again.
+        let again = r.install_with(host.clone()).expect("install again");
+        assert_eq!(
+            host.take_calls(),
+            lines(&[
+                "iptables -w -t nat -S UT_OUTPUT",
+                "ip6tables -w -t nat -S UT_OUTPUT",
+                "iptables-restore -w --noflush",
+                "iptables -w -t nat -C PREROUTING -j UT_PREROUTING",
+                "ip6tables-restore -w --noflush",
+                "ip6tables -w -t nat -C PREROUTING -j UT_PREROUTING",
+            ])
+        );
+        assert_eq!(host.saved("iptables"), node_installed());
+        assert_eq!(host.saved("ip6tables"), node_installed());
+        std::mem::forget(again);
+
+        // What the running proxy does: leftovers removed first, then a
+        // fresh install. Two copies of a jump (an older run's) both go.
+        host.add("iptables", "PREROUTING", "-j UT_PREROUTING");
+        r.remove_leftovers_with(&*host).expect("remove leftovers");
+        let installed = r.install_with(host.clone()).expect("install");
+        let mut expected = removal("ip6tables", "PREROUTING");
+        expected.push(absent("ip6tables", "OUTPUT"));
+        let mut v4 = removal("iptables", "PREROUTING");
+        v4.insert(
+            3,
+            "iptables -w -t nat -D PREROUTING -j UT_PREROUTING".into(),
+        );
+        expected.extend(v4);
+        expected.push(absent("iptables", "OUTPUT"));
+        expected.extend(lines(&[
+            "iptables -w -t nat -S UT_OUTPUT",
+            "ip6tables -w -t nat -S UT_OUTPUT",
+            "iptables-restore -w --noflush",
+            "iptables -w -t nat -C PREROUTING -j UT_PREROUTING",
+            "iptables -w -t nat -I PREROUTING 1 -j UT_PREROUTING",
+            "ip6tables-restore -w --noflush",
+            "ip6tables -w -t nat -C PREROUTING -j UT_PREROUTING",
+            "ip6tables -w -t nat -I PREROUTING 1 -j UT_PREROUTING",
+        ]));
+        assert_eq!(host.take_calls(), expected);
+        assert_eq!(host.saved("iptables"), node_installed());
+        assert_eq!(host.saved("ip6tables"), node_installed());
+
+        // A restart in the other mode: the host-mode chains go first.
+        std::mem::forget(installed);
+        let host_mode = unit(ProxyMode::Host);
+        let installed = host_mode.install_with(host.clone()).expect("install");
+        let calls = host.take_calls();
+        assert_eq!(calls[..5], removal("iptables", "PREROUTING")[..]);
+        assert_eq!(calls[5..10], removal("ip6tables", "PREROUTING")[..]);
+        assert_eq!(calls.len(), 10 + 6, "{calls:#?}");
+        for family in ["iptables", "ip6tables"] {
+            let saved = host.saved(family);
+            assert_eq!(saved[..2], lines(&[":UT_OUTPUT", "-A OUTPUT -j UT_OUTPUT"]));
+            assert!(
+                saved.iter().all(|l| !l.contains("UT_PREROUTING")),
+                "{saved:#?}"
+            );
+        }
+        drop(installed);
+        assert_eq!(host.saved("iptables"), untouched());
+        assert_eq!(host.saved("ip6tables"), untouched());
+    }
+
+    #[test]
+    fn a_failed_install_names_the_command_and_leaves_nothing() {
+        // The IPv6 jump fails, after the IPv4 rules and the IPv6 chain are in.
+        let host = FakeHost::new(true);
+        let insert = "ip6tables -w -t nat -I PREROUTING 1 -j UT_PREROUTING";
+        host.fail(insert, 4, "ip6tables: Resource temporarily unavailable.");
+        let e = unit(ProxyMode::Node)
+            .install_with(host.clone())
+            .expect_err("the insert fails");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "`{insert}` failed (exit status 4): ip6tables: Resource temporarily unavailable."
+            )
+        );
+        let calls = host.take_calls();
+        let failed_at = calls.iter().position(|c| c == insert).expect("ran");
+        // Then everything already installed is removed again.
+        let mut expected = lines(&[
+            "ip6tables -w -t nat -S UT_PREROUTING",
+            "ip6tables -w -t nat -S PREROUTING",
+            "ip6tables -w -t nat -F UT_PREROUTING",
+            "ip6tables -w -t nat -X UT_PREROUTING",
+        ]);
+        expected.push(absent("ip6tables", "OUTPUT"));
+        expected.extend(removal("iptables", "PREROUTING"));
+        expected.push(absent("iptables", "OUTPUT"));
+        assert_eq!(calls[failed_at + 1..], expected[..]);
+        assert_eq!(host.saved("iptables"), untouched());
+        assert_eq!(host.saved("ip6tables"), untouched());
+
+        // A restore file the kernel refuses: the error shows it, and the
+        // other family is not tried.
+        let host = FakeHost::new(true);
+        host.fail(
+            "iptables-restore -w --noflush",
+            1,
+            "iptables-restore: line 3 failed",
+        );
+        let e = unit(ProxyMode::Node)
+            .install_with(host.clone())
+            .expect_err("the restore fails");
+        let text = e.to_string();
+        assert!(
+            text.starts_with(
+                "`iptables-restore -w --noflush` failed (exit status 1): iptables-restore: line 3 failed\n\
+                 input was:\n*nat\n:UT_PREROUTING - [0:0]\n"
+            ),
+            "{text}"
+        );
+        let calls = host.calls();
+        assert!(
+            !calls.iter().any(|c| c.starts_with("ip6tables-restore")),
+            "{calls:#?}"
+        );
+        assert_eq!(host.saved("iptables"), untouched());
+        assert_eq!(host.saved("ip6tables"), untouched());
+    }
+
+    #[test]
+    fn a_failed_removal_names_the_command_and_removes_the_rest() {
+        let host = FakeHost::new(true);
+        let installed = unit(ProxyMode::Node)
+            .install_with(host.clone())
+            .expect("install");
+        let delete = "ip6tables -w -t nat -X UT_PREROUTING";
+        host.fail(delete, 1, "ip6tables: Device or resource busy.");
+        let e = installed.remove().expect_err("the delete fails");
+        assert_eq!(
+            e.to_string(),
+            format!("`{delete}` failed (exit status 1): ip6tables: Device or resource busy.")
+        );
+        // Left: the IPv6 chain, empty and jumped to by nothing, so that
+        // nothing is redirected any more. IPv4 is gone all the same.
+        assert_eq!(
+            host.saved("ip6tables"),
+            lines(&[":UT_PREROUTING", &format!("-A PREROUTING {FOREIGN}")])
+        );
+        assert_eq!(host.saved("iptables"), untouched());
+
+        // A failed install whose clean-up fails too returns the install's
+        // error (the clean-up's is logged) and leaves the same.
+        let host = FakeHost::new(true);
+        let insert = "ip6tables -w -t nat -I PREROUTING 1 -j UT_PREROUTING";
+        host.fail(insert, 4, "ip6tables: Resource temporarily unavailable.");
+        host.fail(delete, 1, "ip6tables: Device or resource busy.");
+        let e = unit(ProxyMode::Node)
+            .install_with(host.clone())
+            .expect_err("the insert fails");
+        assert!(e.to_string().starts_with(&format!("`{insert}`")), "{e}");
+        assert_eq!(
+            host.saved("ip6tables"),
+            lines(&[":UT_PREROUTING", &format!("-A PREROUTING {FOREIGN}")])
+        );
+        assert_eq!(host.saved("iptables"), untouched());
+    }
+
+    #[test]
+    fn backend_detection_asks_the_runner() {
+        let host = |version: &str, legacy_nat: bool| {
+            let mut host = Arc::into_inner(FakeHost::new(false)).expect("one owner");
+            host.version = version.into();
+            host.legacy_nat = legacy_nat;
+            for _ in 0..3 {
+                host.add("iptables-legacy", "PREROUTING", "-j KUBE-SERVICES");
+            }
+            host.add("iptables-nft", "PREROUTING", "-j CNI-HOSTPORT-DNAT");
+            host
+        };
+        // kube-proxy in legacy mode on an nft system: its back end wins.
+        let nft_system = host("iptables v1.8.9 (nf_tables)", true);
+        assert_eq!(Backend::detect_with(&nft_system), Backend::Legacy);
+        assert_eq!(
+            nft_system.calls(),
+            [
+                "iptables --version",
+                "iptables-legacy-save -t nat",
+                "iptables-nft-save -t nat"
+            ]
+        );
+        assert!(!Backend::System.is_legacy_with(&nft_system));
+        // The legacy table not loaded: not counted, and not loaded by
+        // asking.
+        let unloaded = host("iptables v1.8.9 (nf_tables)", false);
+        assert_eq!(Backend::detect_with(&unloaded), Backend::System);
+        assert_eq!(
+            unloaded.calls(),
+            ["iptables --version", "iptables-nft-save -t nat"]
+        );
+        // A legacy system whose rules are mostly nft's.
+        let legacy_system = host("iptables v1.8.9 (legacy)", true);
+        legacy_system.add("iptables-nft", "PREROUTING", "-j A");
+        legacy_system.add("iptables-nft", "PREROUTING", "-j B");
+        legacy_system.add("iptables-nft", "PREROUTING", "-j C");
+        assert_eq!(Backend::detect_with(&legacy_system), Backend::Nft);
+        assert!(Backend::System.is_legacy_with(&legacy_system));
+        // No iptables at all: the system's, whose absence install reports.
+        let broken = host("", true);
+        broken.fail("iptables --version", 127, "not found");
+        assert_eq!(Backend::detect_with(&broken), Backend::System);
+        assert_eq!(broken.calls(), ["iptables --version"]);
     }
 }

@@ -17,25 +17,17 @@ use super::guard::{Lease, RENEW_EVERY};
 use super::rules::{Backend, InstalledRules, RedirectRules, RulesError};
 use super::{Proxy, ProxySettings, ProxyStats, TraceContextSource};
 
-/// Why the proxy could not start.
-#[derive(Debug)]
+/// Why the proxy could not start. The message includes the cause's, so
+/// the cause is not also given as `source` (it would print twice).
+#[derive(Debug, thiserror::Error)]
 pub enum ProxyStartError {
     /// Binding the listening sockets failed.
+    #[error("the proxy cannot listen: {0}")]
     Listen(io::Error),
     /// Installing the iptables rules failed.
+    #[error("the proxy's iptables rules cannot be installed: {0}")]
     Rules(RulesError),
 }
-
-impl std::fmt::Display for ProxyStartError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Listen(e) => write!(f, "the proxy cannot listen: {e}"),
-            Self::Rules(e) => write!(f, "the proxy's iptables rules cannot be installed: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for ProxyStartError {}
 
 /// A proxy serving redirected connections, with its rules in place.
 pub struct RunningProxy {
