@@ -21,6 +21,7 @@ use serde::de::{self, Deserializer, Unexpected, Visitor};
 
 use crate::capture::ProbeSettings;
 use crate::correlate::attributes::{DEFAULT_REDACTED_QUERY_PARAMETERS, SENSITIVE_HEADERS};
+use crate::http::check_header_name;
 use crate::proxy::rules::RedirectRules;
 use crate::proxy::settings::{PortProblem, check_interface_pattern, check_ports};
 use crate::proxy::{Cidr, ProxyMode};
@@ -565,7 +566,7 @@ impl ExporterConfig {
         }
         for (name, value) in &self.headers {
             let key = format!("tracing.exporter.headers.{name}");
-            check_header_name(name).map_err(|reason| ConfigError::invalid(&key, reason))?;
+            check_header_name(name).map_err(|e| ConfigError::invalid(&key, e.to_string()))?;
             // CR/LF would let a value inject further headers; the value itself
             // is not echoed because it is usually a credential.
             if value.chars().any(|c| c.is_control() && c != '\t') {
@@ -604,19 +605,6 @@ fn check_endpoint(url: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// RFC 9110 token characters, the only ones a header name may hold.
-fn check_header_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || !name.bytes().all(crate::http::is_tchar) {
-        return Err(format!("{name:?} is not a valid header name"));
-    }
-    // Names are lower-cased when parsed; one built in code must be too, or
-    // later stages comparing with `==` would miss it.
-    if name.bytes().any(|b| b.is_ascii_uppercase()) {
-        return Err(format!("header name {name:?} must be lower-case"));
-    }
-    Ok(())
-}
-
 impl CaptureConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         let n = self.max_message_bytes;
@@ -644,7 +632,7 @@ impl HttpConfig {
             ("http.response_headers", &self.response_headers),
         ] {
             for name in names {
-                check_header_name(name).map_err(|reason| ConfigError::invalid(key, reason))?;
+                check_header_name(name).map_err(|e| ConfigError::invalid(key, e.to_string()))?;
                 if SENSITIVE_HEADERS.contains(&name.as_str()) {
                     return Err(ConfigError::invalid(
                         key,
