@@ -15,11 +15,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use agent_common::MAX_MESSAGE_BYTES;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, Unexpected, Visitor};
 
-use crate::capture::ProbeSettings;
+use crate::capture::{ProbeSettings, ProbeSettingsError};
 use crate::correlate::attributes::{DEFAULT_REDACTED_QUERY_PARAMETERS, SENSITIVE_HEADERS};
 use crate::http::check_header_name;
 use crate::proxy::rules::RedirectRules;
@@ -29,9 +28,6 @@ use crate::proxy::{Cidr, ProxyMode};
 /// Longest export timeout accepted, in milliseconds: beyond ten minutes a
 /// stuck collector would hold spans in memory long after they are useful.
 pub const MAX_EXPORT_TIMEOUT_MS: u64 = 600_000;
-
-/// Smallest ring buffer the kernel accepts: one page.
-pub const MIN_RING_BUFFER_BYTES: u32 = 4096;
 
 /// The whole configuration of `agent run`.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
@@ -606,22 +602,16 @@ fn check_endpoint(url: &str) -> Result<(), String> {
 }
 
 impl CaptureConfig {
+    /// The capture's own checks ([`ProbeSettings::validate`]), under the
+    /// key of the field at fault.
     fn validate(&self) -> Result<(), ConfigError> {
-        let n = self.max_message_bytes;
-        if !(1..=MAX_MESSAGE_BYTES).contains(&n) {
-            return Err(ConfigError::invalid(
-                "capture.max_message_bytes",
-                format!("must be between 1 and {MAX_MESSAGE_BYTES}, got {n}"),
-            ));
-        }
-        let n = self.ring_buffer_bytes;
-        if !n.is_power_of_two() || n < MIN_RING_BUFFER_BYTES {
-            return Err(ConfigError::invalid(
-                "capture.ring_buffer_bytes",
-                format!("must be a power of two of at least {MIN_RING_BUFFER_BYTES}, got {n}"),
-            ));
-        }
-        Ok(())
+        self.probe_settings().validate().map_err(|e| {
+            let key = match e {
+                ProbeSettingsError::MaxMessageBytes(_) => "capture.max_message_bytes",
+                ProbeSettingsError::RingBufferBytes(_) => "capture.ring_buffer_bytes",
+            };
+            ConfigError::invalid(key, e.reason())
+        })
     }
 }
 
