@@ -24,6 +24,7 @@ use crate::http::check_header_name;
 use crate::proxy::rules::RedirectRules;
 use crate::proxy::settings::{PortProblem, check_interface_pattern, check_ports};
 use crate::proxy::{Cidr, ProxyMode};
+use crate::sampling::Sampler;
 
 /// Longest export timeout accepted, in milliseconds: beyond ten minutes a
 /// stuck collector would hold spans in memory long after they are useful.
@@ -145,11 +146,13 @@ pub struct TracingConfig {
     pub terminal: TerminalMode,
 }
 
+// The sampling defaults are the sampler's.
 impl Default for TracingConfig {
     fn default() -> Self {
+        let sampler = Sampler::default();
         Self {
-            random_sampling: 100.0,
-            parent_based: true,
+            random_sampling: sampler.percentage(),
+            parent_based: sampler.is_parent_based(),
             exporter: None,
             file: None,
             terminal: TerminalMode::Auto,
@@ -530,15 +533,15 @@ fn value_kind(value: &serde_yaml_ng::Value) -> &'static str {
 }
 
 impl TracingConfig {
+    /// The sampler `random_sampling` and `parent_based` describe; its own
+    /// check ([`Sampler::new`]) judges the percentage.
+    pub fn sampler(&self) -> Result<Sampler, ConfigError> {
+        Sampler::new(self.random_sampling, self.parent_based)
+            .map_err(|e| ConfigError::invalid("tracing.random_sampling", e.reason()))
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
-        let p = self.random_sampling;
-        // `contains` is false for NaN, so NaN is refused here too.
-        if !(0.0..=100.0).contains(&p) {
-            return Err(ConfigError::invalid(
-                "tracing.random_sampling",
-                format!("must be between 0 and 100, got {p}"),
-            ));
-        }
+        self.sampler()?;
         if let Some(exporter) = &self.exporter {
             exporter.validate()?;
         }
@@ -2001,9 +2004,8 @@ kubernetes:
 /// What each pipeline stage takes from the configuration.
 impl Config {
     /// The sampler `tracing.random_sampling` and `tracing.parent_based` describe.
-    pub fn sampler(&self) -> Result<crate::sampling::Sampler, ConfigError> {
-        crate::sampling::Sampler::new(self.tracing.random_sampling, self.tracing.parent_based)
-            .map_err(|e| ConfigError::invalid("tracing.random_sampling", e.to_string()))
+    pub fn sampler(&self) -> Result<Sampler, ConfigError> {
+        self.tracing.sampler()
     }
 
     /// What spans record (`http:`).
