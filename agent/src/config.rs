@@ -20,15 +20,12 @@ use serde::de::{self, Deserializer, Unexpected, Visitor};
 
 use crate::capture::{ProbeSettings, ProbeSettingsError};
 use crate::correlate::attributes::{DEFAULT_REDACTED_QUERY_PARAMETERS, SENSITIVE_HEADERS};
+use crate::export::{ExporterConfig as Output, ExporterConfigError, OtlpProtocol, OtlpSettings};
 use crate::http::check_header_name;
 use crate::proxy::rules::RedirectRules;
 use crate::proxy::settings::{PortProblem, check_interface_pattern, check_ports};
 use crate::proxy::{Cidr, ProxyMode};
 use crate::sampling::Sampler;
-
-/// Longest export timeout accepted, in milliseconds: beyond ten minutes a
-/// stuck collector would hold spans in memory long after they are useful.
-pub const MAX_EXPORT_TIMEOUT_MS: u64 = 600_000;
 
 /// The whole configuration of `agent run`.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
@@ -163,8 +160,8 @@ impl Default for TracingConfig {
 /// `tracing.exporter:`: the OTLP exporter.
 ///
 /// Fields left `None` (or `headers` left empty) are the exporter's to fill
-/// from `OTEL_EXPORTER_OTLP_*` variables, then from the OpenTelemetry
-/// defaults ([`ExporterProtocol::default_endpoint`], grpc, 10 s).
+/// from `OTEL_EXPORTER_OTLP_*` variables, then from its defaults (grpc to
+/// `http://localhost:4317`, 10 s; see [`crate::export::otlp`]).
 #[derive(Clone, Default, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ExporterConfig {
@@ -210,17 +207,6 @@ pub enum ExporterProtocol {
     #[serde(rename = "http/protobuf")]
     #[value(name = "http/protobuf")]
     HttpProtobuf,
-}
-
-impl ExporterProtocol {
-    /// The OpenTelemetry default endpoint for this protocol, used when
-    /// neither the configuration nor the environment gives one.
-    pub fn default_endpoint(self) -> &'static str {
-        match self {
-            Self::Grpc => "http://localhost:4317",
-            Self::HttpProtobuf => "http://localhost:4318",
-        }
-    }
 }
 
 impl fmt::Display for ExporterProtocol {
@@ -543,65 +529,49 @@ impl TracingConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         self.sampler()?;
         if let Some(exporter) = &self.exporter {
-            exporter.validate()?;
+            Output::Otlp(exporter.otlp_settings())
+                .validate()
+                .map_err(exporter_error)?;
         }
-        if let Some(file) = &self.file
-            && file.as_os_str().is_empty()
-        {
-            return Err(ConfigError::invalid(
-                "tracing.file",
-                "must be a file path, got an empty string",
-            ));
+        if let Some(file) = &self.file {
+            Output::File(file.clone())
+                .validate()
+                .map_err(exporter_error)?;
         }
         Ok(())
     }
+}
+
+/// The export stage's objection ([`Output::validate`]) under the key of
+/// the setting at fault.
+fn exporter_error(e: ExporterConfigError) -> ConfigError {
+    let key = match &e {
+        ExporterConfigError::Endpoint(_) => "tracing.exporter.endpoint".to_string(),
+        ExporterConfigError::Header { name, .. } => format!("tracing.exporter.headers.{name}"),
+        ExporterConfigError::Timeout(_) => "tracing.exporter.timeout_ms".to_string(),
+        ExporterConfigError::File(_) => "tracing.file".to_string(),
+    };
+    ConfigError::invalid(&key, e.reason())
 }
 
 impl ExporterConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
-        if let Some(endpoint) = &self.endpoint {
-            check_endpoint(endpoint)
-                .map_err(|reason| ConfigError::invalid("tracing.exporter.endpoint", reason))?;
+    /// The exporter's settings; what is left `None` (or empty) the exporter
+    /// fills from the environment, then from its defaults.
+    pub fn otlp_settings(&self) -> OtlpSettings {
+        OtlpSettings {
+            endpoint: self.endpoint.clone(),
+            protocol: self.protocol.map(|p| match p {
+                ExporterProtocol::Grpc => OtlpProtocol::Grpc,
+                ExporterProtocol::HttpProtobuf => OtlpProtocol::HttpProtobuf,
+            }),
+            headers: self
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            timeout: self.timeout_ms.map(std::time::Duration::from_millis),
         }
-        for (name, value) in &self.headers {
-            let key = format!("tracing.exporter.headers.{name}");
-            check_header_name(name).map_err(|e| ConfigError::invalid(&key, e.to_string()))?;
-            // CR/LF would let a value inject further headers; the value itself
-            // is not echoed because it is usually a credential.
-            if value.chars().any(|c| c.is_control() && c != '\t') {
-                return Err(ConfigError::invalid(
-                    &key,
-                    "must not contain control characters (line breaks included)",
-                ));
-            }
-        }
-        if let Some(ms) = self.timeout_ms
-            && !(1..=MAX_EXPORT_TIMEOUT_MS).contains(&ms)
-        {
-            return Err(ConfigError::invalid(
-                "tracing.exporter.timeout_ms",
-                format!("must be between 1 and {MAX_EXPORT_TIMEOUT_MS}, got {ms}"),
-            ));
-        }
-        Ok(())
     }
-}
-
-fn check_endpoint(url: &str) -> Result<(), String> {
-    let rest = url
-        .strip_prefix("http://")
-        .or_else(|| url.strip_prefix("https://"))
-        .ok_or_else(|| format!("must be an http:// or https:// URL, got {url:?}"))?;
-    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!(
-            "must not contain spaces or control characters, got {url:?}"
-        ));
-    }
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    if authority.is_empty() {
-        return Err(format!("must name a host, got {url:?}"));
-    }
-    Ok(())
 }
 
 impl CaptureConfig {
@@ -2031,11 +2001,7 @@ impl Config {
     /// The span outputs. `env` reads the agent's environment: as with any
     /// OpenTelemetry SDK, `OTEL_EXPORTER_OTLP_ENDPOINT` (or the traces
     /// variant) turns OTLP export on when the file configures none.
-    pub fn exporters(
-        &self,
-        env: impl Fn(&str) -> Option<String>,
-    ) -> Vec<crate::export::ExporterConfig> {
-        use crate::export::{ExporterConfig as Output, OtlpProtocol, OtlpSettings};
+    pub fn exporters(&self, env: impl Fn(&str) -> Option<String>) -> Vec<Output> {
         let mut outputs = Vec::new();
         let from_env = [
             "OTEL_EXPORTER_OTLP_ENDPOINT",
@@ -2044,25 +2010,8 @@ impl Config {
         .iter()
         .any(|name| env(name).is_some_and(|v| !v.is_empty()));
         let otlp = match &self.tracing.exporter {
-            Some(e) => Some(OtlpSettings {
-                endpoint: e.endpoint.clone(),
-                protocol: e.protocol.map(|p| match p {
-                    ExporterProtocol::Grpc => OtlpProtocol::Grpc,
-                    ExporterProtocol::HttpProtobuf => OtlpProtocol::HttpProtobuf,
-                }),
-                headers: e
-                    .headers
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
-                timeout: e.timeout_ms.map(std::time::Duration::from_millis),
-            }),
-            None if from_env => Some(OtlpSettings {
-                endpoint: None,
-                protocol: None,
-                headers: Vec::new(),
-                timeout: None,
-            }),
+            Some(e) => Some(e.otlp_settings()),
+            None if from_env => Some(OtlpSettings::default()),
             None => None,
         };
         let terminal = match self.tracing.terminal {
