@@ -19,9 +19,8 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, Unexpected, Visitor};
 
 use crate::capture::{ProbeSettings, ProbeSettingsError};
-use crate::correlate::attributes::{DEFAULT_REDACTED_QUERY_PARAMETERS, SENSITIVE_HEADERS};
+use crate::correlate::{ProcessFilter, ProcessFilterError, SpanSettings, SpanSettingsError};
 use crate::export::{ExporterConfig as Output, ExporterConfigError, OtlpProtocol, OtlpSettings};
-use crate::http::check_header_name;
 use crate::proxy::rules::RedirectRules;
 use crate::proxy::settings::{PortProblem, check_interface_pattern, check_ports};
 use crate::proxy::{Cidr, ProxyMode};
@@ -303,7 +302,8 @@ impl CaptureConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
     /// Request headers recorded as `http.request.header.<name>`: an
-    /// allow-list, lower-case, never one of [`SENSITIVE_HEADERS`] (listing
+    /// allow-list, lower-case, never one of
+    /// [`crate::correlate::attributes::SENSITIVE_HEADERS`] (listing
     /// one is an error rather than silently ignored, so nobody believes
     /// credentials are being recorded).
     #[serde(deserialize_with = "lower_case_list")]
@@ -322,16 +322,15 @@ pub struct HttpConfig {
     pub route_heuristic: bool,
 }
 
+// The defaults are the correlator's.
 impl Default for HttpConfig {
     fn default() -> Self {
+        let settings = SpanSettings::default();
         Self {
-            request_headers: Vec::new(),
-            response_headers: Vec::new(),
-            redact_query_parameters: DEFAULT_REDACTED_QUERY_PARAMETERS
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-            route_heuristic: true,
+            request_headers: settings.request_headers,
+            response_headers: settings.response_headers,
+            redact_query_parameters: settings.redact_query_parameters,
+            route_heuristic: settings.route_heuristic,
         }
     }
 }
@@ -589,58 +588,52 @@ impl CaptureConfig {
 }
 
 impl HttpConfig {
+    /// What spans record.
+    pub fn span_settings(&self) -> SpanSettings {
+        SpanSettings {
+            request_headers: self.request_headers.clone(),
+            response_headers: self.response_headers.clone(),
+            redact_query_parameters: self.redact_query_parameters.clone(),
+            route_heuristic: self.route_heuristic,
+        }
+    }
+
+    /// The correlator's own checks ([`SpanSettings::validate`]), under the
+    /// key of the list at fault.
     fn validate(&self) -> Result<(), ConfigError> {
-        for (key, names) in [
-            ("http.request_headers", &self.request_headers),
-            ("http.response_headers", &self.response_headers),
-        ] {
-            for name in names {
-                check_header_name(name).map_err(|e| ConfigError::invalid(key, e.to_string()))?;
-                if SENSITIVE_HEADERS.contains(&name.as_str()) {
-                    return Err(ConfigError::invalid(
-                        key,
-                        format!(
-                            "{name} cannot be recorded: the values of {} never leave the agent",
-                            SENSITIVE_HEADERS.join(", ")
-                        ),
-                    ));
-                }
-            }
-        }
-        for name in &self.redact_query_parameters {
-            if name.is_empty() {
-                return Err(ConfigError::invalid(
-                    "http.redact_query_parameters",
-                    "must not contain an empty name",
-                ));
-            }
-            if name.bytes().any(|b| b.is_ascii_uppercase()) {
-                return Err(ConfigError::invalid(
-                    "http.redact_query_parameters",
-                    format!("name {name:?} must be lower-case"),
-                ));
-            }
-        }
-        Ok(())
+        self.span_settings().validate().map_err(|e| {
+            let key = match e {
+                SpanSettingsError::RequestHeaders(_) => "http.request_headers",
+                SpanSettingsError::ResponseHeaders(_) => "http.response_headers",
+                SpanSettingsError::RedactQueryParameters(_) => "http.redact_query_parameters",
+            };
+            ConfigError::invalid(key, e.reason())
+        })
     }
 }
 
 impl ProcessFilterConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
-        for (key, names) in [
-            ("processes.include", &self.include),
-            ("processes.exclude", &self.exclude),
-        ] {
-            for name in names {
-                if name.is_empty() || name.contains(['/', '\0']) {
-                    return Err(ConfigError::invalid(
-                        key,
-                        format!("expected executable names without a directory, got {name:?}"),
-                    ));
-                }
-            }
+    /// Which processes are traced; URLs on their command lines have the
+    /// values of `secret_query_parameters` redacted.
+    pub fn process_filter(&self, secret_query_parameters: Vec<String>) -> ProcessFilter {
+        ProcessFilter {
+            include: self.include.clone(),
+            exclude: self.exclude.clone(),
+            command_line: self.command_line,
+            secret_query_parameters,
         }
-        Ok(())
+    }
+
+    /// The correlator's own check ([`ProcessFilter::validate`]), under the
+    /// key of the list at fault.
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.process_filter(Vec::new()).validate().map_err(|e| {
+            let key = match e {
+                ProcessFilterError::Include(_) => "processes.include",
+                ProcessFilterError::Exclude(_) => "processes.exclude",
+            };
+            ConfigError::invalid(key, e.reason())
+        })
     }
 }
 
@@ -1979,23 +1972,15 @@ impl Config {
     }
 
     /// What spans record (`http:`).
-    pub fn span_settings(&self) -> crate::correlate::SpanSettings {
-        crate::correlate::SpanSettings {
-            request_headers: self.http.request_headers.clone(),
-            response_headers: self.http.response_headers.clone(),
-            redact_query_parameters: self.http.redact_query_parameters.clone(),
-            route_heuristic: self.http.route_heuristic,
-        }
+    pub fn span_settings(&self) -> SpanSettings {
+        self.http.span_settings()
     }
 
-    /// Which processes are traced (`processes:`).
-    pub fn process_filter(&self) -> crate::correlate::ProcessFilter {
-        crate::correlate::ProcessFilter {
-            include: self.processes.include.clone(),
-            exclude: self.processes.exclude.clone(),
-            command_line: self.processes.command_line,
-            secret_query_parameters: self.http.redact_query_parameters.clone(),
-        }
+    /// Which processes are traced (`processes:`); command lines have the
+    /// query parameters of `http.redact_query_parameters` redacted.
+    pub fn process_filter(&self) -> ProcessFilter {
+        self.processes
+            .process_filter(self.http.redact_query_parameters.clone())
     }
 
     /// The span outputs. `env` reads the agent's environment: as with any
