@@ -22,7 +22,9 @@ use crate::capture::{ProbeSettings, ProbeSettingsError};
 use crate::correlate::{ProcessFilter, ProcessFilterError, SpanSettings, SpanSettingsError};
 use crate::export::{ExporterConfig as Output, ExporterConfigError, OtlpProtocol, OtlpSettings};
 use crate::proxy::rules::RedirectRules;
-use crate::proxy::settings::{PortProblem, check_interface_pattern, check_ports};
+use crate::proxy::settings::{
+    PortProblem, check_interface_pattern, check_ports, check_workers, workers_or_default,
+};
 use crate::proxy::{Cidr, ProxyMode};
 use crate::sampling::Sampler;
 
@@ -373,9 +375,6 @@ pub struct ProxyConfig {
     pub workers: usize,
 }
 
-/// Most `proxy.workers` accepted: each is a thread with its own runtime.
-const MAX_PROXY_WORKERS: usize = 1024;
-
 /// The proxy's own defaults ([`RedirectRules::default`]), disabled.
 impl Default for ProxyConfig {
     fn default() -> Self {
@@ -671,16 +670,7 @@ impl ProxyConfig {
             check_interface_pattern(name)
                 .map_err(|reason| ConfigError::invalid("proxy.pod_interfaces", reason))?;
         }
-        if self.workers > MAX_PROXY_WORKERS {
-            return Err(ConfigError::invalid(
-                "proxy.workers",
-                format!(
-                    "must be at most {MAX_PROXY_WORKERS} (0: one per CPU), got {}",
-                    self.workers
-                ),
-            ));
-        }
-        Ok(())
+        check_workers(self.workers).map_err(|reason| ConfigError::invalid("proxy.workers", reason))
     }
 }
 
@@ -2091,10 +2081,7 @@ impl ProxyConfig {
                 SocketAddr::from((Ipv4Addr::UNSPECIFIED, self.listen_port)),
                 SocketAddr::from((Ipv6Addr::UNSPECIFIED, self.listen_port)),
             ],
-            workers: match self.workers {
-                0 => crate::proxy::default_workers(),
-                n => n,
-            },
+            workers: workers_or_default(self.workers),
             ..crate::proxy::ProxySettings::default()
         }
     }
