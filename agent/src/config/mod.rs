@@ -29,6 +29,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::correlate::{ProcessFilter, SpanSettings};
+use crate::export::otlp::env as otlp_env;
 use crate::export::{ExporterConfig as Output, OtlpSettings};
 use crate::sampling::Sampler;
 
@@ -94,14 +95,11 @@ impl Config {
         self.kubernetes.validate()
     }
 
-    /// Whether spans are printed on the terminal: `auto` means only when
-    /// they are neither exported nor written to a file.
+    /// Whether spans are printed on the terminal, the environment aside:
+    /// `auto` means only when they are neither exported nor written to a
+    /// file (the decision of [`Config::exporters`]).
     pub fn terminal_enabled(&self) -> bool {
-        match self.tracing.terminal {
-            TerminalMode::On => true,
-            TerminalMode::Off => false,
-            TerminalMode::Auto => self.tracing.exporter.is_none() && self.tracing.file.is_none(),
-        }
+        self.exporters(|_| None).contains(&Output::Terminal)
     }
 
     fn parse_file(path: &Path) -> Result<Config, ConfigError> {
@@ -174,12 +172,9 @@ impl Config {
     /// variant) turns OTLP export on when the file configures none.
     pub fn exporters(&self, env: impl Fn(&str) -> Option<String>) -> Vec<Output> {
         let mut outputs = Vec::new();
-        let from_env = [
-            "OTEL_EXPORTER_OTLP_ENDPOINT",
-            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-        ]
-        .iter()
-        .any(|name| env(name).is_some_and(|v| !v.is_empty()));
+        let from_env = [otlp_env::ENDPOINT, otlp_env::TRACES_ENDPOINT]
+            .iter()
+            .any(|name| env(name).is_some_and(|v| !v.is_empty()));
         let otlp = match &self.tracing.exporter {
             Some(e) => Some(e.otlp_settings()),
             None if from_env => Some(OtlpSettings::default()),

@@ -35,7 +35,7 @@ pub struct TracingConfig {
     /// OTLP/JSON lines file that spans are appended to, if any.
     pub file: Option<PathBuf>,
     /// Whether spans are printed on the terminal; see
-    /// [`Config::terminal_enabled`].
+    /// [`super::Config::terminal_enabled`].
     pub terminal: TerminalMode,
 }
 
