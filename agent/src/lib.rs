@@ -113,6 +113,34 @@ mod tests {
         );
     }
 
+    /// Limits and defaults are the stages': the config module only maps
+    /// keys onto them, so it declares no constant of its own (its tests
+    /// aside). A limit written into config again would be a second copy.
+    #[test]
+    fn config_declares_no_limits_of_its_own() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src")
+            .join("config");
+        let files = sources(&dir);
+        assert!(files.len() >= 4, "found only {files:?}");
+        for path in files.iter().filter(|p| !p.ends_with("tests.rs")) {
+            let text = std::fs::read_to_string(path).expect("read a source");
+            for line in text.lines().map(str::trim_start) {
+                let item = line
+                    .strip_prefix("pub(crate) ")
+                    .or_else(|| line.strip_prefix("pub(super) "))
+                    .or_else(|| line.strip_prefix("pub "))
+                    .unwrap_or(line);
+                assert!(
+                    !item.starts_with("const ") && !item.starts_with("static "),
+                    "{}: {line}: limits and defaults belong to the stage that owns \
+                     the setting; config maps the key onto it",
+                    path.display()
+                );
+            }
+        }
+    }
+
     #[test]
     fn the_check_sees_every_spelling() {
         let module = concat!("con", "fig");

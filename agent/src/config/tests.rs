@@ -10,6 +10,7 @@ use super::*;
 use crate::export::ExporterConfig as Output;
 use crate::proxy::ProxyMode;
 use crate::proxy::rules::RedirectRules;
+use crate::sampling::Sampler;
 
 /// Every key a file can hold, so the docs test below can check none is
 /// left undocumented.
@@ -808,6 +809,60 @@ fn every_documented_key_exists() {
             _ => {}
         }
     }
+}
+
+/// The words of type errors and of `--help` state the stages' limits and
+/// defaults: they must say what the stages check.
+#[test]
+fn allowed_values_and_flag_help_state_the_stages_limits() {
+    use crate::capture::{MIN_RING_BUFFER_BYTES, ProbeSettings};
+    use crate::export::MAX_EXPORT_TIMEOUT_MS;
+    use agent_common::MAX_MESSAGE_BYTES;
+    use clap::CommandFactory;
+
+    let allowed = |key| allowed_values(key).unwrap_or_default();
+    assert!(allowed("capture.max_message_bytes").ends_with(&format!(" 1 and {MAX_MESSAGE_BYTES}")));
+    assert!(allowed("capture.ring_buffer_bytes").ends_with(&format!(" {MIN_RING_BUFFER_BYTES}")));
+    assert!(
+        allowed("tracing.exporter.timeout_ms")
+            .ends_with(&format!(" 1 and {MAX_EXPORT_TIMEOUT_MS}"))
+    );
+    assert!(allowed("tracing.random_sampling").ends_with(" 0 and 100"));
+    assert!(Sampler::new(0.0, true).is_ok() && Sampler::new(100.0, true).is_ok());
+    assert!(Sampler::new(-0.01, true).is_err() && Sampler::new(100.01, true).is_err());
+
+    let help = |long: &str| {
+        Cli::command()
+            .get_arguments()
+            .find(|a| a.get_long() == Some(long))
+            .and_then(|a| a.get_help().map(ToString::to_string))
+            .unwrap_or_default()
+    };
+    let probe = ProbeSettings::default();
+    assert!(
+        help("max-message-bytes").contains(&format!(
+            "1 to {MAX_MESSAGE_BYTES} [capture.max_message_bytes; default {}]",
+            probe.max_message_bytes
+        )),
+        "{}",
+        help("max-message-bytes")
+    );
+    assert!(
+        help("ring-buffer-bytes").contains(&format!(
+            ">= {MIN_RING_BUFFER_BYTES} [capture.ring_buffer_bytes; default {}]",
+            probe.ring_buffer_bytes
+        )),
+        "{}",
+        help("ring-buffer-bytes")
+    );
+    assert!(
+        help("random-sampling").contains(&format!(
+            "0 to 100 [tracing.random_sampling; default {}]",
+            Sampler::default().percentage()
+        )),
+        "{}",
+        help("random-sampling")
+    );
 }
 
 #[test]
