@@ -33,20 +33,35 @@ pub enum SamplingError {
     InvalidPercentage(f64),
 }
 
+impl SamplingError {
+    /// Why the setting was refused, without naming it.
+    pub fn reason(&self) -> String {
+        match self {
+            Self::InvalidPercentage(value) => format!("must be between 0 and 100, got {value}"),
+        }
+    }
+}
+
 impl fmt::Display for SamplingError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::InvalidPercentage(value) => {
-                write!(
-                    f,
-                    "sampling percentage must be a number from 0 to 100, got {value}"
-                )
-            }
+            Self::InvalidPercentage(_) => write!(f, "sampling percentage {}", self.reason()),
         }
     }
 }
 
 impl std::error::Error for SamplingError {}
+
+/// Every trace kept, and a parent's sampled flag followed.
+impl Default for Sampler {
+    fn default() -> Self {
+        Sampler {
+            percentage: 100.0,
+            rejection_threshold: 0,
+            parent_based: true,
+        }
+    }
+}
 
 impl Sampler {
     /// A sampler keeping `percentage` percent of new traces. With
@@ -243,6 +258,11 @@ mod tests {
         }
         let nan = Sampler::new(f64::NAN, false).unwrap_err();
         assert!(nan.to_string().contains("NaN"), "{nan}");
+    }
+
+    #[test]
+    fn the_default_keeps_everything_and_follows_the_parent() {
+        assert_eq!(Sampler::default(), Sampler::new(100.0, true).unwrap());
     }
 
     #[test]

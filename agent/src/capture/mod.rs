@@ -27,7 +27,7 @@ pub use event::{
     CaptureEvent, Connection, ConnectionId, Direction, Message, ProcessName, PythonContextEvent,
     RecordDecoder, Role, Syscall,
 };
-pub use probes::{ProbeSettings, Probes};
+pub use probes::{MIN_RING_BUFFER_BYTES, ProbeSettings, ProbeSettingsError, Probes};
 
 /// Counters of the user-space side of the capture.
 #[derive(Debug, Default)]

@@ -86,18 +86,45 @@ impl Default for ProbeSettings {
     }
 }
 
+/// Smallest ring buffer the kernel accepts: one page.
+pub const MIN_RING_BUFFER_BYTES: u32 = 4096;
+
+/// A [`ProbeSettings`] value the kernel side cannot honour: which field,
+/// and why (the reason names the value given).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeSettingsError {
+    /// `max_message_bytes` is 0 or above [`MAX_MESSAGE_BYTES`].
+    #[error("max_message_bytes: {0}")]
+    MaxMessageBytes(String),
+    /// `ring_buffer_bytes` is not a power of two of at least
+    /// [`MIN_RING_BUFFER_BYTES`].
+    #[error("ring_buffer_bytes: {0}")]
+    RingBufferBytes(String),
+}
+
+impl ProbeSettingsError {
+    /// Why the field's value was refused, without the field's name.
+    pub fn reason(&self) -> &str {
+        match self {
+            Self::MaxMessageBytes(reason) | Self::RingBufferBytes(reason) => reason,
+        }
+    }
+}
+
 impl ProbeSettings {
     /// Rejects values the kernel side cannot honour.
-    pub fn validate(&self) -> Result<()> {
-        if self.max_message_bytes == 0 || self.max_message_bytes > MAX_MESSAGE_BYTES {
-            bail!(
-                "max_message_bytes must be between 1 and {MAX_MESSAGE_BYTES}, got {}",
-                self.max_message_bytes
-            );
+    pub fn validate(&self) -> Result<(), ProbeSettingsError> {
+        let n = self.max_message_bytes;
+        if !(1..=MAX_MESSAGE_BYTES).contains(&n) {
+            return Err(ProbeSettingsError::MaxMessageBytes(format!(
+                "must be between 1 and {MAX_MESSAGE_BYTES}, got {n}"
+            )));
         }
-        let rb = self.ring_buffer_bytes;
-        if !rb.is_power_of_two() || rb < 4096 {
-            bail!("ring_buffer_bytes must be a power of two of at least 4096, got {rb}");
+        let n = self.ring_buffer_bytes;
+        if !n.is_power_of_two() || n < MIN_RING_BUFFER_BYTES {
+            return Err(ProbeSettingsError::RingBufferBytes(format!(
+                "must be a power of two of at least {MIN_RING_BUFFER_BYTES}, got {n}"
+            )));
         }
         Ok(())
     }
@@ -518,24 +545,40 @@ mod tests {
             max_message_bytes: MAX_MESSAGE_BYTES + 1,
             ..Default::default()
         };
-        assert!(
-            too_big
-                .validate()
-                .unwrap_err()
-                .to_string()
-                .contains("16384")
+        assert_eq!(
+            too_big.validate(),
+            Err(ProbeSettingsError::MaxMessageBytes(
+                "must be between 1 and 16384, got 16385".into()
+            ))
         );
         let odd_ring = ProbeSettings {
             ring_buffer_bytes: 5000,
             ..Default::default()
         };
-        assert!(
-            odd_ring
-                .validate()
-                .unwrap_err()
-                .to_string()
-                .contains("power of two")
+        let e = odd_ring.validate().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "ring_buffer_bytes: must be a power of two of at least 4096, got 5000"
         );
+        assert_eq!(
+            e.reason(),
+            "must be a power of two of at least 4096, got 5000"
+        );
+        for ring_buffer_bytes in [0, 2048, 4097] {
+            let s = ProbeSettings {
+                ring_buffer_bytes,
+                ..Default::default()
+            };
+            assert!(s.validate().is_err(), "{ring_buffer_bytes}");
+        }
+        for ok in [(1, 4096), (MAX_MESSAGE_BYTES, 1 << 31)] {
+            let s = ProbeSettings {
+                max_message_bytes: ok.0,
+                ring_buffer_bytes: ok.1,
+                ..Default::default()
+            };
+            assert_eq!(s.validate(), Ok(()), "{ok:?}");
+        }
         assert!(ProbeSettings::default().validate().is_ok());
     }
 

@@ -33,10 +33,76 @@ impl Default for SpanSettings {
     }
 }
 
-/// Headers whose values never leave the agent, whatever the configuration
-/// (the configuration also refuses to list them in `http.request_headers`
-/// or `http.response_headers`, so nobody believes credentials are being
-/// recorded, or makes them recorded by a later change).
+/// A [`SpanSettings`] value refused by [`SpanSettings::validate`]: which
+/// field, and why (the reason names the value given).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SpanSettingsError {
+    /// A name in `request_headers`.
+    #[error("request_headers: {0}")]
+    RequestHeaders(String),
+    /// A name in `response_headers`.
+    #[error("response_headers: {0}")]
+    ResponseHeaders(String),
+    /// A name in `redact_query_parameters`.
+    #[error("redact_query_parameters: {0}")]
+    RedactQueryParameters(String),
+}
+
+impl SpanSettingsError {
+    /// Why the field's value was refused, without the field's name.
+    pub fn reason(&self) -> &str {
+        match self {
+            Self::RequestHeaders(reason)
+            | Self::ResponseHeaders(reason)
+            | Self::RedactQueryParameters(reason) => reason,
+        }
+    }
+}
+
+impl SpanSettings {
+    /// Checks the names: headers to record are valid lower-case header
+    /// names ([`crate::http::check_header_name`]) and never one of
+    /// [`SENSITIVE_HEADERS`]; query parameters to redact are non-empty and
+    /// lower-case. The first problem found, request headers first.
+    pub fn validate(&self) -> Result<(), SpanSettingsError> {
+        type Field = fn(String) -> SpanSettingsError;
+        for (field, names) in [
+            (
+                SpanSettingsError::RequestHeaders as Field,
+                &self.request_headers,
+            ),
+            (SpanSettingsError::ResponseHeaders, &self.response_headers),
+        ] {
+            for name in names {
+                crate::http::check_header_name(name).map_err(|e| field(e.to_string()))?;
+                if SENSITIVE_HEADERS.contains(&name.as_str()) {
+                    return Err(field(format!(
+                        "{name} cannot be recorded: the values of {} never leave the agent",
+                        SENSITIVE_HEADERS.join(", ")
+                    )));
+                }
+            }
+        }
+        for name in &self.redact_query_parameters {
+            if name.is_empty() {
+                return Err(SpanSettingsError::RedactQueryParameters(
+                    "must not contain an empty name".into(),
+                ));
+            }
+            if name.bytes().any(|b| b.is_ascii_uppercase()) {
+                return Err(SpanSettingsError::RedactQueryParameters(format!(
+                    "name {name:?} must be lower-case"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Headers whose values never leave the agent, whatever the settings
+/// ([`SpanSettings::validate`] also refuses to list them in
+/// `request_headers` or `response_headers`, so nobody believes credentials
+/// are being recorded, or makes them recorded by a later change).
 pub const SENSITIVE_HEADERS: &[&str] = &[
     "authorization",
     "cookie",
@@ -324,6 +390,48 @@ pub fn status(exchange: &Exchange, kind: SpanKind) -> SpanStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn span_settings_refuse_sensitive_and_malformed_names() {
+        assert_eq!(SpanSettings::default().validate(), Ok(()));
+        let headers = |request: &[&str], response: &[&str]| SpanSettings {
+            request_headers: request.iter().map(|s| s.to_string()).collect(),
+            response_headers: response.iter().map(|s| s.to_string()).collect(),
+            ..SpanSettings::default()
+        };
+        assert_eq!(
+            headers(&["x-request-id"], &["content-type"]).validate(),
+            Ok(())
+        );
+        for name in SENSITIVE_HEADERS {
+            let e = headers(&["x-request-id", name], &[])
+                .validate()
+                .unwrap_err();
+            assert_eq!(
+                e,
+                SpanSettingsError::RequestHeaders(format!(
+                    "{name} cannot be recorded: the values of authorization, cookie, \
+                     set-cookie, proxy-authorization never leave the agent"
+                ))
+            );
+            let e = headers(&[], &[name]).validate().unwrap_err();
+            assert!(matches!(e, SpanSettingsError::ResponseHeaders(_)), "{e}");
+        }
+        let e = headers(&["x request"], &[]).validate().unwrap_err();
+        assert_eq!(e.reason(), "\"x request\" is not a valid header name");
+        let redact = |names: &[&str]| SpanSettings {
+            redact_query_parameters: names.iter().map(|s| s.to_string()).collect(),
+            ..SpanSettings::default()
+        };
+        assert_eq!(
+            redact(&["token", ""]).validate().unwrap_err().to_string(),
+            "redact_query_parameters: must not contain an empty name"
+        );
+        assert_eq!(
+            redact(&["Token"]).validate().unwrap_err().reason(),
+            "name \"Token\" must be lower-case"
+        );
+    }
 
     #[test]
     fn route_heuristic_collapses_numeric_uuid_and_long_hex_segments() {

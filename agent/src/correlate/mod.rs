@@ -51,8 +51,8 @@ use crate::sampling::Sampler;
 use crate::span::{Attribute, Span, SpanId, SpanKind, TraceId, flags};
 use crate::tracecontext::{self, IdGenerator};
 
-pub use attributes::SpanSettings;
-pub use process::{ProcessFilter, ProcessTable};
+pub use attributes::{SpanSettings, SpanSettingsError};
+pub use process::{ProcessFilter, ProcessFilterError, ProcessTable};
 pub use proxy_contexts::{AgreementCounters, ProxiedRequestKey, ProxyContexts};
 pub use python_contexts::{ContextParent, OpenRequests, PythonContexts, RequestKey};
 pub use runtime::{Multiplexer, Runtime};

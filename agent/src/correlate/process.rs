@@ -27,6 +27,49 @@ pub struct ProcessFilter {
     pub secret_query_parameters: Vec<String>,
 }
 
+/// A [`ProcessFilter`] value refused by [`ProcessFilter::validate`]: which
+/// list, and why (the reason names the value given).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProcessFilterError {
+    /// A name in `include`.
+    #[error("include: {0}")]
+    Include(String),
+    /// A name in `exclude`.
+    #[error("exclude: {0}")]
+    Exclude(String),
+}
+
+impl ProcessFilterError {
+    /// Why the list was refused, without the list's name.
+    pub fn reason(&self) -> &str {
+        match self {
+            Self::Include(reason) | Self::Exclude(reason) => reason,
+        }
+    }
+}
+
+impl ProcessFilter {
+    /// Checks that `include` and `exclude` hold executable names (the
+    /// file name alone, as they are compared with): not empty, no `/`, no
+    /// NUL. The first problem found, `include` first.
+    pub fn validate(&self) -> Result<(), ProcessFilterError> {
+        type Field = fn(String) -> ProcessFilterError;
+        for (field, names) in [
+            (ProcessFilterError::Include as Field, &self.include),
+            (ProcessFilterError::Exclude, &self.exclude),
+        ] {
+            for name in names {
+                if name.is_empty() || name.contains(['/', '\0']) {
+                    return Err(field(format!(
+                        "expected executable names without a directory, got {name:?}"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What /proc says about one process.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProcessInfo {
@@ -295,6 +338,26 @@ impl ProcessTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn filters_hold_executable_names() {
+        let filter = |include: &[&str], exclude: &[&str]| ProcessFilter {
+            include: include.iter().map(|s| s.to_string()).collect(),
+            exclude: exclude.iter().map(|s| s.to_string()).collect(),
+            ..ProcessFilter::default()
+        };
+        assert_eq!(filter(&["nginx", "python3"], &["sshd"]).validate(), Ok(()));
+        assert_eq!(
+            filter(&["/usr/bin/nginx"], &[]).validate(),
+            Err(ProcessFilterError::Include(
+                "expected executable names without a directory, got \"/usr/bin/nginx\"".into()
+            ))
+        );
+        for bad in ["", "a\0b", "bin/sh"] {
+            let e = filter(&[], &[bad]).validate().unwrap_err();
+            assert!(matches!(e, ProcessFilterError::Exclude(_)), "{bad:?}: {e}");
+        }
+    }
 
     #[test]
     fn a_pods_names_join_its_resource_once_the_watch_knows_the_pod() {

@@ -16,6 +16,7 @@
 
 pub mod otlp;
 pub mod otlp_json;
+mod settings;
 mod skip_defaults;
 pub mod terminal;
 
@@ -34,6 +35,7 @@ use crate::span::Span;
 
 pub use otlp::{OtlpExporter, OtlpProtocol, OtlpSettings};
 pub use otlp_json::JsonFileExporter;
+pub use settings::{ExporterConfigError, MAX_EXPORT_TIMEOUT_MS};
 pub use terminal::{TraceBuffer, render_trace};
 
 /// Instrumentation scope name of every exported span.

@@ -51,6 +51,31 @@ pub(crate) fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
+/// Why a configured header name is refused ([`check_header_name`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderNameError {
+    /// Empty, or holding a character that is not a token character.
+    #[error("{0:?} is not a valid header name")]
+    Invalid(String),
+    /// Holding an upper-case letter.
+    #[error("header name {0:?} must be lower-case")]
+    NotLowerCase(String),
+}
+
+/// Checks a header name given in settings (headers to record, headers to
+/// send): RFC 9110 token characters only, and lower-case. Names are
+/// lower-cased when parsed; one built in code must be too, or the stages
+/// that compare names with `==` would miss it.
+pub fn check_header_name(name: &str) -> Result<(), HeaderNameError> {
+    if name.is_empty() || !name.bytes().all(is_tchar) {
+        return Err(HeaderNameError::Invalid(name.to_string()));
+    }
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(HeaderNameError::NotLowerCase(name.to_string()));
+    }
+    Ok(())
+}
+
 /// Headers the start-line reader looks at; more are not needed to find it.
 const MAX_HEADERS: usize = 64;
 
@@ -145,5 +170,21 @@ mod tests {
         assert_eq!(start_line(&[0x16, 0x03, 0x01, 0x00, 0xa5]), None);
         assert_eq!(start_line(b""), None);
         assert_eq!(start_line(b"GET"), None);
+    }
+
+    #[test]
+    fn configured_header_names_are_tokens_in_lower_case() {
+        for good in ["x-request-id", "traceparent", "x_b3!"] {
+            assert_eq!(check_header_name(good), Ok(()), "{good}");
+        }
+        assert_eq!(
+            check_header_name("x request").unwrap_err().to_string(),
+            "\"x request\" is not a valid header name"
+        );
+        assert!(check_header_name("").is_err());
+        assert_eq!(
+            check_header_name("X-Api-Key").unwrap_err().to_string(),
+            "header name \"X-Api-Key\" must be lower-case"
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! What the proxy intercepts, as the configuration states it: the mode,
-//! CIDR blocks, and the checks of ports and interface names. The proxy owns
+//! CIDR blocks, and the checks of ports, interface names and the number of
+//! relay threads. The proxy owns
 //! these types and their validation; the configuration maps the YAML keys
 //! onto them and names the key when a check fails.
 
@@ -240,6 +241,30 @@ pub fn check_interface_pattern(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Most relay threads accepted ([`super::ProxySettings::workers`]): each
+/// is a thread with its own runtime.
+pub const MAX_WORKERS: usize = 1024;
+
+/// Checks a number of relay threads as the configuration states it, 0
+/// standing for one per CPU ([`workers_or_default`]).
+pub fn check_workers(workers: usize) -> Result<(), String> {
+    if workers > MAX_WORKERS {
+        return Err(format!(
+            "must be at most {MAX_WORKERS} (0: one per CPU), got {workers}"
+        ));
+    }
+    Ok(())
+}
+
+/// The relay threads `workers` asks for: 0 is one per CPU
+/// ([`super::default_workers`]).
+pub fn workers_or_default(workers: usize) -> usize {
+    match workers {
+        0 => super::default_workers(),
+        n => n,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -296,6 +321,18 @@ mod tests {
         for (listen_port, ports, exclude_ports, problem) in cases {
             assert_eq!(check_ports(listen_port, ports, exclude_ports), Err(problem));
         }
+    }
+
+    #[test]
+    fn workers() {
+        assert_eq!(check_workers(0), Ok(()));
+        assert_eq!(check_workers(MAX_WORKERS), Ok(()));
+        assert_eq!(
+            check_workers(5000),
+            Err("must be at most 1024 (0: one per CPU), got 5000".into())
+        );
+        assert_eq!(workers_or_default(3), 3);
+        assert_eq!(workers_or_default(0), super::super::default_workers());
     }
 
     #[test]
