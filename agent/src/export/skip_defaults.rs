@@ -26,11 +26,12 @@ use serde::ser::{
     SerializeTuple, SerializeTupleStruct, SerializeTupleVariant, Serializer,
 };
 
-/// `value` as JSON, with defaults left out (see the module comment).
-pub(crate) fn to_string<T: Serialize + ?Sized>(value: &T) -> serde_json::Result<String> {
-    let mut out = Vec::with_capacity(4096);
-    value.serialize(SkipDefaults(&mut serde_json::Serializer::new(&mut out)))?;
-    String::from_utf8(out).map_err(serde_json::Error::custom)
+/// Appends `value` as JSON, defaults left out, to `out`.
+pub(crate) fn to_writer<T: Serialize + ?Sized>(
+    out: &mut Vec<u8>,
+    value: &T,
+) -> serde_json::Result<()> {
+    value.serialize(SkipDefaults(&mut serde_json::Serializer::new(out)))
 }
 
 /// Members written whole, defaults and all.
@@ -625,6 +626,13 @@ pub(crate) fn omit_defaults(value: &mut serde_json::Value) {
         Value::Array(items) => items.iter_mut().for_each(omit_defaults),
         _ => {}
     }
+}
+
+#[cfg(test)]
+fn to_string<T: Serialize + ?Sized>(value: &T) -> serde_json::Result<String> {
+    let mut out = Vec::new();
+    to_writer(&mut out, value)?;
+    String::from_utf8(out).map_err(serde_json::Error::custom)
 }
 
 #[cfg(test)]
