@@ -1,6 +1,8 @@
 //! The user-space pipeline alone, on recorded events: ring-buffer records
 //! -> decode -> correlate (HTTP parsing, trace context, spans) -> OTLP
-//! export requests encoded to protobuf, the bytes an exporter sends.
+//! export requests (the SDK's `SpanData` converted by
+//! `opentelemetry_proto::transform`, as the OTLP exporter does) encoded to
+//! protobuf, the bytes an exporter sends.
 //!
 //! `cargo xtask bench` runs it. It reports events per second on one core
 //! (criterion's throughput) and, once before measuring, allocations per
@@ -17,10 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use agent::capture::event::encode_record;
 use agent::capture::{CaptureEvent, RecordDecoder};
 use agent::correlate::{Correlator, ProcessFilter, ProcessTable, SpanSettings};
-use agent::export::otlp_json::{
-    export_request, hand_export_request, write_json_line, write_request,
-    write_request_without_defaults,
-};
+use agent::export::otlp_json::{export_request, write_json_line};
 use agent::sampling::Sampler;
 use agent::span::Span;
 use agent_common::{AF_INET, ConnTuple, Direction, EventHeader, EventKind, Role, Syscall};
@@ -264,25 +263,16 @@ type Writer = fn(&[Span], &mut Vec<u8>);
 
 /// The ways compared: the file output's direct writer; the official
 /// conversion (`SpanData` -> `opentelemetry_proto::transform`) written by
-/// `serde_json` with every default, or with defaults left out while
-/// serializing; the hand-built conversion the direct writer used to be held
-/// to, defaults left out; and the protobuf encodings of both conversions.
-const WRITERS: [(&str, Writer); 6] = [
+/// `serde_json` with every default (the direct writer's reference); and, for
+/// scale, the same conversion encoded to protobuf, as the OTLP exporter
+/// sends it.
+const WRITERS: [(&str, Writer); 3] = [
     ("direct_writer", |spans, out| write_json_line(spans, out)),
     ("official_serde_json", |spans, out| {
-        write_request(&export_request(spans), out)
-    }),
-    ("official_skip_defaults", |spans, out| {
-        write_request_without_defaults(&export_request(spans), out)
-    }),
-    ("hand_skip_defaults", |spans, out| {
-        write_request_without_defaults(&hand_export_request(spans), out)
+        serde_json::to_writer(out, &export_request(spans)).unwrap()
     }),
     ("official_protobuf", |spans, out| {
         export_request(spans).encode(out).unwrap()
-    }),
-    ("hand_protobuf", |spans, out| {
-        hand_export_request(spans).encode(out).unwrap()
     }),
 ];
 

@@ -16,7 +16,6 @@
 
 pub mod otlp;
 pub mod otlp_json;
-mod skip_defaults;
 pub mod terminal;
 
 use std::fmt;

@@ -2,8 +2,11 @@
 //! Collector's file exporter writes and its `otlpjsonfile` receiver reads.
 //!
 //! The file output writes each line straight from the span model
-//! ([`write_json_line`]), leaving default values out as the Collector does.
-//! Its reference is the official path: our spans become the SDK's `SpanData`
+//! ([`write_json_line`]), leaving default values out as the Collector does:
+//! the official path below allocates for every attribute, span and
+//! conversion step and writes every default, which costs several times the
+//! CPU per span and more bytes (docs/benchmarks.md, "User-space pipeline on
+//! recorded events"). Its reference is the official path: our spans become the SDK's `SpanData`
 //! (as for the OTLP exporter, [`super::otlp::span_data`]),
 //! `opentelemetry_proto::transform` builds the request from them as
 //! `opentelemetry-otlp` does ([`export_request`]), and that crate's
@@ -19,18 +22,13 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
-use opentelemetry_proto::tonic::resource::v1::Resource as ProtoResource;
-use opentelemetry_proto::tonic::trace::v1::{
-    ResourceSpans, ScopeSpans, Span as ProtoSpan, SpanFlags, Status, span, status,
-};
+use opentelemetry_proto::tonic::trace::v1::{SpanFlags, span, status};
 use opentelemetry_proto::transform::common::tonic::ResourceAttributesWithSchema;
 use opentelemetry_proto::transform::trace::tonic::group_spans_by_resource_and_scope;
 
 use super::otlp::{parent_is_remote, scope, sdk_resource, span_data};
-use super::skip_defaults;
 use super::{ExportError, SCOPE_NAME, SCOPE_VERSION, SERVICE_NAME, group_by_resource};
-use crate::span::{Attribute, AttributeValue, Resource, Span, SpanKind, SpanStatus, encode_hex};
+use crate::span::{Attribute, AttributeValue, Span, SpanKind, SpanStatus, encode_hex};
 
 /// The OTLP request for `spans`, as `opentelemetry-otlp` builds it: one
 /// `ResourceSpans` per distinct resource (in order of first appearance),
@@ -50,99 +48,6 @@ pub fn export_request(spans: &[Span]) -> ExportTraceServiceRequest {
         })
         .collect();
     ExportTraceServiceRequest { resource_spans }
-}
-
-/// The hand-built request the file output used to be held to (for the
-/// comparison benchmark only).
-#[doc(hidden)]
-pub fn hand_export_request(spans: &[Span]) -> ExportTraceServiceRequest {
-    let resource_spans = group_by_resource(spans)
-        .into_iter()
-        .map(|group| ResourceSpans {
-            resource: Some(proto_resource(&spans[group[0]].resource)),
-            scope_spans: vec![ScopeSpans {
-                scope: Some(InstrumentationScope {
-                    name: SCOPE_NAME.to_string(),
-                    version: SCOPE_VERSION.to_string(),
-                    attributes: vec![],
-                    dropped_attributes_count: 0,
-                }),
-                spans: group.iter().map(|&i| proto_span(&spans[i])).collect(),
-                schema_url: String::new(),
-            }],
-            schema_url: String::new(),
-        })
-        .collect();
-    ExportTraceServiceRequest { resource_spans }
-}
-
-/// `service.name` first, then the other resource attributes.
-fn proto_resource(resource: &Resource) -> ProtoResource {
-    let service_name = KeyValue {
-        key: SERVICE_NAME.to_string(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(resource.service_name.clone())),
-        }),
-        key_strindex: 0,
-    };
-    let attributes = std::iter::once(service_name)
-        .chain(
-            resource
-                .attributes
-                .iter()
-                .filter(|a| a.key != SERVICE_NAME)
-                .map(key_value),
-        )
-        .collect();
-    ProtoResource {
-        attributes,
-        dropped_attributes_count: 0,
-        entity_refs: vec![],
-    }
-}
-
-fn key_value(attribute: &Attribute) -> KeyValue {
-    let value = match &attribute.value {
-        AttributeValue::String(s) => any_value::Value::StringValue(s.to_string()),
-        AttributeValue::Int(i) => any_value::Value::IntValue(*i),
-    };
-    KeyValue {
-        key: attribute.key.to_string(),
-        value: Some(AnyValue { value: Some(value) }),
-        key_strindex: 0,
-    }
-}
-
-fn proto_span(span: &Span) -> ProtoSpan {
-    let flags = proto_flags(span);
-    ProtoSpan {
-        trace_id: span.trace_id.0.to_vec(),
-        span_id: span.span_id.0.to_vec(),
-        trace_state: span.trace_state.clone(),
-        parent_span_id: span.parent_span_id.map_or_else(Vec::new, |p| p.0.to_vec()),
-        flags,
-        name: span.name.clone(),
-        kind: match span.kind {
-            SpanKind::Server => span::SpanKind::Server,
-            SpanKind::Client => span::SpanKind::Client,
-        } as i32,
-        start_time_unix_nano: span.start_unix_nano,
-        end_time_unix_nano: span.end_unix_nano,
-        attributes: span.attributes.iter().map(key_value).collect(),
-        dropped_attributes_count: 0,
-        events: vec![],
-        dropped_events_count: 0,
-        links: vec![],
-        dropped_links_count: 0,
-        status: match &span.status {
-            // An absent status is the unset one; saying so costs bytes.
-            SpanStatus::Unset => None,
-            SpanStatus::Error(message) => Some(Status {
-                message: message.clone(),
-                code: status::StatusCode::Error as i32,
-            }),
-        },
-    }
 }
 
 /// Appends the OTLP/JSON line of `spans` (no newline) to `out`: the message
@@ -323,21 +228,6 @@ pub fn json_line(request: &ExportTraceServiceRequest) -> Result<String, ExportEr
         .map_err(|e| ExportError::Export(format!("OTLP/JSON encoding: {e}")))
 }
 
-/// Appends the request as OTLP/JSON to `out`, defaults included (for the
-/// comparison benchmark).
-#[doc(hidden)]
-pub fn write_request(request: &ExportTraceServiceRequest, out: &mut Vec<u8>) {
-    // Writing to a Vec cannot fail.
-    let _ = serde_json::to_writer(out, request);
-}
-
-/// Appends the request as OTLP/JSON to `out`, defaults left out while
-/// serializing (for the comparison benchmark).
-#[doc(hidden)]
-pub fn write_request_without_defaults(request: &ExportTraceServiceRequest, out: &mut Vec<u8>) {
-    let _ = skip_defaults::to_writer(out, request);
-}
-
 /// Appends OTLP/JSON lines to a file.
 #[derive(Debug)]
 pub struct JsonFileExporter {
@@ -384,11 +274,10 @@ impl JsonFileExporter {
 mod tests {
     use std::sync::Arc;
 
-    use serde_json::Value;
+    use opentelemetry_proto::tonic::trace::v1::Status;
 
     use super::*;
-    use crate::export::skip_defaults::omit_defaults;
-    use crate::span::{SpanId, TraceId};
+    use crate::span::{Resource, SpanId, TraceId};
 
     /// `request` with what the protobuf mapping does not tell apart made
     /// equal: a status of all defaults is an unset status, as an absent one
@@ -413,25 +302,6 @@ mod tests {
     /// The message a line holds, read with the `with-serde` mapping.
     fn read_line(line: &[u8]) -> ExportTraceServiceRequest {
         serde_json::from_slice(line).unwrap()
-    }
-
-    #[test]
-    fn a_request_prunes_as_its_tree_does() {
-        let resource = Arc::new(Resource {
-            service_name: "users".into(),
-            attributes: vec![Attribute::string("empty", "")],
-        });
-        let spans = vec![
-            sample(&resource, 0, SpanStatus::Error(String::new())),
-            sample(&resource, 1, SpanStatus::Unset),
-        ];
-        let request = hand_export_request(&spans);
-        let mut expected = serde_json::to_value(&request).unwrap();
-        omit_defaults(&mut expected);
-        let mut written = Vec::new();
-        write_request_without_defaults(&request, &mut written);
-        let written: Value = serde_json::from_slice(&written).unwrap();
-        assert_eq!(written, expected);
     }
 
     fn sample(resource: &Arc<Resource>, id: u8, status: SpanStatus) -> Span {
