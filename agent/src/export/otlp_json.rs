@@ -2,20 +2,22 @@
 //! Collector's file exporter writes and its `otlpjsonfile` receiver reads.
 //!
 //! The file output writes each line straight from the span model
-//! ([`write_json_line`]), leaving default values out as the Collector does:
-//! the official path below allocates for every attribute, span and
-//! conversion step and writes every default, which costs several times the
-//! CPU per span and more bytes (docs/benchmarks.md, "User-space pipeline on
-//! recorded events"). Its reference is the official path: our spans become the SDK's `SpanData`
-//! (as for the OTLP exporter, [`super::otlp::span_data`]),
-//! `opentelemetry_proto::transform` builds the request from them as
-//! `opentelemetry-otlp` does ([`export_request`]), and that crate's
-//! `with-serde` mapping writes it ([`json_line`]): the OTLP/JSON mapping,
-//! field names in lowerCamelCase, trace and span ids as lower-case hex (not
-//! the base64 of the generic protobuf JSON mapping), 64-bit integers as
-//! decimal strings, enums as integers, every field written, defaults
-//! included (`"traceState":""`, `"droppedAttributesCount":0`, ...). A test
-//! holds the direct writer to the same message.
+//! ([`write_json_line`]), leaving default values out as the Collector does.
+//! Its reference is the official path: our spans become the SDK's
+//! `SpanData`, as for the OTLP exporter ([`super::otlp::span_data`]);
+//! `opentelemetry_proto::transform` builds the request from them, as
+//! `opentelemetry-otlp` does ([`export_request`]); and that crate's
+//! `with-serde` mapping writes it ([`json_line`]). That mapping is the
+//! OTLP/JSON one: field names in lowerCamelCase, trace and span ids as
+//! lower-case hex (not the base64 of the generic protobuf JSON mapping),
+//! 64-bit integers as decimal strings, enums as integers; it writes every
+//! field, defaults included (`"traceState":""`,
+//! `"droppedAttributesCount":0`, ...), which the protobuf JSON mapping
+//! allows. A test holds the direct writer to the same message. The official
+//! path is not the file output's because it allocates at every step and
+//! writes every default: several times the CPU per span, and more bytes
+//! (docs/benchmarks.md, "OTLP/JSON: the direct writer against the official
+//! conversion").
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
@@ -52,7 +54,9 @@ pub fn export_request(spans: &[Span]) -> ExportTraceServiceRequest {
 
 /// Appends the OTLP/JSON line of `spans` (no newline) to `out`: the message
 /// [`export_request`] builds, written directly, with its default values left
-/// out (an unset status among them).
+/// out (an unset status among them). One difference: a tracestate is
+/// written as the span holds it, where the SDK drops one its own parser
+/// rejects (the correlator has already checked it against W3C's rules).
 pub fn write_json_line(spans: &[Span], out: &mut Vec<u8>) {
     out.extend_from_slice(b"{\"resourceSpans\":[");
     for (g, group) in group_by_resource(spans).iter().enumerate() {
