@@ -1,10 +1,17 @@
 //! The user-space pipeline alone, on recorded events: ring-buffer records
 //! -> decode -> correlate (HTTP parsing, trace context, spans) -> OTLP
-//! export requests encoded to protobuf, the bytes an exporter sends.
+//! export requests (the SDK's `SpanData` converted by
+//! `opentelemetry_proto::transform`, as the OTLP exporter does) encoded to
+//! protobuf, the bytes an exporter sends.
 //!
 //! `cargo xtask bench` runs it. It reports events per second on one core
 //! (criterion's throughput) and, once before measuring, allocations per
 //! event (counted by a wrapping global allocator).
+//!
+//! A second group, `otlp_json`, takes the spans of the same records and
+//! writes them as the OTLP/JSON file output does, in lines of 64 spans, in
+//! each of the ways compared in docs/benchmarks.md: spans per second on one
+//! core, and, printed before measuring, bytes and allocations per span.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,8 +19,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use agent::capture::event::encode_record;
 use agent::capture::{CaptureEvent, RecordDecoder};
 use agent::correlate::{Correlator, ProcessFilter, ProcessTable, SpanSettings};
-use agent::export::otlp_json::export_request;
+use agent::export::otlp_json::{export_request, write_json_line};
 use agent::sampling::Sampler;
+use agent::span::Span;
 use agent_common::{AF_INET, ConnTuple, Direction, EventHeader, EventKind, Role, Syscall};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use prost::Message as _;
@@ -228,6 +236,81 @@ fn correlate_only(records: &[Vec<u8>], percentage: f64) -> usize {
     built + spans.len()
 }
 
+/// Every span the records give, none encoded.
+fn all_spans(records: &[Vec<u8>]) -> Vec<Span> {
+    let mut decoder = RecordDecoder::new();
+    let processes = ProcessTable::new("/nonexistent-proc", ProcessFilter::default());
+    let mut correlator = Correlator::new(
+        Sampler::new(100.0, true).unwrap(),
+        SpanSettings::default(),
+        processes,
+    );
+    let mut spans = Vec::new();
+    for record in records {
+        let event: CaptureEvent = decoder.decode(record).expect("valid record");
+        correlator.handle(&event, &mut spans);
+    }
+    correlator.finish(&mut spans);
+    spans
+}
+
+/// Spans per OTLP/JSON line, as the file output writes them
+/// (`ExportSettings::max_batch_size`'s default).
+const LINE: usize = 64;
+
+/// One way of writing a line: appends the line of `spans` to `out`.
+type Writer = fn(&[Span], &mut Vec<u8>);
+
+/// The ways compared: the file output's direct writer; the official
+/// conversion (`SpanData` -> `opentelemetry_proto::transform`) written by
+/// `serde_json` with every default (the direct writer's reference); and, for
+/// scale, the same conversion encoded to protobuf, as the OTLP exporter
+/// sends it.
+const WRITERS: [(&str, Writer); 3] = [
+    ("direct_writer", |spans, out| write_json_line(spans, out)),
+    ("official_serde_json", |spans, out| {
+        serde_json::to_writer(out, &export_request(spans)).unwrap()
+    }),
+    ("official_protobuf", |spans, out| {
+        export_request(spans).encode(out).unwrap()
+    }),
+];
+
+/// Writes every line; returns the bytes written.
+fn write_lines(spans: &[Span], writer: Writer, line: &mut Vec<u8>) -> usize {
+    let mut bytes = 0;
+    for chunk in spans.chunks(LINE) {
+        line.clear();
+        writer(chunk, line);
+        line.push(b'\n');
+        bytes += line.len();
+    }
+    bytes
+}
+
+fn bench_otlp_json(c: &mut Criterion, records: &[Vec<u8>]) {
+    let spans = all_spans(records);
+    let mut line = Vec::new();
+    for (name, writer) in WRITERS {
+        write_lines(&spans, writer, &mut line);
+        let before = ALLOCATIONS.load(Ordering::Relaxed);
+        let bytes = write_lines(&spans, writer, &mut line);
+        let allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;
+        println!(
+            "otlp_json/{name}: {} spans, {bytes} bytes, {:.1} bytes and {:.2} allocations per span",
+            spans.len(),
+            bytes as f64 / spans.len() as f64,
+            allocations as f64 / spans.len() as f64,
+        );
+    }
+    let mut group = c.benchmark_group("otlp_json");
+    group.throughput(Throughput::Elements(spans.len() as u64));
+    for (name, writer) in WRITERS {
+        group.bench_function(name, |b| b.iter(|| write_lines(&spans, writer, &mut line)));
+    }
+    group.finish();
+}
+
 fn bench(c: &mut Criterion) {
     let records = recorded_traffic();
     for percentage in [100.0, 10.0] {
@@ -255,6 +338,7 @@ fn bench(c: &mut Criterion) {
     group.throughput(Throughput::Elements(records.len() as u64));
     group.bench_function("records_to_otlp_batches", |b| b.iter(|| pipeline(&records)));
     group.finish();
+    bench_otlp_json(c, &records);
 }
 
 criterion_group!(benches, bench);

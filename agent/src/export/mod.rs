@@ -17,7 +17,6 @@
 pub mod otlp;
 pub mod otlp_json;
 mod settings;
-mod skip_defaults;
 pub mod terminal;
 
 use std::fmt;

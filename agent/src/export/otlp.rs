@@ -380,7 +380,7 @@ impl HttpClient for ExplicitHeaders {
 }
 
 /// The instrumentation scope every exported span carries.
-fn scope() -> InstrumentationScope {
+pub fn scope() -> InstrumentationScope {
     InstrumentationScope::builder(SCOPE_NAME)
         .with_version(SCOPE_VERSION)
         .build()

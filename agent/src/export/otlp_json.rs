@@ -1,134 +1,62 @@
 //! OTLP/JSON: one `ExportTraceServiceRequest` per line, as the OpenTelemetry
 //! Collector's file exporter writes and its `otlpjsonfile` receiver reads.
 //!
-//! The request is built from `opentelemetry-proto` types and serialized with
-//! that crate's `with-serde` mapping, which is the OTLP/JSON one: field
-//! names in lowerCamelCase, trace and span ids as lower-case hex (not the
-//! base64 of the generic protobuf JSON mapping), 64-bit integers as decimal
-//! strings, enums as integers. It writes every field, default values
-//! included (`"traceState":""`, `"status":null`, ...), which the protobuf
-//! JSON mapping allows; the Collector leaves them out, and so do we, while
-//! serializing (see [`super::skip_defaults`]), so lines look like the
-//! Collector's.
-//!
-//! The file exporter writes those same bytes straight from the span model
-//! ([`write_json_line`]): building the protobuf types costs an allocation
-//! per attribute, and leaving defaults out walks them twice. A test holds
-//! the two to the same output.
+//! The file output writes each line straight from the span model
+//! ([`write_json_line`]), leaving default values out as the Collector does.
+//! Its reference is the official path: our spans become the SDK's
+//! `SpanData`, as for the OTLP exporter ([`super::otlp::span_data`]);
+//! `opentelemetry_proto::transform` builds the request from them, as
+//! `opentelemetry-otlp` does ([`export_request`]); and that crate's
+//! `with-serde` mapping writes it ([`json_line`]). That mapping is the
+//! OTLP/JSON one: field names in lowerCamelCase, trace and span ids as
+//! lower-case hex (not the base64 of the generic protobuf JSON mapping),
+//! 64-bit integers as decimal strings, enums as integers; it writes every
+//! field, defaults included (`"traceState":""`,
+//! `"droppedAttributesCount":0`, ...), which the protobuf JSON mapping
+//! allows. A test holds the direct writer to the same message. The official
+//! path is not the file output's because it allocates at every step and
+//! writes every default: several times the CPU per span, and more bytes
+//! (docs/benchmarks.md, "OTLP/JSON: the direct writer against the official
+//! conversion").
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
-use opentelemetry_proto::tonic::resource::v1::Resource as ProtoResource;
-use opentelemetry_proto::tonic::trace::v1::{
-    ResourceSpans, ScopeSpans, Span as ProtoSpan, SpanFlags, Status, span, status,
-};
+use opentelemetry_proto::tonic::trace::v1::{SpanFlags, span, status};
+use opentelemetry_proto::transform::common::tonic::ResourceAttributesWithSchema;
+use opentelemetry_proto::transform::trace::tonic::group_spans_by_resource_and_scope;
 
-use super::otlp::parent_is_remote;
-use super::skip_defaults;
+use super::otlp::{parent_is_remote, scope, sdk_resource, span_data};
 use super::{ExportError, SCOPE_NAME, SCOPE_VERSION, SERVICE_NAME, group_by_resource};
-use crate::span::{Attribute, AttributeValue, Resource, Span, SpanKind, SpanStatus, encode_hex};
+use crate::span::{Attribute, AttributeValue, Span, SpanKind, SpanStatus, encode_hex};
 
-/// The OTLP request for `spans`: one `ResourceSpans` per distinct resource
-/// (in order of first appearance), each with one `ScopeSpans` of scope
-/// `transparent-tracing-agent`.
+/// The OTLP request for `spans`, as `opentelemetry-otlp` builds it: one
+/// `ResourceSpans` per distinct resource (in order of first appearance),
+/// each with one `ScopeSpans` of scope `transparent-tracing-agent`.
 pub fn export_request(spans: &[Span]) -> ExportTraceServiceRequest {
+    let scope = scope();
     let resource_spans = group_by_resource(spans)
         .into_iter()
-        .map(|group| ResourceSpans {
-            resource: Some(proto_resource(&spans[group[0]].resource)),
-            scope_spans: vec![ScopeSpans {
-                scope: Some(InstrumentationScope {
-                    name: SCOPE_NAME.to_string(),
-                    version: SCOPE_VERSION.to_string(),
-                    attributes: vec![],
-                    dropped_attributes_count: 0,
-                }),
-                spans: group.iter().map(|&i| proto_span(&spans[i])).collect(),
-                schema_url: String::new(),
-            }],
-            schema_url: String::new(),
+        .flat_map(|group| {
+            let resource =
+                ResourceAttributesWithSchema::from(&sdk_resource(&spans[group[0]].resource));
+            let batch = group
+                .iter()
+                .map(|&i| span_data(&spans[i], &scope))
+                .collect();
+            group_spans_by_resource_and_scope(batch, &resource)
         })
         .collect();
     ExportTraceServiceRequest { resource_spans }
 }
 
-/// `service.name` first, then the other resource attributes.
-fn proto_resource(resource: &Resource) -> ProtoResource {
-    let service_name = KeyValue {
-        key: SERVICE_NAME.to_string(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(resource.service_name.clone())),
-        }),
-        key_strindex: 0,
-    };
-    let attributes = std::iter::once(service_name)
-        .chain(
-            resource
-                .attributes
-                .iter()
-                .filter(|a| a.key != SERVICE_NAME)
-                .map(key_value),
-        )
-        .collect();
-    ProtoResource {
-        attributes,
-        dropped_attributes_count: 0,
-        entity_refs: vec![],
-    }
-}
-
-fn key_value(attribute: &Attribute) -> KeyValue {
-    let value = match &attribute.value {
-        AttributeValue::String(s) => any_value::Value::StringValue(s.to_string()),
-        AttributeValue::Int(i) => any_value::Value::IntValue(*i),
-    };
-    KeyValue {
-        key: attribute.key.to_string(),
-        value: Some(AnyValue { value: Some(value) }),
-        key_strindex: 0,
-    }
-}
-
-/// One span, encoded as `opentelemetry-otlp` encodes it for gRPC and HTTP,
-/// so the file and the collector see the same flags.
-pub fn proto_span(span: &Span) -> ProtoSpan {
-    let flags = proto_flags(span);
-    ProtoSpan {
-        trace_id: span.trace_id.0.to_vec(),
-        span_id: span.span_id.0.to_vec(),
-        trace_state: span.trace_state.clone(),
-        parent_span_id: span.parent_span_id.map_or_else(Vec::new, |p| p.0.to_vec()),
-        flags,
-        name: span.name.clone(),
-        kind: match span.kind {
-            SpanKind::Server => span::SpanKind::Server,
-            SpanKind::Client => span::SpanKind::Client,
-        } as i32,
-        start_time_unix_nano: span.start_unix_nano,
-        end_time_unix_nano: span.end_unix_nano,
-        attributes: span.attributes.iter().map(key_value).collect(),
-        dropped_attributes_count: 0,
-        events: vec![],
-        dropped_events_count: 0,
-        links: vec![],
-        dropped_links_count: 0,
-        status: match &span.status {
-            // An absent status is the unset one; saying so costs bytes.
-            SpanStatus::Unset => None,
-            SpanStatus::Error(message) => Some(Status {
-                message: message.clone(),
-                code: status::StatusCode::Error as i32,
-            }),
-        },
-    }
-}
-
-/// Appends the OTLP/JSON line of `spans` (no newline) to `out`: the bytes
-/// `json_line(&export_request(spans))` gives, written directly.
+/// Appends the OTLP/JSON line of `spans` (no newline) to `out`: the message
+/// [`export_request`] builds, written directly, with its default values left
+/// out (an unset status among them). One difference: a tracestate is
+/// written as the span holds it, where the SDK drops one its own parser
+/// rejects (the correlator has already checked it against W3C's rules).
 pub fn write_json_line(spans: &[Span], out: &mut Vec<u8>) {
     out.extend_from_slice(b"{\"resourceSpans\":[");
     for (g, group) in group_by_resource(spans).iter().enumerate() {
@@ -297,9 +225,10 @@ fn proto_flags(span: &Span) -> u32 {
     flags
 }
 
-/// The request as one line of OTLP/JSON, without the newline.
+/// The request as one line of OTLP/JSON, without the newline, defaults
+/// included.
 pub fn json_line(request: &ExportTraceServiceRequest) -> Result<String, ExportError> {
-    skip_defaults::to_string(request)
+    serde_json::to_string(request)
         .map_err(|e| ExportError::Export(format!("OTLP/JSON encoding: {e}")))
 }
 
@@ -349,27 +278,34 @@ impl JsonFileExporter {
 mod tests {
     use std::sync::Arc;
 
-    use serde_json::Value;
+    use opentelemetry_proto::tonic::trace::v1::Status;
 
     use super::*;
-    use crate::export::skip_defaults::omit_defaults;
-    use crate::span::{SpanId, TraceId};
+    use crate::span::{Resource, SpanId, TraceId};
 
-    #[test]
-    fn a_request_prunes_as_its_tree_does() {
-        let resource = Arc::new(Resource {
-            service_name: "users".into(),
-            attributes: vec![Attribute::string("empty", "")],
-        });
-        let spans = vec![
-            sample(&resource, 0, SpanStatus::Error(String::new())),
-            sample(&resource, 1, SpanStatus::Unset),
-        ];
-        let request = export_request(&spans);
-        let mut expected = serde_json::to_value(&request).unwrap();
-        omit_defaults(&mut expected);
-        let written: Value = serde_json::from_str(&json_line(&request).unwrap()).unwrap();
-        assert_eq!(written, expected);
+    /// `request` with what the protobuf mapping does not tell apart made
+    /// equal: a status of all defaults is an unset status, as an absent one
+    /// is; the SDK keeps resource attributes in a hash map, so their order
+    /// is not the spans' (sorted by key here).
+    fn normalized(mut request: ExportTraceServiceRequest) -> ExportTraceServiceRequest {
+        for resource_spans in &mut request.resource_spans {
+            if let Some(resource) = &mut resource_spans.resource {
+                resource.attributes.sort_by(|a, b| a.key.cmp(&b.key));
+            }
+            for scope_spans in &mut resource_spans.scope_spans {
+                for span in &mut scope_spans.spans {
+                    if span.status == Some(Status::default()) {
+                        span.status = None;
+                    }
+                }
+            }
+        }
+        request
+    }
+
+    /// The message a line holds, read with the `with-serde` mapping.
+    fn read_line(line: &[u8]) -> ExportTraceServiceRequest {
+        serde_json::from_slice(line).unwrap()
     }
 
     fn sample(resource: &Arc<Resource>, id: u8, status: SpanStatus) -> Span {
@@ -413,7 +349,8 @@ mod tests {
             sample(&resource, 0, SpanStatus::Error("HTTP 500".into())),
             sample(&resource, 1, SpanStatus::Unset),
         ];
-        let line = json_line(&export_request(&spans)).unwrap();
+        let mut line = Vec::new();
+        write_json_line(&spans, &mut line);
         let version = SCOPE_VERSION;
         let expected = format!(
             concat!(
@@ -438,17 +375,50 @@ mod tests {
             ),
             version = version
         );
-        assert_eq!(line, expected);
-        // And it reads back into the same request.
-        let decoded: ExportTraceServiceRequest = serde_json::from_str(&line).unwrap();
-        assert_eq!(decoded, export_request(&spans));
+        assert_eq!(String::from_utf8(line.clone()).unwrap(), expected);
+        // And it reads back into the official request.
+        assert_eq!(
+            normalized(read_line(&line)),
+            normalized(export_request(&spans))
+        );
     }
 
-    /// The direct writer and the protobuf types with defaults left out give
-    /// the same bytes, over resources, empty and escaped strings, both
-    /// statuses and both kinds.
+    /// The official request, written with every default, is OTLP/JSON: hex
+    /// ids, lowerCamelCase names, 64-bit integers as strings; and it reads
+    /// back into the same message.
     #[test]
-    fn the_direct_writer_writes_what_the_protobuf_path_writes() {
+    fn the_official_line_is_otlp_json() {
+        let resource = Arc::new(Resource {
+            service_name: "users".into(),
+            attributes: vec![Attribute::int("process.pid", 4242)],
+        });
+        let spans = vec![
+            sample(&resource, 0, SpanStatus::Error("HTTP 500".into())),
+            sample(&resource, 1, SpanStatus::Unset),
+        ];
+        let request = export_request(&spans);
+        let line = json_line(&request).unwrap();
+        for part in [
+            r#""traceId":"4bf92f3577b34da6a3ce929d0e0e4736""#,
+            r#""spanId":"00f067aa0ba902b7""#,
+            r#""parentSpanId":"abababababababab""#,
+            r#""parentSpanId":"""#,
+            r#""startTimeUnixNano":"1544712660000000000""#,
+            r#""intValue":"4242""#,
+            r#""droppedAttributesCount":0"#,
+            r#""traceState":"""#,
+            r#""status":{"message":"","code":0}"#,
+            r#""scopeSpans":[{"scope":{"name":"transparent-tracing-agent""#,
+        ] {
+            assert!(line.contains(part), "{part} not in {line}");
+        }
+        assert_eq!(read_line(line.as_bytes()), request);
+    }
+
+    /// The direct writer writes the official request's message, over
+    /// resources, empty and escaped strings, both statuses and both kinds.
+    #[test]
+    fn the_direct_writer_writes_the_official_message() {
         let users = Arc::new(Resource {
             service_name: "users \"eu\"\n".into(),
             attributes: vec![
@@ -473,10 +443,13 @@ mod tests {
         spans[1].name = String::new();
         spans[2].start_unix_nano = 0;
         spans[2].end_unix_nano = u64::MAX;
-        let expected = json_line(&export_request(&spans)).unwrap();
         let mut written = Vec::new();
         write_json_line(&spans, &mut written);
-        assert_eq!(String::from_utf8(written).unwrap(), expected);
+        let expected = normalized(export_request(&spans));
+        assert_eq!(normalized(read_line(&written)), expected);
+        // Every span is there, in its resource's order.
+        assert_eq!(expected.resource_spans.len(), 2);
+        assert_eq!(expected.resource_spans[0].scope_spans[0].spans.len(), 2);
     }
 
     #[test]
