@@ -42,7 +42,7 @@ mod tests;
 pub use error::{ConfigError, ConfigErrorKind};
 pub use overrides::ConfigOverrides;
 pub use sections::{
-    CaptureConfig, ExporterConfig, ExporterProtocol, HttpConfig, KubernetesConfig, MetricsConfig,
+    CaptureConfig, ExporterConfig, HttpConfig, KubernetesConfig, MetricsConfig,
     ProcessFilterConfig, ProxyConfig, TerminalMode, TracingConfig,
 };
 

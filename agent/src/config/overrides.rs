@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 
 use super::sections::lower_case_dedup;
-use super::{Config, ConfigError, ExporterProtocol, TerminalMode};
+use super::{Config, ConfigError, TerminalMode};
+use crate::export::OtlpProtocol;
 
 /// Command-line overrides of the configuration file, meant to be
 /// `#[command(flatten)]`ed into `agent run`.
@@ -28,7 +29,7 @@ pub struct ConfigOverrides {
 
     /// OTLP protocol; enables export [tracing.exporter.protocol; default grpc]
     #[arg(long, value_name = "PROTOCOL")]
-    pub exporter_protocol: Option<ExporterProtocol>,
+    pub exporter_protocol: Option<OtlpProtocol>,
 
     /// Append spans as OTLP/JSON lines to this file [tracing.file]
     #[arg(long, value_name = "PATH")]

@@ -102,7 +102,7 @@ pub struct ExporterConfig {
     /// appended by the exporter.
     pub endpoint: Option<String>,
     /// Wire protocol.
-    pub protocol: Option<ExporterProtocol>,
+    pub protocol: Option<OtlpProtocol>,
     /// Headers sent with every export request; names stored lower-case.
     #[serde(deserialize_with = "lower_case_keys")]
     pub headers: BTreeMap<String, String>,
@@ -134,10 +134,7 @@ impl ExporterConfig {
     pub fn otlp_settings(&self) -> OtlpSettings {
         OtlpSettings {
             endpoint: self.endpoint.clone(),
-            protocol: self.protocol.map(|p| match p {
-                ExporterProtocol::Grpc => OtlpProtocol::Grpc,
-                ExporterProtocol::HttpProtobuf => OtlpProtocol::HttpProtobuf,
-            }),
+            protocol: self.protocol,
             headers: self
                 .headers
                 .iter()
@@ -145,28 +142,6 @@ impl ExporterConfig {
                 .collect(),
             timeout: self.timeout_ms.map(std::time::Duration::from_millis),
         }
-    }
-}
-
-/// OTLP wire protocol.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-pub enum ExporterProtocol {
-    /// OTLP over gRPC (default port 4317).
-    #[serde(rename = "grpc")]
-    #[value(name = "grpc")]
-    Grpc,
-    /// OTLP protobuf over HTTP (default port 4318).
-    #[serde(rename = "http/protobuf")]
-    #[value(name = "http/protobuf")]
-    HttpProtobuf,
-}
-
-impl fmt::Display for ExporterProtocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Grpc => "grpc",
-            Self::HttpProtobuf => "http/protobuf",
-        })
     }
 }
 

@@ -7,7 +7,7 @@ use clap::Parser;
 
 use super::error::allowed_values;
 use super::*;
-use crate::export::ExporterConfig as Output;
+use crate::export::{ExporterConfig as Output, OtlpProtocol};
 use crate::proxy::ProxyMode;
 use crate::proxy::rules::RedirectRules;
 use crate::sampling::Sampler;
@@ -193,7 +193,7 @@ fn full_example_parses() {
         e.endpoint.as_deref(),
         Some("https://collector.example:4318")
     );
-    assert_eq!(e.protocol, Some(ExporterProtocol::HttpProtobuf));
+    assert_eq!(e.protocol, Some(OtlpProtocol::HttpProtobuf));
     assert_eq!(e.headers.get("x-api-key").map(String::as_str), Some("abc"));
     assert_eq!(e.headers.get("tenant").map(String::as_str), Some("7"));
     assert_eq!(e.timeout_ms, Some(2500));
@@ -300,7 +300,7 @@ fn brief_example_parses() {
     let c = Config::from_yaml(yaml).expect("valid");
     assert_eq!(
         c.tracing.exporter.as_ref().and_then(|e| e.protocol),
-        Some(ExporterProtocol::Grpc)
+        Some(OtlpProtocol::Grpc)
     );
     assert!(
         !c.terminal_enabled(),
@@ -692,7 +692,7 @@ fn overrides_win_over_the_file() {
     assert_eq!(c.tracing.random_sampling, 1.0);
     let e = c.tracing.exporter.as_ref().expect("exporter");
     assert_eq!(e.endpoint.as_deref(), Some("http://other:4317"));
-    assert_eq!(e.protocol, Some(ExporterProtocol::Grpc));
+    assert_eq!(e.protocol, Some(OtlpProtocol::Grpc));
     assert_eq!(
         e.timeout_ms,
         Some(2500),
@@ -734,7 +734,7 @@ fn overrides_without_file_and_flag_errors() {
         .unwrap();
     assert_eq!(
         c.tracing.exporter.and_then(|e| e.protocol),
-        Some(ExporterProtocol::HttpProtobuf)
+        Some(OtlpProtocol::HttpProtobuf)
     );
     // The last of --terminal / --no-terminal wins.
     let o = overrides(&["--no-terminal", "--terminal"]);

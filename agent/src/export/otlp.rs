@@ -58,12 +58,18 @@ pub mod env {
     pub const TRACES_TIMEOUT: &str = "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT";
 }
 
-/// OTLP transport.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// OTLP transport, named as `OTEL_EXPORTER_OTLP_PROTOCOL`, the
+/// configuration file (`tracing.exporter.protocol`) and the
+/// `--exporter-protocol` flag name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
 pub enum OtlpProtocol {
-    /// gRPC (default port 4317).
+    /// OTLP over gRPC (default port 4317).
+    #[serde(rename = "grpc")]
+    #[value(name = "grpc")]
     Grpc,
-    /// HTTP/1.1 with a protobuf body (default port 4318, path `/v1/traces`).
+    /// OTLP protobuf over HTTP (default port 4318, path `/v1/traces`).
+    #[serde(rename = "http/protobuf")]
+    #[value(name = "http/protobuf")]
     HttpProtobuf,
 }
 
