@@ -6,8 +6,6 @@
 //! without talking to the others, and a trace kept at some percentage is kept
 //! at every higher one.
 
-use std::fmt;
-
 use crate::span::TraceId;
 
 /// Randomness values and thresholds are 56-bit: the trace id's last 7 bytes,
@@ -27,9 +25,10 @@ pub struct Sampler {
 }
 
 /// A sampler setting outside what [`Sampler::new`] accepts.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, thiserror::Error)]
 pub enum SamplingError {
     /// The percentage is NaN or outside 0..=100.
+    #[error("sampling percentage {}", self.reason())]
     InvalidPercentage(f64),
 }
 
@@ -41,16 +40,6 @@ impl SamplingError {
         }
     }
 }
-
-impl fmt::Display for SamplingError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::InvalidPercentage(_) => write!(f, "sampling percentage {}", self.reason()),
-        }
-    }
-}
-
-impl std::error::Error for SamplingError {}
 
 /// Every trace kept, and a parent's sampled flag followed.
 impl Default for Sampler {

@@ -49,80 +49,51 @@ pub struct TraceParent {
 }
 
 /// Why a traceparent value was rejected.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum TraceParentError {
     /// Shorter than the 55 characters every version needs.
+    #[error("traceparent is {len} characters, fewer than the {TRACEPARENT_LEN} required")]
     TooShort {
         /// Length after trimming spaces and tabs.
         len: usize,
     },
     /// Version 00 with other than exactly 55 characters.
+    #[error("traceparent version 00 must be exactly {TRACEPARENT_LEN} characters, got {len}")]
     Version00WrongLength {
         /// Length after trimming spaces and tabs.
         len: usize,
     },
     /// The version is not two lower-case hex digits.
+    #[error("traceparent version is not two lower-case hex digits")]
     InvalidVersion,
     /// Version `ff`, which the specification forbids.
+    #[error("traceparent version ff is forbidden")]
     ForbiddenVersion,
     /// A `-` was expected at this (0-based) character.
+    #[error("traceparent needs '-' at character {position}")]
     MissingSeparator {
         /// Index into the trimmed value.
         position: usize,
     },
     /// The trace-id is not 32 lower-case hex digits.
+    #[error("traceparent trace-id is not 32 lower-case hex digits")]
     InvalidTraceId,
     /// The trace-id is all zero.
+    #[error("traceparent trace-id is all zero")]
     ZeroTraceId,
     /// The parent-id is not 16 lower-case hex digits.
+    #[error("traceparent parent-id is not 16 lower-case hex digits")]
     InvalidParentId,
     /// The parent-id is all zero.
+    #[error("traceparent parent-id is all zero")]
     ZeroParentId,
     /// The trace-flags are not two lower-case hex digits.
+    #[error("traceparent trace-flags are not two lower-case hex digits")]
     InvalidFlags,
     /// A higher version continues after the flags with something other than `-`.
+    #[error("traceparent of a higher version has something other than '-' after the flags")]
     TrailingData,
 }
-
-impl fmt::Display for TraceParentError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::TooShort { len } => {
-                write!(
-                    f,
-                    "traceparent is {len} characters, fewer than the {TRACEPARENT_LEN} required"
-                )
-            }
-            Self::Version00WrongLength { len } => write!(
-                f,
-                "traceparent version 00 must be exactly {TRACEPARENT_LEN} characters, got {len}"
-            ),
-            Self::InvalidVersion => {
-                f.write_str("traceparent version is not two lower-case hex digits")
-            }
-            Self::ForbiddenVersion => f.write_str("traceparent version ff is forbidden"),
-            Self::MissingSeparator { position } => {
-                write!(f, "traceparent needs '-' at character {position}")
-            }
-            Self::InvalidTraceId => {
-                f.write_str("traceparent trace-id is not 32 lower-case hex digits")
-            }
-            Self::ZeroTraceId => f.write_str("traceparent trace-id is all zero"),
-            Self::InvalidParentId => {
-                f.write_str("traceparent parent-id is not 16 lower-case hex digits")
-            }
-            Self::ZeroParentId => f.write_str("traceparent parent-id is all zero"),
-            Self::InvalidFlags => {
-                f.write_str("traceparent trace-flags are not two lower-case hex digits")
-            }
-            Self::TrailingData => f.write_str(
-                "traceparent of a higher version has something other than '-' after the flags",
-            ),
-        }
-    }
-}
-
-impl std::error::Error for TraceParentError {}
 
 impl TraceParent {
     /// Parses one traceparent field value. Spaces and tabs around it are
@@ -241,56 +212,36 @@ fn sampled_bit(sampled: bool) -> u8 {
 }
 
 /// Why a tracestate was dropped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum TraceStateError {
     /// More than [`MAX_TRACESTATE_MEMBERS`] non-empty list-members.
+    #[error("tracestate has more than {MAX_TRACESTATE_MEMBERS} list-members")]
     TooManyMembers,
     /// A list-member without `=`.
+    #[error("tracestate member {member} has no '='")]
     MissingEquals {
         /// 0-based position among the non-empty members.
         member: usize,
     },
     /// A key outside the grammar or longer than [`MAX_KEY_LEN`].
+    #[error("tracestate member {member} has an invalid key")]
     InvalidKey {
         /// 0-based position among the non-empty members.
         member: usize,
     },
     /// A value outside the grammar, empty, or longer than [`MAX_VALUE_LEN`].
+    #[error("tracestate member {member} has an invalid value")]
     InvalidValue {
         /// 0-based position among the non-empty members.
         member: usize,
     },
     /// A key that an earlier member already used.
+    #[error("tracestate member {member} repeats an earlier key")]
     DuplicateKey {
         /// 0-based position among the non-empty members.
         member: usize,
     },
 }
-
-impl fmt::Display for TraceStateError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::TooManyMembers => {
-                write!(
-                    f,
-                    "tracestate has more than {MAX_TRACESTATE_MEMBERS} list-members"
-                )
-            }
-            Self::MissingEquals { member } => write!(f, "tracestate member {member} has no '='"),
-            Self::InvalidKey { member } => {
-                write!(f, "tracestate member {member} has an invalid key")
-            }
-            Self::InvalidValue { member } => {
-                write!(f, "tracestate member {member} has an invalid value")
-            }
-            Self::DuplicateKey { member } => {
-                write!(f, "tracestate member {member} repeats an earlier key")
-            }
-        }
-    }
-}
-
-impl std::error::Error for TraceStateError {}
 
 /// Where one list-member lies in [`TraceState::text`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -507,27 +458,18 @@ impl PropagatedContext {
 }
 
 /// Why a request has no usable inbound context.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ExtractError {
     /// No traceparent field.
+    #[error("no traceparent header")]
     Missing,
     /// Two or more traceparent fields: which one the caller meant is unknowable.
+    #[error("more than one traceparent header")]
     MultipleTraceparents,
     /// The traceparent field is invalid.
+    #[error("{0}")]
     Invalid(TraceParentError),
 }
-
-impl fmt::Display for ExtractError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Missing => f.write_str("no traceparent header"),
-            Self::MultipleTraceparents => f.write_str("more than one traceparent header"),
-            Self::Invalid(err) => fmt::Display::fmt(err, f),
-        }
-    }
-}
-
-impl std::error::Error for ExtractError {}
 
 /// The inbound context of a request from its headers in wire order (name,
 /// value). None: start a new trace (and send no tracestate).

@@ -154,29 +154,18 @@ impl CaptureEvent {
 }
 
 /// Why a record could not be decoded.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     /// Shorter than its header says.
+    #[error("record of {len} bytes is shorter than its header says")]
     Short {
         /// The record's length.
         len: usize,
     },
     /// An unknown kind, direction or family.
+    #[error("record has an invalid {0}")]
     Invalid(&'static str),
 }
-
-impl std::fmt::Display for DecodeError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Short { len } => {
-                write!(f, "record of {len} bytes is shorter than its header says")
-            }
-            Self::Invalid(what) => write!(f, "record has an invalid {what}"),
-        }
-    }
-}
-
-impl std::error::Error for DecodeError {}
 
 /// Turns records into events, copying payloads into one growing buffer that
 /// is split per message, so most messages reuse spare capacity instead of

@@ -19,7 +19,6 @@ pub mod otlp_json;
 mod settings;
 pub mod terminal;
 
-use std::fmt;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -119,27 +118,18 @@ impl Default for ExportSettings {
 }
 
 /// Why an exporter could not start or a batch could not be sent.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ExportError {
     /// A setting (endpoint, protocol, header, file path) is unusable.
+    #[error("export configuration: {0}")]
     Config(String),
     /// Sending or writing a batch failed (retried by the sink).
+    #[error("export failed: {0}")]
     Export(String),
     /// [`SpanSink::start`] was called outside a tokio runtime.
+    #[error("span export needs a tokio runtime")]
     NoRuntime,
 }
-
-impl fmt::Display for ExportError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Config(message) => write!(f, "export configuration: {message}"),
-            Self::Export(message) => write!(f, "export failed: {message}"),
-            Self::NoRuntime => f.write_str("span export needs a tokio runtime"),
-        }
-    }
-}
-
-impl std::error::Error for ExportError {}
 
 /// Live counters of a sink, shared with its task.
 #[derive(Debug, Default)]
