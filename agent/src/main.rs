@@ -70,13 +70,6 @@ fn main() {
     }
 }
 
-/// The agent allocates and frees small buffers for every event (heads,
-/// attribute strings, spans) on two threads; mimalloc's per-thread free
-/// lists serve those without glibc malloc's bin searches and consolidation
-/// (see docs/benchmarks.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// The longest the span outputs' thread is waited for at exit.
 const EXPORT_SHUTDOWN_WAIT: Duration = Duration::from_secs(1);
 
