@@ -186,15 +186,21 @@ fn tuple(local_port: u16, remote_port: u16) -> ConnTuple {
     t
 }
 
+/// A correlator sampling `percentage` % (parent-based), with the default
+/// span settings and no /proc to read.
+fn correlator(percentage: f64) -> Correlator {
+    let processes = ProcessTable::new("/nonexistent-proc", ProcessFilter::default());
+    Correlator::new(
+        Sampler::new(percentage, true).unwrap(),
+        SpanSettings::default(),
+        processes,
+    )
+}
+
 /// Runs the records through the pipeline; returns the protobuf bytes produced.
 fn pipeline(records: &[Vec<u8>]) -> usize {
     let mut decoder = RecordDecoder::new();
-    let processes = ProcessTable::new("/nonexistent-proc", ProcessFilter::default());
-    let mut correlator = Correlator::new(
-        Sampler::new(100.0, true).unwrap(),
-        SpanSettings::default(),
-        processes,
-    );
+    let mut correlator = correlator(100.0);
     let mut spans = Vec::with_capacity(BATCH * 2);
     let mut encoded = Vec::new();
     let mut bytes = 0;
@@ -218,12 +224,7 @@ fn pipeline(records: &[Vec<u8>]) -> usize {
 /// exchange costs before an output sees it. Returns the spans built.
 fn correlate_only(records: &[Vec<u8>], percentage: f64) -> usize {
     let mut decoder = RecordDecoder::new();
-    let processes = ProcessTable::new("/nonexistent-proc", ProcessFilter::default());
-    let mut correlator = Correlator::new(
-        Sampler::new(percentage, true).unwrap(),
-        SpanSettings::default(),
-        processes,
-    );
+    let mut correlator = correlator(percentage);
     let mut spans = Vec::with_capacity(BATCH * 2);
     let mut built = 0;
     for record in records {
@@ -239,12 +240,7 @@ fn correlate_only(records: &[Vec<u8>], percentage: f64) -> usize {
 /// Every span the records give, none encoded.
 fn all_spans(records: &[Vec<u8>]) -> Vec<Span> {
     let mut decoder = RecordDecoder::new();
-    let processes = ProcessTable::new("/nonexistent-proc", ProcessFilter::default());
-    let mut correlator = Correlator::new(
-        Sampler::new(100.0, true).unwrap(),
-        SpanSettings::default(),
-        processes,
-    );
+    let mut correlator = correlator(100.0);
     let mut spans = Vec::new();
     for record in records {
         let event: CaptureEvent = decoder.decode(record).expect("valid record");

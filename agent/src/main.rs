@@ -262,9 +262,11 @@ async fn run(args: RunArgs, export: &tokio::runtime::Handle) -> Result<()> {
 ///
 /// Each hand-off may wake that thread, and a wake-up costs more than
 /// encoding a few spans (an interrupt to the other core, a hypervisor exit
-/// in a VM). The outputs batch for up to a second anyway, so spans gathered
-/// for one tick lose nothing; this bound keeps the burst well inside the
-/// outputs' queue (`ExportSettings::queue_capacity`).
+/// in a VM); sent one by one, each drain woke it several times. The outputs
+/// batch for up to a second anyway, so spans gathered for one tick lose
+/// nothing. Measured against one output batch (64) in docs/benchmarks.md;
+/// this bound keeps the burst well inside the outputs' queue
+/// (`ExportSettings::queue_capacity`).
 const HANDOFF_SPANS: usize = 512;
 
 /// Hands `spans` to the outputs, emptying it. Never blocks the capture on

@@ -339,16 +339,21 @@ mod tests {
         }
     }
 
-    #[test]
-    fn lines_use_the_otlp_json_mapping() {
+    /// A SERVER span with an error and its CLIENT child, of one resource.
+    fn two_spans() -> Vec<Span> {
         let resource = Arc::new(Resource {
             service_name: "users".into(),
             attributes: vec![Attribute::int("process.pid", 4242)],
         });
-        let spans = vec![
+        vec![
             sample(&resource, 0, SpanStatus::Error("HTTP 500".into())),
             sample(&resource, 1, SpanStatus::Unset),
-        ];
+        ]
+    }
+
+    #[test]
+    fn lines_use_the_otlp_json_mapping() {
+        let spans = two_spans();
         let mut line = Vec::new();
         write_json_line(&spans, &mut line);
         let version = SCOPE_VERSION;
@@ -388,14 +393,7 @@ mod tests {
     /// back into the same message.
     #[test]
     fn the_official_line_is_otlp_json() {
-        let resource = Arc::new(Resource {
-            service_name: "users".into(),
-            attributes: vec![Attribute::int("process.pid", 4242)],
-        });
-        let spans = vec![
-            sample(&resource, 0, SpanStatus::Error("HTTP 500".into())),
-            sample(&resource, 1, SpanStatus::Unset),
-        ];
+        let spans = two_spans();
         let request = export_request(&spans);
         let line = json_line(&request).unwrap();
         for part in [

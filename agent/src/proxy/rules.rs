@@ -1676,6 +1676,11 @@ ip6tables -w -t nat -C PREROUTING -j TTA_PREROUTING 2>/dev/null || ip6tables -w 
         }
     }
 
+    /// [`unit`] rules of `mode` installed on `host`.
+    fn install_unit(mode: ProxyMode, host: &Arc<FakeHost>) -> InstalledRules {
+        unit(mode).install_with(host.clone()).expect("install")
+    }
+
     /// The commands that remove one family's chain under `hook` and the
     /// jump to it, `main` being that family's iptables.
     fn removal(main: &str, hook: &str) -> Vec<String> {
@@ -1716,9 +1721,7 @@ ip6tables -w -t nat -C PREROUTING -j TTA_PREROUTING 2>/dev/null || ip6tables -w 
     #[test]
     fn install_in_node_mode_runs_each_family_in_turn() {
         let host = FakeHost::new(true);
-        let installed = unit(ProxyMode::Node)
-            .install_with(host.clone())
-            .expect("install");
+        let installed = install_unit(ProxyMode::Node, &host);
         assert_eq!(
             host.take_calls(),
             lines(&[
@@ -1836,9 +1839,7 @@ ip6tables -w -t nat -C PREROUTING -j TTA_PREROUTING 2>/dev/null || ip6tables -w 
 
         // Removed explicitly.
         let host = FakeHost::new(true);
-        let installed = unit(ProxyMode::Node)
-            .install_with(host.clone())
-            .expect("install");
+        let installed = install_unit(ProxyMode::Node, &host);
         host.take_calls();
         installed.remove().expect("remove");
         assert_eq!(host.take_calls(), expected);
@@ -1847,9 +1848,7 @@ ip6tables -w -t nat -C PREROUTING -j TTA_PREROUTING 2>/dev/null || ip6tables -w 
 
         // Dropped: the same.
         let host = FakeHost::new(true);
-        let installed = unit(ProxyMode::Node)
-            .install_with(host.clone())
-            .expect("install");
+        let installed = install_unit(ProxyMode::Node, &host);
         host.take_calls();
         drop(installed);
         assert_eq!(host.take_calls(), expected);
@@ -1860,9 +1859,7 @@ ip6tables -w -t nat -C PREROUTING -j TTA_PREROUTING 2>/dev/null || ip6tables -w 
     #[test]
     fn stop_redirecting_runs_nothing_and_keeps_the_rules() {
         let host = FakeHost::new(true);
-        let installed = unit(ProxyMode::Node)
-            .install_with(host.clone())
-            .expect("install");
+        let installed = install_unit(ProxyMode::Node, &host);
         host.take_calls();
         installed.stop_redirecting();
         assert_eq!(host.take_calls(), Vec::<String>::new());
@@ -2011,9 +2008,7 @@ ip6tables -w -t nat -C PREROUTING -j TTA_PREROUTING 2>/dev/null || ip6tables -w 
     #[test]
     fn a_failed_removal_names_the_command_and_removes_the_rest() {
         let host = FakeHost::new(true);
-        let installed = unit(ProxyMode::Node)
-            .install_with(host.clone())
-            .expect("install");
+        let installed = install_unit(ProxyMode::Node, &host);
         let delete = "ip6tables -w -t nat -X UT_PREROUTING";
         host.fail(delete, 1, "ip6tables: Device or resource busy.");
         let e = installed.remove().expect_err("the delete fails");
