@@ -91,6 +91,9 @@ impl ReceivedSpan {
 /// Requests received so far, and ways to wait for more.
 #[derive(Default)]
 struct Store {
+    /// Counts spans without keeping what arrived (a long benchmark's
+    /// receiver would otherwise grow with every span).
+    count_only: bool,
     requests: Mutex<Vec<ReceivedRequest>>,
     changed: Condvar,
     /// Spans received so far, for async waiters.
@@ -105,6 +108,10 @@ impl Store {
         request: ExportTraceServiceRequest,
     ) {
         let spans = span_count(&request);
+        if self.count_only {
+            self.span_count.send_modify(|n| *n += spans);
+            return;
+        }
         let mut requests = self.requests.lock().unwrap_or_else(|e| e.into_inner());
         requests.push(ReceivedRequest {
             transport,
@@ -145,6 +152,24 @@ impl OtlpReceiver {
     /// Starts the gRPC server at `grpc` and the HTTP server at `http` (e.g.
     /// ports an exporter already sends to, to test its retries).
     pub fn start_at(grpc: SocketAddr, http: SocketAddr) -> io::Result<Self> {
+        Self::start_with(grpc, http, Store::default())
+    }
+
+    /// Starts both servers like [`OtlpReceiver::start_at`], keeping only
+    /// the number of spans received ([`OtlpReceiver::span_count`]): for
+    /// benchmarks, whose exports would otherwise fill memory.
+    pub fn start_counting(grpc: SocketAddr, http: SocketAddr) -> io::Result<Self> {
+        Self::start_with(
+            grpc,
+            http,
+            Store {
+                count_only: true,
+                ..Store::default()
+            },
+        )
+    }
+
+    fn start_with(grpc: SocketAddr, http: SocketAddr, store: Store) -> io::Result<Self> {
         // Bound here, not on the server thread, so the addresses are known
         // (and errors reported) before this returns.
         let grpc_listener = TcpListener::bind(grpc)?;
@@ -153,7 +178,7 @@ impl OtlpReceiver {
         http_listener.set_nonblocking(true)?;
         let grpc_addr = grpc_listener.local_addr()?;
         let http_addr = http_listener.local_addr()?;
-        let store = Arc::new(Store::default());
+        let store = Arc::new(store);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()

@@ -52,6 +52,17 @@ pub fn bench(
     }
     run(crate::toolchain::cargo().args(["build", "--release", "--package", "agent"]))?;
     if runs(Part::Overhead) {
+        // The OTLP/gRPC row's receiver.
+        run(crate::toolchain::cargo().args([
+            "build",
+            "--release",
+            "--package",
+            "tests",
+            "--bin",
+            "otlp-receiver",
+        ]))?;
+    }
+    if runs(Part::Overhead) {
         overhead::overhead(overhead_options)?;
     }
     if runs(Part::Proxy) {

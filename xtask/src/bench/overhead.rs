@@ -16,7 +16,10 @@
 //!
 //! The configurations: agent off; `agent run` writing OTLP/JSON to
 //! /dev/null (every span built and encoded, no receiver's CPU counted);
-//! the same with `tracing.random_sampling: 10`. Medians over the rounds.
+//! the same with `tracing.random_sampling: 10`; `agent run` exporting
+//! over OTLP/gRPC to a receiver process on this machine (the tests'
+//! receiver, counting spans: its CPU is in the machine's figure, not the
+//! agent's). Medians over the rounds.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -28,6 +31,12 @@ use super::{KillOnDrop, WRK_ARGS, median, parse_wrk, start_nginx, write_nginx_co
 
 /// nginx's port for this benchmark.
 const NGINX_PORT: u16 = 18280;
+
+/// The OTLP receiver's gRPC and HTTP ports.
+const RECEIVER_PORTS: (u16, u16) = (18290, 18291);
+
+/// The receiver, built by `cargo xtask bench` from the tests crate.
+const RECEIVER: &str = "target/release/otlp-receiver";
 
 /// How the fixed-rate rounds run (`cargo xtask bench` options).
 #[derive(Clone, Copy, Debug)]
@@ -50,16 +59,24 @@ enum Setup {
     FileOutput,
     /// The same with 10 % of traces sampled.
     Sampled10,
+    /// Every span exported over OTLP/gRPC to a receiver on this machine.
+    GrpcOutput,
 }
 
 impl Setup {
-    const ALL: [Setup; 3] = [Setup::Off, Setup::FileOutput, Setup::Sampled10];
+    const ALL: [Setup; 4] = [
+        Setup::Off,
+        Setup::FileOutput,
+        Setup::Sampled10,
+        Setup::GrpcOutput,
+    ];
 
     fn label(self) -> &'static str {
         match self {
             Setup::Off => "agent off",
             Setup::FileOutput => "agent on, JSON to /dev/null",
             Setup::Sampled10 => "agent on, random_sampling 10",
+            Setup::GrpcOutput => "agent on, OTLP/gRPC to a local receiver",
         }
     }
 }
@@ -128,6 +145,9 @@ pub fn overhead(options: OverheadOptions) -> Result<()> {
     std::fs::write(&sampled, "tracing:\n  random_sampling: 10\n")?;
     // The kernel counts its programs' run time only while this is on.
     let _bpf_stats = BpfStats::enable()?;
+    let receiver = Receiver::start()?;
+    let grpc_endpoint = format!("http://127.0.0.1:{}", RECEIVER_PORTS.0);
+    let file_output: [&std::ffi::OsStr; 2] = ["--output-file".as_ref(), "/dev/null".as_ref()];
 
     let mut results: Vec<(Setup, Vec<Measured>)> =
         Setup::ALL.iter().map(|s| (*s, Vec::new())).collect();
@@ -136,8 +156,17 @@ pub fn overhead(options: OverheadOptions) -> Result<()> {
             eprintln!("bench: round {round}/{}, {}", options.rounds, setup.label());
             let agent = match setup {
                 Setup::Off => None,
-                Setup::FileOutput => Some(start_agent(&[])?),
-                Setup::Sampled10 => Some(start_agent(&["--config".as_ref(), sampled.as_os_str()])?),
+                Setup::FileOutput => Some(start_agent(&file_output)?),
+                Setup::Sampled10 => Some(start_agent(&[
+                    file_output[0],
+                    file_output[1],
+                    "--config".as_ref(),
+                    sampled.as_os_str(),
+                ])?),
+                Setup::GrpcOutput => Some(start_agent(&[
+                    "--exporter-endpoint".as_ref(),
+                    grpc_endpoint.as_ref(),
+                ])?),
             };
             let paced = paced_run(&url, &script, options, worker, agent.as_ref())?;
             let saturation = super::wrk(&url)?;
@@ -148,16 +177,69 @@ pub fn overhead(options: OverheadOptions) -> Result<()> {
             drop(agent);
         }
     }
+    let received = receiver.stop()?;
     print_tables(options, delay_ms, &results);
+    println!("\nthe OTLP receiver received {received} spans");
     Ok(())
 }
 
-/// `agent run` writing OTLP/JSON to /dev/null, with `extra` arguments,
-/// once it has loaded its probes.
+/// The tests' OTLP receiver in a process of its own.
+struct Receiver(std::process::Child);
+
+impl Receiver {
+    fn start() -> Result<Self> {
+        let mut child = Command::new(RECEIVER)
+            .args([
+                format!("127.0.0.1:{}", RECEIVER_PORTS.0),
+                format!("127.0.0.1:{}", RECEIVER_PORTS.1),
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {RECEIVER}"))?;
+        // It prints one line once it listens.
+        let mut line = String::new();
+        let stdout = child.stdout.as_mut().context("the receiver's stdout")?;
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+        if !line.contains("listening") {
+            let _ = child.kill();
+            bail!("the OTLP receiver did not start: {line:?}");
+        }
+        Ok(Self(child))
+    }
+
+    /// Stops it and returns the spans it received.
+    fn stop(mut self) -> Result<u64> {
+        // SAFETY: a signal to our own child.
+        unsafe { super::libc_kill(self.0.id() as i32, 15) };
+        let mut out = String::new();
+        if let Some(mut stdout) = self.0.stdout.take() {
+            std::io::Read::read_to_string(&mut stdout, &mut out)?;
+        }
+        self.0.wait()?;
+        out.lines()
+            .find_map(|l| {
+                l.strip_prefix("otlp-receiver: ")?
+                    .strip_suffix(" spans")?
+                    .parse()
+                    .ok()
+            })
+            .with_context(|| format!("the receiver's count in {out:?}"))
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `agent run` without the terminal view, with `extra` arguments (its
+/// outputs), once it has loaded its probes.
 fn start_agent(extra: &[&std::ffi::OsStr]) -> Result<KillOnDrop> {
     let agent = KillOnDrop(
         Command::new("target/release/agent")
-            .args(["run", "--output-file", "/dev/null", "--no-terminal"])
+            .args(["run", "--no-terminal"])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())

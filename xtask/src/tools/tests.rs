@@ -21,6 +21,8 @@ const INDIRECT: &[(&str, &str, &[&str])] = &[
         "program",
         &["iptables", "ip6tables", "iptables-save", "ip6tables-save"],
     ),
+    // The tests' OTLP receiver, built by `cargo xtask bench`.
+    ("xtask/src/bench/overhead.rs", "RECEIVER", &[]),
     // The agent binary cargo built for the test.
     ("agent/tests/cli.rs", "AGENT", &[]),
     ("agent/tests/common/mod.rs", "AGENT", &[]),
