@@ -1,8 +1,9 @@
 //! The user-space pipeline alone, on recorded events: ring-buffer records
 //! -> decode -> correlate (HTTP parsing, trace context, spans) -> OTLP
-//! export requests (the SDK's `SpanData` converted by
-//! `opentelemetry_proto::transform`, as the OTLP exporter does) encoded to
-//! protobuf, the bytes an exporter sends.
+//! export requests encoded to protobuf straight from the spans
+//! (`export::otlp_proto`, as the OTLP exporter does), the bytes an exporter
+//! sends. (Until issue 13 the requests were the SDK's `SpanData` converted
+//! by `opentelemetry_proto::transform` and encoded by prost.)
 //!
 //! `cargo xtask bench` runs it. It reports events per second on one core
 //! (criterion's throughput) and, once before measuring, allocations per
@@ -12,6 +13,11 @@
 //! writes them as the OTLP/JSON file output does, in lines of 64 spans, in
 //! each of the ways compared in docs/benchmarks.md: spans per second on one
 //! core, and, printed before measuring, bytes and allocations per span.
+//!
+//! A third group, `otlp_proto`, does the same for the protobuf requests of
+//! the OTLP exporter, in requests of 64 spans: the direct encoder against
+//! the official conversion encoded by prost (what the exporter did before
+//! issue 13).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,12 +25,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use agent::capture::event::encode_record;
 use agent::capture::{CaptureEvent, RecordDecoder};
 use agent::correlate::{Correlator, ProcessFilter, ProcessTable, SpanSettings};
-use agent::export::otlp_json::{export_request, write_json_line};
+use agent::export::otlp_json::write_json_line;
+use agent::export::otlp_proto::ProtoEncoder;
 use agent::sampling::Sampler;
 use agent::span::Span;
+// What `reference.rs` names as `crate::export` and `crate::span`.
+use agent::{export, span};
 use agent_common::{AF_INET, ConnTuple, Direction, EventHeader, EventKind, Role, Syscall};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use prost::Message as _;
+
+/// The official conversion (SDK `SpanData` -> `opentelemetry_proto::transform`),
+/// shared with the agent's unit tests.
+#[path = "../src/export/reference.rs"]
+mod reference;
+
+use reference::export_request;
 
 /// Counts allocations so the benchmark can report them per event.
 struct CountingAllocator;
@@ -202,6 +218,7 @@ fn pipeline(records: &[Vec<u8>]) -> usize {
     let mut decoder = RecordDecoder::new();
     let mut correlator = correlator(100.0);
     let mut spans = Vec::with_capacity(BATCH * 2);
+    let mut encoder = ProtoEncoder::new();
     let mut encoded = Vec::new();
     let mut bytes = 0;
     for record in records {
@@ -209,14 +226,14 @@ fn pipeline(records: &[Vec<u8>]) -> usize {
         correlator.handle(&event, &mut spans);
         if spans.len() >= BATCH {
             encoded.clear();
-            export_request(&spans).encode(&mut encoded).unwrap();
+            encoder.encode(&spans, &mut encoded);
             bytes += encoded.len();
             spans.clear();
         }
     }
     correlator.finish(&mut spans);
     encoded.clear();
-    export_request(&spans).encode(&mut encoded).unwrap();
+    encoder.encode(&spans, &mut encoded);
     bytes + encoded.len()
 }
 
@@ -261,7 +278,7 @@ type Writer = fn(&[Span], &mut Vec<u8>);
 /// conversion (`SpanData` -> `opentelemetry_proto::transform`) written by
 /// `serde_json` with every default (the direct writer's reference); and, for
 /// scale, the same conversion encoded to protobuf, as the OTLP exporter
-/// sends it.
+/// sent it before issue 13 (see the `otlp_proto` group).
 const WRITERS: [(&str, Writer); 3] = [
     ("direct_writer", |spans, out| write_json_line(spans, out)),
     ("official_serde_json", |spans, out| {
@@ -307,6 +324,64 @@ fn bench_otlp_json(c: &mut Criterion, records: &[Vec<u8>]) {
     group.finish();
 }
 
+/// Spans per OTLP request, as the exporter batches them
+/// (`ExportSettings::max_batch_size`'s default).
+const REQUEST: usize = 64;
+
+/// One way of encoding a request: appends the request of `spans` to `out`.
+type EncodeRef<'a> = &'a mut dyn FnMut(&[Span], &mut Vec<u8>);
+
+/// Encodes every request of `spans` with `encode`; returns the bytes.
+fn encode_requests(
+    spans: &[Span],
+    encode: &mut dyn FnMut(&[Span], &mut Vec<u8>),
+    out: &mut Vec<u8>,
+) -> usize {
+    let mut bytes = 0;
+    for chunk in spans.chunks(REQUEST) {
+        out.clear();
+        encode(chunk, out);
+        bytes += out.len();
+    }
+    bytes
+}
+
+/// The OTLP exporter's protobuf requests: the direct encoder (one encoder
+/// and one buffer reused, as the exporter keeps them) against the official
+/// conversion encoded by prost.
+fn bench_otlp_proto(c: &mut Criterion, records: &[Vec<u8>]) {
+    let spans = all_spans(records);
+    let mut encoder = ProtoEncoder::new();
+    let mut direct = |spans: &[Span], out: &mut Vec<u8>| encoder.encode(spans, out);
+    let mut official =
+        |spans: &[Span], out: &mut Vec<u8>| export_request(spans).encode(out).unwrap();
+    let mut ways: [(&str, EncodeRef); 2] = [
+        ("direct_encoder", &mut direct),
+        ("official_protobuf", &mut official),
+    ];
+    let mut out = Vec::new();
+    for (name, encode) in &mut ways {
+        encode_requests(&spans, *encode, &mut out);
+        let before = ALLOCATIONS.load(Ordering::Relaxed);
+        let bytes = encode_requests(&spans, *encode, &mut out);
+        let allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;
+        println!(
+            "otlp_proto/{name}: {} spans, {bytes} bytes, {:.1} bytes and {:.2} allocations per span",
+            spans.len(),
+            bytes as f64 / spans.len() as f64,
+            allocations as f64 / spans.len() as f64,
+        );
+    }
+    let mut group = c.benchmark_group("otlp_proto");
+    group.throughput(Throughput::Elements(spans.len() as u64));
+    for (name, encode) in &mut ways {
+        group.bench_function(*name, |b| {
+            b.iter(|| encode_requests(&spans, *encode, &mut out))
+        });
+    }
+    group.finish();
+}
+
 fn bench(c: &mut Criterion) {
     let records = recorded_traffic();
     for percentage in [100.0, 10.0] {
@@ -335,6 +410,7 @@ fn bench(c: &mut Criterion) {
     group.bench_function("records_to_otlp_batches", |b| b.iter(|| pipeline(&records)));
     group.finish();
     bench_otlp_json(c, &records);
+    bench_otlp_proto(c, &records);
 }
 
 criterion_group!(benches, bench);

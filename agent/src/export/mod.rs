@@ -1,5 +1,10 @@
 //! Span export: OTLP (gRPC, HTTP/protobuf), OTLP/JSON file, terminal view.
 //!
+//! Both OTLP encodings are written straight from the span model:
+//! [`otlp_proto`] for gRPC and HTTP/protobuf, [`otlp_json`] for the file;
+//! the tests hold them to the message the official conversion builds (the
+//! SDK's `SpanData` through `opentelemetry_proto::transform`).
+//!
 //! The agent hands finished spans to a [`SpanSink`] and does not care which
 //! exporter is behind it. The sink queues them (bounded: when the queue is
 //! full a span is dropped and counted, so a slow or absent collector never
@@ -16,6 +21,9 @@
 
 pub mod otlp;
 pub mod otlp_json;
+pub mod otlp_proto;
+#[cfg(test)]
+pub(crate) mod reference;
 mod settings;
 pub mod terminal;
 

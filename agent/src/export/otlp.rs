@@ -1,10 +1,12 @@
-//! OTLP over gRPC and HTTP/protobuf, through `opentelemetry-otlp`.
+//! OTLP over gRPC and HTTP/protobuf.
 //!
-//! Our spans become `opentelemetry_sdk` [`SpanData`] here; the exporter
-//! library does the protobuf encoding and the transport. One exporter
-//! instance carries one resource at a time, while a batch of ours mixes
-//! spans of many processes, so each batch is sent as one request per
-//! resource, setting the exporter's resource before each.
+//! Each request is an `ExportTraceServiceRequest` encoded straight from our
+//! spans ([`super::otlp_proto`]), one per resource of a batch (a batch of
+//! ours mixes spans of many processes), sent as it is: over gRPC as the
+//! `TraceService/Export` call (tonic, with a codec that sends the encoded
+//! bytes and decodes the official response type), or over HTTP as a POST
+//! of `application/x-protobuf` (hyper, through opentelemetry-http's
+//! client). A response's partial success is logged, not retried.
 //!
 //! Configuration follows the OpenTelemetry exporter specification: an
 //! explicit setting wins, else `OTEL_EXPORTER_OTLP_TRACES_*`, else
@@ -17,26 +19,29 @@
 //! agent's own environment is deliberately not used: it would name the
 //! agent, while every span belongs to a traced process whose own
 //! `OTEL_SERVICE_NAME` (read from that process's environment by the stage
-//! that builds [`Resource`]s) is already in its resource.
+//! that builds [`Resource`](crate::span::Resource)s) is already in its
+//! resource.
 
-use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use http::{HeaderName, HeaderValue};
-use opentelemetry::trace::{SpanContext, SpanKind as OtelSpanKind, Status, TraceFlags, TraceState};
-use opentelemetry::{InstrumentationScope, KeyValue, Value};
+use bytes::{BufMut as _, Bytes, BytesMut};
+use http::header::{CONTENT_TYPE, USER_AGENT};
+use http::uri::PathAndQuery;
+use http::{HeaderMap, HeaderName, HeaderValue, Uri};
+use opentelemetry_http::HttpClient as _;
 use opentelemetry_http::hyper::HyperClient;
-use opentelemetry_http::{Bytes, HttpClient, HttpError};
-use opentelemetry_otlp::{
-    Protocol, RetryPolicy, WithExportConfig, WithHttpConfig, WithTonicConfig,
-};
-use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks};
-use tonic::metadata::{Ascii, MetadataKey, MetadataValue};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
+use prost::Message as _;
+use tonic::GrpcMethod;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::metadata::{Ascii, MetadataKey, MetadataMap, MetadataValue};
+use tonic::transport::{Channel, Endpoint};
 
-use super::{ExportError, SCOPE_NAME, SCOPE_VERSION, group_by_resource};
-use crate::span::{AttributeValue, Resource, Span, SpanKind, SpanStatus};
+use super::otlp_proto::ProtoEncoder;
+use super::{ExportError, group_by_resource};
+use crate::span::{Span, SpanKind};
 
 /// Environment variables read when a setting is not given explicitly.
 pub mod env {
@@ -48,14 +53,18 @@ pub mod env {
     pub const PROTOCOL: &str = "OTEL_EXPORTER_OTLP_PROTOCOL";
     /// `grpc` or `http/protobuf`, for traces.
     pub const TRACES_PROTOCOL: &str = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL";
-    /// `key=value,key2=value2`, for all signals (read by the exporter library).
+    /// `key=value,key2=value2`, for all signals (values percent-encoded).
     pub const HEADERS: &str = "OTEL_EXPORTER_OTLP_HEADERS";
-    /// `key=value,...`, for traces (read by the exporter library).
+    /// `key=value,...`, for traces; when set, the one read.
     pub const TRACES_HEADERS: &str = "OTEL_EXPORTER_OTLP_TRACES_HEADERS";
     /// Request time limit in milliseconds, for all signals.
     pub const TIMEOUT: &str = "OTEL_EXPORTER_OTLP_TIMEOUT";
     /// Request time limit in milliseconds, for traces.
     pub const TRACES_TIMEOUT: &str = "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT";
+    /// `true`: a gRPC endpoint without a scheme is `http://`, not `https://`.
+    pub const INSECURE: &str = "OTEL_EXPORTER_OTLP_INSECURE";
+    /// As [`INSECURE`], for traces.
+    pub const TRACES_INSECURE: &str = "OTEL_EXPORTER_OTLP_TRACES_INSECURE";
 }
 
 /// OTLP transport, named as `OTEL_EXPORTER_OTLP_PROTOCOL`, the
@@ -228,13 +237,40 @@ fn traces_url(base: &str) -> String {
     }
 }
 
-/// Sends batches of spans with `opentelemetry-otlp`, one request per
-/// resource. Its own retries are off: the export task retries.
+/// The gRPC method requests go to (opentelemetry-proto's `TraceService`).
+const GRPC_SERVICE: &str = "opentelemetry.proto.collector.trace.v1.TraceService";
+const GRPC_EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+/// The media type of an HTTP/protobuf request.
+const PROTOBUF: &str = "application/x-protobuf";
+
+/// Sends batches of spans over OTLP, one request per resource, each
+/// encoded straight from the spans ([`ProtoEncoder`]). No retries here: the
+/// export task retries.
 #[derive(Debug)]
 pub struct OtlpExporter {
-    exporter: opentelemetry_otlp::SpanExporter,
+    transport: Transport,
     target: ResolvedTarget,
-    scope: InstrumentationScope,
+    encoder: ProtoEncoder,
+    /// The request being encoded; its allocation is taken back once the
+    /// transport has dropped the previous request's bytes.
+    buffer: BytesMut,
+}
+
+/// How requests travel.
+#[derive(Debug)]
+enum Transport {
+    /// A lazily connecting tonic channel, and the metadata of every request.
+    Grpc {
+        channel: Channel,
+        metadata: MetadataMap,
+    },
+    /// A hyper client (boxed: far larger than a channel), the traces URL
+    /// and the headers of every request.
+    Http {
+        client: Box<HyperClient>,
+        url: Uri,
+        headers: HeaderMap,
+    },
 }
 
 impl OtlpExporter {
@@ -242,51 +278,54 @@ impl OtlpExporter {
     /// run inside a tokio runtime (the gRPC channel is created there); it
     /// connects lazily, so a collector that is down is not an error here.
     pub fn new(settings: &OtlpSettings) -> Result<Self, ExportError> {
-        let target = settings.resolve(|name| std::env::var(name).ok())?;
-        let headers = header_pairs(&settings.headers)?;
-        let config = |e: opentelemetry_otlp::ExporterBuildError| {
-            ExportError::Config(format!("OTLP exporter for {}: {e}", target.endpoint))
+        let env = |name: &str| std::env::var(name).ok();
+        let mut target = settings.resolve(env)?;
+        if target.protocol == OtlpProtocol::Grpc {
+            target.endpoint = grpc_scheme(&target.endpoint, env)?;
+        }
+        // Environment headers first, so that an explicit header replaces
+        // one of the same name.
+        let mut headers = HeaderMap::new();
+        for (name, value) in env_headers(env)
+            .into_iter()
+            .chain(header_pairs(&settings.headers)?)
+        {
+            headers.insert(name, value);
+        }
+        let config = |e: &dyn std::error::Error| {
+            ExportError::Config(format!(
+                "OTLP exporter for {}: {}",
+                target.endpoint,
+                chain(e)
+            ))
         };
-        let exporter = match target.protocol {
+        let transport = match target.protocol {
             OtlpProtocol::Grpc => {
                 let metadata = grpc_metadata(&headers)?;
-                // Runs after the library added the environment's headers, so
-                // an explicit header replaces one of the same name.
-                let explicit_headers = move |mut request: tonic::Request<()>| {
-                    for (key, value) in &metadata {
-                        request.metadata_mut().insert(key.clone(), value.clone());
-                    }
-                    Ok(request)
-                };
-                opentelemetry_otlp::SpanExporter::builder()
-                    .with_tonic()
-                    .with_endpoint(target.endpoint.clone())
-                    .with_timeout(target.timeout)
-                    .with_interceptor(explicit_headers)
-                    .with_retry_policy(RetryPolicy::disabled())
-                    .build()
-                    .map_err(config)?
+                let channel = Endpoint::from_shared(target.endpoint.clone())
+                    .and_then(|endpoint| endpoint.user_agent(user_agent()))
+                    .map_err(|e| config(&e))?
+                    .timeout(target.timeout)
+                    .connect_lazy();
+                Transport::Grpc { channel, metadata }
             }
             OtlpProtocol::HttpProtobuf => {
-                let client = ExplicitHeaders {
-                    inner: HyperClient::with_default_connector(target.timeout, None),
+                let url = target.endpoint.parse::<Uri>().map_err(|e| config(&e))?;
+                if !headers.contains_key(USER_AGENT) {
+                    headers.insert(USER_AGENT, user_agent());
+                }
+                Transport::Http {
+                    client: Box::new(HyperClient::with_default_connector(target.timeout, None)),
+                    url,
                     headers,
-                };
-                opentelemetry_otlp::SpanExporter::builder()
-                    .with_http()
-                    .with_protocol(Protocol::HttpBinary)
-                    .with_endpoint(target.endpoint.clone())
-                    .with_timeout(target.timeout)
-                    .with_http_client(client)
-                    .with_retry_policy(RetryPolicy::disabled())
-                    .build()
-                    .map_err(config)?
+                }
             }
         };
         Ok(Self {
-            exporter,
+            transport,
             target,
-            scope: scope(),
+            encoder: ProtoEncoder::new(),
+            buffer: BytesMut::new(),
         })
     }
 
@@ -302,14 +341,10 @@ impl OtlpExporter {
         let mut delivered = vec![false; spans.len()];
         let mut first_error = None;
         for group in group_by_resource(spans) {
-            // Groups have distinct resources, so each is converted once.
-            self.exporter
-                .set_resource(&sdk_resource(&spans[group[0]].resource));
-            let batch = group
-                .iter()
-                .map(|&i| span_data(&spans[i], &self.scope))
-                .collect();
-            match self.exporter.export(batch).await {
+            self.encoder
+                .encode_groups(spans, std::slice::from_ref(&group), &mut self.buffer);
+            let body = self.buffer.split().freeze();
+            match self.transport.send(body).await {
                 Ok(()) => group.iter().for_each(|&i| delivered[i] = true),
                 Err(e) => {
                     first_error.get_or_insert_with(|| {
@@ -327,9 +362,178 @@ impl OtlpExporter {
     }
 }
 
+impl Transport {
+    /// Sends one encoded `ExportTraceServiceRequest`. A partial success (the
+    /// collector rejected some spans) is logged, not retried: the
+    /// specification says so, and a retry would be rejected again.
+    async fn send(&self, body: Bytes) -> Result<(), String> {
+        let response = match self {
+            Self::Grpc { channel, metadata } => {
+                let mut grpc = tonic::client::Grpc::new(channel.clone());
+                grpc.ready()
+                    .await
+                    .map_err(|e| format!("gRPC channel: {}", chain(&e)))?;
+                let mut request = tonic::Request::new(body);
+                *request.metadata_mut() = metadata.clone();
+                request
+                    .extensions_mut()
+                    .insert(GrpcMethod::new(GRPC_SERVICE, "Export"));
+                grpc.unary(
+                    request,
+                    PathAndQuery::from_static(GRPC_EXPORT_PATH),
+                    RequestCodec,
+                )
+                .await
+                .map_err(|status| grpc_error(&status))?
+                .into_inner()
+            }
+            Self::Http {
+                client,
+                url,
+                headers,
+            } => {
+                let mut request = http::Request::post(url.clone())
+                    .header(CONTENT_TYPE, PROTOBUF)
+                    .body(body)
+                    .map_err(|e| format!("HTTP request: {e}"))?;
+                for (name, value) in headers {
+                    request.headers_mut().insert(name, value.clone());
+                }
+                let response = client
+                    .send_bytes(request)
+                    .await
+                    .map_err(|e| format!("HTTP: {}", chain(&*e)))?;
+                if !response.status().is_success() {
+                    return Err(format!("HTTP status {}", response.status()));
+                }
+                // A body that is not a response counts as a full success, as
+                // for opentelemetry-otlp (some collectors answer with none).
+                ExportTraceServiceResponse::decode(response.into_body()).unwrap_or_default()
+            }
+        };
+        if let Some(partial) = response.partial_success
+            && (partial.rejected_spans > 0 || !partial.error_message.is_empty())
+        {
+            log::warn!(
+                "OTLP collector rejected {} spans: {}",
+                partial.rejected_spans,
+                partial.error_message
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The `User-Agent` of every request (gRPC adds tonic's after it).
+fn user_agent() -> HeaderValue {
+    HeaderValue::from_static(concat!(
+        "transparent-tracing-agent/",
+        env!("CARGO_PKG_VERSION")
+    ))
+}
+
+/// A gRPC endpoint without a scheme gets one as opentelemetry-otlp gives
+/// it: `http://` when `OTEL_EXPORTER_OTLP_[TRACES_]INSECURE` is `true`,
+/// else `https://`, which is refused (no TLS yet).
+fn grpc_scheme(
+    endpoint: &str,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<String, ExportError> {
+    let has_scheme = endpoint
+        .split_once("://")
+        .is_some_and(|(scheme, _)| !scheme.contains(['/', '?', '#']));
+    if has_scheme {
+        return Ok(endpoint.to_string());
+    }
+    let insecure = env(env::TRACES_INSECURE)
+        .or_else(|| env(env::INSECURE))
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    if insecure {
+        Ok(format!("http://{endpoint}"))
+    } else {
+        Err(ExportError::Config(format!(
+            "OTLP endpoint {endpoint}: without a scheme it means https://, and TLS is not \
+             supported yet; use http:// (or set {}=true)",
+            env::INSECURE
+        )))
+    }
+}
+
+/// The error and its sources, `: `-separated (tonic and hyper put the cause,
+/// "connection refused" and the like, in the sources).
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    append_sources(&mut text, error.source());
+    text
+}
+
+/// Appends `source` and its own sources to `text`, but those `text` already
+/// says.
+fn append_sources(text: &mut String, mut source: Option<&(dyn std::error::Error + 'static)>) {
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+}
+
+fn grpc_error(status: &tonic::Status) -> String {
+    let mut text = format!("gRPC status {:?}", status.code());
+    if !status.message().is_empty() {
+        text.push_str(": ");
+        text.push_str(status.message());
+    }
+    append_sources(&mut text, std::error::Error::source(status));
+    text
+}
+
+/// The gRPC codec of the `Export` call: the request goes as the bytes
+/// [`ProtoEncoder`] wrote, the response is decoded with the official type.
+#[derive(Clone, Copy, Debug, Default)]
+struct RequestCodec;
+
+impl Codec for RequestCodec {
+    type Encode = Bytes;
+    type Decode = ExportTraceServiceResponse;
+    type Encoder = RequestCodec;
+    type Decoder = RequestCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        *self
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        *self
+    }
+}
+
+impl Encoder for RequestCodec {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Self::Error> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for RequestCodec {
+    type Item = ExportTraceServiceResponse;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Self::Error> {
+        ExportTraceServiceResponse::decode(src)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(format!("export response: {e}")))
+    }
+}
+
 /// Header pairs checked and parsed; names are lower-cased (gRPC metadata
-/// keys must be, HTTP ones are case-insensitive). Bad ones are errors: the
-/// library would skip them silently.
+/// keys must be, HTTP ones are case-insensitive). Bad ones are errors,
+/// not skipped silently.
 fn header_pairs(
     headers: &[(String, String)],
 ) -> Result<Vec<(HeaderName, HeaderValue)>, ExportError> {
@@ -347,141 +551,73 @@ fn header_pairs(
         .collect()
 }
 
-/// One gRPC metadata entry.
-type MetadataEntry = (MetadataKey<Ascii>, MetadataValue<Ascii>);
-
-/// The headers as gRPC metadata (ASCII values only).
-fn grpc_metadata(headers: &[(HeaderName, HeaderValue)]) -> Result<Vec<MetadataEntry>, ExportError> {
-    headers
-        .iter()
-        .map(|(name, value)| {
-            let invalid = || ExportError::Config(format!("invalid gRPC metadata {name}"));
-            let key = MetadataKey::from_bytes(name.as_str().as_bytes()).map_err(|_| invalid())?;
-            let value = MetadataValue::try_from(value.as_bytes()).map_err(|_| invalid())?;
-            Ok((key, value))
+/// The headers of `OTEL_EXPORTER_OTLP_TRACES_HEADERS` if set, else of
+/// `OTEL_EXPORTER_OTLP_HEADERS`, read as opentelemetry-otlp reads them:
+/// `name=value` pairs separated by commas, values percent-decoded (kept
+/// as given when that fails), pairs with an empty name or value and those
+/// that are not valid headers skipped.
+fn env_headers(env: impl Fn(&str) -> Option<String>) -> Vec<(HeaderName, HeaderValue)> {
+    let Some(text) = env(env::TRACES_HEADERS).or_else(|| env(env::HEADERS)) else {
+        return Vec::new();
+    };
+    text.split_terminator(',')
+        .filter_map(|pair| {
+            let (name, value) = pair.trim().split_once('=')?;
+            let (name, value) = (name.trim(), value.trim());
+            let value = percent_decode(value).unwrap_or_else(|| value.to_string());
+            if name.is_empty() || value.is_empty() {
+                return None;
+            }
+            Some((
+                HeaderName::from_bytes(name.as_bytes()).ok()?,
+                HeaderValue::from_str(&value).ok()?,
+            ))
         })
         .collect()
 }
 
-/// An HTTP client that sets the explicitly configured headers on every
-/// request, after the library added the environment's: so a header given
-/// explicitly replaces one of the same name from the environment.
-#[derive(Debug)]
-struct ExplicitHeaders {
-    inner: HyperClient,
-    headers: Vec<(HeaderName, HeaderValue)>,
-}
-
-#[async_trait::async_trait]
-impl HttpClient for ExplicitHeaders {
-    async fn send_bytes(
-        &self,
-        mut request: http::Request<Bytes>,
-    ) -> Result<http::Response<Bytes>, HttpError> {
-        for (name, value) in &self.headers {
-            request.headers_mut().insert(name.clone(), value.clone());
+/// `%XX` sequences decoded; `None` if one is malformed or the result is
+/// not UTF-8.
+fn percent_decode(value: &str) -> Option<String> {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
         }
-        self.inner.send_bytes(request).await
     }
+    String::from_utf8(out).ok()
 }
 
-/// The instrumentation scope every exported span carries.
-pub fn scope() -> InstrumentationScope {
-    InstrumentationScope::builder(SCOPE_NAME)
-        .with_version(SCOPE_VERSION)
-        .build()
-}
-
-/// Our resource as an SDK resource: `service.name` plus its attributes.
-pub fn sdk_resource(resource: &Resource) -> opentelemetry_sdk::Resource {
-    let attributes = resource
-        .attributes
-        .iter()
-        .filter(|a| a.key != super::SERVICE_NAME)
-        .map(|a| KeyValue::new(a.key.to_string(), value(&a.value)))
-        .chain(std::iter::once(KeyValue::new(
-            super::SERVICE_NAME,
-            resource.service_name.clone(),
-        )));
-    opentelemetry_sdk::Resource::builder_empty()
-        .with_attributes(attributes)
-        .build()
-}
-
-fn value(value: &AttributeValue) -> Value {
-    match value {
-        AttributeValue::String(s) => Value::from(s.to_string()),
-        AttributeValue::Int(i) => Value::I64(*i),
+/// The headers as gRPC metadata (ASCII values only).
+fn grpc_metadata(headers: &HeaderMap) -> Result<MetadataMap, ExportError> {
+    let mut metadata = MetadataMap::new();
+    for (name, value) in headers {
+        let invalid = || ExportError::Config(format!("invalid gRPC metadata {name}"));
+        let key =
+            MetadataKey::<Ascii>::from_bytes(name.as_str().as_bytes()).map_err(|_| invalid())?;
+        let value = MetadataValue::try_from(value.as_bytes()).map_err(|_| invalid())?;
+        metadata.insert(key, value);
     }
+    Ok(metadata)
 }
 
 /// Whether the span's parent is in another process. A server span's parent
 /// came in with the request (traceparent); a client span's parent is the
 /// server span of the same process.
-pub(super) fn parent_is_remote(span: &Span) -> bool {
+pub fn parent_is_remote(span: &Span) -> bool {
     span.parent_span_id.is_some() && span.kind == SpanKind::Server
-}
-
-/// Our span as SDK span data.
-pub fn span_data(span: &Span, scope: &InstrumentationScope) -> SpanData {
-    let trace_state = if span.trace_state.is_empty() {
-        TraceState::default()
-    } else {
-        // Already validated upstream; the SDK's own parser decides here, and
-        // a value it rejects is dropped rather than the whole span.
-        TraceState::from_str(&span.trace_state).unwrap_or_else(|e| {
-            log::debug!("tracestate {:?} not exported: {e}", span.trace_state);
-            TraceState::default()
-        })
-    };
-    let span_context = SpanContext::new(
-        opentelemetry::TraceId::from_bytes(span.trace_id.0),
-        opentelemetry::SpanId::from_bytes(span.span_id.0),
-        TraceFlags::new(span.flags),
-        false,
-        trace_state,
-    );
-    SpanData {
-        span_context,
-        parent_span_id: span
-            .parent_span_id
-            .map_or(opentelemetry::SpanId::INVALID, |p| {
-                opentelemetry::SpanId::from_bytes(p.0)
-            }),
-        parent_span_is_remote: parent_is_remote(span),
-        span_kind: match span.kind {
-            SpanKind::Server => OtelSpanKind::Server,
-            SpanKind::Client => OtelSpanKind::Client,
-        },
-        name: Cow::Owned(span.name.clone()),
-        start_time: unix_time(span.start_unix_nano),
-        end_time: unix_time(span.end_unix_nano),
-        attributes: span
-            .attributes
-            .iter()
-            .map(|a| KeyValue::new(a.key.to_string(), value(&a.value)))
-            .collect(),
-        dropped_attributes_count: 0,
-        events: SpanEvents::default(),
-        links: SpanLinks::default(),
-        status: match &span.status {
-            SpanStatus::Unset => Status::Unset,
-            SpanStatus::Error(message) => Status::error(message.clone()),
-        },
-        instrumentation_scope: scope.clone(),
-    }
-}
-
-fn unix_time(nanos: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_nanos(nanos)
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use crate::span::{Attribute, SpanId, TraceId};
 
     fn env_of(vars: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
         move |name| {
@@ -624,53 +760,109 @@ mod tests {
     }
 
     #[test]
-    fn span_data_keeps_every_field() {
+    fn environment_headers_are_read_as_opentelemetry_otlp_reads_them() {
+        let headers = env_headers(env_of(&[(
+            env::HEADERS,
+            " X-Api-Key = a%20b , empty=, =nameless,bad name=x,raw=100%,ok=1,",
+        )]));
+        let pairs: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.to_str().unwrap()))
+            .collect();
+        assert_eq!(pairs, [("x-api-key", "a b"), ("raw", "100%"), ("ok", "1")]);
+        // The traces variable, when set, is the one read.
+        let vars = &[(env::HEADERS, "a=1"), (env::TRACES_HEADERS, "b=2")];
+        let headers = env_headers(env_of(vars));
+        assert_eq!(headers.len(), 1);
+        assert_eq!(headers[0].0.as_str(), "b");
+        assert!(env_headers(env_of(&[])).is_empty());
+        assert_eq!(percent_decode("%e2%82%ac").as_deref(), Some("\u{20ac}"));
+        assert_eq!(percent_decode("%zz"), None);
+    }
+
+    #[test]
+    fn a_grpc_endpoint_without_a_scheme_needs_insecure() {
+        let vars: &[(&str, &str)] = &[];
+        assert_eq!(
+            grpc_scheme("http://c:4317", env_of(vars)).unwrap(),
+            "http://c:4317"
+        );
+        assert!(grpc_scheme("c:4317", env_of(vars)).is_err());
+        assert_eq!(
+            grpc_scheme("c:4317", env_of(&[(env::INSECURE, "TRUE")])).unwrap(),
+            "http://c:4317"
+        );
+        let vars = &[(env::INSECURE, "true"), (env::TRACES_INSECURE, "false")];
+        assert!(grpc_scheme("c:4317", env_of(vars)).is_err());
+    }
+
+    /// Metadata and headers: explicit ones replace environment ones of
+    /// the same name (as `new` merges them), names lower-case.
+    #[test]
+    fn grpc_metadata_keeps_every_header() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in env_headers(env_of(&[(env::HEADERS, "x-token=env,x-env=1")]))
+            .into_iter()
+            .chain(header_pairs(&[("X-Token".into(), "explicit".into())]).unwrap())
+        {
+            headers.insert(name, value);
+        }
+        let metadata = grpc_metadata(&headers).unwrap();
+        assert_eq!(metadata.get("x-token").unwrap(), "explicit");
+        assert_eq!(metadata.get("x-env").unwrap(), "1");
+        assert_eq!(metadata.len(), 2);
+    }
+
+    /// A collector that is not there: an export error naming the endpoint
+    /// and the cause, the spans kept for the retry; for both transports.
+    #[tokio::test]
+    async fn an_absent_collector_is_an_export_error_and_keeps_the_spans() {
+        use std::sync::Arc;
+
+        use crate::span::{Resource, SpanId, SpanStatus, TraceId};
+
+        // A port nothing listens on: bound, then released.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let resource = Arc::new(Resource {
-            service_name: "svc".into(),
-            attributes: vec![Attribute::int("process.pid", 42)],
+            service_name: "s".into(),
+            attributes: vec![],
         });
         let span = Span {
             trace_id: TraceId([1; 16]),
             span_id: SpanId([2; 8]),
-            parent_span_id: Some(SpanId([3; 8])),
-            trace_state: "k=v,a=b".into(),
-            flags: 3,
-            name: "GET /x".into(),
+            parent_span_id: None,
+            trace_state: String::new(),
+            flags: 1,
+            name: "GET".into(),
             kind: SpanKind::Server,
-            start_unix_nano: 1_700_000_000_123_456_789,
-            end_unix_nano: 1_700_000_000_223_456_789,
-            attributes: vec![
-                Attribute::string("http.request.method", "GET"),
-                Attribute::int("http.response.status_code", 500),
-            ],
-            status: SpanStatus::Error("boom".into()),
+            start_unix_nano: 1,
+            end_unix_nano: 2,
+            attributes: vec![],
+            status: SpanStatus::Unset,
             resource,
         };
-        let data = span_data(&span, &scope());
-        assert_eq!(data.span_context.trace_id().to_bytes(), [1; 16]);
-        assert_eq!(data.span_context.span_id().to_bytes(), [2; 8]);
-        assert_eq!(data.span_context.trace_flags().to_u8(), 3);
-        assert_eq!(data.span_context.trace_state().header(), "k=v,a=b");
-        assert_eq!(data.parent_span_id.to_bytes(), [3; 8]);
-        assert!(data.parent_span_is_remote);
-        assert_eq!(data.span_kind, OtelSpanKind::Server);
-        assert_eq!(
-            data.start_time
-                .duration_since(UNIX_EPOCH)
-                .unwrap()
-                .as_nanos(),
-            1_700_000_000_123_456_789
-        );
-        assert_eq!(data.attributes.len(), 2);
-        assert_eq!(data.attributes[1].value, Value::I64(500));
-        assert_eq!(data.status, Status::error("boom"));
-        assert_eq!(data.instrumentation_scope.name(), SCOPE_NAME);
-
-        let sdk = sdk_resource(&span.resource);
-        assert_eq!(
-            sdk.get(&opentelemetry::Key::from_static_str("service.name")),
-            Some(Value::from("svc"))
-        );
-        assert_eq!(sdk.len(), 2);
+        for protocol in [OtlpProtocol::Grpc, OtlpProtocol::HttpProtobuf] {
+            let mut exporter = OtlpExporter::new(&OtlpSettings {
+                endpoint: Some(format!("http://127.0.0.1:{port}")),
+                protocol: Some(protocol),
+                timeout: Some(Duration::from_secs(5)),
+                ..Default::default()
+            })
+            .unwrap();
+            let mut spans = vec![span.clone(), span.clone()];
+            let err = exporter.export(&mut spans).await.unwrap_err();
+            let text = err.to_string();
+            assert!(matches!(err, ExportError::Export(_)), "{text}");
+            assert!(text.contains(&port.to_string()), "{text}");
+            assert!(
+                text.to_lowercase().contains("refused"),
+                "{protocol}: {text}"
+            );
+            assert_eq!(spans.len(), 2);
+        }
     }
 }

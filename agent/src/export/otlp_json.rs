@@ -3,57 +3,32 @@
 //!
 //! The file output writes each line straight from the span model
 //! ([`write_json_line`]), leaving default values out as the Collector does.
-//! Its reference is the official path: our spans become the SDK's
-//! `SpanData`, as for the OTLP exporter ([`super::otlp::span_data`]);
-//! `opentelemetry_proto::transform` builds the request from them, as
-//! `opentelemetry-otlp` does ([`export_request`]); and that crate's
-//! `with-serde` mapping writes it ([`json_line`]). That mapping is the
-//! OTLP/JSON one: field names in lowerCamelCase, trace and span ids as
-//! lower-case hex (not the base64 of the generic protobuf JSON mapping),
-//! 64-bit integers as decimal strings, enums as integers; it writes every
-//! field, defaults included (`"traceState":""`,
-//! `"droppedAttributesCount":0`, ...), which the protobuf JSON mapping
-//! allows. A test holds the direct writer to the same message. The official
-//! path is not the file output's because it allocates at every step and
-//! writes every default: several times the CPU per span, and more bytes
-//! (docs/benchmarks.md, "OTLP/JSON: the direct writer against the official
-//! conversion").
+//! Its reference is the official path (`export/reference.rs`): our spans
+//! become the SDK's `SpanData`, and `opentelemetry_proto::transform` builds
+//! the request from them, as `opentelemetry-otlp` does; that crate's
+//! `with-serde` mapping writes it. That mapping is the OTLP/JSON one: field
+//! names in lowerCamelCase, trace and span ids as lower-case hex (not the
+//! base64 of the generic protobuf JSON mapping), 64-bit integers as decimal
+//! strings, enums as integers; it writes every field, defaults included
+//! (`"traceState":""`, `"droppedAttributesCount":0`, ...), which the
+//! protobuf JSON mapping allows. A test holds the direct writer to the same
+//! message. The official path is not the file output's because it
+//! allocates at every step and writes every default: several times the CPU
+//! per span, and more bytes (docs/benchmarks.md, "OTLP/JSON: the direct
+//! writer against the official conversion").
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::trace::v1::{SpanFlags, span, status};
-use opentelemetry_proto::transform::common::tonic::ResourceAttributesWithSchema;
-use opentelemetry_proto::transform::trace::tonic::group_spans_by_resource_and_scope;
+use opentelemetry_proto::tonic::trace::v1::{span, status};
 
-use super::otlp::{parent_is_remote, scope, sdk_resource, span_data};
+use super::otlp_proto::proto_flags;
 use super::{ExportError, SCOPE_NAME, SCOPE_VERSION, SERVICE_NAME, group_by_resource};
 use crate::span::{Attribute, AttributeValue, Span, SpanKind, SpanStatus, encode_hex};
 
-/// The OTLP request for `spans`, as `opentelemetry-otlp` builds it: one
-/// `ResourceSpans` per distinct resource (in order of first appearance),
-/// each with one `ScopeSpans` of scope `transparent-tracing-agent`.
-pub fn export_request(spans: &[Span]) -> ExportTraceServiceRequest {
-    let scope = scope();
-    let resource_spans = group_by_resource(spans)
-        .into_iter()
-        .flat_map(|group| {
-            let resource =
-                ResourceAttributesWithSchema::from(&sdk_resource(&spans[group[0]].resource));
-            let batch = group
-                .iter()
-                .map(|&i| span_data(&spans[i], &scope))
-                .collect();
-            group_spans_by_resource_and_scope(batch, &resource)
-        })
-        .collect();
-    ExportTraceServiceRequest { resource_spans }
-}
-
 /// Appends the OTLP/JSON line of `spans` (no newline) to `out`: the message
-/// [`export_request`] builds, written directly, with its default values left
+/// the official conversion builds (`export/reference.rs`), written directly, with its default values left
 /// out (an unset status among them). One difference: a tracestate is
 /// written as the span holds it, where the SDK drops one its own parser
 /// rejects (the correlator has already checked it against W3C's rules).
@@ -216,22 +191,6 @@ fn write_hex(out: &mut Vec<u8>, bytes: &[u8]) {
     out.push(b'"');
 }
 
-/// The span's OTLP flags: the W3C flags and the is-remote bits.
-fn proto_flags(span: &Span) -> u32 {
-    let mut flags = u32::from(span.flags) | SpanFlags::ContextHasIsRemoteMask as u32;
-    if parent_is_remote(span) {
-        flags |= SpanFlags::ContextIsRemoteMask as u32;
-    }
-    flags
-}
-
-/// The request as one line of OTLP/JSON, without the newline, defaults
-/// included.
-pub fn json_line(request: &ExportTraceServiceRequest) -> Result<String, ExportError> {
-    serde_json::to_string(request)
-        .map_err(|e| ExportError::Export(format!("OTLP/JSON encoding: {e}")))
-}
-
 /// Appends OTLP/JSON lines to a file.
 #[derive(Debug)]
 pub struct JsonFileExporter {
@@ -278,10 +237,17 @@ impl JsonFileExporter {
 mod tests {
     use std::sync::Arc;
 
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use opentelemetry_proto::tonic::trace::v1::Status;
 
     use super::*;
+    use crate::export::reference::export_request;
     use crate::span::{Resource, SpanId, TraceId};
+
+    /// The request as one line of OTLP/JSON, defaults included.
+    fn json_line(request: &ExportTraceServiceRequest) -> String {
+        serde_json::to_string(request).unwrap()
+    }
 
     /// `request` with what the protobuf mapping does not tell apart made
     /// equal: a status of all defaults is an unset status, as an absent one
@@ -395,7 +361,7 @@ mod tests {
     fn the_official_line_is_otlp_json() {
         let spans = two_spans();
         let request = export_request(&spans);
-        let line = json_line(&request).unwrap();
+        let line = json_line(&request);
         for part in [
             r#""traceId":"4bf92f3577b34da6a3ce929d0e0e4736""#,
             r#""spanId":"00f067aa0ba902b7""#,
