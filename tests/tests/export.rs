@@ -341,29 +341,32 @@ async fn export_over(protocol: OtlpProtocol) {
     let got: Vec<_> = requests.iter().flat_map(|r| spans_of(&r.request)).collect();
     assert_all_spans(&got, &spans);
 
-    // One batch, two processes: one ResourceSpans per resource (one request
-    // each, as the exporter carries one resource at a time), each holding
-    // only its own spans.
-    let resource_spans: Vec<String> = requests.iter().flat_map(|r| services(&r.request)).collect();
-    assert_eq!(resource_spans, ["frontend", "users"]);
-    for request in &requests {
-        let service = services(&request.request)[0].clone();
+    // One batch, two processes: one request holding one ResourceSpans per
+    // resource, each with only its own spans.
+    assert_eq!(requests.len(), 1, "one request for the batch");
+    let request = &requests[0];
+    assert_eq!(services(&request.request), ["frontend", "users"]);
+    for resource_spans in &request.request.resource_spans {
+        let one = ExportTraceServiceRequest {
+            resource_spans: vec![resource_spans.clone()],
+        };
+        let service = services(&one)[0].clone();
         let names: BTreeSet<String> = spans
             .iter()
             .filter(|s| s.resource.service_name == service)
             .map(|s| s.name.clone())
             .collect();
-        let got: BTreeSet<String> = spans_of(&request.request)
+        let got: BTreeSet<String> = spans_of(&one)
             .iter()
             .map(|(_, _, s)| s.name.clone())
             .collect();
         assert_eq!(got, names, "spans under {service}");
-        assert_eq!(
-            request.header("x-test-token"),
-            Some("t0ken"),
-            "configured header"
-        );
     }
+    assert_eq!(
+        request.header("x-test-token"),
+        Some("t0ken"),
+        "configured header"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

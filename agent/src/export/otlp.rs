@@ -1,8 +1,8 @@
 //! OTLP over gRPC and HTTP/protobuf.
 //!
 //! Each request is an `ExportTraceServiceRequest` encoded straight from our
-//! spans ([`super::otlp_proto`]), one per resource of a batch (a batch of
-//! ours mixes spans of many processes), sent as it is: over gRPC as the
+//! spans ([`super::otlp_proto`]), one per batch with a `ResourceSpans`
+//! per process in it, sent as it is: over gRPC as the
 //! `TraceService/Export` call (tonic, with a codec that sends the encoded
 //! bytes and decodes the official response type), or over HTTP as a POST
 //! of `application/x-protobuf` (hyper, through opentelemetry-http's
@@ -243,7 +243,7 @@ const GRPC_EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceSer
 /// The media type of an HTTP/protobuf request.
 const PROTOBUF: &str = "application/x-protobuf";
 
-/// Sends batches of spans over OTLP, one request per resource, each
+/// Sends batches of spans over OTLP, one request per batch, each
 /// encoded straight from the spans ([`ProtoEncoder`]). No retries here: the
 /// export task retries.
 #[derive(Debug)]
@@ -334,31 +334,28 @@ impl OtlpExporter {
         &self.target
     }
 
-    /// Sends `spans`, one request per resource, and removes from `spans`
-    /// those that were delivered. On error the undelivered spans stay, so a
-    /// retry does not send the others twice.
+    /// Sends `spans` in one request and empties `spans` once delivered. On
+    /// error every span stays, for the export task's retry.
     pub async fn export(&mut self, spans: &mut Vec<Span>) -> Result<(), ExportError> {
-        let mut delivered = vec![false; spans.len()];
-        let mut first_error = None;
-        for group in group_by_resource(spans) {
-            self.encoder
-                .encode_groups(spans, std::slice::from_ref(&group), &mut self.buffer);
-            let body = self.buffer.split().freeze();
-            match self.transport.send(body).await {
-                Ok(()) => group.iter().for_each(|&i| delivered[i] = true),
-                Err(e) => {
-                    first_error.get_or_insert_with(|| {
-                        ExportError::Export(format!("OTLP to {}: {e}", self.target.endpoint))
-                    });
-                }
-            }
+        if spans.is_empty() {
+            return Ok(());
         }
-        let mut index = 0;
-        spans.retain(|_| {
-            index += 1;
-            !delivered[index - 1]
-        });
-        first_error.map_or(Ok(()), Err)
+        // One request for the whole batch, a `ResourceSpans` per process:
+        // a call per resource would cost a round trip and its syscalls for
+        // each process in the batch.
+        self.encoder
+            .encode_groups(spans, &group_by_resource(spans), &mut self.buffer);
+        let body = self.buffer.split().freeze();
+        match self.transport.send(body).await {
+            Ok(()) => {
+                spans.clear();
+                Ok(())
+            }
+            Err(e) => Err(ExportError::Export(format!(
+                "OTLP to {}: {e}",
+                self.target.endpoint
+            ))),
+        }
     }
 }
 
