@@ -611,6 +611,18 @@ mod tests {
     }
 
     #[test]
+    fn text_that_is_not_ascii_is_cut_at_characters() {
+        assert_eq!(
+            redact(&["é -Hé:x", "-uü:p1", "--ü=x://ü:p2@h", "'ü", "Ä=\"b ü\""]),
+            "é -Hé:x -uü:REDACTED --ü=x://ü:REDACTED@h 'ü Ä=\"b ü\""
+        );
+        assert_eq!(
+            redact(&["sh", "-c", "x --token 'ü ü\u{a0}ü' é"]),
+            "sh -c x --token 'REDACTED' é"
+        );
+    }
+
+    #[test]
     fn a_name_gets_the_rules_of_one_argument() {
         let name = |n: &str| redact_name(n, &params());
         for plain in [
