@@ -1,9 +1,11 @@
 //! Nothing secret leaves the node: a real curl carrying secrets in its
-//! headers, its URL, its command line and its environment, traced by the
-//! real agent, exported as OTLP/JSON. No secret appears anywhere in what
-//! the agent writes, with the default configuration and with the command
-//! line opted in.
+//! headers, its URL, its command line and its environment, and a real
+//! Python client with secrets in `--name=value` flags and in an argv[0]
+//! rewritten into a whole command line, traced by the real agent, exported
+//! as OTLP/JSON. No secret appears anywhere in what the agent writes, with
+//! the default configuration and with the command line opted in.
 
+use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -19,7 +21,24 @@ const SECRETS: &[&str] = &[
     "QUERYSEKRIT4",
     "ENVSEKRIT5",
     "FLAGSEKRIT6",
+    "PROCTITLESEKRIT7",
+    "URLSEKRIT8",
+    "HEADERSEKRIT9",
+    "COOKIESEKRIT10",
+    "DBSEKRIT11",
 ];
+
+/// The Python client: two requests to the URL of its `--url=` flag, 250 ms
+/// apart (it lives long enough for the agent to read its command line).
+const CLIENT: &str = "import http.client, sys, time, urllib.parse
+url = urllib.parse.urlsplit(sys.argv[1].split('=', 1)[1])
+for _ in range(2):
+    c = http.client.HTTPConnection(url.hostname, url.port)
+    c.request('GET', url.path + '?' + url.query)
+    c.getresponse().read()
+    c.close()
+    time.sleep(0.25)
+";
 
 /// Runs the agent with `extra` flags, sends one curl full of secrets to a
 /// local server, and returns everything the agent wrote to its span file.
@@ -54,12 +73,27 @@ fn traced_output(extra: &[&str]) -> String {
         .unwrap();
     assert!(status.success());
 
-    // The four spans written (the file output flushes per batch).
+    // Secrets in `--name=value` flags, and in argv[0] holding a whole
+    // command line (as setproctitle leaves it).
+    let status = Command::new("/usr/bin/python3")
+        .arg0("worker --password=PROCTITLESEKRIT7 --port=1")
+        .args(["-c", CLIENT])
+        .arg(format!(
+            "--url=http://app:URLSEKRIT8@127.0.0.1:{port}/secrets?token=QUERYSEKRIT4&page=2"
+        ))
+        .arg("--header=Authorization: Bearer HEADERSEKRIT9")
+        .arg("--header=Cookie: c=COOKIESEKRIT10")
+        .arg("--database-url=postgres://app:DBSEKRIT11@db/orders")
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    // The eight spans written (the file output flushes per batch).
     let deadline = Instant::now() + Duration::from_secs(15);
     let text = loop {
         let text = std::fs::read_to_string(&file).unwrap_or_default();
         let spans = text.matches("\"GET /secrets\"").count();
-        if spans >= 4 || Instant::now() >= deadline {
+        if spans >= 8 || Instant::now() >= deadline {
             break text;
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -68,8 +102,8 @@ fn traced_output(extra: &[&str]) -> String {
     let _ = std::fs::remove_file(&file);
     assert_eq!(
         text.matches("\"GET /secrets\"").count(),
-        4,
-        "curl's CLIENT spans and the server's SERVER spans:\n{text}"
+        8,
+        "curl's and python's CLIENT spans and the server's SERVER spans:\n{text}"
     );
     text
 }
@@ -117,7 +151,7 @@ fn no_secret_leaves_the_agent_by_default_or_with_the_command_line() {
     );
     assert_eq!(
         string_values(&default, "url.query"),
-        ["token=REDACTED&page=2"; 4]
+        ["token=REDACTED&page=2"; 8]
     );
 
     let opted_in = traced_output(&["--command-line"]);
@@ -144,4 +178,17 @@ fn no_secret_leaves_the_agent_by_default_or_with_the_command_line() {
         after_user.starts_with("REDACTED") || after_user.starts_with("alice:REDACTED"),
         "{curl}"
     );
+    let worker = lines
+        .iter()
+        .find(|l| l.starts_with("worker "))
+        .unwrap_or_else(|| panic!("the Python client's command line: {lines:?}"));
+    for kept in [
+        "worker --password=REDACTED --port=1 -c ",
+        " --url=http://app:REDACTED@127.0.0.1:",
+        "/secrets?token=REDACTED&page=2 ",
+        " --header=Authorization: REDACTED --header=Cookie: REDACTED ",
+        " --database-url=postgres://app:REDACTED@db/orders",
+    ] {
+        assert!(worker.contains(kept), "{kept} in {worker}");
+    }
 }

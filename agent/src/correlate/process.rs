@@ -71,6 +71,28 @@ impl ProcessFilter {
 }
 
 /// What /proc says about one process.
+///
+/// What is read, and how it may leave the node (every exported text the
+/// process controls goes through [`super::secrets`]):
+/// - `exe` (its file name), else `comm`, else the kernel's `comm` from a
+///   probe: `process.executable.name`, and `service.name` when nothing
+///   else names the service. A process chooses these (a file's name, or
+///   `prctl(PR_SET_NAME)`), so they are exported through
+///   [`secrets::redact_name`]: a plain name as it is, `TOKEN=x` not. The
+///   filters compare the name as read.
+/// - `cmdline`: `process.command_line`, only when opted in, through
+///   [`secrets::redact_command_line`].
+/// - `environ`: `OTEL_SERVICE_NAME` alone, as `service.name` verbatim: the
+///   name the process's owner gave its service, which an OpenTelemetry SDK
+///   in the process would export as it is. Nothing else of the
+///   environment is kept.
+/// - `cgroup`: only a container id (64 hex digits) and a pod uid (a
+///   UUID), as `container.id` and `k8s.pod.uid`; nothing else of the path.
+/// - `/proc/sys/kernel/hostname` ([`ProcessTable::new`]): `host.name`, the
+///   node's, not the process's.
+///
+/// ([`super::runtime`] and the Python probes also read `maps`, `exe`,
+/// `stat` and `root/`, to choose probes; none of it is exported.)
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProcessInfo {
     /// Executable file name (`/proc/PID/exe`, else `comm`).
@@ -295,9 +317,12 @@ impl ProcessTable {
     }
 
     fn build(&self, pid: u32, info: ProcessInfo, pod: Option<&PodMetadata>) -> Resource {
+        // The name as the process chose it, redacted (see ProcessInfo).
+        let executable_name =
+            secrets::redact_name(&info.executable_name, &self.filter.secret_query_parameters);
         let mut attributes = vec![
             Attribute::int("process.pid", pid as i64),
-            Attribute::string("process.executable.name", info.executable_name.clone()),
+            Attribute::string("process.executable.name", executable_name.clone()),
         ];
         if self.filter.command_line && !info.arguments.is_empty() {
             attributes.push(Attribute::string(
@@ -321,7 +346,7 @@ impl ProcessTable {
                 pod.and_then(|p| p.service_name(container_id))
                     .map(str::to_string)
             })
-            .unwrap_or(info.executable_name);
+            .unwrap_or(executable_name);
         if let Some(pod) = pod {
             attributes.extend(pod.attributes(container_id));
         }
@@ -561,6 +586,44 @@ mod tests {
             "{:?}",
             r.attributes
         );
+    }
+
+    #[test]
+    fn a_name_the_process_chose_is_exported_redacted_and_filtered_as_read() {
+        // A file named like a secret variable, and a kernel name (comm)
+        // set to a header line, on a process that exited.
+        let root = fake_proc(16, "API_TOKEN=t0k", b"x\0", b"");
+        let filter = |exclude: &[&str]| ProcessFilter {
+            exclude: exclude.iter().map(|s| s.to_string()).collect(),
+            secret_query_parameters: vec!["token".into()],
+            ..Default::default()
+        };
+        let r = ProcessTable::new(root.path(), filter(&[]))
+            .resource(16)
+            .unwrap();
+        assert_eq!(r.service_name, "API_TOKEN=REDACTED");
+        assert!(r.attributes.contains(&Attribute::string(
+            "process.executable.name",
+            "API_TOKEN=REDACTED"
+        )));
+        assert!(!format!("{r:?}").contains("t0k"), "{r:?}");
+        assert!(
+            ProcessTable::new(root.path(), filter(&["API_TOKEN=t0k"]))
+                .resource(16)
+                .is_none(),
+            "the filters see the name as read"
+        );
+        let gone = tempdir::Dir::new();
+        let r = ProcessTable::new(gone.path(), filter(&[]))
+            .resource_named(17, Some("Cookie:c00k"))
+            .unwrap();
+        assert_eq!(r.service_name, "Cookie: REDACTED");
+        // OTEL_SERVICE_NAME is the owner's name for the service: as it is.
+        let own = fake_proc(18, "java", b"java\0", b"OTEL_SERVICE_NAME=auth-token-svc\0");
+        let r = ProcessTable::new(own.path(), filter(&[]))
+            .resource(18)
+            .unwrap();
+        assert_eq!(r.service_name, "auth-token-svc");
     }
 
     #[test]
