@@ -184,19 +184,23 @@ fn soak_at_a_fixed_rate_with_the_collector_down_in_the_middle() {
     // eighth, 15-30 s in CI's run: after start-up, whose allocations and
     // the ring buffer's mapping are in it, and before the outage). On the
     // host the end was 0.1 MiB above it (55,736 -> 55,828 KiB on f980c1e,
-    // the full export queue of the outage included). The bound, 8 MiB,
-    // leaves room for what may stay resident without a leak: the
-    // allocator keeping the pages of the full export queue (4,096 spans)
-    // and of the batches retried during the outage. A leak of 1 KiB per
-    // request (9,000 to 10,500 requests after the warm-up in CI) goes past
-    // it, and of 200 bytes in `cargo xtask soak` (45,000 or more).
+    // the full export queue of the outage included); in the 10-minute
+    // soak on 9cdb2ac it stayed within 12 KiB of it for 570 s, then
+    // stepped up once by 6.9 MiB (54,136 -> 61,160 KiB, 120 s after the
+    // outage, flat after it: an allocator's step, not a growth per
+    // request). The bound, 12 MiB, leaves room for such a step and for
+    // what may stay resident without a leak: the allocator keeping the
+    // pages of the full export queue (4,096 spans) and of the batches
+    // retried during the outage. A leak of 1.3 KiB per request (9,000 to
+    // 10,500 requests after the warm-up in CI) goes past it, and of 300
+    // bytes in `cargo xtask soak` (45,000 or more).
     let warm = peak(seconds / 8, seconds / 4);
     assert!(
         warm > 0,
         "no RSS sample in the warm-up (SOAK_SECONDS of 40 or more): {rss_series:?}"
     );
     assert!(
-        rss_end <= warm + 8 * 1024,
+        rss_end <= warm + 12 * 1024,
         "RSS grows over the run: {warm} KiB after the warm-up, {rss_end} KiB at the end"
     );
     let (status, _) = agent.stop();
