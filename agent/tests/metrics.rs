@@ -73,6 +73,70 @@ fn start_agent_serving_metrics(port: u16) -> (KillOnDrop, std::sync::mpsc::Recei
     ])
 }
 
+/// Runs promtool, Prometheus' own linter, on `text`: exit 0 means no
+/// error and no lint.
+fn promtool_check(text: &str) {
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian prometheus, installed by cargo xtask setup)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+}
+
+/// Every family the agent can serve, each stage's readings with every
+/// label set (the capture's for every kernel and user counter, each
+/// output kind's, the proxy's and the Kubernetes watcher's, which a run
+/// of the agent here does not all show), passes promtool.
+#[test]
+fn every_metric_family_passes_promtool() {
+    use agent::correlate::{AgreementCounters, CorrelateCounters};
+    use agent::export::ExportCounts;
+    use agent::metrics::Health;
+    use agent::proxy::stats::ProxyCounters;
+
+    let mut readings: Vec<_> = agent_common::counter::NAMES
+        .into_iter()
+        .chain(agent::capture::USER_COUNTER_NAMES)
+        .map(|name| agent::capture::counter_reading(name, 1))
+        .collect();
+    readings.extend(CorrelateCounters::default().readings());
+    for output in ["otlp", "file", "terminal"] {
+        readings.extend(ExportCounts::default().readings(output));
+    }
+    readings.extend(AgreementCounters::default().readings());
+    readings.extend(ProxyCounters::default().readings());
+    readings.extend(agent::kubernetes::PodDirectory::default().readings());
+    let health = std::sync::Arc::new(Health::default());
+    health.publish(readings);
+    let text = health.encode();
+    for family in [
+        "agent_capture_dropped_total{reason=\"ringbuf_full\"}",
+        "agent_spans_total",
+        "agent_export_spans_total{output=\"terminal\",result=\"exported\"}",
+        "agent_proxy_contexts_total{outcome=\"waited\"}",
+        "agent_proxy_requests_total{context=\"injected\"}",
+        "agent_kubernetes_pods",
+    ] {
+        assert!(sample(&text, family).is_some(), "{family} in\n{text}");
+    }
+    promtool_check(&text);
+}
+
 #[test]
 fn prometheus_scrapes_the_agents_counters_and_the_probes_answer() {
     if !privileged() {
@@ -123,27 +187,7 @@ fn prometheus_scrapes_the_agents_counters_and_the_probes_answer() {
         "{text}"
     );
 
-    // promtool, Prometheus' own linter: exit 0 means no error and no lint.
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian prometheus, installed by cargo xtask setup)");
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let checked = promtool.wait_with_output().unwrap();
-    assert!(
-        checked.status.success(),
-        "promtool check metrics: {}{}\n{text}",
-        String::from_utf8_lossy(&checked.stdout),
-        String::from_utf8_lossy(&checked.stderr)
-    );
+    promtool_check(&text);
 
     // A real Prometheus server scrapes the agent every second.
     let dir = std::env::temp_dir().join(format!("agent-prometheus-{}", std::process::id()));

@@ -158,19 +158,18 @@ impl Capture {
             .lock()
             .map_err(|_| anyhow::anyhow!("the probes' lock is poisoned"))?
             .counters()?;
-        all.push((
-            "user_decode_errors",
-            self.user.decode_errors.load(Ordering::Relaxed),
-        ));
-        all.push(("user_events", self.user.events.load(Ordering::Relaxed)));
-        all.push((
-            "python_watched",
-            self.user.python_watched.load(Ordering::Relaxed),
-        ));
-        all.push((
-            "python_not_watched",
-            self.user.python_not_watched.load(Ordering::Relaxed),
-        ));
+        let user = &self.user;
+        let values = [
+            &user.decode_errors,
+            &user.events,
+            &user.python_watched,
+            &user.python_not_watched,
+        ];
+        all.extend(
+            USER_COUNTER_NAMES
+                .into_iter()
+                .zip(values.map(|v| v.load(Ordering::Relaxed))),
+        );
         Ok(all)
     }
 
@@ -184,8 +183,17 @@ impl Capture {
     }
 }
 
+/// Names of the user-space counters in [`Capture::counters`], after the
+/// kernel's (`agent_common::counter::NAMES`).
+pub const USER_COUNTER_NAMES: [&str; 4] = [
+    "user_decode_errors",
+    "user_events",
+    "python_watched",
+    "python_not_watched",
+];
+
 /// The metric of a capture counter named `name` (see [`Capture::counters`]).
-fn counter_reading(name: &'static str, value: u64) -> Reading {
+pub fn counter_reading(name: &'static str, value: u64) -> Reading {
     if let Some(reason) = name.strip_prefix("drop_") {
         return Reading::counter(
             "agent_capture_dropped",
