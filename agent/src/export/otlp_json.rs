@@ -238,35 +238,14 @@ mod tests {
     use std::sync::Arc;
 
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-    use opentelemetry_proto::tonic::trace::v1::Status;
 
     use super::*;
-    use crate::export::reference::export_request;
+    use crate::export::reference::{export_request, normalized};
     use crate::span::{Resource, SpanId, TraceId};
 
     /// The request as one line of OTLP/JSON, defaults included.
     fn json_line(request: &ExportTraceServiceRequest) -> String {
         serde_json::to_string(request).unwrap()
-    }
-
-    /// `request` with what the protobuf mapping does not tell apart made
-    /// equal: a status of all defaults is an unset status, as an absent one
-    /// is; the SDK keeps resource attributes in a hash map, so their order
-    /// is not the spans' (sorted by key here).
-    fn normalized(mut request: ExportTraceServiceRequest) -> ExportTraceServiceRequest {
-        for resource_spans in &mut request.resource_spans {
-            if let Some(resource) = &mut resource_spans.resource {
-                resource.attributes.sort_by(|a, b| a.key.cmp(&b.key));
-            }
-            for scope_spans in &mut resource_spans.scope_spans {
-                for span in &mut scope_spans.spans {
-                    if span.status == Some(Status::default()) {
-                        span.status = None;
-                    }
-                }
-            }
-        }
-        request
     }
 
     /// The message a line holds, read with the `with-serde` mapping.

@@ -397,32 +397,11 @@ mod tests {
     use std::sync::Arc;
 
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-    use opentelemetry_proto::tonic::trace::v1::Status;
     use prost::Message as _;
 
     use super::*;
-    use crate::export::reference::{export_request, scope, sdk_resource, span_data};
+    use crate::export::reference::{export_request, normalized, scope, sdk_resource, span_data};
     use crate::span::{SpanId, TraceId};
-
-    /// `request` with what protobuf does not tell apart made equal: a status
-    /// of all defaults is an unset status, as an absent one is; the SDK
-    /// keeps resource attributes in a hash map, so their order is not the
-    /// spans' (sorted by key here).
-    fn normalized(mut request: ExportTraceServiceRequest) -> ExportTraceServiceRequest {
-        for resource_spans in &mut request.resource_spans {
-            if let Some(resource) = &mut resource_spans.resource {
-                resource.attributes.sort_by(|a, b| a.key.cmp(&b.key));
-            }
-            for scope_spans in &mut resource_spans.scope_spans {
-                for span in &mut scope_spans.spans {
-                    if span.status == Some(Status::default()) {
-                        span.status = None;
-                    }
-                }
-            }
-        }
-        request
-    }
 
     fn decoded(bytes: &[u8]) -> ExportTraceServiceRequest {
         ExportTraceServiceRequest::decode(bytes).unwrap()

@@ -124,3 +124,29 @@ pub fn span_data(span: &Span, scope: &InstrumentationScope) -> SpanData {
 fn unix_time(nanos: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_nanos(nanos)
 }
+
+/// `request` with what protobuf does not tell apart made equal, for
+/// comparing our encoders' requests with the official one's: a status of
+/// all defaults is an unset status, as an absent one is; the SDK keeps
+/// resource attributes in a hash map, so their order is not the spans'
+/// (sorted by key here).
+#[allow(
+    dead_code,
+    reason = "the pipeline benchmark includes this file and compares nothing"
+)]
+pub fn normalized(mut request: ExportTraceServiceRequest) -> ExportTraceServiceRequest {
+    use opentelemetry_proto::tonic::trace::v1::Status as ProtoStatus;
+    for resource_spans in &mut request.resource_spans {
+        if let Some(resource) = &mut resource_spans.resource {
+            resource.attributes.sort_by(|a, b| a.key.cmp(&b.key));
+        }
+        for scope_spans in &mut resource_spans.scope_spans {
+            for span in &mut scope_spans.spans {
+                if span.status == Some(ProtoStatus::default()) {
+                    span.status = None;
+                }
+            }
+        }
+    }
+    request
+}
