@@ -349,6 +349,20 @@ fn make_pod(name: &str, subnet: u8, ipv6: bool) -> anyhow::Result<Pod> {
         netns,
     };
     let result = (|| -> anyhow::Result<()> {
+        if ipv6 {
+            // No duplicate detection on either end, set before the links
+            // come up: `nodad` below covers the global addresses, but the
+            // link-local ones each end makes at link-up stay tentative
+            // for a second or more, and neighbour discovery between the
+            // gateway and the pod could fail in that window (a connect
+            // over IPv6 right after setup once got "No route to host").
+            let accept_dad =
+                |interface: &str| format!("/proc/sys/net/ipv6/conf/{interface}/accept_dad");
+            std::fs::write(accept_dad(&pod.veth), "0").with_context(|| accept_dad(&pod.veth))?;
+            pod.netns
+                .run(|| std::fs::write(accept_dad("eth0"), "0"))?
+                .with_context(|| format!("{} in {ns}", accept_dad("eth0")))?;
+        }
         ip(&["addr", "add", &format!("{gateway_v4}/24"), "dev", &pod.veth])?;
         ip(&["link", "set", &pod.veth, "up"])?;
         ip(&[
