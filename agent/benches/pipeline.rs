@@ -408,6 +408,11 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("pipeline");
     group.throughput(Throughput::Elements(records.len() as u64));
     group.bench_function("records_to_otlp_batches", |b| b.iter(|| pipeline(&records)));
+    for percentage in [100.0, 10.0] {
+        group.bench_function(format!("decode_and_correlate_sampling_{percentage}"), |b| {
+            b.iter(|| correlate_only(&records, percentage))
+        });
+    }
     group.finish();
     bench_otlp_json(c, &records);
     bench_otlp_proto(c, &records);

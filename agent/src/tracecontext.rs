@@ -473,24 +473,27 @@ pub enum ExtractError {
 
 /// The inbound context of a request from its headers in wire order (name,
 /// value). None: start a new trace (and send no tracestate).
-pub fn extract<'a>(headers: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Option<TraceContext> {
+pub fn extract<'a, N: AsRef<[u8]>>(
+    headers: impl IntoIterator<Item = (N, &'a [u8])>,
+) -> Option<TraceContext> {
     try_extract(headers).ok()
 }
 
 /// As [`extract`], saying why there is no context. An invalid tracestate is
 /// not an error: the trace continues without it.
-pub fn try_extract<'a>(
-    headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+pub fn try_extract<'a, N: AsRef<[u8]>>(
+    headers: impl IntoIterator<Item = (N, &'a [u8])>,
 ) -> Result<TraceContext, ExtractError> {
     let mut traceparent = None;
     let mut traceparent_count = 0usize;
     // Stays unallocated for the usual request without tracestate.
     let mut tracestate_fields: Vec<&[u8]> = Vec::new();
     for (name, value) in headers {
-        if name.eq_ignore_ascii_case("traceparent") {
+        let name = name.as_ref();
+        if name.eq_ignore_ascii_case(b"traceparent") {
             traceparent_count += 1;
             traceparent = Some(value);
-        } else if name.eq_ignore_ascii_case("tracestate") {
+        } else if name.eq_ignore_ascii_case(b"tracestate") {
             tracestate_fields.push(value);
         }
     }

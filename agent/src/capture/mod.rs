@@ -71,7 +71,11 @@ struct Decoding {
 
 /// How often the reader drains the ring without being woken: the longest a
 /// record that sent no wake-up waits (see `ProbeSettings::wake_ports`).
-pub const DRAIN_EVERY: Duration = Duration::from_millis(10);
+/// Nothing waits on those records but the outputs, which batch for up to
+/// a second; each wake-up of the reader costs tens of microseconds on a
+/// VM, so at 10 ms the timer alone was a large part of the agent's cost at
+/// a few thousand requests per second (docs/benchmarks.md).
+pub const DRAIN_EVERY: Duration = Duration::from_millis(50);
 
 /// Processes remembered as considered at most; then the set starts over
 /// (a process considered again costs one read of its maps).
@@ -280,6 +284,7 @@ impl Decoding {
     /// it stopped at the limit.
     fn drain_into(&mut self, rb: &mut RingBuf<MapData>, batch: &mut Vec<CaptureEvent>) -> bool {
         let before = batch.len();
+        self.decoder.reclaim();
         let mut decoded = 0;
         let mut new_pids = Vec::new();
         let now = Instant::now();

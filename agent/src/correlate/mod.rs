@@ -884,7 +884,7 @@ impl Correlator {
 
     fn server_context(&mut self, head: &RequestHead, tid: u32) -> RequestContext {
         let span_id = self.ids.span_id();
-        match tracecontext::extract(head.headers.iter()) {
+        match tracecontext::extract(head.headers.iter_bytes()) {
             Some(parent) => {
                 let sampled = self.sampler.should_sample(
                     parent.traceparent.trace_id,
@@ -921,7 +921,7 @@ impl Correlator {
         tid: u32,
         python_context: u64,
     ) -> RequestContext {
-        if let Some(wire) = tracecontext::extract(head.headers.iter()) {
+        if let Some(wire) = tracecontext::extract(head.headers.iter_bytes()) {
             let received = (wire.traceparent.trace_id, wire.traceparent.parent_id);
             if let Some(forwarded) = self.inbound_from_wire.get(&(pid, received.0, received.1)) {
                 // The process forwards the traceparent one of its inbound

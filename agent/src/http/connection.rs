@@ -459,7 +459,7 @@ impl HttpConnection {
         let expect_continue = head
             .headers_named("expect")
             .any(|v| v.trim_ascii().eq_ignore_ascii_case(b"100-continue"));
-        let fields = FramingFields::read(head.headers.iter());
+        let fields = FramingFields::read(head.headers.iter_bytes());
         let body = match fields.request(Mode::Lenient, head.minor_version, kind) {
             BodyFraming::None => BodyStart::None,
             BodyFraming::Length(n) => BodyStart::Body(Body::Length(n)),
@@ -494,7 +494,7 @@ impl HttpConnection {
         let status = head.status;
         let target = self.response_target(start_ns, !framing::is_interim(status));
         let method = self.entry(target).map_or(MethodKind::Other, |e| e.kind);
-        let kind = framing::response(Mode::Lenient, status, method, head.headers.iter());
+        let kind = framing::response(Mode::Lenient, status, method, head.headers.iter_bytes());
         let body = match kind {
             ResponseKind::Interim => {
                 if let Some(entry) = self.entry(target)

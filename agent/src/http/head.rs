@@ -8,7 +8,7 @@
 //! sampled or not, and the allocations per field were the largest part of
 //! the agent's own cost per request.
 
-use bytes::Bytes;
+use std::mem::MaybeUninit;
 
 /// Where a name or value lies in a head's bytes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -37,39 +37,56 @@ impl Range {
 /// The header fields of a head, in the order received, repeats kept.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Fields {
-    /// The head's bytes.
-    raw: Bytes,
-    /// Name and value of each field.
-    fields: Vec<(Range, Range)>,
+    /// Where each field's name and value lie ([`RANGE_PAIR_SIZE`] bytes
+    /// per field), then the head's bytes: one allocation per head.
+    data: Box<[u8]>,
+    /// Number of fields.
+    count: u32,
 }
 
+/// Bytes of one field's entry in [`Fields::data`]: name and value
+/// [`Range`]s, four native-endian `u32`s.
+const RANGE_PAIR_SIZE: usize = 16;
+
 impl Fields {
-    /// Fields of the head in `raw`, as httparse found them in `parsed` (a
-    /// buffer holding the same bytes at the same offsets).
-    fn new(raw: Bytes, parsed: &[u8], headers: &[httparse::Header<'_>]) -> Fields {
-        let fields = headers
-            .iter()
-            .map(|h| {
-                (
-                    Range::of(parsed, h.name.as_bytes()),
-                    Range::of(parsed, h.value),
-                )
-            })
-            .collect();
-        Fields { raw, fields }
+    /// Fields of the head in `parsed[..len]`, as httparse found them in
+    /// `parsed`.
+    fn new(parsed: &[u8], len: usize, headers: &[httparse::Header<'_>]) -> Fields {
+        let pairs = headers.iter().map(|h| {
+            (
+                Range::of(parsed, h.name.as_bytes()),
+                Range::of(parsed, h.value),
+            )
+        });
+        Fields::assemble(pairs, &parsed[..len])
+    }
+
+    fn assemble(pairs: impl ExactSizeIterator<Item = (Range, Range)>, raw: &[u8]) -> Fields {
+        let count = pairs.len();
+        let mut data = Vec::with_capacity(count * RANGE_PAIR_SIZE + raw.len());
+        for (name, value) in pairs {
+            for word in [name.start, name.end, value.start, value.end] {
+                data.extend_from_slice(&word.to_ne_bytes());
+            }
+        }
+        data.extend_from_slice(raw);
+        Fields {
+            data: data.into_boxed_slice(),
+            count: count as u32,
+        }
     }
 
     /// Fields from (name, value) pairs, for tests.
     #[cfg(test)]
     pub(crate) fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Fields {
         let mut raw = Vec::new();
-        let mut fields = Vec::new();
+        let mut ranges = Vec::new();
         for (name, value) in pairs {
             let name_at = raw.len() as u32;
             raw.extend_from_slice(name.as_bytes());
             let value_at = raw.len() as u32;
             raw.extend_from_slice(value);
-            fields.push((
+            ranges.push((
                 Range {
                     start: name_at,
                     end: value_at,
@@ -80,54 +97,92 @@ impl Fields {
                 },
             ));
         }
-        Fields {
-            raw: raw.into(),
-            fields,
-        }
+        Fields::assemble(ranges.into_iter(), &raw)
     }
 
     /// Number of fields.
     pub fn len(&self) -> usize {
-        self.fields.len()
+        self.count as usize
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.fields.is_empty()
+        self.count == 0
+    }
+
+    /// The head's bytes.
+    fn raw(&self) -> &[u8] {
+        self.data
+            .get(self.len() * RANGE_PAIR_SIZE..)
+            .unwrap_or_default()
+    }
+
+    /// Name and value range of each field, in order.
+    fn ranges(&self) -> impl Iterator<Item = (Range, Range)> + '_ {
+        let table = self.data.get(..self.len() * RANGE_PAIR_SIZE);
+        let (entries, _) = table.unwrap_or_default().as_chunks::<RANGE_PAIR_SIZE>();
+        entries.iter().map(|entry| {
+            let word = |i: usize| {
+                u32::from_ne_bytes([
+                    entry[4 * i],
+                    entry[4 * i + 1],
+                    entry[4 * i + 2],
+                    entry[4 * i + 3],
+                ])
+            };
+            (
+                Range {
+                    start: word(0),
+                    end: word(1),
+                },
+                Range {
+                    start: word(2),
+                    end: word(3),
+                },
+            )
+        })
     }
 
     /// Each field's name (with the case the peer sent) and value (not
     /// necessarily UTF-8), in the order received.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
-        self.fields.iter().map(|&(name, value)| {
+        let raw = self.raw();
+        self.ranges().map(move |(name, value)| {
             // httparse accepts only token characters in a name.
-            let name = std::str::from_utf8(name.get(&self.raw)).unwrap_or_default();
-            (name, value.get(&self.raw))
+            let name = std::str::from_utf8(name.get(raw)).unwrap_or_default();
+            (name, value.get(raw))
         })
+    }
+
+    /// Each field's name and value as bytes, in the order received: for
+    /// readers that compare names as bytes anyway (no UTF-8 check).
+    pub(crate) fn iter_bytes(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        let raw = self.raw();
+        self.ranges()
+            .map(move |(name, value)| (name.get(raw), value.get(raw)))
     }
 
     /// The value of the first field called `name` (compared ignoring ASCII
     /// case), if any.
     pub fn first(&self, name: &str) -> Option<&[u8]> {
-        self.fields.iter().find_map(|&(n, value)| {
-            n.get(&self.raw)
-                .eq_ignore_ascii_case(name.as_bytes())
-                .then(|| value.get(&self.raw))
-        })
+        let raw = self.raw();
+        self.ranges()
+            .find(|(n, _)| n.get(raw).eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, value)| value.get(raw))
     }
 
     /// The values of every field called `name` (compared ignoring ASCII
     /// case), in the order received.
     pub fn named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> {
-        self.fields
-            .iter()
-            .filter(move |(n, _)| n.get(&self.raw).eq_ignore_ascii_case(name.as_bytes()))
-            .map(|&(_, value)| value.get(&self.raw))
+        let raw = self.raw();
+        self.ranges()
+            .filter(move |(n, _)| n.get(raw).eq_ignore_ascii_case(name.as_bytes()))
+            .map(move |(_, value)| value.get(raw))
     }
 
     /// A string part of the head's bytes.
     fn text(&self, range: Range) -> &str {
-        std::str::from_utf8(range.get(&self.raw)).unwrap_or_default()
+        std::str::from_utf8(range.get(self.raw())).unwrap_or_default()
     }
 }
 
@@ -223,13 +278,16 @@ const STACK_HEADERS: usize = 128;
 /// Parses the head at the start of `buf`: a request head when `request`,
 /// else a response head.
 pub(crate) fn parse(request: bool, buf: &[u8]) -> Parse {
-    let mut headers = [httparse::EMPTY_HEADER; STACK_HEADERS];
+    // Left uninitialised: httparse writes the slots it uses, and zeroing
+    // all of them was the largest part of parsing a short head.
+    let mut headers = [const { MaybeUninit::uninit() }; STACK_HEADERS];
     let result = parse_with(request, buf, &mut headers);
     let result = match result {
         Err(httparse::Error::TooManyHeaders) => {
             // Rare, so a heap allocation is fine here. A field line takes at
             // least 3 bytes ("a:\n"), which bounds how many there can be.
-            let mut headers = vec![httparse::EMPTY_HEADER; buf.len() / 3 + 1];
+            let mut headers = Vec::new();
+            headers.resize_with(buf.len() / 3 + 1, MaybeUninit::uninit);
             parse_with(request, buf, &mut headers)
         }
         other => other,
@@ -246,7 +304,7 @@ pub(crate) fn parse(request: bool, buf: &[u8]) -> Parse {
 fn parse_with<'b>(
     request: bool,
     buf: &'b [u8],
-    headers: &mut [httparse::Header<'b>],
+    headers: &mut [MaybeUninit<httparse::Header<'b>>],
 ) -> Result<Option<(Head, usize)>, httparse::Error> {
     // Lenient where real peers are sloppy: this is an observer, the two ends
     // already agreed on these bytes, and rejecting them would lose the trace.
@@ -255,8 +313,10 @@ fn parse_with<'b>(
         config
             .allow_multiple_spaces_in_request_line_delimiters(true)
             .ignore_invalid_headers_in_requests(true);
-        let mut req = httparse::Request::new(headers);
-        let httparse::Status::Complete(len) = config.parse_request(&mut req, buf)? else {
+        let mut req = httparse::Request::new(&mut []);
+        let httparse::Status::Complete(len) =
+            config.parse_request_with_uninit_headers(&mut req, buf, headers)?
+        else {
             return Ok(None);
         };
         let (Some(method), Some(target), Some(minor_version)) = (req.method, req.path, req.version)
@@ -267,7 +327,7 @@ fn parse_with<'b>(
             method: Range::of(buf, method.as_bytes()),
             target: Range::of(buf, target.as_bytes()),
             minor_version,
-            headers: Fields::new(Bytes::copy_from_slice(&buf[..len]), buf, req.headers),
+            headers: Fields::new(buf, len, req.headers),
         };
         Ok(Some((Head::Request(head), len)))
     } else {
@@ -276,8 +336,10 @@ fn parse_with<'b>(
             .allow_spaces_after_header_name_in_responses(true)
             .allow_obsolete_multiline_headers_in_responses(true)
             .ignore_invalid_headers_in_responses(true);
-        let mut resp = httparse::Response::new(headers);
-        let httparse::Status::Complete(len) = config.parse_response(&mut resp, buf)? else {
+        let mut resp = httparse::Response::new(&mut []);
+        let httparse::Status::Complete(len) =
+            config.parse_response_with_uninit_headers(&mut resp, buf, headers)?
+        else {
             return Ok(None);
         };
         let (Some(status), Some(minor_version)) = (resp.code, resp.version) else {
@@ -287,7 +349,7 @@ fn parse_with<'b>(
             status,
             reason: Range::of(buf, resp.reason.unwrap_or_default().as_bytes()),
             minor_version,
-            headers: Fields::new(Bytes::copy_from_slice(&buf[..len]), buf, resp.headers),
+            headers: Fields::new(buf, len, resp.headers),
         };
         Ok(Some((Head::Response(head), len)))
     }
