@@ -7,7 +7,9 @@
 //!
 //! `cargo xtask bench` runs it. It reports events per second on one core
 //! (criterion's throughput) and, once before measuring, allocations per
-//! event (counted by a wrapping global allocator).
+//! event (counted by a wrapping global allocator). The same group times
+//! decode and correlate alone (`decode_and_correlate_sampling_100` and
+//! `_10`: spans built, none encoded), the correlation thread's share.
 //!
 //! A second group, `otlp_json`, takes the spans of the same records and
 //! writes them as the OTLP/JSON file output does, in lines of 64 spans, in
