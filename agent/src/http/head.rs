@@ -3,10 +3,10 @@
 //! field lies in them; the framing fields are read back out of them (by
 //! `super::framing`).
 //!
-//! One copy of the head and one table of positions per head, rather than a
-//! string per field: a head is parsed for every exchange on the node,
-//! sampled or not, and the allocations per field were the largest part of
-//! the agent's own cost per request.
+//! One copy of the head and its table of positions, in a single allocation
+//! per head, rather than a string per field: a head is parsed for every
+//! exchange on the node, sampled or not, and the allocations per field
+//! were the largest part of the agent's own cost per request.
 
 use std::mem::MaybeUninit;
 
