@@ -561,26 +561,53 @@ fn copy_user(event: *mut DataEvent, at: u32, src: u64, len: u32) -> bool {
     rc == 0
 }
 
+/// Copies the segment (`base`, `len`) of an iovec array to `copied` in the
+/// scratch payload, at most up to `captured` bytes in all. Returns the new
+/// total.
+#[inline(always)]
+fn copy_segment(
+    event: *mut DataEvent,
+    copied: u32,
+    base: u64,
+    len: u64,
+    captured: u32,
+) -> Option<u32> {
+    let remaining = captured.saturating_sub(copied) as u64;
+    let take = clamp_len(if len > remaining { remaining } else { len });
+    if take > 0 && !copy_user(event, copied, base, take) {
+        return None;
+    }
+    Some(copied + take)
+}
+
 /// Gathers up to `captured` bytes from an iovec array into the scratch
 /// payload. Returns how many were copied.
 #[inline(always)]
 fn copy_iovecs(event: *mut DataEvent, iov: u64, iov_count: u64, captured: u32) -> Option<u32> {
     let mut copied = 0u32;
-    for index in 0..MAX_IOVECS as u64 {
+    let mut index = 0u64;
+    for _ in 0..MAX_IOVECS / 2 {
         if copied >= captured || index >= iov_count {
             break;
         }
-        // One read per `struct iovec { base, len }`: each helper call costs
-        // more than the bytes it moves.
-        // SAFETY: user pointers read through the checked helper.
-        let [base, len]: [u64; 2] =
-            unsafe { bpf_probe_read_user((iov + index * 16) as *const [u64; 2]) }.ok()?;
-        let remaining = (captured - copied) as u64;
-        let take = clamp_len(if len > remaining { remaining } else { len });
-        if take > 0 && !copy_user(event, copied, base, take) {
-            return None;
+        // `struct iovec { base, len }`s are read two at a time while two
+        // remain (a header and a body, as servers write a response): each
+        // helper call costs more than the bytes it moves. One past the
+        // array's end is never read, since it may be unmapped.
+        if index + 1 < iov_count {
+            // SAFETY: user pointers read through the checked helper.
+            let [base0, len0, base1, len1]: [u64; 4] =
+                unsafe { bpf_probe_read_user((iov + index * 16) as *const [u64; 4]) }.ok()?;
+            copied = copy_segment(event, copied, base0, len0, captured)?;
+            copied = copy_segment(event, copied, base1, len1, captured)?;
+            index += 2;
+        } else {
+            // SAFETY: user pointers read through the checked helper.
+            let [base, len]: [u64; 2] =
+                unsafe { bpf_probe_read_user((iov + index * 16) as *const [u64; 2]) }.ok()?;
+            copied = copy_segment(event, copied, base, len, captured)?;
+            index += 1;
         }
-        copied += take;
     }
     if copied < captured {
         count(counter::DROP_IOVEC_OVERFLOW, 1);
@@ -1030,7 +1057,13 @@ fn on_close_enter(ctx: &TracePointContext) {
         }
         let _ = CONNS.remove(&key);
     } else {
-        let _ = OTHER_FDS.remove(&key);
+        // Most closes on a node are of files the probes never saw: a lookup
+        // is lock-free, a delete takes the bucket's lock even when the key
+        // is absent.
+        // SAFETY: the value is a plain u8 and only its presence matters.
+        if unsafe { OTHER_FDS.get(&key) }.is_some() {
+            let _ = OTHER_FDS.remove(&key);
+        }
     }
 }
 

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agent::capture::{Capture, CaptureEvent, MAX_BATCH};
+use agent::capture::{Capture, CaptureEvent, MAX_BATCH, Woken};
 use agent::config::ConfigOverrides;
 use agent::correlate::{Correlator, ProcessTable, ProxyContexts};
 use agent::export::{ExportSettings, SpanSinks};
@@ -183,9 +183,6 @@ async fn run(args: RunArgs, export: &tokio::runtime::Handle) -> Result<()> {
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut stats = tokio::time::interval(Duration::from_secs(args.stats_interval.max(1)));
-    // SERVER spans held for their local client's request go out by time.
-    let mut held = tokio::time::interval(Duration::from_millis(50));
-    held.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     // The counters /metrics serves are at most this old.
     let mut publish = tokio::time::interval(Duration::from_secs(1));
     publish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -207,12 +204,22 @@ async fn run(args: RunArgs, export: &tokio::runtime::Handle) -> Result<()> {
     loop {
         tokio::select! {
             read = reader.read(&mut events) => match read {
-                Ok(()) => {
+                Ok(woken) => {
                     for event in events.drain(..) {
                         correlator.handle(&event, &mut spans);
                         log_event(&event);
                     }
-                    if spans.len() >= HANDOFF_SPANS {
+                    if woken == Woken::Timer {
+                        // The periodic work rides on the drain timer's
+                        // wake-up (a timer of its own was a second wake-up
+                        // every 50 ms, each dearer than the work on a VM):
+                        // SERVER spans held for their local client's
+                        // request go out by time, and the outputs get what
+                        // was gathered.
+                        health.beat();
+                        correlator.release_held(&mut spans);
+                        hand_off(&sinks, &mut spans);
+                    } else if spans.len() >= HANDOFF_SPANS {
                         hand_off(&sinks, &mut spans);
                     }
                 }
@@ -221,11 +228,6 @@ async fn run(args: RunArgs, export: &tokio::runtime::Handle) -> Result<()> {
                     break;
                 }
             },
-            _ = held.tick() => {
-                health.beat();
-                correlator.release_held(&mut spans);
-                hand_off(&sinks, &mut spans);
-            }
             _ = publish.tick() => health.publish(gather(&correlator)),
             _ = stats.tick(), if args.stats_interval > 0 => report_counters(&gather(&correlator)),
             _ = terminate.recv() => break,
@@ -258,7 +260,8 @@ async fn run(args: RunArgs, export: &tokio::runtime::Handle) -> Result<()> {
 }
 
 /// Spans the correlation loop gathers at most before handing them to the
-/// outputs' thread; otherwise it hands them over at each `held` tick.
+/// outputs' thread; otherwise it hands them over at each drain tick
+/// ([`Woken::Timer`]).
 ///
 /// Each hand-off may wake that thread, and a wake-up costs more than
 /// encoding a few spans (an interrupt to the other core, a hypervisor exit

@@ -249,6 +249,83 @@ fn request_head_written_in_small_pieces_is_captured() {
     assert_eq!(bytes_of(&events, server.pid(), Direction::Ingress), head);
 }
 
+/// Requests written from several buffers at once: `writev` with one to
+/// eight iovecs (the probe reads them two at a time, so odd and even counts
+/// take different paths) and `sendmsg` with three. Every head is captured
+/// whole, in order, on both ends.
+#[test]
+fn request_heads_written_from_several_buffers_are_captured() {
+    if !privileged() {
+        return;
+    }
+    let capture = capture();
+    let dir = ScratchDir::new("iovecs");
+    let port = free_port();
+    let server = recording_server(&dir, port, "127.0.0.1");
+    // (system call, buffers) per request, one connection each.
+    let calls: [(&str, usize); 6] = [
+        ("writev", 1),
+        ("writev", 2),
+        ("writev", 3),
+        ("writev", 5),
+        ("writev", 8),
+        ("sendmsg", 3),
+    ];
+    let heads: Vec<String> = calls
+        .iter()
+        .map(|(call, n)| {
+            format!("GET /{call}-{n} HTTP/1.1\r\nHost: t\r\nX-Pad: abcdefgh\r\nConnection: close\r\n\r\n")
+        })
+        .collect();
+    let script = format!(
+        "import os, socket, sys\n\
+         for (call, n), head in zip({calls:?}, {heads:?}):\n\
+         \x20   head = head.encode()\n\
+         \x20   cut = [len(head) * i // n for i in range(n + 1)]\n\
+         \x20   parts = [head[cut[i]:cut[i + 1]] for i in range(n)]\n\
+         \x20   s = socket.create_connection(('127.0.0.1', {port}))\n\
+         \x20   sent = os.writev(s.fileno(), parts) if call == 'writev' else s.sendmsg(parts)\n\
+         \x20   assert sent == len(head), (sent, len(head))\n\
+         \x20   while s.recv(4096): pass\n\
+         \x20   s.close()\n\
+         print('done')\n",
+        calls = calls
+            .iter()
+            .map(|(c, n)| (c.to_string(), *n))
+            .collect::<Vec<_>>(),
+    );
+    let client = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let client_pid = client.id();
+    let output = client.wait_with_output().unwrap();
+    assert!(output.status.success(), "the client failed: {output:?}");
+    let all: Vec<u8> = heads.concat().into_bytes();
+    let events = capture.wait_for_port(port, WAIT, |e| {
+        bytes_of(e, client_pid, Direction::Egress) == all
+            && bytes_of(e, server.pid(), Direction::Ingress) == all
+    });
+    assert_eq!(
+        String::from_utf8_lossy(&bytes_of(&events, client_pid, Direction::Egress)),
+        String::from_utf8_lossy(&all)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&bytes_of(&events, server.pid(), Direction::Ingress)),
+        String::from_utf8_lossy(&all)
+    );
+    let syscalls: Vec<Syscall> = messages(&events)
+        .into_iter()
+        .filter(|m| m.connection.pid == client_pid && m.direction == Direction::Egress)
+        .map(|m| m.syscall)
+        .collect();
+    assert!(
+        syscalls.contains(&Syscall::Writev) && syscalls.contains(&Syscall::Sendmsg),
+        "{syscalls:?}"
+    );
+}
+
 #[test]
 fn twelve_kib_request_head_arrives_complete() {
     if !privileged() {

@@ -234,19 +234,42 @@ impl Drop for Receiver {
     }
 }
 
+/// What `agent run` prints once its probes are loaded and attached.
+const AGENT_READY: &str = "agent: tracing HTTP";
+
+/// How long the agent may take to load its probes.
+const AGENT_START_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// `agent run` without the terminal view, with `extra` arguments (its
-/// outputs), once it has loaded its probes.
+/// outputs), once it has loaded its probes and settled. Loading them (the
+/// kernel's verifier) costs the agent seconds of CPU on a slow machine,
+/// and a fixed wait counted some of it in the first round it measured.
 fn start_agent(extra: &[&std::ffi::OsStr]) -> Result<KillOnDrop> {
-    let agent = KillOnDrop(
+    let mut agent = KillOnDrop(
         Command::new("target/release/agent")
             .args(["run", "--no-terminal"])
             .args(extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .context("starting the agent")?,
     );
-    std::thread::sleep(Duration::from_secs(3));
+    let stderr = agent.0.stderr.take().context("the agent's stderr")?;
+    let (ready, is_ready) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // Read to the end, so that the agent never blocks on a full pipe.
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            if line.starts_with(AGENT_READY) {
+                let _ = ready.send(());
+            }
+        }
+    });
+    is_ready
+        .recv_timeout(AGENT_START_TIMEOUT)
+        .with_context(|| {
+            format!("the agent did not print {AGENT_READY:?} within {AGENT_START_TIMEOUT:?}")
+        })?;
+    std::thread::sleep(Duration::from_secs(1));
     Ok(agent)
 }
 
