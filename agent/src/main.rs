@@ -211,8 +211,9 @@ async fn run(args: RunArgs, export: &tokio::runtime::Handle) -> Result<()> {
                     }
                     if woken == Woken::Timer {
                         // The periodic work rides on the drain timer's
-                        // wake-up (a timer of its own was a second wake-up
-                        // every 50 ms, each dearer than the work on a VM):
+                        // wake-up (a timer of its own shared it only while
+                        // the runtime fired both in the same millisecond;
+                        // a wake-up costs more than the work on a VM):
                         // SERVER spans held for their local client's
                         // request go out by time, and the outputs get what
                         // was gathered.

@@ -13,7 +13,6 @@ pub mod probes;
 pub mod python;
 
 use foldhash::HashMap;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
@@ -55,7 +54,10 @@ pub struct CaptureReader {
     ring: AsyncFd<RingBuf<MapData>>,
     decoding: Decoding,
     /// Drains the ring without a wake-up (most records do not send one).
-    drain: DrainTimer,
+    drain: tokio::time::Interval,
+    /// The last timer drain stopped at a full batch: the next tick, at
+    /// once, takes more.
+    backlog: bool,
 }
 
 /// What turns ring records into events.
@@ -129,8 +131,12 @@ impl Capture {
                     to_watcher,
                     seen_pids: HashMap::default(),
                 },
-                drain: DrainTimer::new(DRAIN_EVERY)
-                    .map_err(|e| anyhow::anyhow!("creating the drain timer: {e}"))?,
+                drain: {
+                    let mut drain = tokio::time::interval(DRAIN_EVERY);
+                    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    drain
+                },
+                backlog: false,
             },
         ))
     }
@@ -268,14 +274,14 @@ impl CaptureReader {
                     }
                     Woken::Kernel
                 }
-                tick = self.drain.tick() => {
-                    tick?;
-                    Woken::Timer
+                _ = self.drain.tick() => {
+                    if std::mem::take(&mut self.backlog) { Woken::Backlog } else { Woken::Timer }
                 }
             };
-            if woken == Woken::Timer {
+            if woken != Woken::Kernel {
                 if self.decoding.drain_into(self.ring.get_mut(), batch) {
-                    self.drain.fire_now();
+                    self.drain.reset_immediately();
+                    self.backlog = true;
                 }
                 return Ok(woken);
             }
@@ -286,91 +292,15 @@ impl CaptureReader {
     }
 }
 
-/// The reader's periodic timer: a kernel timer (timerfd) that the runtime
-/// waits on in the same epoll as the ring buffer. A tokio timer with this
-/// period woke the thread up to three more times per period (its wheel
-/// wakes at each 64 ms boundary a deadline lies past, to move the timer
-/// down a level), and each wake-up costs more than a drain on a VM
-/// (docs/benchmarks.md); the kernel's timer wakes it once per period.
-struct DrainTimer {
-    fd: AsyncFd<OwnedFd>,
-    /// The next [`DrainTimer::tick`] returns at once.
-    now: bool,
-}
-
-impl DrainTimer {
-    fn new(period: Duration) -> std::io::Result<Self> {
-        // SAFETY: plain system calls; the fd is owned from here on.
-        let fd = unsafe {
-            libc::timerfd_create(
-                libc::CLOCK_MONOTONIC,
-                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `fd` was just created and nothing else owns it.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let every = libc::timespec {
-            tv_sec: period.as_secs() as libc::time_t,
-            tv_nsec: period.subsec_nanos() as libc::c_long,
-        };
-        let spec = libc::itimerspec {
-            it_interval: every,
-            it_value: every,
-        };
-        // SAFETY: a valid timerfd and a valid itimerspec.
-        if unsafe { libc::timerfd_settime(fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) } < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: the timer owns its fd, which stays open and the same until
-        // the AsyncFd (which owns the timer's fd) is dropped.
-        let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }?;
-        Ok(Self { fd, now: false })
-    }
-
-    /// Waits for the next period's end (ticks missed while the thread was
-    /// busy count as one), or returns at once after [`Self::fire_now`].
-    /// Cancel-safe: the expirations are read only once the fd is ready,
-    /// with no await after.
-    async fn tick(&mut self) -> std::io::Result<()> {
-        if std::mem::take(&mut self.now) {
-            return Ok(());
-        }
-        loop {
-            let mut guard = self.fd.readable_mut().await?;
-            let read = guard.try_io(|fd| {
-                let mut expirations = [0u8; 8];
-                // SAFETY: reads 8 bytes into a local buffer of 8 bytes.
-                let n = unsafe { libc::read(fd.as_raw_fd(), expirations.as_mut_ptr().cast(), 8) };
-                if n < 0 {
-                    Err(std::io::Error::last_os_error())
-                } else {
-                    Ok(())
-                }
-            });
-            if let Ok(result) = read {
-                return result;
-            }
-        }
-    }
-
-    /// Makes the next [`Self::tick`] return at once: the ring held more
-    /// than a batch.
-    fn fire_now(&mut self) {
-        self.now = true;
-    }
-}
-
 /// What ended a [`CaptureReader::read`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Woken {
     /// The kernel signalled records.
     Kernel,
-    /// The drain timer ticked (every [`DRAIN_EVERY`], sooner while the ring
-    /// holds more than a batch).
+    /// The drain timer ticked (every [`DRAIN_EVERY`]).
     Timer,
+    /// The last drain stopped at a full batch and this one took more.
+    Backlog,
 }
 
 impl Decoding {
