@@ -549,7 +549,11 @@ fn copy_user(event: *mut DataEvent, at: u32, src: u64, len: u32) -> bool {
     // `at` below the limit and `len` at most the limit keep the copy inside
     // the payload, which is twice the limit long.
     let at = opaque(at as u64) & (MAX_MESSAGE_BYTES as u64 - 1);
-    let mut len = opaque(len as u64);
+    // The mask (a no-op: `len` is at most the limit) gives 6.1's verifier
+    // a length it knows is not negative: it tracks the signed range apart,
+    // and after the iovec copy's arithmetic the clamp alone left it
+    // unbounded below ("R2 min value is negative").
+    let mut len = opaque(len as u64) & (2 * MAX_MESSAGE_BYTES as u64 - 1);
     if len > MAX_MESSAGE_BYTES as u64 {
         len = MAX_MESSAGE_BYTES as u64;
     }
