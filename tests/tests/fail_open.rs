@@ -18,7 +18,7 @@ use std::io::{BufRead, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use agent::config::ProxyConfig;
@@ -38,6 +38,9 @@ const WINDOW: Duration = Duration::from_secs(1);
 
 /// How often the loop starts a request.
 const EVERY: Duration = Duration::from_millis(10);
+
+/// The fewest requests scored before each death.
+const REQUESTS_BEFORE: usize = 10;
 
 /// Tag of this binary's chain prefixes (see `tests::chains`).
 const CHAIN_TAG: &str = "F";
@@ -146,11 +149,12 @@ fn request(addr: SocketAddr) -> Outcome {
 }
 
 /// Requests to `addr` from namespace `netns`, one every [`EVERY`], until
-/// `stop` is set (at most 60 s).
+/// `stop` is set (at most 60 s); `done` counts the requests finished.
 fn request_loop(
     netns: String,
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
+    done: Arc<AtomicUsize>,
 ) -> std::thread::JoinHandle<Vec<Sample>> {
     std::thread::spawn(move || {
         run_in(&netns, || {
@@ -162,6 +166,7 @@ fn request_loop(
                     at,
                     outcome: request(addr),
                 });
+                done.fetch_add(1, Ordering::Release);
                 std::thread::sleep(EVERY.saturating_sub(at.elapsed()));
             }
             samples
@@ -361,7 +366,7 @@ fn score(what: &str, samples: &[Sample], died: Died) -> Scored {
         .filter(|s| s.at + Duration::from_millis(100) < died.failing_from)
         .collect();
     assert!(
-        before.len() >= 10,
+        before.len() >= REQUESTS_BEFORE,
         "{what}: too few requests before: {samples:?}"
     );
     assert!(
@@ -424,8 +429,23 @@ fn scenario(lab: &Lab) {
         let what = format!("{} {death:?}", lab.mode);
         let stop = Arc::new(AtomicBool::new(false));
         let idle = lab.open_idle(3);
-        let requests = request_loop(lab.client_netns.clone(), lab.target, Arc::clone(&stop));
-        std::thread::sleep(Duration::from_secs(1));
+        let done = Arc::new(AtomicUsize::new(0));
+        let requests = request_loop(
+            lab.client_netns.clone(),
+            lab.target,
+            Arc::clone(&stop),
+            Arc::clone(&done),
+        );
+        // A second of requests before the death, and at least
+        // `REQUESTS_BEFORE` of them: a slow VM (CI's, under load) may not
+        // finish that many in a second.
+        let started = Instant::now();
+        while (started.elapsed() < Duration::from_secs(1)
+            || done.load(Ordering::Acquire) < REQUESTS_BEFORE + 2)
+            && started.elapsed() < Duration::from_secs(30)
+        {
+            std::thread::sleep(EVERY);
+        }
         let died = kill(&mut proxy, death);
         std::thread::sleep(WINDOW + Duration::from_millis(1500));
         stop.store(true, Ordering::Release);

@@ -151,7 +151,12 @@ impl Lease {
     /// dropped: for rules installed without a running proxy (an operator's
     /// tool, tests). The running proxy renews from its own runtime instead,
     /// so that its lease ends with its accept loop.
+    ///
+    /// Renews once before it returns: installing the rules may have taken
+    /// longer than a lease (iptables in a slow VM), and the first
+    /// connection after this call must not race the thread's first renewal.
     pub fn keep_renewed(&self) -> KeptRenewed {
+        self.renew();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let lease = self.clone();
         let stopping = Arc::clone(&stop);
