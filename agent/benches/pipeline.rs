@@ -326,8 +326,9 @@ fn bench_otlp_json(c: &mut Criterion, records: &[Vec<u8>]) {
     group.finish();
 }
 
-/// Spans per OTLP request, as the exporter batches them
-/// (`ExportSettings::max_batch_size`'s default).
+/// Spans per encoded batch, as the exporter encodes them
+/// (`ExportSettings::max_batch_size`'s default; a request carries the
+/// batches of up to `max_request_spans`, each encoded in turn).
 const REQUEST: usize = 64;
 
 /// One way of encoding a request: appends the request of `spans` to `out`.

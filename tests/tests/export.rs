@@ -442,6 +442,55 @@ async fn json_file_appends_a_line_per_batch() {
     assert_all_spans(&got, &spans);
 }
 
+/// OTLP requests carry several batches: each batch is encoded when it is
+/// full, and the request goes once `max_request_spans` are staged (what is
+/// left goes at shutdown), with each batch's spans grouped by resource.
+async fn batches_share_a_request(protocol: OtlpProtocol) {
+    let receiver = OtlpReceiver::start().unwrap();
+    let endpoint = match protocol {
+        OtlpProtocol::Grpc => receiver.grpc_endpoint(),
+        OtlpProtocol::HttpProtobuf => receiver.http_endpoint(),
+    };
+    let settings = ExportSettings {
+        max_batch_size: 2,
+        max_request_spans: 4,
+        ..settings()
+    };
+    let sink = SpanSink::start(otlp(protocol, endpoint), settings).unwrap();
+    // Each batch of two holds both processes.
+    let spans = sample_spans();
+    for i in [0, 2, 1, 3, 0, 1] {
+        sink.send(spans[i].clone()).await;
+    }
+    // The first four make a request without waiting for the delay (10 s).
+    let received = receiver.wait_for_spans_async(4, WAIT).await;
+    assert_eq!(received.len(), 4);
+    assert_eq!(receiver.requests().len(), 1);
+    let counts = sink.shutdown().await;
+    assert_eq!(counts.exported, 6, "{counts:?}");
+    let requests = receiver.requests();
+    let per_request: Vec<usize> = requests
+        .iter()
+        .map(|r| spans_of(&r.request).len())
+        .collect();
+    assert_eq!(per_request, [4, 2]);
+    // Two batches in the first request, a ResourceSpans per process in
+    // each.
+    let first = &requests[0].request;
+    assert_eq!(services(first), ["frontend", "users", "frontend", "users"]);
+    assert_all_spans(&spans_of(first), &spans);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_requests_carry_several_batches() {
+    batches_share_a_request(OtlpProtocol::Grpc).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_requests_carry_several_batches() {
+    batches_share_a_request(OtlpProtocol::HttpProtobuf).await;
+}
+
 /// Starts the receiver only after the exporter failed against the closed
 /// port; the queued spans must arrive once it is up.
 async fn retry_until_the_receiver_is_up(protocol: OtlpProtocol) {
@@ -500,6 +549,7 @@ async fn a_batch_is_dropped_and_counted_after_its_last_attempt() {
     // The batch goes as soon as it is full: exactly one batch of four.
     let settings = ExportSettings {
         max_batch_size: 4,
+        max_request_spans: 4,
         max_attempts: 3,
         initial_backoff: Duration::from_millis(10),
         ..settings()
@@ -531,6 +581,7 @@ async fn a_full_queue_drops_and_counts() {
     let settings = ExportSettings {
         queue_capacity: 4,
         max_batch_size: 1,
+        max_request_spans: 1,
         initial_backoff: Duration::from_secs(60),
         max_backoff: Duration::from_secs(60),
         shutdown_timeout: Duration::from_millis(500),

@@ -11,9 +11,12 @@
 //! makes the agent grow or stall the capture), and one task per sink drains
 //! the queue:
 //! - OTLP and file: batches of at most [`ExportSettings::max_batch_size`]
-//!   spans, sent when full or [`ExportSettings::max_batch_delay`] after the
-//!   first span, retried with exponential backoff up to
-//!   [`ExportSettings::max_attempts`] times, then dropped and counted;
+//!   spans, each encoded as soon as it is full; the file writes each as a
+//!   line, OTLP sends the encoded batches together once they hold
+//!   [`ExportSettings::max_request_spans`]. Whatever waits goes
+//!   [`ExportSettings::max_batch_delay`] after its first span. A send is
+//!   retried with exponential backoff up to [`ExportSettings::max_attempts`]
+//!   times, then its spans are dropped and counted;
 //! - terminal: spans collect by trace in a [`terminal::TraceBuffer`] and a
 //!   trace is printed once it went idle.
 //!
@@ -85,6 +88,15 @@ pub struct ExportSettings {
     /// which in `agent run` cut the proxy's p99 from 1.5-1.8 to 0.4 ms for
     /// OTLP and from 1.2 to 0.4 ms for the file (docs/benchmarks.md).
     pub max_batch_size: usize,
+    /// OTLP: spans per request at most. Batches are encoded as they fill,
+    /// in bursts no longer than [`max_batch_size`](Self::max_batch_size)
+    /// allows, and go out together: the cost of a request (the gRPC or
+    /// HTTP call, its wake-ups, the collector's reply) is paid once per
+    /// this many spans. 128 rather than the SDK's 512: sending a request
+    /// (and a collector on the same node reading it) is one burst too, and
+    /// the proxy's p99 in `agent run` grew with the request's size
+    /// (docs/benchmarks.md).
+    pub max_request_spans: usize,
     /// Longest a span waits for its batch to fill (counted from the end of
     /// the 1 ms the task lingers after the batch's first span woke it).
     pub max_batch_delay: Duration,
@@ -112,6 +124,7 @@ impl Default for ExportSettings {
         Self {
             queue_capacity: 4096,
             max_batch_size: 64,
+            max_request_spans: 128,
             max_batch_delay: Duration::from_secs(1),
             max_attempts: 5,
             initial_backoff: Duration::from_millis(200),
@@ -247,7 +260,10 @@ impl SpanSink {
                 );
                 BatchBackend::Otlp(Box::new(exporter))
             }
-            ExporterConfig::File(path) => BatchBackend::File(JsonFileExporter::open(&path)?),
+            ExporterConfig::File(path) => BatchBackend::File {
+                exporter: JsonFileExporter::open(&path)?,
+                staged: Vec::new(),
+            },
         };
         Self::spawn(settings, |queue, counters, deadline, settings| {
             run_batches(queue, backend, counters, deadline, settings)
@@ -438,25 +454,77 @@ fn stdout_width() -> usize {
 enum BatchBackend {
     // Boxed: far larger than the file variant.
     Otlp(Box<OtlpExporter>),
-    File(JsonFileExporter),
+    File {
+        exporter: JsonFileExporter,
+        /// The batch to write as the next line.
+        staged: Vec<Span>,
+    },
 }
 
 impl BatchBackend {
-    /// Longest one export call may take before the task gives up on it:
-    /// the exporter's own request timeout plus a margin, as a backstop for
-    /// a call that overruns it (a connect that hangs, a stuck disk).
+    /// Longest one send may take before the task gives up on it: the
+    /// exporter's own request timeout plus a margin, as a backstop for a
+    /// call that overruns it (a connect that hangs, a stuck disk).
     fn call_limit(&self) -> Duration {
         match self {
             Self::Otlp(exporter) => exporter.target().timeout + Duration::from_secs(5),
-            Self::File(_) => Duration::from_secs(30),
+            Self::File { .. } => Duration::from_secs(30),
         }
     }
 
-    /// Sends `spans`, removing the delivered ones.
-    async fn export(&mut self, spans: &mut Vec<Span>) -> Result<(), ExportError> {
+    /// Staged spans at which to send: a request's worth for OTLP, every
+    /// batch for the file (a line per batch).
+    fn send_at(&self, settings: &ExportSettings) -> usize {
         match self {
-            Self::Otlp(exporter) => exporter.export(spans).await,
-            Self::File(exporter) => exporter.export(spans),
+            Self::Otlp(_) => settings.max_request_spans.max(1),
+            Self::File { .. } => 1,
+        }
+    }
+
+    /// Takes `batch` (emptied) into what the next send delivers.
+    fn stage(&mut self, batch: &mut Vec<Span>) {
+        match self {
+            Self::Otlp(exporter) => exporter.stage(batch),
+            Self::File { staged, .. } => {
+                if staged.is_empty() {
+                    // The batch moves as a whole; its allocation is reused.
+                    std::mem::swap(staged, batch);
+                } else {
+                    staged.append(batch);
+                }
+            }
+        }
+    }
+
+    /// Spans staged and not yet delivered.
+    fn staged(&self) -> usize {
+        match self {
+            Self::Otlp(exporter) => exporter.staged(),
+            Self::File { staged, .. } => staged.len(),
+        }
+    }
+
+    /// Delivers everything staged; returns how many spans. On error they
+    /// stay staged.
+    async fn send_staged(&mut self) -> Result<usize, ExportError> {
+        match self {
+            Self::Otlp(exporter) => exporter.send_staged().await,
+            Self::File { exporter, staged } => {
+                let count = staged.len();
+                exporter.export(staged).map(|()| count)
+            }
+        }
+    }
+
+    /// Drops everything staged; returns how many spans.
+    fn drop_staged(&mut self) -> usize {
+        match self {
+            Self::Otlp(exporter) => exporter.drop_staged(),
+            Self::File { staged, .. } => {
+                let count = staged.len();
+                staged.clear();
+                count
+            }
         }
     }
 }
@@ -498,61 +566,46 @@ async fn run_batches(
     settings: ExportSettings,
 ) {
     let max_batch = settings.max_batch_size.max(1);
+    let send_at = backend.send_at(&settings);
     let mut batch: Vec<Span> = Vec::with_capacity(max_batch);
     let mut flush_at = Instant::now();
     loop {
         let room = max_batch - batch.len();
+        let waiting = !batch.is_empty() || backend.staged() > 0;
         let received = tokio::select! {
             n = recv_lingering(&mut queue, &mut batch, room) => Some(n),
-            () = tokio::time::sleep_until(flush_at), if !batch.is_empty() => None,
+            () = tokio::time::sleep_until(flush_at), if waiting => None,
         };
         match received {
             // recv_many returns 0 only once the queue is closed and empty.
             Some(0) => break,
-            Some(n) => {
-                if batch.len() == n {
+            Some(_) => {
+                if !waiting {
                     flush_at = Instant::now() + settings.max_batch_delay;
                 }
                 if batch.len() >= max_batch {
-                    deliver(
-                        &mut backend,
-                        &mut batch,
-                        &counters,
-                        &mut deadline,
-                        &settings,
-                    )
-                    .await;
+                    backend.stage(&mut batch);
+                    if backend.staged() >= send_at {
+                        deliver(&mut backend, &counters, &mut deadline, &settings).await;
+                    }
                 }
             }
             None => {
-                deliver(
-                    &mut backend,
-                    &mut batch,
-                    &counters,
-                    &mut deadline,
-                    &settings,
-                )
-                .await
+                backend.stage(&mut batch);
+                deliver(&mut backend, &counters, &mut deadline, &settings).await;
             }
         }
     }
-    if !batch.is_empty() {
-        deliver(
-            &mut backend,
-            &mut batch,
-            &counters,
-            &mut deadline,
-            &settings,
-        )
-        .await;
+    backend.stage(&mut batch);
+    if backend.staged() > 0 {
+        deliver(&mut backend, &counters, &mut deadline, &settings).await;
     }
 }
 
-/// Sends one batch with retries; afterwards `batch` is empty, every span in
-/// it counted as exported or dropped.
+/// Sends what `backend` has staged, with retries; afterwards nothing is
+/// staged, every span counted as exported or dropped.
 async fn deliver(
     backend: &mut BatchBackend,
-    batch: &mut Vec<Span>,
     counters: &ExportCounters,
     deadline: &mut watch::Receiver<Option<Instant>>,
     settings: &ExportSettings,
@@ -560,23 +613,21 @@ async fn deliver(
     let max_attempts = settings.max_attempts.max(1);
     let mut attempt = 0;
     let mut last_error = None;
-    while attempt < max_attempts && !batch.is_empty() {
+    while attempt < max_attempts && backend.staged() > 0 {
         let shutdown_by = *deadline.borrow();
         if shutdown_by.is_some_and(|d| Instant::now() >= d) {
             break;
         }
         attempt += 1;
-        let before = batch.len();
         let call_limit = Instant::now() + backend.call_limit();
         let limit = shutdown_by.map_or(call_limit, |d| d.min(call_limit));
-        let result = match tokio::time::timeout_at(limit, backend.export(batch)).await {
+        let result = match tokio::time::timeout_at(limit, backend.send_staged()).await {
             Ok(result) => result,
             Err(_) => Err(ExportError::Export("export call timed out".into())),
         };
-        ExportCounters::add(&counters.exported, before - batch.len());
         match result {
-            Ok(()) => {
-                batch.clear();
+            Ok(sent) => {
+                ExportCounters::add(&counters.exported, sent);
                 return;
             }
             Err(e) => {
@@ -589,14 +640,11 @@ async fn deliver(
             break;
         }
     }
-    if !batch.is_empty() {
+    if backend.staged() > 0 {
         let reason = last_error.map_or_else(|| "shutting down".to_string(), |e| e.to_string());
-        log::warn!(
-            "dropping {} spans after {attempt} attempts: {reason}",
-            batch.len()
-        );
-        ExportCounters::add(&counters.dropped_after_retries, batch.len());
-        batch.clear();
+        let dropped = backend.drop_staged();
+        log::warn!("dropping {dropped} spans after {attempt} attempts: {reason}");
+        ExportCounters::add(&counters.dropped_after_retries, dropped);
     }
 }
 

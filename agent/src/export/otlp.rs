@@ -1,8 +1,9 @@
 //! OTLP over gRPC and HTTP/protobuf.
 //!
 //! Each request is an `ExportTraceServiceRequest` encoded straight from our
-//! spans ([`super::otlp_proto`]), one per batch with a `ResourceSpans`
-//! per process in it, sent as it is: over gRPC as the
+//! spans ([`super::otlp_proto`]), batch after batch as the export task
+//! stages them, with a `ResourceSpans` per process in each batch, sent as
+//! it is: over gRPC as the
 //! `TraceService/Export` call (tonic, with a codec that sends the encoded
 //! bytes and decodes the official response type), or over HTTP as a POST
 //! of `application/x-protobuf` (hyper, through opentelemetry-http's
@@ -26,7 +27,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-use bytes::{BufMut as _, Bytes, BytesMut};
+use bytes::{BufMut as _, Bytes};
 use http::header::{CONTENT_TYPE, USER_AGENT};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
@@ -243,17 +244,27 @@ const GRPC_EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceSer
 /// The media type of an HTTP/protobuf request.
 const PROTOBUF: &str = "application/x-protobuf";
 
-/// Sends batches of spans over OTLP, one request per batch, each
-/// encoded straight from the spans ([`ProtoEncoder`]). No retries here: the
-/// export task retries.
+/// Sends spans over OTLP, encoded straight from the spans
+/// ([`ProtoEncoder`]). Batches are staged ([`stage`](Self::stage): encoded
+/// at once, the spans dropped) and the staged ones go in one request
+/// ([`send_staged`](Self::send_staged)). No retries here: the export task
+/// retries.
 #[derive(Debug)]
 pub struct OtlpExporter {
     transport: Transport,
     target: ResolvedTarget,
     encoder: ProtoEncoder,
-    /// The request being encoded; its allocation is taken back once the
-    /// transport has dropped the previous request's bytes.
-    buffer: BytesMut,
+    /// The next request, as its batches are staged. A `Vec`, not a
+    /// `BytesMut`: the encoder writes varints a byte at a time, which a
+    /// `Vec` pushes while a `BytesMut` copies each byte with `memmove`. It
+    /// becomes the request's `Bytes` without a copy.
+    buffer: Vec<u8>,
+    /// The request being sent, kept until it is delivered or dropped, so
+    /// that a retry (or a call cut short by the task's time limit) sends
+    /// it again.
+    unsent: Option<Bytes>,
+    /// Spans in `buffer` and `unsent`.
+    staged: usize,
 }
 
 /// How requests travel.
@@ -325,7 +336,9 @@ impl OtlpExporter {
             transport,
             target,
             encoder: ProtoEncoder::new(),
-            buffer: BytesMut::new(),
+            buffer: Vec::new(),
+            unsent: None,
+            staged: 0,
         })
     }
 
@@ -334,28 +347,61 @@ impl OtlpExporter {
         &self.target
     }
 
-    /// Sends `spans` in one request and empties `spans` once delivered. On
-    /// error every span stays, for the export task's retry.
-    pub async fn export(&mut self, spans: &mut Vec<Span>) -> Result<(), ExportError> {
+    /// Encodes `spans` into the next request and empties `spans`. A
+    /// request is a repeated `ResourceSpans` field, so batches encoded one
+    /// after the other make one request; each batch groups its spans by
+    /// resource (a `ResourceSpans` per process in it).
+    ///
+    /// Not while a staged request waits for its retry: the task sends or
+    /// drops what is staged before it stages more.
+    pub fn stage(&mut self, spans: &mut Vec<Span>) {
         if spans.is_empty() {
-            return Ok(());
+            return;
         }
-        // One request for the whole batch, a `ResourceSpans` per process:
-        // a call per resource would cost a round trip and its syscalls for
-        // each process in the batch.
+        debug_assert!(self.unsent.is_none(), "staged while a request waits");
         self.encoder
             .encode_groups(spans, &group_by_resource(spans), &mut self.buffer);
-        let body = self.buffer.split().freeze();
+        self.staged += spans.len();
+        spans.clear();
+    }
+
+    /// Spans staged and not yet delivered.
+    pub fn staged(&self) -> usize {
+        self.staged
+    }
+
+    /// Sends every staged span in one request. Returns how many were
+    /// delivered; on error they stay staged, for the export task's retry.
+    /// Cancel-safe: a call cut short leaves them staged too.
+    pub async fn send_staged(&mut self) -> Result<usize, ExportError> {
+        if self.staged == 0 {
+            return Ok(0);
+        }
+        let body = match &self.unsent {
+            Some(body) => body.clone(),
+            None => {
+                let body = Bytes::from(std::mem::take(&mut self.buffer));
+                self.unsent = Some(body.clone());
+                body
+            }
+        };
         match self.transport.send(body).await {
             Ok(()) => {
-                spans.clear();
-                Ok(())
+                self.unsent = None;
+                Ok(std::mem::take(&mut self.staged))
             }
             Err(e) => Err(ExportError::Export(format!(
                 "OTLP to {}: {e}",
                 self.target.endpoint
             ))),
         }
+    }
+
+    /// Drops every staged span (after the last attempt); returns how many.
+    pub fn drop_staged(&mut self) -> usize {
+        self.unsent = None;
+        self.buffer.clear();
+        std::mem::take(&mut self.staged)
     }
 }
 
@@ -851,15 +897,23 @@ mod tests {
             })
             .unwrap();
             let mut spans = vec![span.clone(), span.clone()];
-            let err = exporter.export(&mut spans).await.unwrap_err();
-            let text = err.to_string();
-            assert!(matches!(err, ExportError::Export(_)), "{text}");
-            assert!(text.contains(&port.to_string()), "{text}");
-            assert!(
-                text.to_lowercase().contains("refused"),
-                "{protocol}: {text}"
-            );
-            assert_eq!(spans.len(), 2);
+            exporter.stage(&mut spans);
+            exporter.stage(&mut vec![span.clone()]);
+            assert_eq!((spans.len(), exporter.staged()), (0, 3));
+            for _ in 0..2 {
+                let err = exporter.send_staged().await.unwrap_err();
+                let text = err.to_string();
+                assert!(matches!(err, ExportError::Export(_)), "{text}");
+                assert!(text.contains(&port.to_string()), "{text}");
+                assert!(
+                    text.to_lowercase().contains("refused"),
+                    "{protocol}: {text}"
+                );
+                // Still staged, for the next attempt.
+                assert_eq!(exporter.staged(), 3);
+            }
+            assert_eq!(exporter.drop_staged(), 3);
+            assert_eq!(exporter.send_staged().await.unwrap(), 0);
         }
     }
 }
