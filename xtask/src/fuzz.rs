@@ -10,7 +10,8 @@
 //! Built with the pinned toolchain (`RUSTC_BOOTSTRAP=1` for libFuzzer's
 //! instrumentation flags) and without a sanitizer: the targets are safe
 //! Rust, and the instrumentation alone finds panics and overflows
-//! (debug assertions are on).
+//! (debug assertions are on). The agent's kernel programs are not built
+//! for them (`AYA_BUILD_SKIP=1`).
 
 use std::fs;
 use std::path::Path;
@@ -102,6 +103,8 @@ pub fn fuzz(options: &FuzzOptions) -> Result<()> {
         let output = crate::toolchain::cargo()
             .current_dir("fuzz")
             .env("RUSTC_BOOTSTRAP", "1")
+            // The targets need no kernel program (agent/build.rs).
+            .env("AYA_BUILD_SKIP", "1")
             .args([
                 "fuzz",
                 "run",

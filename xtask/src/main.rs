@@ -154,6 +154,18 @@ const HOST_ONLY_TESTS: &[&str] = &[
     "soak",
 ];
 
+/// Integration test binaries that one VM kernel runs, not each (when that
+/// kernel boots): the two longest in a guest (3-4 minutes each under TCG),
+/// whose cases are the agent's own logic on kernel facilities that other
+/// binaries check under every kernel. `proxy`: the proxy's handling of
+/// real clients and servers through its rules; what the kernel does for it
+/// (the REDIRECT rules, `SO_ORIGINAL_DST`, the guard) `proxy_rules`,
+/// `proxy_spans` and `fail_open` check. `links`: parent links against a
+/// true tree; the signals they come from (the thread of each read and
+/// write, the Python interpreter's contexts through uprobes) `capture`,
+/// `spans` and `acceptance` (its three Python frontends) check.
+const ONE_KERNEL_TESTS: &[(&str, &str)] = &[("proxy", "6.1"), ("links", "6.12")];
+
 /// Seconds each fuzz target runs in `cargo xtask test`.
 const CI_FUZZ_SECONDS: u64 = 20;
 
@@ -400,20 +412,31 @@ fn vm_tests(kernels: Vec<String>, only: &[String]) -> Result<TestCounts> {
     let binaries = integration_test_binaries(only)?;
     let opts = vm::VmTestOptions {
         kernels,
-        test_binaries: binaries,
+        one_kernel: binaries
+            .iter()
+            .filter_map(|(name, path)| {
+                let (_, series) = ONE_KERNEL_TESTS.iter().find(|(n, _)| n == name)?;
+                Some((path.clone(), series.to_string()))
+            })
+            .collect(),
+        test_binaries: binaries.into_iter().map(|(_, path)| path).collect(),
         work_dir: "target/vm".into(),
     };
     vm::vm_test(&opts)
 }
 
-/// Paths of the `tests` package's integration test executables that the
-/// VMs run, only those named in `only` unless it is empty.
-fn integration_test_binaries(only: &[String]) -> Result<Vec<PathBuf>> {
+/// Names and paths of the `tests` package's integration test executables
+/// that the VMs run, only those named in `only` unless it is empty.
+fn integration_test_binaries(only: &[String]) -> Result<Vec<(String, PathBuf)>> {
+    // The same package selection as `host_tests`, so that after the host
+    // tests nothing is built again (with `--package tests` alone, cargo
+    // unifies features differently and rebuilds part of the graph).
     let output = toolchain::cargo()
         .args([
             "test",
-            "--package",
-            "tests",
+            "--workspace",
+            "--exclude",
+            "agent-ebpf",
             "--tests",
             "--no-run",
             "--message-format=json",
@@ -434,6 +457,7 @@ fn integration_test_binaries(only: &[String]) -> Result<Vec<PathBuf>> {
         }
         bail!("building the integration tests failed");
     }
+    let tests_manifest = workspace_root().join("tests/Cargo.toml");
     let mut binaries = Vec::new();
     for line in String::from_utf8_lossy(&output.stdout).lines() {
         let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
@@ -444,13 +468,20 @@ fn integration_test_binaries(only: &[String]) -> Result<Vec<PathBuf>> {
             .as_array()
             .is_some_and(|k| k.iter().any(|k| k == "test"));
         let name = message["target"]["name"].as_str().unwrap_or_default();
+        let of_tests_package = message["manifest_path"]
+            .as_str()
+            .is_some_and(|path| Path::new(path) == tests_manifest);
         let left_out = !only.is_empty() && !only.iter().any(|o| o == name);
         if HOST_ONLY_TESTS.contains(&name) || left_out {
             continue;
         }
-        if let (true, true, Some(path)) = (is_test, is_integration, message["executable"].as_str())
-        {
-            binaries.push(PathBuf::from(path));
+        if let (true, true, true, Some(path)) = (
+            is_test,
+            is_integration,
+            of_tests_package,
+            message["executable"].as_str(),
+        ) {
+            binaries.push((name.to_string(), PathBuf::from(path)));
         }
     }
     if binaries.is_empty() {
@@ -477,4 +508,26 @@ pub fn command_output(cmd: &mut Command) -> Option<String> {
         .status
         .success()
         .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binaries_left_to_one_kernel_name_a_vm_kernel_and_a_vm_test() {
+        for (name, series) in ONE_KERNEL_TESTS {
+            assert!(
+                VM_KERNELS.contains(series),
+                "{name}: {series} is not booted"
+            );
+            assert!(!HOST_ONLY_TESTS.contains(name), "{name} is host-only");
+            let source = workspace_root().join(format!("tests/tests/{name}.rs"));
+            assert!(
+                source.is_file(),
+                "{} is not a test binary",
+                source.display()
+            );
+        }
+    }
 }

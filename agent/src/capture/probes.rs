@@ -251,6 +251,11 @@ impl Probes {
     /// the ring buffer their records arrive in.
     pub fn attach(settings: ProbeSettings) -> Result<(Self, RingBuf<MapData>)> {
         settings.validate()?;
+        if PROGRAMS.is_empty() {
+            bail!(
+                "this agent was built without its kernel programs (AYA_BUILD_SKIP was set): build it again without"
+            );
+        }
         ensure_privileged()?;
         let tracefs = ensure_tracefs()?;
         check_tracepoints(tracefs)?;

@@ -86,6 +86,11 @@ impl ProxyGuard {
     pub fn load(pin: &Path) -> Result<Self, GuardError> {
         ensure_bpf_fs().map_err(GuardError::BpfFs)?;
         let load = |e: &dyn std::fmt::Display| GuardError::Load(e.to_string());
+        if GUARD_OBJECT.is_empty() {
+            return Err(load(
+                &"this agent was built without its kernel programs (AYA_BUILD_SKIP was set)",
+            ));
+        }
         let mut object = aya::Ebpf::load(GUARD_OBJECT).map_err(|e| load(&e))?;
         let mut map = |name: &str| {
             object

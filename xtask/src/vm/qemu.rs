@@ -24,8 +24,21 @@ pub struct BootOutcome {
 
 /// Boots `vmlinuz` with `initrd` and waits for the guest to power off, for at
 /// most `timeout`. Every console line is printed as `[vm <label>] <line>`
-/// as it arrives and fed to a [`ConsoleReport`].
-pub fn boot(vmlinuz: &Path, initrd: &Path, label: &str, timeout: Duration) -> Result<BootOutcome> {
+/// as it arrives and fed to a [`ConsoleReport`]. The guest's /init skips
+/// the test binaries named in `skip`.
+pub fn boot(
+    vmlinuz: &Path,
+    initrd: &Path,
+    label: &str,
+    skip: &[&str],
+    timeout: Duration,
+) -> Result<BootOutcome> {
+    let mut command_line = "console=ttyS0 quiet panic=-1 oops=panic".to_string();
+    if !skip.is_empty() {
+        // The names are plain file names (checked by `guest_names`).
+        command_line.push_str(" vmtest.skip=");
+        command_line.push_str(&skip.join(","));
+    }
     let mut child = Command::new("qemu-system-x86_64")
         // Nested KVM hangs on the CI machines; TCG is slow but dependable.
         .args(["-accel", "tcg", "-cpu", "max", "-m", "2048", "-smp", "2"])
@@ -40,11 +53,9 @@ pub fn boot(vmlinuz: &Path, initrd: &Path, label: &str, timeout: Duration) -> Re
         .arg(initrd)
         // panic=-1 with -no-reboot turns a guest panic (also /init dying, or
         // an oops, which would likely hang later tests) into qemu exiting.
-        .args([
-            "-append",
-            "console=ttyS0 quiet panic=-1 oops=panic",
-            "-no-reboot",
-        ])
+        .arg("-append")
+        .arg(&command_line)
+        .arg("-no-reboot")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
