@@ -1,9 +1,11 @@
 //! Kernel side of the capture: syscall tracepoints that copy the payload of
 //! HTTP/1.x traffic on TCP sockets into a ring buffer.
 //!
-//! Data syscalls are traced at enter (to remember the buffer) and at exit (to
-//! copy exactly the bytes the syscall moved: a non-blocking write may send
-//! fewer bytes than asked). A file descriptor is resolved to its socket once,
+//! Data syscalls are copied at exit, where the return value says how many
+//! bytes really moved (a non-blocking write may send fewer than asked).
+//! Receives are traced at exit only: their arguments are still in the user
+//! registers the kernel saved at the syscall's entry. Sends are also traced
+//! at enter, for the time they began. A file descriptor is resolved to its socket once,
 //! by following task -> files -> fdtable -> file -> socket -> sock with field
 //! offsets user space took from BTF, and the result is cached per (pid, fd).
 //!
@@ -25,7 +27,9 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
         bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
-        generated::bpf_probe_read_user as raw_probe_read_user,
+        generated::{
+            bpf_get_current_task_btf, bpf_probe_read_user as raw_probe_read_user, bpf_task_pt_regs,
+        },
     },
     macros::{map, tracepoint, uprobe, uretprobe},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -59,8 +63,8 @@ static CONNS: LruHashMap<ConnKey, ConnInfo> = LruHashMap::with_max_entries(65536
 #[map]
 static OTHER_FDS: LruHashMap<ConnKey, u8> = LruHashMap::with_max_entries(65536, 0);
 
-/// Syscalls between enter and exit, by thread: one slot per thread, written
-/// in place at enter and marked taken at exit. Inserting and deleting an
+/// Sends and connects between enter and exit, by thread: one slot per
+/// thread, written in place at enter and marked taken at exit. Inserting and deleting an
 /// entry per syscall cost more than the rest of the probes (allocation,
 /// bucket locks, RCU frees); the slots of threads that ended age out of
 /// the LRU.
@@ -125,12 +129,9 @@ struct InflightCall {
 const ARG0: usize = 16;
 const ARG1: usize = 24;
 const ARG2: usize = 32;
-const ARG3: usize = 40;
 const RET: usize = 16;
 
 const MSG_PEEK: u64 = 2;
-/// For `on_data_enter`: the syscall has no flags argument.
-const NO_PEEK_FLAGS: usize = 0;
 const EINPROGRESS: i64 = 115;
 const S_IFMT: u16 = 0o170000;
 const S_IFSOCK: u16 = 0o140000;
@@ -140,6 +141,35 @@ const IPPROTO_TCP: u16 = 6;
 // struct msghdr (64-bit): msg_iov at 16, msg_iovlen at 24.
 const MSGHDR_IOV: u64 = 16;
 const MSGHDR_IOVLEN: u64 = 24;
+
+// `struct pt_regs` (x86_64): where the kernel saved the user registers
+// that carry a syscall's first four arguments (rdi, rsi, rdx, r10).
+const REGS_ARG0: usize = 112;
+const REGS_ARG1: usize = 104;
+const REGS_ARG2: usize = 96;
+const REGS_ARG3: usize = 56;
+
+/// The first four arguments of the syscall the current thread is in, read
+/// from the user registers the kernel saved at its entry, which it restores
+/// unchanged at its exit. An exit probe reads them there instead of from
+/// an enter probe's record: one program and two map lookups fewer per
+/// syscall.
+#[inline(always)]
+fn syscall_args() -> [u64; 4] {
+    // SAFETY: helper calls on the current task, which the kernel checks;
+    // `bpf_task_pt_regs` returns a BTF pointer to its `struct pt_regs`, and
+    // the verifier checks each load against that type (a fault reads 0).
+    unsafe {
+        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u8;
+        let load = |offset: usize| core::ptr::read_volatile(regs.add(offset) as *const u64);
+        [
+            load(REGS_ARG0),
+            load(REGS_ARG1),
+            load(REGS_ARG2),
+            load(REGS_ARG3),
+        ]
+    }
+}
 
 /// Reads the syscall tracepoint field at `offset` straight from the
 /// record the kernel passes in: the verifier allows aligned loads from a
@@ -312,14 +342,10 @@ fn traced_pid(cfg: &CaptureConfig) -> Option<(u64, u32)> {
     Some((pid_tgid, pid))
 }
 
+/// A send's enter probe: remembers the call and when it began, for its exit
+/// probe.
 #[inline(always)]
-fn on_data_enter(
-    ctx: &TracePointContext,
-    syscall: Syscall,
-    shape: BufferShape,
-    peek_flags_at: usize,
-    direction: Direction,
-) {
+fn on_send_enter(ctx: &TracePointContext, syscall: Syscall, shape: BufferShape) {
     let Some(cfg) = config() else { return };
     let Some((pid_tgid, pid)) = traced_pid(cfg) else {
         return;
@@ -334,28 +360,15 @@ fn on_data_enter(
         count(counter::MESSAGES_NOT_HTTP, 1);
         return;
     }
-    if peek_flags_at != NO_PEEK_FLAGS {
-        // A peek is read again later; copying it would duplicate bytes.
-        if tp_field(ctx, peek_flags_at) & MSG_PEEK != 0 {
-            return;
-        }
-    }
-    let buffer = tp_field(ctx, ARG1);
-    let iov_count = if shape == BufferShape::Iovec {
-        tp_field(ctx, ARG2)
-    } else {
-        0
-    };
     let call = InflightCall {
-        buffer,
-        // Only a send is stamped when it began (see `on_data_exit`).
-        enter_ns: if direction == Direction::Egress {
-            // SAFETY: helper call with no arguments.
-            unsafe { bpf_ktime_get_ns() }
+        buffer: tp_field(ctx, ARG1),
+        // SAFETY: helper call with no arguments.
+        enter_ns: unsafe { bpf_ktime_get_ns() },
+        iov_count: if shape == BufferShape::Iovec {
+            tp_field(ctx, ARG2)
         } else {
             0
         },
-        iov_count,
         fd: fd as i32,
         syscall: syscall as u8,
         shape: shape as u8,
@@ -861,8 +874,10 @@ fn fill_header(
     }
 }
 
+/// A send's exit probe: copies what the call its enter probe remembered
+/// really sent.
 #[inline(always)]
-fn on_data_exit(ctx: &TracePointContext, direction: Direction, shape: BufferShape) {
+fn on_send_exit(ctx: &TracePointContext, shape: BufferShape) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let Some(call) = take_inflight(pid_tgid) else {
         return;
@@ -879,14 +894,103 @@ fn on_data_exit(ctx: &TracePointContext, direction: Direction, shape: BufferShap
     let Some(conn) = CONNS.get_ptr_mut(&key) else {
         return;
     };
-    let moved = ret as u64;
+    send_data(
+        cfg,
+        pid_tgid,
+        &key,
+        conn,
+        &call,
+        ret as u64,
+        Direction::Egress,
+        shape,
+    );
+}
+
+/// A receive's only probe, at exit: its arguments are read from the saved
+/// user registers (see `syscall_args`). `peek_arg` is the index of the
+/// flags argument, for the calls that have one.
+#[inline(always)]
+fn on_receive_exit(
+    ctx: &TracePointContext,
+    syscall: Syscall,
+    shape: BufferShape,
+    peek_arg: Option<usize>,
+) {
+    let ret = tp_field(ctx, RET) as i64;
+    if ret <= 0 {
+        return;
+    }
+    let Some(cfg) = config() else { return };
+    let Some((pid_tgid, pid)) = traced_pid(cfg) else {
+        return;
+    };
+    let args = syscall_args();
+    let key = ConnKey {
+        pid,
+        fd: args[0] as i32,
+    };
+    let Some(conn) = lookup_conn(ctx, &key, cfg) else {
+        return;
+    };
+    // SAFETY: map value pointer valid for this program run.
+    if unsafe { (*conn).protocol } == Protocol::NotHttp as u8 {
+        count(counter::MESSAGES_NOT_HTTP, 1);
+        return;
+    }
+    // A peek is read again later; copying it would duplicate bytes.
+    if let Some(flags) = peek_arg
+        && args[flags] & MSG_PEEK != 0
+    {
+        return;
+    }
+    let call = InflightCall {
+        buffer: args[1],
+        enter_ns: 0,
+        iov_count: if shape == BufferShape::Iovec {
+            args[2]
+        } else {
+            0
+        },
+        fd: key.fd,
+        syscall: syscall as u8,
+        shape: shape as u8,
+        live: 0,
+        _pad: 0,
+    };
+    send_data(
+        cfg,
+        pid_tgid,
+        &key,
+        conn,
+        &call,
+        ret as u64,
+        Direction::Ingress,
+        shape,
+    );
+}
+
+/// Copies the bytes a data syscall moved (`moved`, its return value) on a
+/// tracked connection into a record, once the connection is known to carry
+/// HTTP.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn send_data(
+    cfg: &CaptureConfig,
+    pid_tgid: u64,
+    key: &ConnKey,
+    conn: *mut ConnInfo,
+    call: &InflightCall,
+    moved: u64,
+    direction: Direction,
+    shape: BufferShape,
+) {
     if shape == BufferShape::None {
         // Counted bytes only make sense on a connection already seen as HTTP.
         // SAFETY: map value pointer valid for this program run.
         if unsafe { (*conn).protocol } != Protocol::Http as u8 {
             return;
         }
-    } else if !classify(conn, &call, shape, moved) {
+    } else if !classify(conn, call, shape, moved) {
         return;
     }
     let Some(event) = scratch() else { return };
@@ -913,7 +1017,7 @@ fn on_data_exit(ctx: &TracePointContext, direction: Direction, shape: BufferShap
         fill_header(
             header,
             EventKind::Data,
-            &key,
+            key,
             &*conn,
             direction,
             call.syscall,
@@ -938,7 +1042,7 @@ fn on_data_exit(ctx: &TracePointContext, direction: Direction, shape: BufferShap
     let copied = match shape {
         BufferShape::None => Some(0),
         BufferShape::Plain => copy_user(event, 0, call.buffer, captured).then_some(captured),
-        _ => match iovec_array(&call, shape) {
+        _ => match iovec_array(call, shape) {
             Some((iov, iov_count)) => copy_iovecs(event, iov, iov_count, captured),
             None => None,
         },
@@ -1071,93 +1175,76 @@ fn on_close_enter(ctx: &TracePointContext) {
     }
 }
 
-macro_rules! data_probes {
-    ($enter:ident, $exit:ident, $syscall:expr, $shape:expr, $peek:expr, $direction:expr) => {
+macro_rules! send_probes {
+    ($enter:ident, $exit:ident, $syscall:expr, $shape:expr) => {
         #[tracepoint]
         pub fn $enter(ctx: TracePointContext) -> u32 {
-            on_data_enter(&ctx, $syscall, $shape, $peek, $direction);
+            on_send_enter(&ctx, $syscall, $shape);
             0
         }
 
         #[tracepoint]
         pub fn $exit(ctx: TracePointContext) -> u32 {
-            on_data_exit(&ctx, $direction, $shape);
+            on_send_exit(&ctx, $shape);
             0
         }
     };
 }
 
-data_probes!(
+macro_rules! receive_probe {
+    ($exit:ident, $syscall:expr, $shape:expr, $peek_arg:expr) => {
+        #[tracepoint]
+        pub fn $exit(ctx: TracePointContext) -> u32 {
+            on_receive_exit(&ctx, $syscall, $shape, $peek_arg);
+            0
+        }
+    };
+}
+
+send_probes!(
     sys_enter_write,
     sys_exit_write,
     Syscall::Write,
-    BufferShape::Plain,
-    NO_PEEK_FLAGS,
-    Direction::Egress
+    BufferShape::Plain
 );
-data_probes!(
+send_probes!(
     sys_enter_writev,
     sys_exit_writev,
     Syscall::Writev,
-    BufferShape::Iovec,
-    NO_PEEK_FLAGS,
-    Direction::Egress
+    BufferShape::Iovec
 );
-data_probes!(
+send_probes!(
     sys_enter_sendto,
     sys_exit_sendto,
     Syscall::Sendto,
-    BufferShape::Plain,
-    NO_PEEK_FLAGS,
-    Direction::Egress
+    BufferShape::Plain
 );
-data_probes!(
+send_probes!(
     sys_enter_sendmsg,
     sys_exit_sendmsg,
     Syscall::Sendmsg,
-    BufferShape::Msghdr,
-    NO_PEEK_FLAGS,
-    Direction::Egress
+    BufferShape::Msghdr
 );
-data_probes!(
-    sys_enter_read,
-    sys_exit_read,
-    Syscall::Read,
-    BufferShape::Plain,
-    NO_PEEK_FLAGS,
-    Direction::Ingress
-);
-data_probes!(
-    sys_enter_readv,
-    sys_exit_readv,
-    Syscall::Readv,
-    BufferShape::Iovec,
-    NO_PEEK_FLAGS,
-    Direction::Ingress
-);
-data_probes!(
-    sys_enter_recvfrom,
-    sys_exit_recvfrom,
-    Syscall::Recvfrom,
-    BufferShape::Plain,
-    ARG3,
-    Direction::Ingress
-);
-data_probes!(
-    sys_enter_recvmsg,
-    sys_exit_recvmsg,
-    Syscall::Recvmsg,
-    BufferShape::Msghdr,
-    ARG2,
-    Direction::Ingress
-);
-data_probes!(
+send_probes!(
     sys_enter_sendfile64,
     sys_exit_sendfile64,
     Syscall::Sendfile,
-    BufferShape::None,
-    NO_PEEK_FLAGS,
-    Direction::Egress
+    BufferShape::None
+);
+receive_probe!(sys_exit_read, Syscall::Read, BufferShape::Plain, None);
+receive_probe!(sys_exit_readv, Syscall::Readv, BufferShape::Iovec, None);
+// recvfrom(fd, buf, len, flags, ...), recvmsg(fd, msg, flags).
+receive_probe!(
+    sys_exit_recvfrom,
+    Syscall::Recvfrom,
+    BufferShape::Plain,
+    Some(3)
+);
+receive_probe!(
+    sys_exit_recvmsg,
+    Syscall::Recvmsg,
+    BufferShape::Msghdr,
+    Some(2)
 );
 
 #[tracepoint]

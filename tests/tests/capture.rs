@@ -32,6 +32,20 @@ fn recording_server(dir: &ScratchDir, port: u16, bind: &str) -> ChildGuard {
     server
 }
 
+/// Runs `script` with python3 to its end; returns its pid and what it
+/// printed. Fails the test when the script fails.
+fn python_client(script: &str) -> (u32, Vec<u8>) {
+    let client = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = client.id();
+    let output = client.wait_with_output().unwrap();
+    assert!(output.status.success(), "the client failed: {output:?}");
+    (pid, output.stdout)
+}
+
 /// (received, sent) by the recording server on each connection that carried
 /// data, in connection order.
 fn recorded(dir: &ScratchDir) -> Vec<(Vec<u8>, Vec<u8>)> {
@@ -232,13 +246,7 @@ fn request_head_written_in_small_pieces_is_captured() {
          sys.stdout.buffer.write(answer)\n",
         pieces = pieces.iter().map(|p| p.to_vec()).collect::<Vec<_>>()
     );
-    let client = std::process::Command::new("/usr/bin/python3")
-        .args(["-c", &script])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let client_pid = client.id();
-    let answer = client.wait_with_output().unwrap().stdout;
+    let (client_pid, answer) = python_client(&script);
     assert!(answer.ends_with(b"you asked for /pieces\n"), "{answer:?}");
     let head = pieces.concat();
     let events = capture.wait_for_port(port, WAIT, |e| {
@@ -294,14 +302,7 @@ fn request_heads_written_from_several_buffers_are_captured() {
             .map(|(c, n)| (c.to_string(), *n))
             .collect::<Vec<_>>(),
     );
-    let client = std::process::Command::new("/usr/bin/python3")
-        .args(["-c", &script])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let client_pid = client.id();
-    let output = client.wait_with_output().unwrap();
-    assert!(output.status.success(), "the client failed: {output:?}");
+    let (client_pid, _) = python_client(&script);
     let all: Vec<u8> = heads.concat().into_bytes();
     let events = capture.wait_for_port(port, WAIT, |e| {
         bytes_of(e, client_pid, Direction::Egress) == all
@@ -324,6 +325,73 @@ fn request_heads_written_from_several_buffers_are_captured() {
         syscalls.contains(&Syscall::Writev) && syscalls.contains(&Syscall::Sendmsg),
         "{syscalls:?}"
     );
+}
+
+/// Responses read every way a receive can: `readv` into two buffers,
+/// `recvmsg`, and `recv`/`recvmsg` with `MSG_PEEK` before the real read.
+/// The receive probes read these arguments (buffer, iovecs, flags) from the
+/// registers the kernel saved at the syscall's entry: every byte the
+/// client read is captured once, in order, and a peek is never copied.
+#[test]
+fn responses_read_with_readv_recvmsg_and_peeks_are_captured_once() {
+    if !privileged() {
+        return;
+    }
+    let capture = capture();
+    let dir = ScratchDir::new("receives");
+    let port = free_port();
+    let _server = recording_server(&dir, port, "127.0.0.1");
+    let ways = ["readv", "recvmsg", "peek-recv", "peek-recvmsg"];
+    let script = format!(
+        "import os, socket, sys\n\
+         got = b''\n\
+         for way in {ways:?}:\n\
+         \x20   s = socket.create_connection(('127.0.0.1', {port}))\n\
+         \x20   s.sendall(('GET /' + way + ' HTTP/1.1\\r\\nHost: t\\r\\nConnection: close\\r\\n\\r\\n').encode())\n\
+         \x20   if way.startswith('peek'):\n\
+         \x20       peeked = s.recv(4096, socket.MSG_PEEK) if way == 'peek-recv' else s.recvmsg(4096, 0, socket.MSG_PEEK)[0]\n\
+         \x20       assert peeked, way\n\
+         \x20   while True:\n\
+         \x20       if way == 'readv':\n\
+         \x20           a, b = bytearray(7), bytearray(4096)\n\
+         \x20           n = os.readv(s.fileno(), [a, b])\n\
+         \x20           data = bytes((a + b)[:n])\n\
+         \x20       elif way == 'recvmsg':\n\
+         \x20           data = s.recvmsg(4096)[0]\n\
+         \x20       else:\n\
+         \x20           data = s.recv(4096)\n\
+         \x20       if not data: break\n\
+         \x20       got += data\n\
+         \x20   s.close()\n\
+         sys.stdout.write(got.hex())\n"
+    );
+    let (client_pid, output) = python_client(&script);
+    let hex = String::from_utf8(output).unwrap();
+    let read: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect();
+    assert_eq!(
+        read.windows(9).filter(|w| w == b"HTTP/1.1 ").count(),
+        ways.len(),
+        "one response per way: {}",
+        String::from_utf8_lossy(&read)
+    );
+    let events = capture.wait_for_port(port, WAIT, |e| {
+        bytes_of(e, client_pid, Direction::Ingress).len() >= read.len()
+    });
+    assert_eq!(
+        String::from_utf8_lossy(&bytes_of(&events, client_pid, Direction::Ingress)),
+        String::from_utf8_lossy(&read)
+    );
+    let syscalls: Vec<Syscall> = messages(&events)
+        .into_iter()
+        .filter(|m| m.connection.pid == client_pid && m.direction == Direction::Ingress)
+        .map(|m| m.syscall)
+        .collect();
+    for expected in [Syscall::Readv, Syscall::Recvmsg, Syscall::Recvfrom] {
+        assert!(syscalls.contains(&expected), "{expected:?} in {syscalls:?}");
+    }
 }
 
 #[test]

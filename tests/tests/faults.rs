@@ -285,15 +285,15 @@ fn a_kernel_without_btf_or_a_tracepoint_is_a_clear_error() {
 
     let tracepoint = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
         .iter()
-        .map(|root| format!("{root}/events/syscalls/sys_enter_recvfrom"))
+        .map(|root| format!("{root}/events/syscalls/sys_exit_recvfrom"))
         .find(|path| Path::new(path).join("id").exists())
         .expect("tracefs with the syscall tracepoints");
     let (code, stderr) = agent_without(&tracepoint);
-    println!("without sys_enter_recvfrom: exit {code:?}: {stderr}");
+    println!("without sys_exit_recvfrom: exit {code:?}: {stderr}");
     assert_eq!(code, Some(1), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(
-        stderr.contains("sys_enter_recvfrom"),
+        stderr.contains("sys_exit_recvfrom"),
         "the error names the tracepoint: {stderr}"
     );
 }

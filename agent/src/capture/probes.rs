@@ -28,7 +28,8 @@ const MAX_PYTHON_PROCESSES: usize = 4096;
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
 
 /// Every tracepoint the capture attaches to, all in the `syscalls` category;
-/// each program is named after its tracepoint.
+/// each program is named after its tracepoint. Receives have no enter
+/// probe: their exit probe reads the arguments from the saved registers.
 pub const TRACEPOINTS: &[&str] = &[
     "sys_enter_write",
     "sys_exit_write",
@@ -38,13 +39,9 @@ pub const TRACEPOINTS: &[&str] = &[
     "sys_exit_sendto",
     "sys_enter_sendmsg",
     "sys_exit_sendmsg",
-    "sys_enter_read",
     "sys_exit_read",
-    "sys_enter_readv",
     "sys_exit_readv",
-    "sys_enter_recvfrom",
     "sys_exit_recvfrom",
-    "sys_enter_recvmsg",
     "sys_exit_recvmsg",
     "sys_enter_sendfile64",
     "sys_exit_sendfile64",
@@ -254,6 +251,11 @@ impl Probes {
         if PROGRAMS.is_empty() {
             bail!(
                 "this agent was built without its kernel programs (AYA_BUILD_SKIP was set): build it again without"
+            );
+        }
+        if !cfg!(target_arch = "x86_64") {
+            bail!(
+                "the capture reads syscall arguments from x86_64 registers: this architecture is not supported"
             );
         }
         ensure_privileged()?;
