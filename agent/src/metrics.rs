@@ -34,7 +34,7 @@ use tokio::sync::Semaphore;
 pub const DEFAULT_ADDRESS: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9470);
 
 /// The longest the capture loop may go without a beat before `/healthz`
-/// fails (it beats at least every 50 ms when healthy).
+/// fails (it beats at least every `capture::DRAIN_EVERY` when healthy).
 pub const LIVENESS_WINDOW: Duration = Duration::from_secs(10);
 
 /// Bytes of a request head read at most; a longer one gets 431.

@@ -78,7 +78,7 @@ struct Decoding {
 /// a second; each wake-up of the reader costs tens of microseconds on a
 /// VM, so at 10 ms the timer alone was a large part of the agent's cost at
 /// a few thousand requests per second (docs/benchmarks.md).
-pub const DRAIN_EVERY: Duration = Duration::from_millis(50);
+pub const DRAIN_EVERY: Duration = Duration::from_millis(100);
 
 /// Processes remembered as considered at most; then the set starts over
 /// (a process considered again costs one read of its maps).
