@@ -106,7 +106,8 @@ enum BufferShape {
     None = 3,
 }
 
-/// What an enter probe leaves for its exit probe.
+/// A data syscall's call: what a send's enter probe leaves for its exit
+/// probe, or what a receive's exit probe read from the saved registers.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct InflightCall {
