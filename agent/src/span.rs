@@ -6,6 +6,10 @@ use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
+mod text;
+
+pub use text::{Text, TextBuilder};
+
 /// A W3C / OpenTelemetry trace id: 16 bytes, never all zero when valid.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct TraceId(pub [u8; 16]);
@@ -99,9 +103,9 @@ pub enum SpanStatus {
 /// An attribute value.
 #[derive(Clone, Debug, PartialEq)]
 pub enum AttributeValue {
-    /// A string; borrowed when static (a known method, `http`), so that
-    /// building a span allocates only what the exchange made up.
-    String(Cow<'static, str>),
+    /// A string; static (a known method, `http`) or short ones without an
+    /// allocation ([`Text`]).
+    String(Text),
     /// An integer.
     Int(i64),
 }
@@ -118,7 +122,7 @@ pub struct Attribute {
 
 impl Attribute {
     /// A string attribute.
-    pub fn string(key: impl Into<Cow<'static, str>>, value: impl Into<Cow<'static, str>>) -> Self {
+    pub fn string(key: impl Into<Cow<'static, str>>, value: impl Into<Text>) -> Self {
         Self {
             key: key.into(),
             value: AttributeValue::String(value.into()),
@@ -158,7 +162,7 @@ pub struct Span {
     /// W3C trace-flags of the span's context.
     pub flags: u8,
     /// `GET` or `GET /users/{id}`.
-    pub name: String,
+    pub name: Text,
     /// Server or client.
     pub kind: SpanKind,
     /// Start, Unix epoch nanoseconds.

@@ -354,7 +354,7 @@ async fn export_over(protocol: OtlpProtocol) {
         let names: BTreeSet<String> = spans
             .iter()
             .filter(|s| s.resource.service_name == service)
-            .map(|s| s.name.clone())
+            .map(|s| s.name.to_string())
             .collect();
         let got: BTreeSet<String> = spans_of(&one)
             .iter()

@@ -4,7 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use crate::http::Exchange;
-use crate::span::{Attribute, AttributeValue, SpanKind, SpanStatus};
+use crate::span::{Attribute, AttributeValue, SpanKind, SpanStatus, Text, TextBuilder};
 
 /// Choices about what spans record, from the configuration.
 #[derive(Clone, Debug)]
@@ -132,8 +132,8 @@ const KNOWN_METHODS: &[&str] = &[
 /// The route the heuristic derives from a path: segments that look like
 /// ids (all digits, a UUID, or 16+ hex digits) become `{id}`, so span names
 /// stay low-cardinality.
-pub fn heuristic_route(path: &str) -> String {
-    let mut route = String::with_capacity(path.len());
+pub fn heuristic_route(path: &str) -> Text {
+    let mut route = TextBuilder::with_capacity(path.len());
     for (i, segment) in path.split('/').enumerate() {
         if i > 0 {
             route.push('/');
@@ -144,7 +144,7 @@ pub fn heuristic_route(path: &str) -> String {
             route.push_str(segment);
         }
     }
-    route
+    route.finish()
 }
 
 fn looks_like_id(segment: &str) -> bool {
@@ -182,7 +182,7 @@ pub fn redact_query(query: &str, sensitive: &[String]) -> String {
 /// The span name, `{method} {route}` when a route is known, else
 /// `{method}`, from the attributes [`attributes`] gave the exchange (the
 /// route is derived once, for both).
-pub fn span_name_from(attributes: &[Attribute]) -> String {
+pub fn span_name_from(attributes: &[Attribute]) -> Text {
     let text = |key: &str| {
         attributes.iter().find_map(|a| match &a.value {
             AttributeValue::String(s) if a.key == key => Some(s.as_ref()),
@@ -190,16 +190,14 @@ pub fn span_name_from(attributes: &[Attribute]) -> String {
         })
     };
     let method = text("http.request.method").unwrap_or("_OTHER");
-    match text("http.route") {
-        Some(route) => {
-            let mut name = String::with_capacity(method.len() + 1 + route.len());
-            name.push_str(method);
-            name.push(' ');
-            name.push_str(route);
-            name
-        }
-        None => method.to_owned(),
+    let mut name =
+        TextBuilder::with_capacity(method.len() + 1 + text("http.route").map_or(0, str::len));
+    name.push_str(method);
+    if let Some(route) = text("http.route") {
+        name.push(' ');
+        name.push_str(route);
     }
+    name.finish()
 }
 
 /// The method as the conventions name it: a known method (the static
@@ -229,32 +227,29 @@ fn split_target(target: &str) -> (&str, Option<&str>) {
 }
 
 /// Host and port from a Host header value.
-fn host_and_port(host: &str) -> (String, Option<u16>) {
+fn host_and_port(host: &str) -> (&str, Option<u16>) {
     if let Some(rest) = host.strip_prefix('[') {
         // [v6]:port
         if let Some((addr, after)) = rest.split_once(']') {
-            return (
-                addr.to_string(),
-                after.strip_prefix(':').and_then(|p| p.parse().ok()),
-            );
+            return (addr, after.strip_prefix(':').and_then(|p| p.parse().ok()));
         }
     }
     match host.rsplit_once(':') {
         Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) && !p.is_empty() => {
-            (h.to_string(), p.parse().ok())
+            (h, p.parse().ok())
         }
-        _ => (host.to_string(), None),
+        _ => (host, None),
     }
 }
 
 /// An address as text, the way `Display` writes it. IPv4 is written by
 /// hand: it is formatted for every span, and the formatting machinery
 /// behind `to_string` costs several times the few bytes it writes.
-fn address_text(ip: IpAddr) -> String {
+fn address_text(ip: IpAddr) -> Text {
     let IpAddr::V4(v4) = ip else {
-        return ip.to_string();
+        return ip.to_string().into();
     };
-    let mut text = String::with_capacity(15);
+    let mut text = TextBuilder::default();
     for (i, octet) in v4.octets().into_iter().enumerate() {
         if i > 0 {
             text.push('.');
@@ -267,7 +262,7 @@ fn address_text(ip: IpAddr) -> String {
         }
         text.push(char::from(b'0' + octet % 10));
     }
-    text
+    text.finish()
 }
 
 /// The socket's view of the exchange: this process's end and the peer's.
@@ -293,11 +288,11 @@ pub fn attributes(
     if method == "_OTHER" {
         out.push(Attribute::string(
             "http.request.method_original",
-            request.method().to_owned(),
+            Text::copy(request.method()),
         ));
     }
     let (path, query) = split_target(request.target());
-    out.push(Attribute::string("url.path", path.to_owned()));
+    out.push(Attribute::string("url.path", Text::copy(path)));
     if let Some(query) = query {
         out.push(Attribute::string(
             "url.query",
@@ -333,7 +328,7 @@ pub fn attributes(
     let (server_address, server_port) = match host.as_deref().map(str::trim) {
         Some(h) if !h.is_empty() => {
             let (name, port) = host_and_port(h);
-            (name, port.unwrap_or(server_socket.port()))
+            (Text::copy(name), port.unwrap_or(server_socket.port()))
         }
         _ => (address_text(server_socket.ip()), server_socket.port()),
     };
@@ -352,7 +347,7 @@ pub fn attributes(
     if let Some(agent) = request.header("user-agent") {
         out.push(Attribute::string(
             "user_agent.original",
-            String::from_utf8_lossy(agent).into_owned(),
+            Text::copy(&String::from_utf8_lossy(agent)),
         ));
     }
     for name in &settings.request_headers {
@@ -501,13 +496,10 @@ mod tests {
     fn host_header_forms() {
         assert_eq!(
             host_and_port("example.com:8080"),
-            ("example.com".to_string(), Some(8080))
+            ("example.com", Some(8080))
         );
-        assert_eq!(
-            host_and_port("example.com"),
-            ("example.com".to_string(), None)
-        );
-        assert_eq!(host_and_port("[::1]:80"), ("::1".to_string(), Some(80)));
+        assert_eq!(host_and_port("example.com"), ("example.com", None));
+        assert_eq!(host_and_port("[::1]:80"), ("::1", Some(80)));
     }
 
     #[test]

@@ -241,7 +241,7 @@ mod tests {
 
     use super::*;
     use crate::export::reference::{export_request, normalized};
-    use crate::span::{Resource, SpanId, TraceId};
+    use crate::span::{Resource, SpanId, Text, TraceId};
 
     /// The request as one line of OTLP/JSON, defaults included.
     fn json_line(request: &ExportTraceServiceRequest) -> String {
@@ -383,7 +383,7 @@ mod tests {
             sample(&users, 2, SpanStatus::Error(String::new())),
         ];
         spans[1].attributes.clear();
-        spans[1].name = String::new();
+        spans[1].name = Text::default();
         spans[2].start_unix_nano = 0;
         spans[2].end_unix_nano = u64::MAX;
         let mut written = Vec::new();

@@ -401,7 +401,7 @@ mod tests {
 
     use super::*;
     use crate::export::reference::{export_request, normalized, scope, sdk_resource, span_data};
-    use crate::span::{SpanId, TraceId};
+    use crate::span::{SpanId, Text, TraceId};
 
     fn decoded(bytes: &[u8]) -> ExportTraceServiceRequest {
         ExportTraceServiceRequest::decode(bytes).unwrap()
@@ -469,7 +469,7 @@ mod tests {
         let mut client = span(&bare, 2);
         client.parent_span_id = Some(SpanId([0, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 1]));
         client.attributes.clear();
-        client.name = String::new();
+        client.name = Text::default();
         client.flags = 0;
         spans.push(client);
         // An error without a message, times at the extremes.

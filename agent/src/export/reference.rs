@@ -102,7 +102,7 @@ pub fn span_data(span: &Span, scope: &InstrumentationScope) -> SpanData {
             SpanKind::Server => OtelSpanKind::Server,
             SpanKind::Client => OtelSpanKind::Client,
         },
-        name: Cow::Owned(span.name.clone()),
+        name: Cow::Owned(span.name.to_string()),
         start_time: unix_time(span.start_unix_nano),
         end_time: unix_time(span.end_unix_nano),
         attributes: span

@@ -320,7 +320,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::span::{Resource, SpanKind};
+    use crate::span::{Resource, SpanKind, Text};
 
     const T0: u64 = 1_700_000_000_000_000_000;
 
@@ -346,7 +346,7 @@ mod tests {
             parent_span_id: parent.map(|p| SpanId([p; 8])),
             trace_state: String::new(),
             flags: 1,
-            name: name.to_string(),
+            name: Text::copy(name),
             kind: SpanKind::Server,
             start_unix_nano: T0 + start_ms * 1_000_000,
             end_unix_nano: T0 + end_ms * 1_000_000,
