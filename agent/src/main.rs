@@ -199,7 +199,7 @@ async fn run(args: RunArgs, export: &tokio::runtime::Handle) -> Result<()> {
     health.publish(gather(&correlator));
     health.beat();
     health.set_ready(true);
-    let mut spans = Vec::new();
+    let mut spans = Vec::with_capacity(HANDOFF_SPANS);
     let mut events = Vec::with_capacity(MAX_BATCH);
     loop {
         tokio::select! {
@@ -273,11 +273,12 @@ async fn run(args: RunArgs, export: &tokio::runtime::Handle) -> Result<()> {
 /// (`ExportSettings::queue_capacity`).
 const HANDOFF_SPANS: usize = 512;
 
-/// Hands `spans` to the outputs, emptying it. Never blocks the capture on
-/// a slow output: a full queue drops the span and counts it.
+/// Hands `spans` to the outputs in one message each, emptying it. Never
+/// blocks the capture on a slow output: what a full queue has no room for
+/// is dropped and counted.
 fn hand_off(sinks: &SpanSinks, spans: &mut Vec<Span>) {
-    for span in spans.drain(..) {
-        sinks.try_send(span);
+    if !spans.is_empty() {
+        sinks.try_send_all(std::mem::replace(spans, Vec::with_capacity(HANDOFF_SPANS)));
     }
 }
 

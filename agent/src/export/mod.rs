@@ -25,6 +25,7 @@
 pub mod otlp;
 pub mod otlp_json;
 pub mod otlp_proto;
+mod queue;
 #[cfg(test)]
 pub(crate) mod reference;
 mod settings;
@@ -36,11 +37,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::span::Span;
+use queue::{SpanQueueReceiver, SpanQueueSender, span_queue};
 
 pub use otlp::{OtlpExporter, OtlpProtocol, OtlpSettings};
 pub use otlp_json::JsonFileExporter;
@@ -224,7 +226,7 @@ impl ExportCounts {
 /// The entrance to span export: a bounded queue and the task behind it.
 #[derive(Debug)]
 pub struct SpanSink {
-    queue: mpsc::Sender<Span>,
+    queue: SpanQueueSender,
     counters: Arc<ExportCounters>,
     /// Set by [`SpanSink::shutdown`]: the instant by which the task stops
     /// trying to deliver.
@@ -284,7 +286,7 @@ impl SpanSink {
     fn spawn<F, Fut>(settings: ExportSettings, run: F) -> Result<Self, ExportError>
     where
         F: FnOnce(
-            mpsc::Receiver<Span>,
+            SpanQueueReceiver,
             Arc<ExportCounters>,
             watch::Receiver<Option<Instant>>,
             ExportSettings,
@@ -292,7 +294,7 @@ impl SpanSink {
         Fut: Future<Output = ()> + Send + 'static,
     {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| ExportError::NoRuntime)?;
-        let (queue, receiver) = mpsc::channel(settings.queue_capacity.max(1));
+        let (queue, receiver) = span_queue(settings.queue_capacity);
         let counters = Arc::new(ExportCounters::default());
         let (deadline, deadline_rx) = watch::channel(None);
         let shutdown_timeout = settings.shutdown_timeout;
@@ -310,20 +312,24 @@ impl SpanSink {
     /// dropped and counted in `dropped_queue_full`; returns whether it was
     /// queued. This is the call for the capture path, which must not stall.
     pub fn try_send(&self, span: Span) -> bool {
-        match self.queue.try_send(span) {
-            Ok(()) => true,
-            Err(_) => {
-                ExportCounters::add(&self.counters.dropped_queue_full, 1);
-                false
-            }
-        }
+        self.try_send_all(vec![span])
+    }
+
+    /// Queues `spans` in one hand-off, without waiting: as many as the queue
+    /// has room for, the rest dropped and counted in `dropped_queue_full`.
+    /// Returns whether all were queued. The capture path's call: one
+    /// message for a batch, where [`SpanSink::try_send`] is one per span.
+    pub fn try_send_all(&self, spans: Vec<Span>) -> bool {
+        let dropped = self.queue.try_send(spans);
+        ExportCounters::add(&self.counters.dropped_queue_full, dropped);
+        dropped == 0
     }
 
     /// Queues a span, waiting for room when the queue is full (for callers
     /// that prefer backpressure to dropping). A span is only dropped (and
     /// counted in `dropped_queue_full`) if the export task has ended.
     pub async fn send(&self, span: Span) {
-        if self.queue.send(span).await.is_err() {
+        if !self.queue.send(span).await {
             ExportCounters::add(&self.counters.dropped_queue_full, 1);
         }
     }
@@ -402,6 +408,20 @@ impl SpanSinks {
             all &= sink.try_send(span.clone());
         }
         all & last.try_send(span)
+    }
+
+    /// [`SpanSink::try_send_all`] to every sink: a copy each, except the
+    /// last, which gets the batch itself. Returns whether every sink queued
+    /// all of it.
+    pub fn try_send_all(&self, spans: Vec<Span>) -> bool {
+        let Some(((_, last), others)) = self.sinks.split_last() else {
+            return true;
+        };
+        let mut all = true;
+        for (_, sink) in others {
+            all &= sink.try_send_all(spans.clone());
+        }
+        all & last.try_send_all(spans)
     }
 
     /// [`SpanSink::send`] to every sink, in turn.
@@ -544,7 +564,7 @@ const LINGER: Duration = Duration::from_millis(1);
 /// gave `limit`. Returns how many came; 0 only once the queue is closed and
 /// empty. Cancel-safe: what was received is already in `spans`.
 async fn recv_lingering(
-    queue: &mut mpsc::Receiver<Span>,
+    queue: &mut SpanQueueReceiver,
     spans: &mut Vec<Span>,
     limit: usize,
 ) -> usize {
@@ -553,13 +573,11 @@ async fn recv_lingering(
         return first;
     }
     tokio::time::sleep(LINGER).await;
-    let before = spans.len();
-    spans.extend(std::iter::from_fn(|| queue.try_recv().ok()).take(limit - first));
-    first + (spans.len() - before)
+    first + queue.try_recv_many(spans, limit - first)
 }
 
 async fn run_batches(
-    mut queue: mpsc::Receiver<Span>,
+    mut queue: SpanQueueReceiver,
     mut backend: BatchBackend,
     counters: Arc<ExportCounters>,
     mut deadline: watch::Receiver<Option<Instant>>,
@@ -680,7 +698,7 @@ async fn backoff(
 }
 
 async fn run_terminal(
-    mut queue: mpsc::Receiver<Span>,
+    mut queue: SpanQueueReceiver,
     mut out: Box<dyn Write + Send>,
     counters: Arc<ExportCounters>,
     _deadline: watch::Receiver<Option<Instant>>,
@@ -707,15 +725,18 @@ async fn run_terminal(
             }
         }
     };
+    let mut received = Vec::new();
     loop {
         tokio::select! {
-            span = queue.recv() => match span {
-                Some(span) => {
+            n = queue.recv_many(&mut received, 64) => {
+                if n == 0 {
+                    break;
+                }
+                for span in received.drain(..) {
                     if let Some(trace) = buffer.push(span, Instant::now().into_std()) {
                         show(trace, &mut out);
                     }
                 }
-                None => break,
             },
             _ = ticks.tick() => {
                 for trace in buffer.take_idle(Instant::now().into_std()) {
@@ -847,11 +868,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn spans_sent_one_by_one_are_received_together() {
-        let (queue, mut receiver) = mpsc::channel(64);
+        let (queue, mut receiver) = span_queue(64);
         let r = resource("svc");
         let sender = tokio::spawn(async move {
             for id in 1..=4 {
-                queue.send(span(1, id, &r)).await.unwrap();
+                assert!(queue.send(span(1, id, &r)).await);
                 tokio::task::yield_now().await;
             }
             queue
@@ -864,7 +885,7 @@ mod tests {
         let queue = sender.await.unwrap();
         let r = resource("svc");
         for id in 5..=7 {
-            queue.send(span(1, id, &r)).await.unwrap();
+            assert!(queue.send(span(1, id, &r)).await);
         }
         let before = Instant::now();
         assert_eq!(recv_lingering(&mut receiver, &mut spans, 2).await, 2);
