@@ -396,18 +396,9 @@ impl SpanSinks {
         Ok(Self { sinks })
     }
 
-    /// [`SpanSink::try_send`] to every sink: a copy each, except the last,
-    /// which gets the span itself (one output, no copy). Returns whether
-    /// every sink queued it.
+    /// [`SpanSinks::try_send_all`] of one span.
     pub fn try_send(&self, span: Span) -> bool {
-        let Some(((_, last), others)) = self.sinks.split_last() else {
-            return true;
-        };
-        let mut all = true;
-        for (_, sink) in others {
-            all &= sink.try_send(span.clone());
-        }
-        all & last.try_send(span)
+        self.try_send_all(vec![span])
     }
 
     /// [`SpanSink::try_send_all`] to every sink: a copy each, except the
@@ -776,7 +767,8 @@ mod tests {
     use super::*;
     use crate::span::{Resource, SpanId, SpanKind, SpanStatus, TraceId};
 
-    fn span(trace: u8, id: u8, resource: &Arc<Resource>) -> Span {
+    /// A SERVER span of `resource` (also for `queue`'s tests).
+    pub(super) fn span(trace: u8, id: u8, resource: &Arc<Resource>) -> Span {
         Span {
             trace_id: TraceId([trace; 16]),
             span_id: SpanId([id; 8]),
@@ -793,7 +785,8 @@ mod tests {
         }
     }
 
-    fn resource(name: &str) -> Arc<Resource> {
+    /// A resource named `name` and nothing else.
+    pub(super) fn resource(name: &str) -> Arc<Resource> {
         Arc::new(Resource {
             service_name: name.into(),
             attributes: vec![],

@@ -136,28 +136,11 @@ impl SpanQueueReceiver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::span::{Resource, SpanId, SpanKind, SpanStatus, TraceId};
+    use crate::export::tests::{resource, span};
 
     fn spans(ids: std::ops::Range<u8>) -> Vec<Span> {
-        let resource = Arc::new(Resource {
-            service_name: "svc".into(),
-            attributes: vec![],
-        });
-        ids.map(|id| Span {
-            trace_id: TraceId([1; 16]),
-            span_id: SpanId([id; 8]),
-            parent_span_id: None,
-            trace_state: String::new(),
-            flags: 1,
-            name: "GET".into(),
-            kind: SpanKind::Server,
-            start_unix_nano: 1,
-            end_unix_nano: 2,
-            attributes: vec![],
-            status: SpanStatus::Unset,
-            resource: resource.clone(),
-        })
-        .collect()
+        let resource = resource("svc");
+        ids.map(|id| span(1, id, &resource)).collect()
     }
 
     fn ids(spans: &[Span]) -> Vec<u8> {
