@@ -190,10 +190,10 @@ pub fn span_name_from(attributes: &[Attribute]) -> Text {
         })
     };
     let method = text("http.request.method").unwrap_or("_OTHER");
-    let mut name =
-        TextBuilder::with_capacity(method.len() + 1 + text("http.route").map_or(0, str::len));
+    let route = text("http.route");
+    let mut name = TextBuilder::with_capacity(method.len() + 1 + route.map_or(0, str::len));
     name.push_str(method);
-    if let Some(route) = text("http.route") {
+    if let Some(route) = route {
         name.push(' ');
         name.push_str(route);
     }

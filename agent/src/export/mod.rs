@@ -310,7 +310,8 @@ impl SpanSink {
 
     /// Queues a span without waiting. When the queue is full the span is
     /// dropped and counted in `dropped_queue_full`; returns whether it was
-    /// queued. This is the call for the capture path, which must not stall.
+    /// queued. One message per span: the capture path hands its spans over
+    /// with [`SpanSink::try_send_all`].
     pub fn try_send(&self, span: Span) -> bool {
         self.try_send_all(vec![span])
     }

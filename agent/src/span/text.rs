@@ -7,12 +7,12 @@
 //! [`Text::INLINE`] bytes inside itself, and static ones by reference, so a
 //! typical span's strings cost no allocation at all (docs/benchmarks.md).
 
-use std::borrow::{Borrow, Cow};
+use std::borrow::Cow;
 use std::fmt;
 use std::ops::Deref;
 
 /// An immutable string: a static one by reference, a short one inline, a
-/// longer one on the heap. Compares, hashes and prints as its `str`.
+/// longer one on the heap. Compares and prints as its `str`.
 #[derive(Clone)]
 pub struct Text(Repr);
 
@@ -85,12 +85,6 @@ impl AsRef<str> for Text {
     }
 }
 
-impl Borrow<str> for Text {
-    fn borrow(&self) -> &str {
-        self.as_str()
-    }
-}
-
 impl From<&'static str> for Text {
     fn from(text: &'static str) -> Self {
         Self::from_static(text)
@@ -150,18 +144,6 @@ impl PartialEq<Text> for String {
     }
 }
 
-impl PartialEq<Text> for str {
-    fn eq(&self, other: &Text) -> bool {
-        self == other.as_str()
-    }
-}
-
-impl std::hash::Hash for Text {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.as_str().hash(state);
-    }
-}
-
 impl fmt::Debug for Text {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(self.as_str(), f)
@@ -208,7 +190,7 @@ impl TextBuilder {
         }
     }
 
-    /// Appends one ASCII byte given as a `char`, or any `char`.
+    /// Appends `c`.
     pub fn push(&mut self, c: char) {
         self.push_str(c.encode_utf8(&mut [0; 4]));
     }
