@@ -15,9 +15,9 @@
 //!
 //! Every test has its own namespaces, server port, proxy port and chain
 //! prefix, so tests run in parallel; guards remove the rules and the
-//! namespaces however a test ends. In the VM (`in_vm()`), where qemu
-//! emulates the CPU, the two bulk transfers are smaller (see
-//! [`bulk_bytes`]); every other case runs as on the host.
+//! namespaces however a test ends. The VMs do not run these (the proxy's
+//! own logic; `proxy_rules`, `proxy_spans` and `fail_open` check what the
+//! kernel does for it under each kernel).
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -37,7 +37,7 @@ use agent::proxy::{
 use agent::tracecontext::TraceParent;
 use tests::chains::{remove_stale_chains, unique_chain_prefix};
 use tests::netns::{Netns, Topology, run_in};
-use tests::{ChildGuard, ScratchDir, fixtures, free_port, in_vm, run_curl};
+use tests::{ChildGuard, ScratchDir, fixtures, free_port, run_curl};
 
 /// Longest any single wait in these tests may take.
 const WAIT: Duration = Duration::from_secs(30);
@@ -602,12 +602,9 @@ fn sha256_of(data: &[u8]) -> String {
     String::from_utf8(output.stdout).unwrap().trim().to_owned()
 }
 
-/// Size of each bulk transfer: 200 MiB on the host. In the VM qemu
-/// emulates every instruction (about 20 times slower) in 2 GiB of RAM that
-/// also holds the initramfs, so 32 MiB there: still thousands of full
-/// buffers through the proxy in each direction's copy loop.
+/// Size of each bulk transfer.
 fn bulk_bytes() -> usize {
-    if in_vm() { 32 << 20 } else { 200 << 20 }
+    200 << 20
 }
 
 /// Declares the tests: for each case, a module of that name with one
@@ -1098,7 +1095,7 @@ fn opaque_stream_of_200_mb_arrives_intact(mode: Mode) {
 }
 
 /// Raises this process's open-file limit to at least `needed` (root may
-/// raise the hard limit too): the VM's init starts with 1024.
+/// raise the hard limit too): a login shell often starts with 1024.
 fn raise_open_file_limit(needed: u64) {
     let mut limit = libc::rlimit {
         rlim_cur: 0,

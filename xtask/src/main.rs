@@ -138,14 +138,21 @@ enum Task {
 }
 
 /// Integration test binaries the VMs do not run: what they test does not
-/// depend on the kernel beyond what the other binaries cover there, and
-/// their programs are not in the guest. `links_node`: Node.js (a 100 MB
+/// depend on the kernel beyond what the other binaries cover there, or
+/// their programs are not in the guest. `export`: the exporters against a
+/// receiver, no kernel at all; `proxy`: the proxy's handling of real
+/// clients and servers (opaque streams, uploads, upgrades, resets), its own
+/// logic: what the kernel does for it (the REDIRECT rules for IPv4 and IPv6,
+/// `SO_ORIGINAL_DST`, conntrack, the guard) `proxy_rules`, `proxy_spans` and
+/// `fail_open` check under every kernel; `links_node`: Node.js (a 100 MB
 /// binary) is not copied into the initramfs; `links_go`: neither is the Go
 /// toolchain that builds its frontend; `image`: podman and the image are
 /// not in the guest (the agent inside runs on the host's kernel anyway);
 /// `faults`, `soak`: they run the agent binary, which is not in the guest,
 /// and the soak's minutes would be an hour under TCG.
 const HOST_ONLY_TESTS: &[&str] = &[
+    "export",
+    "proxy",
     "links_node",
     "links_go",
     "acceptance_go_node",
@@ -155,16 +162,20 @@ const HOST_ONLY_TESTS: &[&str] = &[
 ];
 
 /// Integration test binaries that one VM kernel runs, not each (when that
-/// kernel boots): the two longest in a guest (3-4 minutes each under TCG),
+/// kernel boots): the longest in a guest (2-3 minutes each under TCG),
 /// whose cases are the agent's own logic on kernel facilities that other
-/// binaries check under every kernel. `proxy`: the proxy's handling of
-/// real clients and servers through its rules; what the kernel does for it
-/// (the REDIRECT rules, `SO_ORIGINAL_DST`, the guard) `proxy_rules`,
-/// `proxy_spans` and `fail_open` check. `links`: parent links against a
-/// true tree; the signals they come from (the thread of each read and
-/// write, the Python interpreter's contexts through uprobes) `capture`,
-/// `spans` and `acceptance` (its three Python frontends) check.
-const ONE_KERNEL_TESTS: &[(&str, &str)] = &[("proxy", "6.1"), ("links", "6.12")];
+/// binaries check under every kernel, split so that each guest runs about
+/// as long. `acceptance` and `links`: parent links against a true tree,
+/// both through the Python frontends, so each kernel runs one of them; the
+/// signals they come from (the thread of each read and write, the Python
+/// interpreter's contexts through uprobes) `capture` and `spans` check
+/// under every kernel. `otlp_pipeline`: captured spans through the OTLP
+/// exporters, whose capture side `spans` checks under every kernel.
+const ONE_KERNEL_TESTS: &[(&str, &str)] = &[
+    ("acceptance", "6.1"),
+    ("links", "6.12"),
+    ("otlp_pipeline", "6.12"),
+];
 
 /// Seconds each fuzz target runs in `cargo xtask test`.
 const CI_FUZZ_SECONDS: u64 = 20;
