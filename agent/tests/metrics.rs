@@ -130,6 +130,7 @@ fn every_metric_family_passes_promtool() {
         "agent_export_spans_total{output=\"terminal\",result=\"exported\"}",
         "agent_proxy_contexts_total{outcome=\"waited\"}",
         "agent_proxy_requests_total{context=\"injected\"}",
+        "agent_proxy_connections_bypassed_total",
         "agent_kubernetes_pods",
     ] {
         assert!(sample(&text, family).is_some(), "{family} in\n{text}");

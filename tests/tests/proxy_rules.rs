@@ -663,7 +663,21 @@ fn node_mode_redirects_pod_traffic_to_the_proxy_port() {
     assert!(accepted_within(&c_redirected, ARRIVAL).is_some());
     assert!(proxy.accept_within(Duration::from_millis(200)).is_none());
 
+    // Renewal stops (a stalled or dead proxy): once the lease runs out the
+    // rules let new connections through to pod-b, and the guard counts
+    // each (agent_proxy_connections_bypassed_total).
+    let lease = installed.lease().expect("a guard");
+    assert_eq!(lease.passed_expired(), 0, "nothing bypassed while renewed");
     drop(renewed);
+    std::thread::sleep(agent::proxy::guard::LEASE + Duration::from_millis(200));
+    let _client = a
+        .run(|| connect(b.addr(redirected_port), None))
+        .expect("pod-a")
+        .expect("connect pod-a -> pod-b with the lease run out");
+    assert!(accepted_within(&b_redirected, ARRIVAL).is_some());
+    assert!(proxy.accept_within(Duration::from_millis(200)).is_none());
+    assert!(lease.passed_expired() >= 1, "the bypass is counted");
+
     installed.remove().expect("remove");
     // Without the rules pod-b:redirected reaches pod-b.
     let _client = a

@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 
 use super::guard::{Lease, RENEW_EVERY};
 use super::rules::{Backend, InstalledRules, RedirectRules, RulesError};
+use super::stats::ProxyCounters;
 use super::{Proxy, ProxySettings, ProxyStats, TraceContextSource};
 
 /// Why the proxy could not start. The message includes the cause's, so
@@ -123,6 +124,25 @@ impl RunningProxy {
     /// The proxy's counters.
     pub fn stats(&self) -> Arc<ProxyStats> {
         Arc::clone(&self.stats)
+    }
+
+    /// New connections the rules let through to their destination because
+    /// the lease had run out (the guard's count, in the kernel): while the
+    /// proxy was stalled or starved of CPU, these went untraced.
+    pub fn bypassed_connections(&self) -> u64 {
+        self.rules
+            .as_ref()
+            .and_then(InstalledRules::lease)
+            .map_or(0, |lease| lease.passed_expired())
+    }
+
+    /// The proxy's counters now, with the guard's
+    /// ([`ProxyCounters::connections_bypassed`]).
+    pub fn counters(&self) -> ProxyCounters {
+        ProxyCounters {
+            connections_bypassed: self.bypassed_connections(),
+            ..self.stats.snapshot()
+        }
     }
 
     /// Stops redirecting new connections, stops the proxy after its grace

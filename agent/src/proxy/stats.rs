@@ -47,6 +47,12 @@ pub struct ProxyCounters {
     /// proxy named their requests by the client's own address, from
     /// conntrack; see `proxy::conntrack`).
     pub sources_remapped: u64,
+    /// New connections the REDIRECT rules let through to their destination,
+    /// untraced, because the proxy had not renewed its lease in time
+    /// (stalled, starved of CPU). The guard counts them in the kernel:
+    /// [`ProxyStats::snapshot`] leaves this 0, `RunningProxy::counters`
+    /// reads it.
+    pub connections_bypassed: u64,
 }
 
 impl ProxyCounters {
@@ -91,6 +97,11 @@ impl ProxyCounters {
                 "HTTP connections whose client's source port NAT had changed",
                 self.sources_remapped,
             ),
+            Reading::counter(
+                "agent_proxy_connections_bypassed",
+                "New connections the REDIRECT rules let through untraced because the proxy had not renewed its lease",
+                self.connections_bypassed,
+            ),
         ]
     }
 }
@@ -124,6 +135,7 @@ impl ProxyStats {
             fallbacks: get(&self.fallbacks),
             errors: get(&self.errors),
             sources_remapped: get(&self.sources_remapped),
+            connections_bypassed: 0,
         }
     }
 
@@ -164,7 +176,7 @@ impl fmt::Display for ProxyCounters {
             f,
             "connections: {} http, {} opaque, {} refused, {} active; \
              requests: {} injected, {} unchanged, {} reparented; {} fallbacks, {} errors; \
-             {} sources remapped",
+             {} sources remapped; {} connections bypassed (lease run out)",
             self.connections_http,
             self.connections_opaque,
             self.connections_refused,
@@ -174,7 +186,8 @@ impl fmt::Display for ProxyCounters {
             self.requests_reparented,
             self.fallbacks,
             self.errors,
-            self.sources_remapped
+            self.sources_remapped,
+            self.connections_bypassed
         )
     }
 }

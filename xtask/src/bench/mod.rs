@@ -4,6 +4,7 @@
 //! proxy against nginx and haproxy doing the same hop (direct, through each,
 //! in one run).
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -369,19 +370,23 @@ fn proxies() -> Result<()> {
 /// Starts what `hop` needs of ours (nothing for the others), pinned to
 /// `core` if given.
 fn start_our_proxy(hop: Hop, config: &Path, core: Option<usize>) -> Result<Option<KillOnDrop>> {
+    let config = config.as_os_str();
     Ok(match hop {
-        Hop::OurProxy => Some(start_agent(&["proxy", "--config"], config, 1, core)?),
-        // The probes take a few seconds to load and attach.
-        Hop::OurProxyInAgent => Some(start_agent(
+        Hop::OurProxy => Some(start_agent_ready(
+            &[OsStr::new("proxy"), OsStr::new("--config"), config],
+            AGENT_PROXY_READY,
+            core,
+        )?),
+        Hop::OurProxyInAgent => Some(start_agent_ready(
             &[
-                "run",
-                "--output-file",
-                "/dev/null",
-                "--no-terminal",
-                "--config",
+                OsStr::new("run"),
+                OsStr::new("--output-file"),
+                OsStr::new("/dev/null"),
+                OsStr::new("--no-terminal"),
+                OsStr::new("--config"),
+                config,
             ],
-            config,
-            4,
+            AGENT_RUN_READY,
             core,
         )?),
         _ => None,
@@ -483,13 +488,27 @@ fn paired(
     median(&compared, |&v| v)
 }
 
-/// Starts `target/release/agent` with `args` and `config`, pinned to
-/// `core` if given, and gives it `settle_secs` to listen and install its
-/// rules.
-fn start_agent(
-    args: &[&str],
-    config: &Path,
-    settle_secs: u64,
+/// What `agent run` prints once its probes are loaded and attached (and
+/// its proxy, if enabled, serves behind its rules).
+const AGENT_RUN_READY: &str = "agent: tracing HTTP";
+
+/// What `agent proxy` prints once it serves behind its rules.
+const AGENT_PROXY_READY: &str = "agent: proxy on port";
+
+/// How long the agent may take to load its probes.
+const AGENT_START_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Starts `target/release/agent` with `args`, pinned to `core` if given,
+/// and returns once it has printed a line starting with `ready`, and a
+/// second more to settle. Not a fixed wait: loading the probes (the
+/// kernel's verifier) takes seconds of CPU on a slow machine, longer on a
+/// busy or single core, and a fixed wait both counted some of it in the
+/// first round measured and, with the agent pinned to one core, let wrk
+/// open its one keep-alive connection before the proxy's rules existed
+/// (that round went direct).
+fn start_agent_ready(
+    args: &[&OsStr],
+    ready: &'static str,
     core: Option<usize>,
 ) -> Result<KillOnDrop> {
     let mut command = match core {
@@ -500,16 +519,30 @@ fn start_agent(
         }
         None => Command::new("target/release/agent"),
     };
-    let agent = KillOnDrop(
+    let mut agent = KillOnDrop(
         command
             .args(args)
-            .arg(config)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .context("starting the agent")?,
     );
-    std::thread::sleep(Duration::from_secs(settle_secs));
+    let stderr = agent.0.stderr.take().context("the agent's stderr")?;
+    let (ready_tx, is_ready) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // Read to the end, so that the agent never blocks on a full pipe.
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            if line.starts_with(ready) {
+                let _ = ready_tx.send(());
+            }
+        }
+    });
+    is_ready
+        .recv_timeout(AGENT_START_TIMEOUT)
+        .with_context(|| {
+            format!("the agent did not print {ready:?} within {AGENT_START_TIMEOUT:?}")
+        })?;
+    std::thread::sleep(Duration::from_secs(1));
     Ok(agent)
 }
 

@@ -21,13 +21,17 @@
 //! receiver, counting spans: its CPU is in the machine's figure, not the
 //! agent's). Medians over the rounds.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use super::{KillOnDrop, WRK_ARGS, median, parse_wrk, start_nginx, write_nginx_conf};
+use super::{
+    AGENT_RUN_READY, KillOnDrop, WRK_ARGS, median, parse_wrk, start_agent_ready, start_nginx,
+    write_nginx_conf,
+};
 
 /// nginx's port for this benchmark.
 const NGINX_PORT: u16 = 18280;
@@ -147,7 +151,7 @@ pub fn overhead(options: OverheadOptions) -> Result<()> {
     let _bpf_stats = BpfStats::enable()?;
     let receiver = Receiver::start()?;
     let grpc_endpoint = format!("http://127.0.0.1:{}", RECEIVER_PORTS.0);
-    let file_output: [&std::ffi::OsStr; 2] = ["--output-file".as_ref(), "/dev/null".as_ref()];
+    let file_output: [&OsStr; 2] = ["--output-file".as_ref(), "/dev/null".as_ref()];
 
     let mut results: Vec<(Setup, Vec<Measured>)> =
         Setup::ALL.iter().map(|s| (*s, Vec::new())).collect();
@@ -234,43 +238,12 @@ impl Drop for Receiver {
     }
 }
 
-/// What `agent run` prints once its probes are loaded and attached.
-const AGENT_READY: &str = "agent: tracing HTTP";
-
-/// How long the agent may take to load its probes.
-const AGENT_START_TIMEOUT: Duration = Duration::from_secs(120);
-
 /// `agent run` without the terminal view, with `extra` arguments (its
-/// outputs), once it has loaded its probes and settled. Loading them (the
-/// kernel's verifier) costs the agent seconds of CPU on a slow machine,
-/// and a fixed wait counted some of it in the first round it measured.
-fn start_agent(extra: &[&std::ffi::OsStr]) -> Result<KillOnDrop> {
-    let mut agent = KillOnDrop(
-        Command::new("target/release/agent")
-            .args(["run", "--no-terminal"])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting the agent")?,
-    );
-    let stderr = agent.0.stderr.take().context("the agent's stderr")?;
-    let (ready, is_ready) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        // Read to the end, so that the agent never blocks on a full pipe.
-        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
-            if line.starts_with(AGENT_READY) {
-                let _ = ready.send(());
-            }
-        }
-    });
-    is_ready
-        .recv_timeout(AGENT_START_TIMEOUT)
-        .with_context(|| {
-            format!("the agent did not print {AGENT_READY:?} within {AGENT_START_TIMEOUT:?}")
-        })?;
-    std::thread::sleep(Duration::from_secs(1));
-    Ok(agent)
+/// outputs), once it has loaded its probes and settled.
+fn start_agent(extra: &[&OsStr]) -> Result<KillOnDrop> {
+    let mut args: Vec<&OsStr> = vec![OsStr::new("run"), OsStr::new("--no-terminal")];
+    args.extend_from_slice(extra);
+    start_agent_ready(&args, AGENT_RUN_READY, None)
 }
 
 /// The pid of nginx's one worker (the master's child).
