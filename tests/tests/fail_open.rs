@@ -113,15 +113,18 @@ enum Outcome {
 }
 
 /// One request of the loop: when it started, and how it went.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Sample {
     at: Instant,
     outcome: Outcome,
+    /// Why it failed (empty otherwise), to tell a redirect to the dead
+    /// port (refused) from anything else.
+    why: String,
 }
 
-/// One request to `addr`, scored.
-fn request(addr: SocketAddr) -> Outcome {
-    let attempt = || -> std::io::Result<Outcome> {
+/// One request to `addr`, scored, and why it failed if it did.
+fn request(addr: SocketAddr) -> (Outcome, String) {
+    let attempt = || -> std::io::Result<(Outcome, String)> {
         // A port nobody listens on refuses at once; only a starved guest
         // (TCG on a busy host) answers a SYN after more than a second,
         // which says nothing of the proxy: wait that out.
@@ -131,21 +134,20 @@ fn request(addr: SocketAddr) -> Outcome {
         let mut response = String::new();
         stream.read_to_string(&mut response)?;
         Ok(if response.ends_with("traced") {
-            Outcome::Traced
+            (Outcome::Traced, String::new())
         } else if response.ends_with("direct") {
-            Outcome::Direct
+            (Outcome::Direct, String::new())
         } else {
-            // Shown with a failure: what a failed request got.
-            eprintln!("request to {addr}: unexpected answer {response:?}");
-            Outcome::Failed
+            let local = stream.local_addr().map(|a| a.port()).unwrap_or(0);
+            (
+                Outcome::Failed,
+                format!("unexpected answer {response:?} (from port {local})"),
+            )
         })
     };
-    attempt().unwrap_or_else(|e| {
-        // Shown with a failure: why a request failed (refused, reset,
-        // timed out), to tell the dead proxy's port from a slow guest.
-        eprintln!("request to {addr} failed: {e} ({:?})", e.kind());
-        Outcome::Failed
-    })
+    // Why a request failed (refused, reset, timed out) tells the dead
+    // proxy's port from a slow guest; shown with a failure.
+    attempt().unwrap_or_else(|e| (Outcome::Failed, format!("{e} ({:?})", e.kind())))
 }
 
 /// Requests to `addr` from namespace `netns`, one every [`EVERY`], until
@@ -162,10 +164,8 @@ fn request_loop(
             let end = Instant::now() + Duration::from_secs(60);
             while !stop.load(Ordering::Acquire) && Instant::now() < end {
                 let at = Instant::now();
-                samples.push(Sample {
-                    at,
-                    outcome: request(addr),
-                });
+                let (outcome, why) = request(addr);
+                samples.push(Sample { at, outcome, why });
                 done.fetch_add(1, Ordering::Release);
                 std::thread::sleep(EVERY.saturating_sub(at.elapsed()));
             }
@@ -241,6 +241,25 @@ impl Lab {
     }
 
     /// The proxy's nat rules (its chain and the jump to it), as saved.
+    /// The proxy namespace's conntrack entries for the target port (the
+    /// NAT happens there), shown with a failure: a connection the rules
+    /// redirected keeps its translation while its entry lives.
+    fn conntrack_entries(&self) -> String {
+        let port = format!("dport={}", self.target.port());
+        // thread-self: /proc/net is the process's namespace, not this thread's.
+        let read =
+            || std::fs::read_to_string("/proc/thread-self/net/nf_conntrack").unwrap_or_default();
+        let table = match &self.proxy_netns {
+            Some(netns) => run_in(netns, read).unwrap_or_default(),
+            None => read(),
+        };
+        table
+            .lines()
+            .filter(|l| l.contains(&port))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     fn saved_rules(&self) -> Vec<String> {
         let mut command = match &self.proxy_netns {
             Some(netns) => {
@@ -360,7 +379,8 @@ struct Scored {
 
 /// Scores the samples of one death: traced before it, never a failure
 /// later than [`WINDOW`] after the kill, and direct from then on.
-fn score(what: &str, samples: &[Sample], died: Died) -> Scored {
+/// `conntrack`: the NAT's entries, read only to explain a failure.
+fn score(what: &str, samples: &[Sample], died: Died, conntrack: impl Fn() -> String) -> Scored {
     let before: Vec<&Sample> = samples
         .iter()
         .filter(|s| s.at + Duration::from_millis(100) < died.failing_from)
@@ -388,11 +408,23 @@ fn score(what: &str, samples: &[Sample], died: Died) -> Scored {
         .filter(|s| s.at > died.killed + WINDOW)
         .collect();
     assert!(after.len() >= 10, "{what}: too few requests after");
-    assert!(
-        after.iter().all(|s| s.outcome == Outcome::Direct),
-        "{what}: not all direct a second after the proxy died: {:?}",
-        after.iter().map(|s| s.outcome).collect::<Vec<_>>()
-    );
+    if !after.iter().all(|s| s.outcome == Outcome::Direct) {
+        let late: Vec<String> = after
+            .iter()
+            .filter(|s| s.outcome != Outcome::Direct)
+            .map(|s| {
+                let ms = s.at.saturating_duration_since(died.killed).as_millis();
+                format!("{:?} {ms} ms after the kill: {}", s.outcome, s.why)
+            })
+            .collect();
+        panic!(
+            "{what}: not all direct a second after the proxy died: {} of {}: {late:?}\n\
+             conntrack entries for the port:\n{}",
+            late.len(),
+            after.len(),
+            conntrack()
+        );
+    }
     assert!(window <= WINDOW, "{what}: failures for {window:?}");
     Scored {
         window,
@@ -454,7 +486,7 @@ fn scenario(lab: &Lab) {
             .into_iter()
             .filter(|s| !still_works(s.try_clone().unwrap()))
             .count();
-        let scored = score(&what, &samples, died);
+        let scored = score(&what, &samples, died, || lab.conntrack_entries());
         println!(
             "fail-open {what}: failed requests for {} ms after the death ({} failed; lease {} ms); \
              then all {} direct; connections open through the proxy lost: {lost} of 3",
@@ -473,8 +505,12 @@ fn scenario(lab: &Lab) {
         // A restart takes over again, with the same rules, once.
         proxy = lab.start_proxy();
         let target = lab.target;
-        let after_restart = run_in(&lab.client_netns, || request(target)).unwrap();
-        assert_eq!(after_restart, Outcome::Traced, "{what}: injection resumes");
+        let (after_restart, why) = run_in(&lab.client_netns, || request(target)).unwrap();
+        assert_eq!(
+            after_restart,
+            Outcome::Traced,
+            "{what}: injection resumes ({why})"
+        );
         assert_eq!(
             lab.saved_rules(),
             installed,
