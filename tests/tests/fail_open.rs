@@ -368,6 +368,30 @@ fn kill(child: &mut ChildGuard, death: Death) -> Died {
     }
 }
 
+/// The guard's "alive until" of the rules with chain prefix `prefix`, in
+/// ms after `killed` (negative: before it), read from its pinned
+/// program's lease map. The last renewal was at most [`LEASE`] before it,
+/// so more than [`LEASE`] after a kill means something renewed it after.
+/// None where the pin is not visible from here: in host mode (`ip netns
+/// exec` gives the proxy a mount namespace of its own, where it mounts the
+/// bpf filesystem it pins in).
+fn lease_after_kill_ms(prefix: &str, killed: Instant) -> Option<i64> {
+    let pin = agent::proxy::guard::pin_path(prefix);
+    let info = aya::programs::ProgramInfo::from_pin(&pin).ok()?;
+    let alive_until = info.map_ids().ok()??.into_iter().find_map(|id| {
+        let map = aya::maps::Map::from_map_data(aya::maps::MapData::from_id(id).ok()?).ok()?;
+        // The lease is the program's one plain array (the count is per CPU).
+        let aya::maps::Map::Array(_) = map else {
+            return None;
+        };
+        let lease = aya::maps::Array::<_, u64>::try_from(map).ok()?;
+        lease.get(&0, 0).ok()
+    })?;
+    // Instant is CLOCK_MONOTONIC here, as the lease is.
+    let killed_ns = agent::clock::monotonic_ns() as i64 - killed.elapsed().as_nanos() as i64;
+    Some((alive_until as i64 - killed_ns) / 1_000_000)
+}
+
 /// What one death did to the request loop.
 struct Scored {
     /// From the death to the start of the last failed request.
@@ -379,8 +403,8 @@ struct Scored {
 
 /// Scores the samples of one death: traced before it, never a failure
 /// later than [`WINDOW`] after the kill, and direct from then on.
-/// `conntrack`: the NAT's entries, read only to explain a failure.
-fn score(what: &str, samples: &[Sample], died: Died, conntrack: impl Fn() -> String) -> Scored {
+/// `explain`: the lease and the NAT's entries, read only for a failure.
+fn score(what: &str, samples: &[Sample], died: Died, explain: impl Fn() -> String) -> Scored {
     let before: Vec<&Sample> = samples
         .iter()
         .filter(|s| s.at + Duration::from_millis(100) < died.failing_from)
@@ -419,10 +443,10 @@ fn score(what: &str, samples: &[Sample], died: Died, conntrack: impl Fn() -> Str
             .collect();
         panic!(
             "{what}: not all direct a second after the proxy died: {} of {}: {late:?}\n\
-             conntrack entries for the port:\n{}",
+             {}",
             late.len(),
             after.len(),
-            conntrack()
+            explain()
         );
     }
     assert!(window <= WINDOW, "{what}: failures for {window:?}");
@@ -486,10 +510,17 @@ fn scenario(lab: &Lab) {
             .into_iter()
             .filter(|s| !still_works(s.try_clone().unwrap()))
             .count();
-        let scored = score(&what, &samples, died, || lab.conntrack_entries());
+        let lease = lease_after_kill_ms(&lab.prefix, died.killed);
+        let scored = score(&what, &samples, died, || {
+            format!(
+                "the lease ran until {lease:?} ms after the kill\nconntrack entries for the port:\n{}",
+                lab.conntrack_entries()
+            )
+        });
         println!(
-            "fail-open {what}: failed requests for {} ms after the death ({} failed; lease {} ms); \
-             then all {} direct; connections open through the proxy lost: {lost} of 3",
+            "fail-open {what}: failed requests for {} ms after the death ({} failed; lease {} ms, \
+             ran until {lease:?} ms after the kill); then all {} direct; connections open through \
+             the proxy lost: {lost} of 3",
             scored.window.as_millis(),
             scored.failed,
             LEASE.as_millis(),
