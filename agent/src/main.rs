@@ -10,7 +10,6 @@ use agent::correlate::{Correlator, ProcessTable, ProxyContexts};
 use agent::export::{ExportSettings, SpanSinks};
 use agent::kubernetes::{self, Enablement, KubernetesSettings, PodDirectory};
 use agent::metrics::{Health, Reading};
-use agent::proxy::stats::ProxyCounters;
 use agent::proxy::{RunningProxy, StandaloneContexts};
 use agent::span::Span;
 use anyhow::{Context, Result};
@@ -313,16 +312,8 @@ async fn proxy_only(args: ProxyArgs) -> Result<()> {
 
 /// Removes the rules, drains the proxy, and reports its counters.
 async fn stop_proxy(proxy: RunningProxy) {
-    // Read before stopping: stopping removes the guard that counts them.
-    let connections_bypassed = proxy.bypassed_connections();
     match proxy.stop().await {
-        Ok(stats) => eprintln!(
-            "agent: proxy counters {:?}",
-            ProxyCounters {
-                connections_bypassed,
-                ..stats.snapshot()
-            }
-        ),
+        Ok(counters) => eprintln!("agent: proxy counters {counters:?}"),
         Err(e) => eprintln!("agent: removing the proxy's iptables rules failed: {e}"),
     }
 }

@@ -269,10 +269,7 @@ pub fn run_topology(frontend: &Frontend, rounds: &[(usize, usize)]) -> Vec<(Stri
         );
         results.push((case, round));
     }
-    let stats = runtime
-        .block_on(proxy.stop())
-        .expect("rules removed")
-        .snapshot();
+    let stats = runtime.block_on(proxy.stop()).expect("rules removed");
     println!(
         "acceptance {}: proxy {stats}; agreement {:?}",
         frontend.name,

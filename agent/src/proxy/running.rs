@@ -146,8 +146,9 @@ impl RunningProxy {
     }
 
     /// Stops redirecting new connections, stops the proxy after its grace
-    /// period, then removes the rules.
-    pub async fn stop(mut self) -> Result<Arc<ProxyStats>, RulesError> {
+    /// period, then removes the rules. Returns its final counters; the bypassed count is read before the
+    /// lease is ended (what passes after is the shutdown, not a stall).
+    pub async fn stop(mut self) -> Result<ProxyCounters, RulesError> {
         // New connections go straight to their destination from here on,
         // while those already redirected keep their translation until the
         // proxy has drained them.
@@ -155,6 +156,7 @@ impl RunningProxy {
             renewal.abort();
             let _ = renewal.await;
         }
+        let connections_bypassed = self.bypassed_connections();
         let rules = self.rules.take();
         if let Some(installed) = &rules {
             installed.stop_redirecting();
@@ -166,9 +168,13 @@ impl RunningProxy {
             Ok(Ok(stats)) => stats,
             _ => Arc::clone(&self.stats),
         };
+        let counters = ProxyCounters {
+            connections_bypassed,
+            ..stats.snapshot()
+        };
         match rules {
-            Some(rules) => remove_rules(rules).await.map(|()| stats),
-            None => Ok(stats),
+            Some(rules) => remove_rules(rules).await.map(|()| counters),
+            None => Ok(counters),
         }
     }
 }
