@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use agent::capture::{Capture, CaptureEvent, MAX_BATCH, Woken};
 use agent::config::ConfigOverrides;
@@ -183,9 +183,7 @@ async fn run(args: RunArgs, export: &tokio::runtime::Handle) -> Result<()> {
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut stats = tokio::time::interval(Duration::from_secs(args.stats_interval.max(1)));
-    // The counters /metrics serves are at most this old.
-    let mut publish = tokio::time::interval(Duration::from_secs(1));
-    publish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut published = Instant::now();
     let gather = |correlator: &Correlator| {
         readings(
             &capture,
@@ -223,13 +221,19 @@ async fn run(args: RunArgs, export: &tokio::runtime::Handle) -> Result<()> {
                     } else if spans.len() >= HANDOFF_SPANS {
                         hand_off(&sinks, &mut spans);
                     }
+                    // Checked at every read, not only at the timer's: a
+                    // loop that is behind reads without waiting, and its
+                    // counters are the ones to see.
+                    if published.elapsed() >= PUBLISH_EVERY {
+                        published = Instant::now();
+                        health.publish(gather(&correlator));
+                    }
                 }
                 Err(e) => {
                     eprintln!("agent: reading the ring buffer failed: {e}");
                     break;
                 }
             },
-            _ = publish.tick() => health.publish(gather(&correlator)),
             _ = stats.tick(), if args.stats_interval > 0 => report_counters(&gather(&correlator)),
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
@@ -259,6 +263,11 @@ async fn run(args: RunArgs, export: &tokio::runtime::Handle) -> Result<()> {
     eprintln!("agent: span outputs at exit {}", delivered.join(" "));
     Ok(())
 }
+
+/// The counters /metrics serves are at most about this old (published at
+/// the first read of the ring after it, at the latest the next drain tick:
+/// no timer of their own, see [`Woken::Timer`]).
+const PUBLISH_EVERY: Duration = Duration::from_secs(1);
 
 /// Spans the correlation loop gathers at most before handing them to the
 /// outputs' thread; otherwise it hands them over at each drain tick

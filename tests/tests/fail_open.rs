@@ -19,7 +19,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use agent::config::ProxyConfig;
 use agent::proxy::guard::LEASE;
@@ -369,27 +369,42 @@ fn kill(child: &mut ChildGuard, death: Death) -> Died {
 }
 
 /// The guard's "alive until" of the rules with chain prefix `prefix`, in
-/// ms after `killed` (negative: before it), read from its pinned
-/// program's lease map. The last renewal was at most [`LEASE`] before it,
-/// so more than [`LEASE`] after a kill means something renewed it after.
-/// None where the pin is not visible from here: in host mode (`ip netns
+/// ms after `killed` (negative: before it), read from its program's lease
+/// map, with the program's id. The last renewal was at most [`LEASE`]
+/// before the kill, so more than [`LEASE`] after it means something renewed
+/// it after. Where the pin is not visible from here (host mode: `ip netns
 /// exec` gives the proxy a mount namespace of its own, where it mounts the
-/// bpf filesystem it pins in).
-fn lease_after_kill_ms(prefix: &str, killed: Instant) -> Option<i64> {
-    let pin = agent::proxy::guard::pin_path(prefix);
-    let info = aya::programs::ProgramInfo::from_pin(&pin).ok()?;
-    let alive_until = info.map_ids().ok()??.into_iter().find_map(|id| {
-        let map = aya::maps::Map::from_map_data(aya::maps::MapData::from_id(id).ok()?).ok()?;
-        // The lease is the program's one plain array (the count is per CPU).
-        let aya::maps::Map::Array(_) = map else {
-            return None;
-        };
-        let lease = aya::maps::Array::<_, u64>::try_from(map).ok()?;
-        lease.get(&0, 0).ok()
-    })?;
+/// bpf filesystem it pins in), every guard program loaded since
+/// `proxy_started` (the other mode's test may have loaded one too).
+fn lease_after_kill_ms(
+    prefix: &str,
+    killed: Instant,
+    proxy_started: SystemTime,
+) -> Vec<(u32, i64)> {
     // Instant is CLOCK_MONOTONIC here, as the lease is.
     let killed_ns = agent::clock::monotonic_ns() as i64 - killed.elapsed().as_nanos() as i64;
-    Some((alive_until as i64 - killed_ns) / 1_000_000)
+    let lease_of = |info: &aya::programs::ProgramInfo| -> Option<(u32, i64)> {
+        let alive_until = info.map_ids().ok()??.into_iter().find_map(|id| {
+            let map = aya::maps::Map::from_map_data(aya::maps::MapData::from_id(id).ok()?).ok()?;
+            // The lease is the program's one plain array (the count is per CPU).
+            let aya::maps::Map::Array(_) = map else {
+                return None;
+            };
+            let lease = aya::maps::Array::<_, u64>::try_from(map).ok()?;
+            lease.get(&0, 0).ok()
+        })?;
+        Some((info.id(), (alive_until as i64 - killed_ns) / 1_000_000))
+    };
+    let pin = agent::proxy::guard::pin_path(prefix);
+    if let Ok(info) = aya::programs::ProgramInfo::from_pin(&pin) {
+        return lease_of(&info).into_iter().collect();
+    }
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|info| info.name_as_str() == Some("proxy_alive"))
+        .filter(|info| info.loaded_at().is_some_and(|at| at >= proxy_started))
+        .filter_map(|info| lease_of(&info))
+        .collect()
 }
 
 /// What one death did to the request loop.
@@ -473,6 +488,10 @@ fn still_works(mut stream: TcpStream) -> bool {
 
 /// The whole story in one mode: serve, die each way, restart, stop.
 fn scenario(lab: &Lab) {
+    // Whole seconds: the kernel's load time of a program is read back
+    // through the boot time, which can be off by a fraction.
+    let since = || SystemTime::now() - Duration::from_secs(1);
+    let mut proxy_started = since();
     let mut proxy = lab.start_proxy();
     let installed = lab.saved_rules();
     assert!(
@@ -510,16 +529,16 @@ fn scenario(lab: &Lab) {
             .into_iter()
             .filter(|s| !still_works(s.try_clone().unwrap()))
             .count();
-        let lease = lease_after_kill_ms(&lab.prefix, died.killed);
+        let lease = lease_after_kill_ms(&lab.prefix, died.killed, proxy_started);
         let scored = score(&what, &samples, died, || {
             format!(
-                "the lease ran until {lease:?} ms after the kill\nconntrack entries for the port:\n{}",
+                "the lease ran until (program id, ms after the kill): {lease:?}\nconntrack entries for the port:\n{}",
                 lab.conntrack_entries()
             )
         });
         println!(
             "fail-open {what}: failed requests for {} ms after the death ({} failed; lease {} ms, \
-             ran until {lease:?} ms after the kill); then all {} direct; connections open through \
+             ran until {lease:?} ms after the kill, by program id); then all {} direct; connections open through \
              the proxy lost: {lost} of 3",
             scored.window.as_millis(),
             scored.failed,
@@ -534,6 +553,7 @@ fn scenario(lab: &Lab) {
         );
 
         // A restart takes over again, with the same rules, once.
+        proxy_started = since();
         proxy = lab.start_proxy();
         let target = lab.target;
         let (after_restart, why) = run_in(&lab.client_netns, || request(target)).unwrap();

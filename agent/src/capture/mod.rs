@@ -54,8 +54,8 @@ pub struct CaptureReader {
     ring: AsyncFd<RingBuf<MapData>>,
     decoding: Decoding,
     /// Drains the ring without a wake-up (most records do not send one).
-    drain: tokio::time::Interval,
-    /// The last timer drain stopped at a full batch: the next tick, at
+    drain: DrainTimer,
+    /// The last timer drain stopped at a full batch: the next read, at
     /// once, takes more.
     backlog: bool,
 }
@@ -131,11 +131,8 @@ impl Capture {
                     to_watcher,
                     seen_pids: HashMap::default(),
                 },
-                drain: {
-                    let mut drain = tokio::time::interval(DRAIN_EVERY);
-                    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                    drain
-                },
+                drain: DrainTimer::start(DRAIN_EVERY)
+                    .map_err(|e| anyhow::anyhow!("starting the drain timer: {e}"))?,
                 backlog: false,
             },
         ))
@@ -260,6 +257,13 @@ impl CaptureReader {
     /// paying for one of its own. Cancel-safe: nothing is taken from the
     /// ring before the only await.
     pub async fn read(&mut self, batch: &mut Vec<CaptureEvent>) -> std::io::Result<Woken> {
+        if self.backlog {
+            // More at once, but through the runtime's budget: a ring that
+            // stays full must not starve the loop's other branches.
+            tokio::task::consume_budget().await;
+            self.backlog = self.decoding.drain_into(self.ring.get_mut(), batch);
+            return Ok(Woken::Backlog);
+        }
         loop {
             let before = batch.len();
             // Woken by the kernel (enough waiting, or a request the proxy
@@ -274,19 +278,104 @@ impl CaptureReader {
                     }
                     Woken::Kernel
                 }
-                _ = self.drain.tick() => {
-                    if std::mem::take(&mut self.backlog) { Woken::Backlog } else { Woken::Timer }
+                ticked = self.drain.tick() => {
+                    ticked?;
+                    Woken::Timer
                 }
             };
-            if woken != Woken::Kernel {
-                if self.decoding.drain_into(self.ring.get_mut(), batch) {
-                    self.drain.reset_immediately();
-                    self.backlog = true;
-                }
+            if woken == Woken::Timer {
+                self.backlog = self.decoding.drain_into(self.ring.get_mut(), batch);
                 return Ok(woken);
             }
             if batch.len() > before {
                 return Ok(woken);
+            }
+        }
+    }
+}
+
+/// The drain timer: a timerfd in the runtime's epoll set rather than a
+/// tokio interval. tokio's timer wheel parks at most until the start of
+/// the wheel slot holding the next deadline (64 ms wide at this period),
+/// then again until the deadline, and its timers wake the loop's future
+/// through the runtime's own eventfd: three wake-ups and a write per tick
+/// where a timerfd makes one (docs/benchmarks.md).
+struct DrainTimer(AsyncFd<std::os::fd::OwnedFd>);
+
+impl DrainTimer {
+    /// A timer that fires every `period`, the first time one period from
+    /// now. Ticks missed while the loop was busy fold into the next one.
+    fn start(period: Duration) -> std::io::Result<Self> {
+        use std::os::fd::FromRawFd as _;
+        // SAFETY: plain syscalls; the fd is owned from here on.
+        let fd = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a new fd nothing else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let every = libc::timespec {
+            tv_sec: period.as_secs() as libc::time_t,
+            tv_nsec: period.subsec_nanos() as libc::c_long,
+        };
+        let spec = libc::itimerspec {
+            it_interval: every,
+            it_value: every,
+        };
+        // SAFETY: `spec` outlives the call; the old value is not asked for.
+        let set = unsafe {
+            libc::timerfd_settime(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                0,
+                &spec,
+                std::ptr::null_mut(),
+            )
+        };
+        if set < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the AsyncFd owns the fd, which stays open and the same
+        // until it is dropped.
+        let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }?;
+        Ok(Self(fd))
+    }
+
+    /// Waits for the next tick. Cancel-safe: a tick is consumed only when
+    /// this returns.
+    async fn tick(&self) -> std::io::Result<()> {
+        loop {
+            let mut guard = self.0.readable().await?;
+            let read = guard.try_io(|fd| {
+                let mut expirations = 0u64;
+                // SAFETY: reads 8 bytes into a u64 that outlives the call.
+                let n = unsafe {
+                    libc::read(
+                        std::os::fd::AsRawFd::as_raw_fd(fd.get_ref()),
+                        (&raw mut expirations).cast(),
+                        8,
+                    )
+                };
+                if n == 8 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+            match read {
+                Ok(result) => {
+                    // The read took every expiration: nothing to read until
+                    // the next one, which the runtime will see as new
+                    // readiness (clearing does not hide it).
+                    guard.clear_ready();
+                    return result;
+                }
+                // Not due after all (readiness was stale): wait again.
+                Err(_would_block) => continue,
             }
         }
     }
@@ -299,7 +388,8 @@ pub enum Woken {
     Kernel,
     /// The drain timer ticked (every [`DRAIN_EVERY`]).
     Timer,
-    /// The last drain stopped at a full batch and this one took more.
+    /// The last drain stopped at a full batch and this one took more, at
+    /// once.
     Backlog,
 }
 
@@ -458,4 +548,35 @@ fn consider(probes: &Mutex<Probes>, user: &UserCounters, pid: u32) -> bool {
         }
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_drain_timer_ticks_a_period_apart_and_folds_missed_ticks() {
+        let period = Duration::from_millis(200);
+        let timer = DrainTimer::start(period).unwrap();
+        let started = Instant::now();
+        timer.tick().await.unwrap();
+        // The first tick comes one period after the start, not at once.
+        assert!(started.elapsed() >= period - Duration::from_millis(20));
+
+        // Busy for several periods: the next tick is due at once, and
+        // only one is (the missed ones fold into it).
+        std::thread::sleep(period * 3);
+        tokio::time::timeout(period / 2, timer.tick())
+            .await
+            .expect("a missed tick is due at once")
+            .unwrap();
+        tokio::select! {
+            biased;
+            _ = timer.tick() => panic!("a second tick right after the folded one"),
+            () = std::future::ready(()) => {}
+        }
+        let waiting = Instant::now();
+        timer.tick().await.unwrap();
+        assert!(waiting.elapsed() < period * 2, "ticks keep coming");
+    }
 }
