@@ -169,9 +169,33 @@ fn server(addr: SocketAddr) -> TcpListener {
     } else {
         TcpListener::bind(addr)
     }
-    .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    .unwrap_or_else(|e| {
+        panic!(
+            "bind {addr}: {e}; sockets on the port here:\n{}",
+            sockets_on(addr.port())
+        )
+    });
     l.set_nonblocking(true).expect("nonblocking");
     l
+}
+
+/// The lines of this thread's namespace's TCP socket tables naming `port`
+/// (as a local or remote port), shown when a bind finds the port taken.
+fn sockets_on(port: u16) -> String {
+    let needle = format!(":{port:04X} ");
+    ["tcp", "tcp6"]
+        .iter()
+        .flat_map(|table| {
+            // thread-self: /proc/net is the process's namespace, not this thread's.
+            std::fs::read_to_string(format!("/proc/thread-self/net/{table}"))
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains(&needle))
+                .map(|l| format!("{table}: {}", l.trim()))
+                .collect::<Vec<_>>()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn accepted_within(l: &TcpListener, timeout: Duration) -> Option<SocketAddr> {
