@@ -8,7 +8,9 @@
 //! - at a fixed rate: wrk (one thread, `--connections`), each connection
 //!   pacing its requests so that together they ask for about `--rate`
 //!   requests/s, for `--seconds`; CPU read from /proc around the run: the
-//!   whole machine, the agent process, nginx's worker; the kernel
+//!   whole machine, the agent process and, of it, its main thread
+//!   (capture and correlation) and its span outputs' thread (run time per
+//!   thread from schedstat), nginx's worker; the kernel
 //!   programs' own run time from the kernel's BPF statistics
 //!   (`kernel.bpf_stats_enabled`), which the traced server's system time is
 //!   too noisy to show; p50 and p99 latency;
@@ -102,6 +104,11 @@ struct Paced {
     p99_ms: f64,
     /// The agent's resident memory at the end of the run, MB.
     agent_rss_mb: f64,
+    /// Of the agent: its main thread (capture, correlation, the proxy's
+    /// accept loops), from the scheduler's per-thread run time.
+    main_thread_us: f64,
+    /// Of the agent: the span outputs' thread (`span-export`).
+    export_thread_us: f64,
 }
 
 /// One round of one setup.
@@ -353,11 +360,13 @@ fn paced_run(
     let ticks_per_sec = clock_ticks_per_sec();
     let agent_pid = agent.map(|a| a.0.id());
     let agent_ticks = || agent_pid.map_or(Ok(0), process_ticks);
-    let (machine0, agent0, nginx0, bpf0) = (
+    let agent_threads = || agent_pid.map(thread_run_ns).unwrap_or_default();
+    let (machine0, agent0, nginx0, bpf0, threads0) = (
         machine_busy_ticks()?,
         agent_ticks()?,
         process_ticks(worker)?,
         bpf_run_time_ns(agent_pid),
+        agent_threads(),
     );
     let output = Command::new("wrk")
         .args([
@@ -371,11 +380,12 @@ fn paced_run(
         .arg(url)
         .output()
         .context("running wrk")?;
-    let (machine1, agent1, nginx1, bpf1) = (
+    let (machine1, agent1, nginx1, bpf1, threads1) = (
         machine_busy_ticks()?,
         agent_ticks()?,
         process_ticks(worker)?,
         bpf_run_time_ns(agent_pid),
+        agent_threads(),
     );
     if !output.status.success() {
         bail!("wrk failed: {}", String::from_utf8_lossy(&output.stderr));
@@ -393,7 +403,51 @@ fn paced_run(
         p50_ms: report.p50_ms,
         p99_ms: report.p99_ms,
         agent_rss_mb: agent_pid.map_or(0.0, rss_mb),
+        main_thread_us: thread_us(&threads0, &threads1, "agent", requests),
+        export_thread_us: thread_us(&threads0, &threads1, "span-export", requests),
     })
+}
+
+/// Run time in ns of each thread of `pid` (`/proc/PID/task/*/schedstat`,
+/// nanoseconds, where `/proc/PID/stat` counts clock ticks), summed by
+/// thread name.
+fn thread_run_ns(pid: u32) -> Vec<(String, u64)> {
+    let mut by_name: Vec<(String, u64)> = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return by_name;
+    };
+    for task in tasks.flatten() {
+        let read = |file: &str| std::fs::read_to_string(task.path().join(file));
+        let (Ok(name), Ok(schedstat)) = (read("comm"), read("schedstat")) else {
+            continue;
+        };
+        let Some(ns) = run_ns(&schedstat) else {
+            continue;
+        };
+        let name = name.trim();
+        match by_name.iter_mut().find(|(n, _)| n == name) {
+            Some((_, total)) => *total += ns,
+            None => by_name.push((name.to_string(), ns)),
+        }
+    }
+    by_name
+}
+
+/// The run time of one schedstat line: its first field, in ns.
+fn run_ns(schedstat: &str) -> Option<u64> {
+    schedstat.split_whitespace().next()?.parse().ok()
+}
+
+/// µs per request the threads named `name` ran between two readings of
+/// [`thread_run_ns`] (a thread that exited in between is not counted).
+fn thread_us(before: &[(String, u64)], after: &[(String, u64)], name: &str, requests: u64) -> f64 {
+    let of = |threads: &[(String, u64)]| {
+        threads
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(0, |(_, ns)| *ns)
+    };
+    of(after).saturating_sub(of(before)) as f64 / 1000.0 / requests as f64
 }
 
 /// `N requests in 10.00s, ...` from wrk's report.
@@ -474,6 +528,19 @@ fn print_tables(options: OverheadOptions, delay_ms: f64, results: &[(Setup, Vec<
             med(measured, |p| p.agent_rss_mb),
         );
     }
+    println!(
+        "\nthe agent's threads, fixed rate (run time from /proc/PID/task/*/schedstat; medians)"
+    );
+    println!("| setup | main thread µs/request | span-export µs/request |");
+    println!("| --- | --- | --- |");
+    for (setup, measured) in &results[1..] {
+        println!(
+            "| {} | {:.2} | {:.2} |",
+            setup.label(),
+            med(measured, |p| p.main_thread_us),
+            med(measured, |p| p.export_thread_us),
+        );
+    }
     let sampled_ratio = med(&results[2].1, |p| p.agent_us) / med(&results[1].1, |p| p.agent_us);
     println!(
         "\nagent CPU per request with random_sampling 10 / with 100: {sampled_ratio:.2} (target: at most 0.40)"
@@ -515,6 +582,18 @@ mod tests {
         let commit = head_commit(&git_dir).expect("a commit");
         assert_eq!(commit.len(), 7);
         assert!(commit.chars().all(|c| c.is_ascii_hexdigit()), "{commit}");
+    }
+
+    #[test]
+    fn thread_run_time_is_read_by_name() {
+        assert_eq!(run_ns("123456 789 10\n"), Some(123_456));
+        assert_eq!(run_ns(""), None);
+        let threads = thread_run_ns(std::process::id());
+        assert!(!threads.is_empty(), "this process has threads");
+        let before = vec![("agent".to_string(), 1_000_000)];
+        let after = vec![("agent".to_string(), 3_000_000), ("span-export".into(), 5)];
+        assert_eq!(thread_us(&before, &after, "agent", 1000), 2.0);
+        assert_eq!(thread_us(&before, &after, "missing", 1000), 0.0);
     }
 
     #[test]
