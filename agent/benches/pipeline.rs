@@ -25,7 +25,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use agent::capture::event::encode_record;
-use agent::capture::{CaptureEvent, RecordDecoder};
+use agent::capture::{CaptureEvent, decode_record};
 use agent::correlate::{Correlator, ProcessFilter, ProcessTable, SpanSettings};
 use agent::export::otlp_json::write_json_line;
 use agent::export::otlp_proto::ProtoEncoder;
@@ -217,14 +217,13 @@ fn correlator(percentage: f64) -> Correlator {
 
 /// Runs the records through the pipeline; returns the protobuf bytes produced.
 fn pipeline(records: &[Vec<u8>]) -> usize {
-    let mut decoder = RecordDecoder::new();
     let mut correlator = correlator(100.0);
     let mut spans = Vec::with_capacity(BATCH * 2);
     let mut encoder = ProtoEncoder::new();
     let mut encoded = Vec::new();
     let mut bytes = 0;
     for record in records {
-        let event: CaptureEvent = decoder.decode(record).expect("valid record");
+        let event: CaptureEvent = decode_record(record).expect("valid record");
         correlator.handle(&event, &mut spans);
         if spans.len() >= BATCH {
             encoded.clear();
@@ -242,12 +241,11 @@ fn pipeline(records: &[Vec<u8>]) -> usize {
 /// Decode and correlate only (spans built, nothing encoded): what every
 /// exchange costs before an output sees it. Returns the spans built.
 fn correlate_only(records: &[Vec<u8>], percentage: f64) -> usize {
-    let mut decoder = RecordDecoder::new();
     let mut correlator = correlator(percentage);
     let mut spans = Vec::with_capacity(BATCH * 2);
     let mut built = 0;
     for record in records {
-        let event: CaptureEvent = decoder.decode(record).expect("valid record");
+        let event: CaptureEvent = decode_record(record).expect("valid record");
         correlator.handle(&event, &mut spans);
         built += spans.len();
         spans.clear();
@@ -258,11 +256,10 @@ fn correlate_only(records: &[Vec<u8>], percentage: f64) -> usize {
 
 /// Every span the records give, none encoded.
 fn all_spans(records: &[Vec<u8>]) -> Vec<Span> {
-    let mut decoder = RecordDecoder::new();
     let mut correlator = correlator(100.0);
     let mut spans = Vec::new();
     for record in records {
-        let event: CaptureEvent = decoder.decode(record).expect("valid record");
+        let event: CaptureEvent = decode_record(record).expect("valid record");
         correlator.handle(&event, &mut spans);
     }
     correlator.finish(&mut spans);

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agent::capture::{Capture, CaptureEvent, MAX_BATCH, Woken};
+use agent::capture::{Capture, CaptureEvent, Woken};
 use agent::config::ConfigOverrides;
 use agent::correlate::{Correlator, ProcessTable, ProxyContexts};
 use agent::export::{ExportSettings, SpanSinks};
@@ -198,28 +198,36 @@ async fn run(args: RunArgs, export: &tokio::runtime::Handle) -> Result<()> {
     health.beat();
     health.set_ready(true);
     let mut spans = Vec::with_capacity(HANDOFF_SPANS);
-    let mut events = Vec::with_capacity(MAX_BATCH);
+    // When the oldest span not handed off yet was gathered.
+    let mut gathered_since: Option<Instant> = None;
     loop {
         tokio::select! {
-            read = reader.read(&mut events) => match read {
+            read = reader.read(|event| {
+                correlator.handle(&event, &mut spans);
+                log_event(&event);
+            }) => match read {
                 Ok(woken) => {
-                    for event in events.drain(..) {
-                        correlator.handle(&event, &mut spans);
-                        log_event(&event);
-                    }
                     if woken == Woken::Timer {
                         // The periodic work rides on the drain timer's
                         // wake-up (a timer of its own shared it only while
                         // the runtime fired both in the same millisecond;
                         // a wake-up costs more than the work on a VM):
                         // SERVER spans held for their local client's
-                        // request go out by time, and the outputs get what
-                        // was gathered.
+                        // request go out by time.
                         health.beat();
                         correlator.release_held(&mut spans);
+                    }
+                    if spans.is_empty() {
+                        gathered_since = None;
+                    } else if gathered_since.is_none() {
+                        gathered_since = Some(Instant::now());
+                    }
+                    let due = spans.len() >= HANDOFF_SPANS
+                        || (woken == Woken::Timer
+                            && gathered_since.is_some_and(|t| t.elapsed() >= HANDOFF_AFTER));
+                    if due {
                         hand_off(&sinks, &mut spans);
-                    } else if spans.len() >= HANDOFF_SPANS {
-                        hand_off(&sinks, &mut spans);
+                        gathered_since = None;
                     }
                     // Checked at every read, not only at the timer's: a
                     // loop that is behind reads without waiting, and its
@@ -270,17 +278,23 @@ async fn run(args: RunArgs, export: &tokio::runtime::Handle) -> Result<()> {
 const PUBLISH_EVERY: Duration = Duration::from_secs(1);
 
 /// Spans the correlation loop gathers at most before handing them to the
-/// outputs' thread; otherwise it hands them over at each drain tick
-/// ([`Woken::Timer`]).
+/// outputs' thread; fewer go at the first drain tick ([`Woken::Timer`])
+/// [`HANDOFF_AFTER`] after the oldest of them was gathered.
 ///
-/// Each hand-off may wake that thread, and a wake-up costs more than
+/// Each hand-off wakes that thread, and a wake-up costs more than
 /// encoding a few spans (an interrupt to the other core, a hypervisor exit
 /// in a VM); sent one by one, each drain woke it several times. The outputs
-/// batch for up to a second anyway, so spans gathered for one tick lose
-/// nothing. Measured against one output batch (64) in docs/benchmarks.md;
+/// batch for up to a second anyway, so spans gathered for a while lose
+/// little. Measured against one output batch (64) in docs/benchmarks.md;
 /// this bound keeps the burst well inside the outputs' queue
 /// (`ExportSettings::queue_capacity`).
 const HANDOFF_SPANS: usize = 512;
+
+/// How long gathered spans wait for [`HANDOFF_SPANS`] at most: a few
+/// spans a tick (sampled traffic, a quiet node) are handed off a few times
+/// a second rather than at every tick, each hand-off costing the outputs'
+/// thread a wake-up or two (docs/benchmarks.md).
+const HANDOFF_AFTER: Duration = Duration::from_millis(500);
 
 /// Hands `spans` to the outputs in one message each, emptying it. Never
 /// blocks the capture on a slow output: what a full queue has no room for

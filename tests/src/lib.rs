@@ -81,7 +81,7 @@ struct EventLog {
 /// bounded (so that positions in the whole stream stay meaningful).
 #[derive(Default)]
 struct KeptEvents {
-    events: Vec<CaptureEvent>,
+    events: Vec<CaptureEvent<'static>>,
     dropped: usize,
 }
 
@@ -142,10 +142,17 @@ pub fn capture() -> &'static SharedCapture {
                 let capture = Arc::new(capture);
                 let _ = ready_tx.send(Ok(capture.clone()));
                 let mut batch = Vec::new();
-                while reader.read(&mut batch).await.is_ok() {
-                    // Filtered before taking the log's lock: `watched` takes
-                    // the ports' lock, never while the log's is held.
-                    batch.retain(watched);
+                // Filtered before taking the log's lock: `watched` takes
+                // the ports' lock, never while the log's is held.
+                while reader
+                    .read(|event| {
+                        if watched(&event) {
+                            batch.push(event.into_owned());
+                        }
+                    })
+                    .await
+                    .is_ok()
+                {
                     let mut kept = thread_log.events.lock().unwrap();
                     for event in batch.drain(..) {
                         if kept.events.len() >= MAX_KEPT_EVENTS {
@@ -199,7 +206,7 @@ impl SharedCapture {
     /// of them, not only those of some ports), and the position after the
     /// last: for a consumer that follows the capture as it goes (see
     /// [`live`]). Events dropped to keep the log bounded are skipped.
-    pub fn events_since(&self, from: usize) -> (Vec<CaptureEvent>, usize) {
+    pub fn events_since(&self, from: usize) -> (Vec<CaptureEvent<'static>>, usize) {
         let kept = self.log.events.lock().unwrap();
         let start = from.saturating_sub(kept.dropped).min(kept.events.len());
         (
@@ -215,7 +222,7 @@ impl SharedCapture {
         port: u16,
         timeout: Duration,
         done: impl Fn(&[CaptureEvent]) -> bool,
-    ) -> Vec<CaptureEvent> {
+    ) -> Vec<CaptureEvent<'static>> {
         self.wait_for_ports(&[port], timeout, done)
     }
 
@@ -226,10 +233,10 @@ impl SharedCapture {
         ports: &[u16],
         timeout: Duration,
         done: impl Fn(&[CaptureEvent]) -> bool,
-    ) -> Vec<CaptureEvent> {
+    ) -> Vec<CaptureEvent<'static>> {
         let deadline = Instant::now() + timeout;
         loop {
-            let matching: Vec<CaptureEvent> = {
+            let matching: Vec<CaptureEvent<'static>> = {
                 let kept = self.log.events.lock().unwrap();
                 let events = &kept.events;
                 let touches = |e: &CaptureEvent| {
@@ -262,7 +269,12 @@ impl SharedCapture {
     /// The events touching `port` once no new one has arrived for `quiet`
     /// (at most `timeout` in all): for asserting that something did *not*
     /// happen, or that nothing more came.
-    pub fn settle_port(&self, port: u16, quiet: Duration, timeout: Duration) -> Vec<CaptureEvent> {
+    pub fn settle_port(
+        &self,
+        port: u16,
+        quiet: Duration,
+        timeout: Duration,
+    ) -> Vec<CaptureEvent<'static>> {
         let deadline = Instant::now() + timeout;
         let mut last = usize::MAX;
         loop {
@@ -281,7 +293,7 @@ fn touches_port(c: &Connection, port: u16) -> bool {
 }
 
 /// The data messages among `events`, in capture order.
-pub fn messages(events: &[CaptureEvent]) -> Vec<&Message> {
+pub fn messages<'a>(events: &'a [CaptureEvent<'a>]) -> Vec<&'a Message<'a>> {
     events
         .iter()
         .filter_map(|e| match e {

@@ -33,7 +33,7 @@ fn of_kind(spans: &[Span], kind: SpanKind) -> Vec<&Span> {
 }
 
 /// Waits until the events of `port` make `count` spans of `kind` (at 100 %).
-fn wait_spans(port: u16, kind: SpanKind, count: usize) -> (Vec<CaptureEvent>, Vec<Span>) {
+fn wait_spans(port: u16, kind: SpanKind, count: usize) -> (Vec<CaptureEvent<'static>>, Vec<Span>) {
     let events = capture().wait_for_port(port, WAIT, |e| {
         of_kind(&spans_of(e, 100.0), kind).len() >= count
     });

@@ -1,10 +1,15 @@
 //! Decoding ring-buffer records into [`CaptureEvent`]s. Plain data in, plain
 //! data out: no kernel needed to test.
+//!
+//! An event borrows its bytes from the record it was decoded from: the
+//! reader hands each one over while the ring still holds the record, so
+//! bytes nobody reads (most of a response body, skipped by its length) are
+//! never copied or even touched (docs/benchmarks.md).
 
+use std::borrow::Cow;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use agent_common::{AF_INET, AF_INET6, ConnTuple, EVENT_HEADER_SIZE, EventHeader, FLAG_TRUNCATED};
-use bytes::{Bytes, BytesMut};
 
 pub use agent_common::{Direction, Role, Syscall};
 
@@ -30,9 +35,11 @@ pub struct Connection {
     pub remote: SocketAddr,
 }
 
-/// The bytes one send or receive syscall moved on a connection.
+/// The bytes one send or receive syscall moved on a connection, borrowed
+/// from its record (`'a`) or owned (`'static`, see
+/// [`CaptureEvent::into_owned`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Message {
+pub struct Message<'a> {
     /// The connection.
     pub connection: Connection,
     /// Thread that made the syscall.
@@ -49,7 +56,7 @@ pub struct Message {
     /// The first bytes of the message, as copied. Shorter than `len` when the
     /// message exceeded the copy limit (`truncated`), came from sendfile (no
     /// bytes at all), or was spread over more iovecs than are copied.
-    pub bytes: Bytes,
+    pub bytes: Cow<'a, [u8]>,
     /// The kernel stopped copying at its limit.
     pub truncated: bool,
     /// In a watched Python interpreter, the context current on the thread
@@ -100,9 +107,10 @@ impl ProcessName {
     }
 }
 
-/// What the capture reports.
+/// What the capture reports. A message's bytes are borrowed from the
+/// record for `'a`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum CaptureEvent {
+pub enum CaptureEvent<'a> {
     /// connect() or accept() produced a TCP connection.
     Opened {
         /// The connection.
@@ -116,7 +124,7 @@ pub enum CaptureEvent {
         process_name: ProcessName,
     },
     /// Bytes moved.
-    Data(Message),
+    Data(Message<'a>),
     /// The process closed a connection that carried HTTP (or was not yet
     /// classified).
     Closed(Connection),
@@ -133,7 +141,41 @@ pub enum CaptureEvent {
     },
 }
 
-impl CaptureEvent {
+impl CaptureEvent<'_> {
+    /// The event with its bytes copied out of the record, to keep after
+    /// the record is gone (tests keep what they captured).
+    pub fn into_owned(self) -> CaptureEvent<'static> {
+        match self {
+            Self::Data(m) => CaptureEvent::Data(Message {
+                bytes: Cow::Owned(m.bytes.into_owned()),
+                ..m
+            }),
+            Self::Opened {
+                connection,
+                tid,
+                python_context,
+                process_name,
+            } => CaptureEvent::Opened {
+                connection,
+                tid,
+                python_context,
+                process_name,
+            },
+            Self::Closed(c) => CaptureEvent::Closed(c),
+            Self::PythonContext {
+                pid,
+                tid,
+                timestamp_ns,
+                event,
+            } => CaptureEvent::PythonContext {
+                pid,
+                tid,
+                timestamp_ns,
+                event,
+            },
+        }
+    }
+
     /// The connection the event is about, if it is about one.
     pub fn connection(&self) -> Option<&Connection> {
         match self {
@@ -167,17 +209,6 @@ pub enum DecodeError {
     Invalid(&'static str),
 }
 
-/// Turns records into events, copying payloads into one growing buffer that
-/// is split per message, so most messages reuse spare capacity instead of
-/// allocating.
-#[derive(Default)]
-pub struct RecordDecoder {
-    buffer: BytesMut,
-}
-
-/// Capacity reserved at once for message bytes.
-const BUFFER_BLOCK: usize = 256 * 1024;
-
 /// Lays out a record the way the kernel does (header, then the first
 /// `header.captured_len` bytes of `payload`), appending it to `out`. For
 /// tests and benchmarks that replay traffic without a kernel.
@@ -193,98 +224,70 @@ pub fn encode_record(header: &EventHeader, payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&payload[..header.captured_len as usize]);
 }
 
-impl RecordDecoder {
-    /// A decoder with an empty buffer.
-    pub fn new() -> Self {
-        Self::default()
+/// Decodes one ring-buffer record; a message's bytes are borrowed from it.
+pub fn decode_record(record: &[u8]) -> Result<CaptureEvent<'_>, DecodeError> {
+    if record.len() < EVENT_HEADER_SIZE {
+        return Err(DecodeError::Short { len: record.len() });
     }
-
-    /// Decodes one ring-buffer record.
-    pub fn decode(&mut self, record: &[u8]) -> Result<CaptureEvent, DecodeError> {
-        if record.len() < EVENT_HEADER_SIZE {
-            return Err(DecodeError::Short { len: record.len() });
-        }
-        // SAFETY: EventHeader is repr(C) plain data of EVENT_HEADER_SIZE
-        // bytes, and read_unaligned accepts any alignment.
-        let header = unsafe { std::ptr::read_unaligned(record.as_ptr().cast::<EventHeader>()) };
-        let end = EVENT_HEADER_SIZE + header.captured_len as usize;
-        let payload = record
-            .get(EVENT_HEADER_SIZE..end)
-            .ok_or(DecodeError::Short { len: record.len() })?;
-        let python = |event| {
-            Ok(CaptureEvent::PythonContext {
-                pid: header.pid,
-                tid: header.tid,
-                timestamp_ns: header.timestamp_ns,
-                event,
-            })
-        };
-        match header.kind {
-            4 => {
-                return python(PythonContextEvent::Copied {
-                    parent: header.python_context,
-                    copy: header.python_context_copy,
-                });
-            }
-            5 => {
-                return python(PythonContextEvent::Entered {
-                    context: header.python_context,
-                });
-            }
-            _ => {}
-        }
-        let connection = connection(&header)?;
-        match header.kind {
-            1 => {}
-            2 => {
-                return Ok(CaptureEvent::Opened {
-                    connection,
-                    tid: header.tid,
-                    python_context: header.python_context,
-                    process_name: ProcessName::from_bytes(payload),
-                });
-            }
-            3 => return Ok(CaptureEvent::Closed(connection)),
-            _ => return Err(DecodeError::Invalid("kind")),
-        }
-        let direction = match header.direction {
-            0 => Direction::Egress,
-            1 => Direction::Ingress,
-            _ => return Err(DecodeError::Invalid("direction")),
-        };
-        Ok(CaptureEvent::Data(Message {
-            connection,
+    // SAFETY: EventHeader is repr(C) plain data of EVENT_HEADER_SIZE
+    // bytes, and read_unaligned accepts any alignment.
+    let header = unsafe { std::ptr::read_unaligned(record.as_ptr().cast::<EventHeader>()) };
+    let end = EVENT_HEADER_SIZE + header.captured_len as usize;
+    let payload = record
+        .get(EVENT_HEADER_SIZE..end)
+        .ok_or(DecodeError::Short { len: record.len() })?;
+    let python = |event| {
+        Ok(CaptureEvent::PythonContext {
+            pid: header.pid,
             tid: header.tid,
-            direction,
-            syscall: syscall(header.syscall),
             timestamp_ns: header.timestamp_ns,
-            len: header.message_len,
-            bytes: self.take_bytes(payload),
-            truncated: header.flags & FLAG_TRUNCATED != 0,
-            python_context: header.python_context,
-        }))
-    }
-
-    /// Takes the whole buffer back for reuse when no message split from it
-    /// is alive any more (the caller dropped the events it decoded). Call
-    /// it between batches: without it, a buffer that runs out while a batch
-    /// still holds its messages is replaced by a newly allocated block, and
-    /// glibc's allocator consolidates all its small free chunks for each
-    /// such large request.
-    pub fn reclaim(&mut self) {
-        if self.buffer.capacity() < BUFFER_BLOCK / 2 {
-            // Still shared: the block is replaced when it runs out, as before.
-            let _ = self.buffer.try_reclaim(BUFFER_BLOCK);
+            event,
+        })
+    };
+    match header.kind {
+        4 => {
+            return python(PythonContextEvent::Copied {
+                parent: header.python_context,
+                copy: header.python_context_copy,
+            });
         }
-    }
-
-    fn take_bytes(&mut self, payload: &[u8]) -> Bytes {
-        if self.buffer.capacity() - self.buffer.len() < payload.len() {
-            self.buffer.reserve(BUFFER_BLOCK.max(payload.len()));
+        5 => {
+            return python(PythonContextEvent::Entered {
+                context: header.python_context,
+            });
         }
-        self.buffer.extend_from_slice(payload);
-        self.buffer.split().freeze()
+        _ => {}
     }
+    let connection = connection(&header)?;
+    match header.kind {
+        1 => {}
+        2 => {
+            return Ok(CaptureEvent::Opened {
+                connection,
+                tid: header.tid,
+                python_context: header.python_context,
+                process_name: ProcessName::from_bytes(payload),
+            });
+        }
+        3 => return Ok(CaptureEvent::Closed(connection)),
+        _ => return Err(DecodeError::Invalid("kind")),
+    }
+    let direction = match header.direction {
+        0 => Direction::Egress,
+        1 => Direction::Ingress,
+        _ => return Err(DecodeError::Invalid("direction")),
+    };
+    Ok(CaptureEvent::Data(Message {
+        connection,
+        tid: header.tid,
+        direction,
+        syscall: syscall(header.syscall),
+        timestamp_ns: header.timestamp_ns,
+        len: header.message_len,
+        bytes: Cow::Borrowed(payload),
+        truncated: header.flags & FLAG_TRUNCATED != 0,
+        python_context: header.python_context,
+    }))
 }
 
 fn socket_addr(family: u16, addr: &[u8; 16], port: u16) -> Result<SocketAddr, DecodeError> {
@@ -377,7 +380,7 @@ mod tests {
         out
     }
 
-    fn data(event: CaptureEvent) -> Message {
+    fn data(event: CaptureEvent<'_>) -> Message<'_> {
         match event {
             CaptureEvent::Data(m) => m,
             other => panic!("expected data, got {other:?}"),
@@ -387,11 +390,8 @@ mod tests {
     #[test]
     fn data_record_decodes_addresses_ids_and_bytes() {
         let msg = b"GET / HTTP/1.1\r\n\r\n";
-        let m = data(
-            RecordDecoder::new()
-                .decode(&record(EventKind::Data, msg, msg.len()))
-                .unwrap(),
-        );
+        let record = record(EventKind::Data, msg, msg.len());
+        let m = data(decode_record(&record).unwrap());
         assert_eq!(&m.bytes[..], msg);
         assert!(!m.truncated);
         assert_eq!(m.connection.local, "127.0.0.1:8080".parse().unwrap());
@@ -405,14 +405,33 @@ mod tests {
     }
 
     #[test]
+    fn a_message_borrows_its_bytes_from_the_record_until_made_owned() {
+        let record = record(EventKind::Data, b"GET / HTTP/1.1\r\n\r\n", 18);
+        let event = decode_record(&record).unwrap();
+        let CaptureEvent::Data(m) = &event else {
+            panic!("{event:?}")
+        };
+        // No copy: the bytes are the record's own, after its header.
+        assert!(matches!(m.bytes, Cow::Borrowed(_)));
+        assert_eq!(m.bytes.as_ptr(), record[EVENT_HEADER_SIZE..].as_ptr());
+        let owned = event.clone().into_owned();
+        drop(record);
+        let CaptureEvent::Data(kept) = &owned else {
+            panic!("{owned:?}")
+        };
+        assert!(matches!(kept.bytes, Cow::Owned(_)));
+        assert_eq!(&kept.bytes[..], b"GET / HTTP/1.1\r\n\r\n");
+        assert_eq!(kept.connection.id, ConnectionId(5));
+    }
+
+    #[test]
     fn python_context_records_decode_without_a_connection() {
-        let mut decoder = RecordDecoder::new();
         let mut copy = record(EventKind::PythonContextCopy, b"", 0);
         let at = std::mem::offset_of!(EventHeader, python_context_copy);
         copy[at..at + 8].copy_from_slice(&0x7f00_0000_2000u64.to_ne_bytes());
         // No address family: a context record names no connection.
         copy[std::mem::offset_of!(EventHeader, tuple)] = 0;
-        let event = decoder.decode(&copy).unwrap();
+        let event = decode_record(&copy).unwrap();
         assert_eq!(
             event,
             CaptureEvent::PythonContext {
@@ -427,9 +446,8 @@ mod tests {
         );
         assert_eq!(event.connection(), None);
         assert_eq!(event.pid(), 7);
-        let enter = decoder
-            .decode(&record(EventKind::PythonContextEnter, b"", 0))
-            .unwrap();
+        let enter = record(EventKind::PythonContextEnter, b"", 0);
+        let enter = decode_record(&enter).unwrap();
         assert!(matches!(
             enter,
             CaptureEvent::PythonContext {
@@ -444,86 +462,17 @@ mod tests {
     #[test]
     fn truncated_record_keeps_full_length_and_copied_prefix() {
         let big = vec![b'x'; 20_000];
-        let m = data(
-            RecordDecoder::new()
-                .decode(&record(EventKind::Data, &big, 16_384))
-                .unwrap(),
-        );
+        let record = record(EventKind::Data, &big, 16_384);
+        let m = data(decode_record(&record).unwrap());
         assert_eq!(m.len, 20_000);
         assert_eq!(m.bytes.len(), 16_384);
         assert!(m.truncated);
     }
 
     #[test]
-    fn consecutive_messages_do_not_share_bytes() {
-        let mut decoder = RecordDecoder::new();
-        let a = data(
-            decoder
-                .decode(&record(EventKind::Data, b"first", 5))
-                .unwrap(),
-        );
-        let b = data(
-            decoder
-                .decode(&record(EventKind::Data, b"second", 6))
-                .unwrap(),
-        );
-        assert_eq!(
-            (&a.bytes[..], &b.bytes[..]),
-            (&b"first"[..], &b"second"[..])
-        );
-    }
-
-    #[test]
-    fn reclaim_reuses_the_block_only_once_its_messages_are_dropped() {
-        let mut decoder = RecordDecoder::new();
-        let payload = vec![b'a'; 4096];
-        let first = data(
-            decoder
-                .decode(&record(EventKind::Data, &payload, 4096))
-                .unwrap(),
-        );
-        let block = first.bytes.as_ptr();
-        // Fill the block to below half of it left.
-        let mut kept = vec![first];
-        while decoder.buffer.capacity() >= BUFFER_BLOCK / 2 {
-            kept.push(data(
-                decoder
-                    .decode(&record(EventKind::Data, &payload, 4096))
-                    .unwrap(),
-            ));
-        }
-        // Messages alive: the block is not reused under them; the next
-        // message goes after them.
-        decoder.reclaim();
-        let other = data(
-            decoder
-                .decode(&record(EventKind::Data, b"other", 5))
-                .unwrap(),
-        );
-        assert!(kept.iter().all(|m| m.bytes[..] == payload[..]));
-        assert!(other.bytes.as_ptr() > kept.last().unwrap().bytes.as_ptr());
-        drop((kept, other));
-        // All dropped: the next message starts the same block again.
-        decoder.reclaim();
-        let again = data(
-            decoder
-                .decode(&record(EventKind::Data, b"again", 5))
-                .unwrap(),
-        );
-        assert_eq!(&again.bytes[..], b"again");
-        assert_eq!(again.bytes.as_ptr(), block);
-    }
-
-    #[test]
     fn open_records_carry_the_process_name() {
-        let mut decoder = RecordDecoder::new();
-        let opened = decoder
-            .decode(&record(
-                EventKind::Open,
-                b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
-                16,
-            ))
-            .unwrap();
+        let open = record(EventKind::Open, b"curl\0\0\0\0\0\0\0\0\0\0\0\0", 16);
+        let opened = decode_record(&open).unwrap();
         let CaptureEvent::Opened { process_name, .. } = opened else {
             panic!("{opened:?}")
         };
@@ -537,14 +486,15 @@ mod tests {
 
     #[test]
     fn open_and_close_records_carry_the_connection() {
-        let mut decoder = RecordDecoder::new();
-        let opened = decoder.decode(&record(EventKind::Open, b"", 0)).unwrap();
+        let open = record(EventKind::Open, b"", 0);
+        let opened = decode_record(&open).unwrap();
         assert!(matches!(
             opened,
             CaptureEvent::Opened { connection: c, tid: 9, python_context: 0x7f00_0000_1000, .. }
                 if c.id == ConnectionId(5)
         ));
-        let closed = decoder.decode(&record(EventKind::Close, b"", 0)).unwrap();
+        let close = record(EventKind::Close, b"", 0);
+        let closed = decode_record(&close).unwrap();
         assert_eq!(
             closed.connection().unwrap().remote,
             "127.0.0.2:40000".parse().unwrap()
@@ -553,21 +503,20 @@ mod tests {
 
     #[test]
     fn short_and_invalid_records_are_errors_not_panics() {
-        let mut decoder = RecordDecoder::new();
         assert_eq!(
-            decoder.decode(&[0u8; 10]),
+            decode_record(&[0u8; 10]),
             Err(DecodeError::Short { len: 10 })
         );
         let mut r = record(EventKind::Data, b"abc", 3);
         r.truncate(r.len() - 1);
-        assert!(matches!(decoder.decode(&r), Err(DecodeError::Short { .. })));
+        assert!(matches!(decode_record(&r), Err(DecodeError::Short { .. })));
         let mut r = record(EventKind::Data, b"abc", 3);
         r[std::mem::offset_of!(EventHeader, kind)] = 99;
-        assert_eq!(decoder.decode(&r), Err(DecodeError::Invalid("kind")));
+        assert_eq!(decode_record(&r), Err(DecodeError::Invalid("kind")));
         let mut r = record(EventKind::Data, b"abc", 3);
         r[std::mem::offset_of!(EventHeader, tuple)] = 1; // family AF_UNIX
         assert_eq!(
-            decoder.decode(&r),
+            decode_record(&r),
             Err(DecodeError::Invalid("address family"))
         );
     }

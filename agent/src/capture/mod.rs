@@ -5,7 +5,9 @@
 //! [`Capture`] attaches them and [`CaptureReader`] reads the ring buffer on
 //! tokio when it signals readiness (no busy polling), in the consumer's own
 //! task, so a slow consumer makes the kernel drop (and count) rather than
-//! the agent grow without bound.
+//! the agent grow without bound. The consumer handles each event while the
+//! ring still holds its record: the bytes are read where the kernel wrote
+//! them, never copied.
 
 pub mod event;
 pub mod kernel_offsets;
@@ -25,7 +27,7 @@ use tokio::io::unix::AsyncFd;
 
 pub use event::{
     CaptureEvent, Connection, ConnectionId, Direction, Message, ProcessName, PythonContextEvent,
-    RecordDecoder, Role, Syscall,
+    Role, Syscall, decode_record,
 };
 pub use probes::{MIN_RING_BUFFER_BYTES, ProbeSettings, ProbeSettingsError, Probes};
 
@@ -62,7 +64,6 @@ pub struct CaptureReader {
 
 /// What turns ring records into events.
 struct Decoding {
-    decoder: RecordDecoder,
     user: Arc<UserCounters>,
     /// New processes, to the thread that watches the Python ones (reading
     /// an interpreter takes tens of ms: not on the capture's path).
@@ -91,13 +92,19 @@ const RECONSIDER_AFTER: Duration = Duration::from_secs(10);
 const YOUNG_PROCESS: Duration = Duration::from_secs(3);
 /// How often exited Python processes are unwatched.
 const PYTHON_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
-/// How often the watcher lists /proc for processes started since.
+/// How often the watcher looks for processes started since: it lists
+/// /proc only when the kernel gave out a process id since its last listing
+/// (see [`newest_pid`]) or young processes wait for another look.
 const PROCESS_SCAN_INTERVAL: Duration = Duration::from_millis(500);
+/// How often the watcher lists /proc in any case: where /proc/loadavg is
+/// not the kernel's own (a container's lxcfs), a new process is still
+/// found, later.
+const FULL_SCAN_INTERVAL: Duration = Duration::from_secs(5);
 /// New processes waiting for the watcher at most; more are sent again
 /// after [`RECONSIDER_AFTER`].
 const WATCH_QUEUE: usize = 4096;
 
-/// Records decoded per [`CaptureReader::read`] at most: a bound on the work
+/// Records handled per [`CaptureReader::read`] at most: a bound on the work
 /// between two awaits, so the consumer's other duties are not starved.
 pub const MAX_BATCH: usize = 256;
 
@@ -126,7 +133,6 @@ impl Capture {
             CaptureReader {
                 ring,
                 decoding: Decoding {
-                    decoder: RecordDecoder::new(),
                     user,
                     to_watcher,
                     seen_pids: HashMap::default(),
@@ -251,44 +257,44 @@ pub fn counter_reading(name: &'static str, value: u64) -> Reading {
 
 impl CaptureReader {
     /// Waits until the kernel signals records or the drain timer ticks,
-    /// then decodes up to [`MAX_BATCH`] records onto `batch` (none when the
-    /// timer found the ring empty). Returns on every tick, so that the
-    /// caller's own periodic work shares the timer's wake-up instead of
-    /// paying for one of its own. Cancel-safe: nothing is taken from the
-    /// ring before the only await.
-    pub async fn read(&mut self, batch: &mut Vec<CaptureEvent>) -> std::io::Result<Woken> {
+    /// then hands up to [`MAX_BATCH`] events to `handle`, one at a time and
+    /// in the ring's order, each while the ring still holds its record
+    /// (none when the timer found the ring empty). Returns on every tick,
+    /// so that the caller's own periodic work shares the timer's wake-up
+    /// instead of paying for one of its own. Cancel-safe: nothing is taken
+    /// from the ring before the only await.
+    pub async fn read(
+        &mut self,
+        mut handle: impl FnMut(CaptureEvent<'_>),
+    ) -> std::io::Result<Woken> {
         if self.backlog {
             // More at once, but through the runtime's budget: a ring that
             // stays full must not starve the loop's other branches.
             tokio::task::consume_budget().await;
-            self.backlog = self.decoding.drain_into(self.ring.get_mut(), batch);
+            self.backlog = self.decoding.drain(self.ring.get_mut(), &mut handle).full;
             return Ok(Woken::Backlog);
         }
         loop {
-            let before = batch.len();
             // Woken by the kernel (enough waiting, or a request the proxy
             // waits on), or by the timer for what sent no wake-up.
-            let woken = tokio::select! {
+            tokio::select! {
                 guard = self.ring.readable_mut() => {
                     let mut guard = guard?;
+                    let drained = self.decoding.drain(guard.get_inner_mut(), &mut handle);
                     // A full batch may have left records behind: stay
                     // ready, so the next read takes them at once.
-                    if !self.decoding.drain_into(guard.get_inner_mut(), batch) {
+                    if !drained.full {
                         guard.clear_ready();
                     }
-                    Woken::Kernel
+                    if drained.records > 0 {
+                        return Ok(Woken::Kernel);
+                    }
                 }
                 ticked = self.drain.tick() => {
                     ticked?;
-                    Woken::Timer
+                    self.backlog = self.decoding.drain(self.ring.get_mut(), &mut handle).full;
+                    return Ok(Woken::Timer);
                 }
-            };
-            if woken == Woken::Timer {
-                self.backlog = self.decoding.drain_into(self.ring.get_mut(), batch);
-                return Ok(woken);
-            }
-            if batch.len() > before {
-                return Ok(woken);
             }
         }
     }
@@ -393,29 +399,34 @@ pub enum Woken {
     Backlog,
 }
 
+/// What one [`Decoding::drain`] took from the ring.
+struct Drained {
+    /// Records taken (events and undecodable ones).
+    records: usize,
+    /// It stopped at [`MAX_BATCH`]: more may be waiting.
+    full: bool,
+}
+
 impl Decoding {
-    /// Decodes up to [`MAX_BATCH`] records from `rb` into `batch`; true if
-    /// it stopped at the limit.
-    fn drain_into(&mut self, rb: &mut RingBuf<MapData>, batch: &mut Vec<CaptureEvent>) -> bool {
-        let before = batch.len();
-        self.decoder.reclaim();
-        let mut decoded = 0;
-        let mut new_pids = Vec::new();
+    /// Hands up to [`MAX_BATCH`] records of `rb` to `handle` as events,
+    /// each before the ring may reuse its space (the item is released when
+    /// dropped, after `handle` returns).
+    fn drain(
+        &mut self,
+        rb: &mut RingBuf<MapData>,
+        handle: &mut impl FnMut(CaptureEvent<'_>),
+    ) -> Drained {
+        let mut records = 0;
+        let mut events = 0;
         let now = Instant::now();
-        while decoded < MAX_BATCH {
+        while records < MAX_BATCH {
             let Some(item) = rb.next() else { break };
-            decoded += 1;
-            match self.decoder.decode(&item) {
+            records += 1;
+            match decode_record(&item) {
                 Ok(event) => {
-                    let pid = event.pid();
-                    if self
-                        .seen_pids
-                        .get(&pid)
-                        .is_none_or(|seen| now.duration_since(*seen) >= RECONSIDER_AFTER)
-                    {
-                        new_pids.push(pid);
-                    }
-                    batch.push(event)
+                    self.note_pid(event.pid(), now);
+                    events += 1;
+                    handle(event);
                 }
                 Err(e) => {
                     self.user.decode_errors.fetch_add(1, Ordering::Relaxed);
@@ -423,34 +434,38 @@ impl Decoding {
                 }
             }
         }
-        for pid in new_pids {
-            if self
-                .seen_pids
-                .get(&pid)
-                .is_none_or(|seen| now.duration_since(*seen) >= RECONSIDER_AFTER)
-            {
-                if self.seen_pids.len() >= MAX_SEEN_PIDS {
-                    self.seen_pids.clear();
-                }
-                self.seen_pids.insert(pid, now);
-                // Full: this pid is sent again after RECONSIDER_AFTER.
-                let _ = self.to_watcher.try_send(pid);
-            }
+        self.user.events.fetch_add(events, Ordering::Relaxed);
+        Drained {
+            records,
+            full: records == MAX_BATCH,
         }
-        self.user
-            .events
-            .fetch_add((batch.len() - before) as u64, Ordering::Relaxed);
-        decoded == MAX_BATCH
+    }
+
+    /// Sends `pid` to the Python watcher if it was not considered lately.
+    fn note_pid(&mut self, pid: u32, now: Instant) {
+        if self
+            .seen_pids
+            .get(&pid)
+            .is_some_and(|seen| now.duration_since(*seen) < RECONSIDER_AFTER)
+        {
+            return;
+        }
+        if self.seen_pids.len() >= MAX_SEEN_PIDS {
+            self.seen_pids.clear();
+        }
+        self.seen_pids.insert(pid, now);
+        // Full: this pid is sent again after RECONSIDER_AFTER.
+        let _ = self.to_watcher.try_send(pid);
     }
 }
 
 /// Starts the thread that watches the Python processes (see [`python`]):
 /// those running already (a restarted agent, or one deployed onto a busy
 /// node, reads them before their next request, not after), those started
-/// since (found by listing /proc every [`PROCESS_SCAN_INTERVAL`], so that a
-/// new service is read before its first requests, not when the capture's
-/// reader gets to them), and the ones the reader sends; it unwatches the
-/// ones that exited. It ends when the reader is dropped.
+/// since (found by listing /proc, at most every [`PROCESS_SCAN_INTERVAL`],
+/// so that a new service is read before its first requests, not when the
+/// capture's reader gets to them), and the ones the reader sends; it
+/// unwatches the ones that exited. It ends when the reader is dropped.
 fn spawn_python_watcher(
     probes: Arc<Mutex<Probes>>,
     user: Arc<UserCounters>,
@@ -461,20 +476,40 @@ fn spawn_python_watcher(
         .spawn(move || {
             let mut known = std::collections::HashSet::default();
             let mut last_scan = Instant::now() - PROCESS_SCAN_INTERVAL;
+            let mut last_listing = Instant::now();
+            let mut listed_up_to = None;
+            // Processes to look at again at the next listing.
+            let mut unsettled = true;
             let mut last_sweep = Instant::now();
             loop {
                 if last_scan.elapsed() >= PROCESS_SCAN_INTERVAL {
                     last_scan = Instant::now();
-                    let mut running: std::collections::HashSet<u32> =
-                        running_pids().into_iter().collect();
-                    let new: Vec<u32> = running.difference(&known).copied().collect();
-                    for pid in new {
-                        if !consider(&probes, &user, pid) {
-                            // Looked at again on the next listing.
-                            running.remove(&pid);
+                    // Read before listing: a process started during the
+                    // listing changes it, and the next scan lists again.
+                    // Listing /proc and reading each new process's maps is
+                    // most of an idle agent's CPU when done every scan.
+                    let newest =
+                        newest_pid(&std::fs::read_to_string("/proc/loadavg").unwrap_or_default());
+                    if unsettled
+                        || newest.is_none()
+                        || newest != listed_up_to
+                        || last_listing.elapsed() >= FULL_SCAN_INTERVAL
+                    {
+                        listed_up_to = newest;
+                        last_listing = last_scan;
+                        unsettled = false;
+                        let mut running: std::collections::HashSet<u32> =
+                            running_pids().into_iter().collect();
+                        let new: Vec<u32> = running.difference(&known).copied().collect();
+                        for pid in new {
+                            if !consider(&probes, &user, pid) {
+                                // Looked at again on the next listing.
+                                running.remove(&pid);
+                                unsettled = true;
+                            }
                         }
+                        known = running;
                     }
-                    known = running;
                 }
                 match new_pids.recv_timeout(PROCESS_SCAN_INTERVAL) {
                     Ok(pid) => {
@@ -493,6 +528,13 @@ fn spawn_python_watcher(
         })
         .map_err(|e| anyhow::anyhow!("starting the Python watcher thread: {e}"))?;
     Ok(())
+}
+
+/// The last process id the kernel gave out, from the text of
+/// /proc/loadavg (its fifth field): unchanged, no process or thread
+/// started in between.
+fn newest_pid(loadavg: &str) -> Option<u32> {
+    loadavg.split_whitespace().nth(4)?.parse().ok()
 }
 
 /// The processes running now, from /proc.
@@ -553,6 +595,18 @@ fn consider(probes: &Mutex<Probes>, user: &UserCounters, pid: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_newest_pid_is_the_last_field_of_loadavg() {
+        assert_eq!(newest_pid("0.52 0.58 0.59 2/389 31337\n"), Some(31337));
+        assert_eq!(newest_pid("0.52 0.58 0.59 2/389"), None);
+        assert_eq!(newest_pid(""), None);
+        // This kernel's own, and it moves when a process starts.
+        let read = || newest_pid(&std::fs::read_to_string("/proc/loadavg").unwrap()).unwrap();
+        let before = read();
+        std::process::Command::new("true").status().unwrap();
+        assert_ne!(read(), before);
+    }
 
     #[tokio::test]
     async fn the_drain_timer_ticks_a_period_apart_and_folds_missed_ticks() {

@@ -528,15 +528,31 @@ fn raise_memlock_limit() {
     }
 }
 
-/// Kernel-side diagnostics are rare (cold paths only): a plain thread polls
-/// them so they never compete with the capture for the runtime.
+/// Kernel-side diagnostics are rare (cold paths only): a plain thread
+/// sleeps in poll(2) on their ring buffer, woken only when the kernel wrote
+/// one (a timed poll woke an idle agent twice a second), so they never
+/// compete with the capture for the runtime.
 fn spawn_kernel_log_reader(mut logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    use std::os::fd::AsRawFd as _;
     std::thread::Builder::new()
         .name("ebpf-log".into())
         .spawn(move || {
             loop {
+                let mut ready = libc::pollfd {
+                    fd: logger.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd, for the duration of the call.
+                let polled = unsafe { libc::poll(&mut ready, 1, -1) };
+                if polled < 0
+                    && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
+                {
+                    // Not expected on a ring buffer's fd: fall back to
+                    // reading now and then rather than spin or stop.
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
                 logger.flush();
-                std::thread::sleep(std::time::Duration::from_millis(500));
             }
         })
         .ok();

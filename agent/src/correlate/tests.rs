@@ -2,8 +2,6 @@
 
 use std::net::SocketAddr;
 
-use bytes::Bytes;
-
 use super::*;
 use crate::capture::{ProcessName, Syscall};
 use crate::proxy::RedirectScope;
@@ -67,7 +65,7 @@ fn message(
     direction: Direction,
     ts: u64,
     bytes: &[u8],
-) -> CaptureEvent {
+) -> CaptureEvent<'static> {
     CaptureEvent::Data(Message {
         connection,
         tid,
@@ -75,7 +73,7 @@ fn message(
         syscall: Syscall::Read,
         timestamp_ns: ts,
         len: bytes.len() as u32,
-        bytes: Bytes::copy_from_slice(bytes),
+        bytes: bytes.to_vec().into(),
         truncated: false,
         python_context: 0,
     })
@@ -274,7 +272,7 @@ fn decision(span: &Span) -> String {
 
 /// An inbound request read by `tid` of `pid` on connection `id`, and an
 /// outbound call sent by `caller_tid` while it is in flight.
-fn call_while_serving(pid: u32, tid: u32, caller_tid: u32) -> Vec<CaptureEvent> {
+fn call_while_serving(pid: u32, tid: u32, caller_tid: u32) -> Vec<CaptureEvent<'static>> {
     let s = connection(10, pid, Role::Server, "10.0.0.1:8080", "10.0.0.9:40000");
     let u = connection(11, pid, Role::Client, "10.0.0.1:50000", "10.0.0.2:9090");
     vec![
